@@ -1,0 +1,75 @@
+// nanobind module sigvlp._cuda: thin wrappers over the C++ launchers in launchers.h.
+// Tensors arrive as raw device pointers (uintptr_t) with explicit shapes and strides, so the
+// module never sees a torch type; sigvlp/ops validates every argument before calling here.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "launchers.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+void check(int code, const char* what) {
+  if (code != 0) {
+    throw std::runtime_error(std::string("sigvlp._cuda.") + what + ": " + sigvlp::error_string(code));
+  }
+}
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+}  // namespace
+
+NB_MODULE(_cuda, m) {
+  m.doc() = "sigvlp CUDA kernels (no libtorch dependency; called from sigvlp.ops)";
+  m.def("device_count", &sigvlp::device_count);
+  m.def("runtime_version", &sigvlp::runtime_version);
+  m.def("driver_version", &sigvlp::driver_version);
+  m.def("compiled_arch_list", []() { return std::string(sigvlp::compiled_arch_list()); });
+  m.def("check_kernel_image", [](int device) {
+    const int code = sigvlp::check_kernel_image(device);
+    return code == 0 ? std::string() : std::string(sigvlp::error_string(code));
+  }, "device"_a, "Empty string when this module has a kernel image for the device, else the reason.");
+
+  m.def(
+      "rope3d",
+      [](uintptr_t x, uintptr_t out, int dtype, int64_t total_tokens, int64_t nheads, int64_t head_dim,
+         int64_t x_stride_token, int64_t x_stride_head, int64_t out_stride_token, int64_t out_stride_head,
+         uintptr_t cu_seqlens, int64_t batch, uintptr_t grid_thw, uintptr_t positions, float theta, int n_t,
+         int n_h, int n_w, bool interleaved, bool inverse, uintptr_t stream) {
+        sigvlp::Rope3dArgs a{};
+        a.x = ptr<const void>(x);
+        a.out = ptr<void>(out);
+        a.dtype = static_cast<sigvlp::DType>(dtype);
+        a.total_tokens = total_tokens;
+        a.nheads = nheads;
+        a.head_dim = head_dim;
+        a.x_stride_token = x_stride_token;
+        a.x_stride_head = x_stride_head;
+        a.out_stride_token = out_stride_token;
+        a.out_stride_head = out_stride_head;
+        a.cu_seqlens = ptr<const int32_t>(cu_seqlens);
+        a.batch = batch;
+        a.grid_thw = ptr<const int32_t>(grid_thw);
+        a.positions = ptr<const float>(positions);
+        a.theta = theta;
+        a.n_t = n_t;
+        a.n_h = n_h;
+        a.n_w = n_w;
+        a.interleaved = interleaved;
+        a.inverse = inverse;
+        a.stream = ptr<void>(stream);
+        check(sigvlp::rope3d(a), "rope3d");
+      },
+      "x"_a, "out"_a, "dtype"_a, "total_tokens"_a, "nheads"_a, "head_dim"_a, "x_stride_token"_a,
+      "x_stride_head"_a, "out_stride_token"_a, "out_stride_head"_a, "cu_seqlens"_a, "batch"_a, "grid_thw"_a,
+      "positions"_a, "theta"_a, "n_t"_a, "n_h"_a, "n_w"_a, "interleaved"_a, "inverse"_a, "stream"_a);
+}

@@ -1,0 +1,150 @@
+"""3D rotary position embedding in Triton.
+
+The jit helpers here (token positions from cu_seqlens and a (T, H, W) grid, per-pair angles
+and their cos/sin) are shared with the fused attention kernel, so both rotate identically.
+Angles are computed in fp32 from the positions at run time; there are no cos/sin tables.
+"""
+
+import triton
+import triton.language as tl
+
+# 2*pi split in two fp32 parts (Cody-Waite): the first holds 2*pi rounded to fp32, the second
+# the rounding error, so angle - k*2*pi is exact to ~1e-7 absolute for |k| up to ~1e5.
+_TWO_PI_HI = tl.constexpr(6.2831854820251465)
+_TWO_PI_LO = tl.constexpr(-1.7484555314695172e-07)
+_INV_TWO_PI = tl.constexpr(0.15915494309189535)
+
+
+@triton.jit
+def sequence_index(cu_seqlens_ptr, tokens, batch, search_steps):
+    """Per token, the index s < batch of its sequence: the largest s with cu_seqlens[s] <= token.
+
+    A vectorised binary search; ``search_steps`` >= ceil(log2(batch)) + 1 makes it exact, and
+    empty sequences are skipped because their start equals the next sequence's start.
+    """
+    lo = tl.zeros_like(tokens)
+    hi = lo + (batch - 1)
+    for _ in range(search_steps):
+        mid = (lo + hi + 1) // 2
+        start = tl.load(cu_seqlens_ptr + mid).to(tokens.dtype)
+        take = start <= tokens
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def grid_positions(cu_seqlens_ptr, grid_thw_ptr, tokens, batch, search_steps):
+    """(t, h, w) float32 positions of packed tokens in t-major order within their own grid."""
+    seq = sequence_index(cu_seqlens_ptr, tokens, batch, search_steps)
+    n = tokens - tl.load(cu_seqlens_ptr + seq).to(tokens.dtype)
+    H = tl.load(grid_thw_ptr + seq * 3 + 1).to(tokens.dtype)
+    W = tl.load(grid_thw_ptr + seq * 3 + 2).to(tokens.dtype)
+    # Guard the division for masked-out lanes whose grid may be empty.
+    H = tl.maximum(H, 1)
+    W = tl.maximum(W, 1)
+    t = n // (H * W)
+    h = (n // W) % H
+    w = n % W
+    return t.to(tl.float32), h.to(tl.float32), w.to(tl.float32)
+
+
+@triton.jit
+def rotary_cos_sin(pos_t, pos_h, pos_w, pairs, n_t, n_h, n_w, log2_theta):
+    """cos and sin of the rotation angles, shape (len(pos), len(pairs)), fp32.
+
+    Pair p belongs to t for p < n_t, then to h for the next n_h, then to w for the next n_w;
+    pair j of an axis with n pairs turns by pos * theta^(-j / n). Pairs past the three sections
+    are not rotated (cos 1, sin 0).
+    """
+    p = pairs[None, :]
+    is_t = p < n_t
+    is_h = (p >= n_t) & (p < n_t + n_h)
+    rotated = p < n_t + n_h + n_w
+    j = tl.where(is_t, p, tl.where(is_h, p - n_t, p - n_t - n_h)).to(tl.float32)
+    n = tl.where(is_t, n_t, tl.where(is_h, n_h, n_w)).to(tl.float32)
+    n = tl.maximum(n, 1.0)
+    inv_freq = tl.exp2(-(j / n) * log2_theta)
+    pos = tl.where(is_t, pos_t[:, None], tl.where(is_h, pos_h[:, None], pos_w[:, None]))
+    angle = pos * inv_freq
+    # Reduce to [-pi, pi] before the trig so large positions keep fp32 accuracy on every
+    # lowering of tl.cos / tl.sin (some are only accurate near zero).
+    k = tl.floor(angle * _INV_TWO_PI + 0.5)
+    r = tl.fma(-k, _TWO_PI_HI, angle)
+    r = tl.fma(-k, _TWO_PI_LO, r)
+    cos = tl.where(rotated, tl.cos(r), 1.0)
+    sin = tl.where(rotated, tl.sin(r), 0.0)
+    return cos, sin
+
+
+@triton.jit
+def rope3d_kernel(
+    x_ptr, out_ptr,
+    cu_seqlens_ptr, grid_thw_ptr, positions_ptr,
+    total_tokens, nheads, batch, search_steps,
+    stride_x_tok, stride_x_head, stride_o_tok, stride_o_head,
+    n_t, n_h, n_w, log2_theta, sign,
+    HALF: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    USE_POSITIONS: tl.constexpr,
+):
+    """Rotate BLOCK_M tokens, all heads. Angles are computed once per token and reused per head."""
+    pid = tl.program_id(0)
+    tokens = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    tok_mask = tokens < total_tokens
+    safe_tokens = tl.where(tok_mask, tokens, 0)
+    if USE_POSITIONS:
+        pos_t = tl.load(positions_ptr + safe_tokens * 3 + 0)
+        pos_h = tl.load(positions_ptr + safe_tokens * 3 + 1)
+        pos_w = tl.load(positions_ptr + safe_tokens * 3 + 2)
+    else:
+        pos_t, pos_h, pos_w = grid_positions(cu_seqlens_ptr, grid_thw_ptr, safe_tokens, batch, search_steps)
+    pairs = tl.arange(0, BLOCK_P)
+    cos, sin = rotary_cos_sin(pos_t, pos_h, pos_w, pairs, n_t, n_h, n_w, log2_theta)
+    sin = sin * sign
+    mask = tok_mask[:, None] & (pairs[None, :] < HALF)
+    if INTERLEAVED:
+        first = 2 * pairs
+        second = 2 * pairs + 1
+    else:
+        first = pairs
+        second = pairs + HALF
+    x_rows = x_ptr + tokens[:, None] * stride_x_tok
+    o_rows = out_ptr + tokens[:, None] * stride_o_tok
+    for head in range(nheads):
+        xh = x_rows + head * stride_x_head
+        oh = o_rows + head * stride_o_head
+        a = tl.load(xh + first[None, :], mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(xh + second[None, :], mask=mask, other=0.0).to(tl.float32)
+        ra = a * cos - b * sin
+        rb = b * cos + a * sin
+        tl.store(oh + first[None, :], ra.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(oh + second[None, :], rb.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rope3d(x, out, cu_seqlens, grid_thw, positions, sections, theta, interleaved, inverse):
+    """Launch the rotation of x (tokens, heads, head_dim) into out; arguments already validated."""
+    import math
+
+    total_tokens, nheads, head_dim = x.shape
+    if total_tokens == 0:
+        return out
+    half = head_dim // 2
+    block_p = triton.next_power_of_2(half)
+    block_m = max(1, min(128, 4096 // block_p))
+    batch = cu_seqlens.shape[0] - 1
+    search_steps = max(1, math.ceil(math.log2(max(batch, 1))) + 1)
+    use_positions = positions is not None
+    grid = (triton.cdiv(total_tokens, block_m),)
+    rope3d_kernel[grid](
+        x, out,
+        cu_seqlens, grid_thw if grid_thw is not None else cu_seqlens, positions if use_positions else x,
+        total_tokens, nheads, batch, search_steps,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        sections[0], sections[1], sections[2], math.log2(theta), -1.0 if inverse else 1.0,
+        HALF=half, BLOCK_M=block_m, BLOCK_P=block_p,
+        INTERLEAVED=interleaved, USE_POSITIONS=use_positions,
+    )
+    return out

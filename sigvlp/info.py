@@ -1,0 +1,75 @@
+"""`python -m sigvlp.info`: versions, the CUDA build, and each backend's availability."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+
+def collect() -> dict:
+    import torch
+
+    import sigvlp
+    from sigvlp.ops import OPS, _backend, _cuda
+
+    info = {
+        "sigvlp": sigvlp.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    info["triton_interpreter"] = _backend.triton_interpreter()
+    build = _cuda.build_info()
+    info["cuda_module"] = {
+        "built": bool(build.get("cuda_built")),
+        "reason": build.get("reason"),
+        "nvcc": build.get("nvcc"),
+        "archs": build.get("archs", []),
+    }
+    mod = _cuda.module()
+    if mod is not None:
+        info["cuda_module"]["compiled_arch_list"] = mod.compiled_arch_list()
+        info["cuda_module"]["cuda_runtime"] = mod.runtime_version()
+    info["backends"] = {name: _backend.unavailable_reason(name) for name in _backend.BACKEND_NAMES}
+    info["ops"] = {op: list(bset.names) for op, bset in OPS.items()}
+    return info
+
+
+def report(info: dict) -> str:
+    lines = [
+        f"sigvlp {info['sigvlp']}  (python {info['python']}, torch {info['torch']}, "
+        f"triton {info['triton'] or 'not installed'})",
+        f"torch CUDA: {info['torch_cuda'] or 'none (CPU build)'}; "
+        f"devices: {', '.join(info['cuda_devices']) or 'none'}",
+    ]
+    cm = info["cuda_module"]
+    if cm["built"]:
+        archs = ", ".join(f"sm_{a}" for a in cm["archs"])
+        lines.append(f"CUDA module: built with nvcc {cm['nvcc']} for {archs}"
+                     + (f" (__CUDA_ARCH_LIST__ {cm.get('compiled_arch_list')})" if cm.get("compiled_arch_list") else ""))
+    else:
+        lines.append(f"CUDA module: not built ({cm['reason']})")
+    lines.append("backends:")
+    for name, reason in info["backends"].items():
+        note = " (Triton interpreter on CPU)" if name == "triton" and info["triton_interpreter"] else ""
+        lines.append(f"  {name:7s} {'available' + note if reason is None else 'unavailable: ' + reason}")
+    lines.append("ops:")
+    for op, names in info["ops"].items():
+        lines.append(f"  {op}: {', '.join(names)}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    print(report(collect()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Backends of sigvlp ops and how one is chosen.
+
+Every op has a pure-torch reference backend ("torch") and, where written, "triton" and
+"cuda" backends. Each backend declares what it supports; `BackendSet.select` picks one:
+
+- ``backend=`` given to the op forces that backend (error if it cannot serve the input);
+- otherwise the environment variable SIGVLP_BACKEND, when it names a backend the op has,
+  forces it the same way;
+- otherwise ("auto") the first backend in the op's priority order that can serve the input.
+  On CPU tensors auto is always "torch": Triton on CPU (TRITON_INTERPRET=1) is a test mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Callable
+
+import torch
+
+from sigvlp.ops import _cuda
+
+BACKEND_NAMES = ("torch", "triton", "cuda")
+ENV_VAR = "SIGVLP_BACKEND"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot serve this input; the message says why."""
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_reason() -> str | None:
+    try:
+        import triton  # noqa: F401, PLC0415
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    return None
+
+
+def triton_unavailable_reason(device: torch.device | None = None) -> str | None:
+    reason = _triton_import_reason()
+    if reason:
+        return reason
+    if device is None:
+        if torch.cuda.is_available() or triton_interpreter():
+            return None
+        return "no CUDA device, and TRITON_INTERPRET=1 is not set for CPU execution"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreter():
+        return None
+    return f"Triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a {device.type} tensor"
+
+
+def unavailable_reason(name: str, device: torch.device | None = None) -> str | None:
+    """None if backend `name` can run on `device` (on this machine at all, if None), else why not."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        return triton_unavailable_reason(device)
+    if name == "cuda":
+        return _cuda.unavailable_reason(device)
+    raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {name!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation of an op.
+
+    run: the implementation, called with the op's (validated) arguments.
+    dtypes: the element types it accepts.
+    limits: optional op-specific check, called with the facts passed to `select`; returns why
+        this input is refused (head_dim unsupported, ...) or None.
+    """
+
+    name: str
+    run: Callable
+    dtypes: tuple = FLOAT_DTYPES
+    limits: Callable[..., str | None] | None = None
+
+    def refusal(self, device: torch.device, dtype: torch.dtype, **facts) -> str | None:
+        reason = unavailable_reason(self.name, device)
+        if reason:
+            return reason
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            return f"dtype {str(dtype).removeprefix('torch.')} not supported (supports {names})"
+        if self.limits is not None:
+            return self.limits(**facts)
+        return None
+
+
+class BackendSet:
+    """The backends of one op, in priority order for automatic choice."""
+
+    def __init__(self, op: str, backends: list[Backend]):
+        self.op = op
+        self.backends = {b.name: b for b in backends}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.backends)
+
+    def select(self, requested: str | None, *, device: torch.device, dtype: torch.dtype, **facts) -> Backend:
+        name = resolve_request(requested, self.names)
+        if name != "auto":
+            backend = self.backends[name]
+            reason = backend.refusal(device, dtype, **facts)
+            if reason:
+                raise BackendError(f"sigvlp.ops.{self.op}: backend {name!r} cannot serve this input: {reason}")
+            return backend
+        refusals = []
+        for backend in self.backends.values():
+            if backend.name == "triton" and device.type == "cpu":
+                continue  # the interpreter is for tests, never an automatic choice
+            reason = backend.refusal(device, dtype, **facts)
+            if reason is None:
+                return backend
+            refusals.append(f"{backend.name}: {reason}")
+        raise BackendError(f"sigvlp.ops.{self.op}: no backend can serve this input ({'; '.join(refusals)})")
+
+
+def resolve_request(requested: str | None, names: tuple[str, ...]) -> str:
+    """'auto' or the name of a backend in `names`, from the backend= argument or SIGVLP_BACKEND."""
+    if requested is None or requested == "auto":
+        env = os.environ.get(ENV_VAR, "").strip().lower()
+        if env in ("", "auto") or env not in names:
+            if env and env not in BACKEND_NAMES + ("auto",):
+                raise ValueError(f"{ENV_VAR}: expected one of {('auto',) + BACKEND_NAMES}, got {env!r}")
+            return "auto"
+        return env
+    if not isinstance(requested, str):
+        raise TypeError(f"backend: expected a str or None, got {type(requested).__name__}")
+    if requested not in names:
+        raise ValueError(f"backend: expected one of {('auto',) + names} for this op, got {requested!r}")
+    return requested
+
+
+POISON_ENV_VAR = "SIGVLP_POISON_OUTPUTS"
+
+
+def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate an op output. With SIGVLP_POISON_OUTPUTS=1 (the test suite sets it) it is filled
+    with NaN first, so any element a kernel fails to write shows up in comparisons."""
+    if os.environ.get(POISON_ENV_VAR, "0") not in ("", "0") and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
