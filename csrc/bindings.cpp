@@ -43,7 +43,7 @@ NB_MODULE(_cuda, m) {
       "rope3d",
       [](uintptr_t x, uintptr_t out, int dtype, int64_t total_tokens, int64_t nheads, int64_t head_dim,
          int64_t x_stride_token, int64_t x_stride_head, int64_t out_stride_token, int64_t out_stride_head,
-         uintptr_t cu_seqlens, int64_t batch, uintptr_t grid_thw, uintptr_t positions, float theta, int n_t,
+         uintptr_t cu_seqlens, int64_t batch, uintptr_t grid_thw, uintptr_t positions, double log2_theta, int n_t,
          int n_h, int n_w, bool interleaved, bool inverse, uintptr_t stream) {
         sigvlp::Rope3dArgs a{};
         a.x = ptr<const void>(x);
@@ -60,7 +60,7 @@ NB_MODULE(_cuda, m) {
         a.batch = batch;
         a.grid_thw = ptr<const int32_t>(grid_thw);
         a.positions = ptr<const float>(positions);
-        a.theta = theta;
+        a.log2_theta = log2_theta;
         a.n_t = n_t;
         a.n_h = n_h;
         a.n_w = n_w;
@@ -71,5 +71,5 @@ NB_MODULE(_cuda, m) {
       },
       "x"_a, "out"_a, "dtype"_a, "total_tokens"_a, "nheads"_a, "head_dim"_a, "x_stride_token"_a,
       "x_stride_head"_a, "out_stride_token"_a, "out_stride_head"_a, "cu_seqlens"_a, "batch"_a, "grid_thw"_a,
-      "positions"_a, "theta"_a, "n_t"_a, "n_h"_a, "n_w"_a, "interleaved"_a, "inverse"_a, "stream"_a);
+      "positions"_a, "log2_theta"_a, "n_t"_a, "n_h"_a, "n_w"_a, "interleaved"_a, "inverse"_a, "stream"_a);
 }

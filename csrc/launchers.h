@@ -32,7 +32,7 @@ struct Rope3dArgs {
   int64_t batch;
   const int32_t* grid_thw;                    // (batch, 3) or nullptr
   const float* positions;                     // (total_tokens, 3) contiguous or nullptr
-  float theta;
+  double log2_theta;                          // log2(theta), in fp64
   int32_t n_t, n_h, n_w;                      // rotary pairs per axis
   bool interleaved;
   bool inverse;

@@ -14,7 +14,9 @@ struct PairAxis {
   int axis;         // 0 = t, 1 = h, 2 = w, -1 = unrotated
 };
 
-__device__ __forceinline__ PairAxis pair_axis(int p, int n_t, int n_h, int n_w, float log2_theta) {
+// The exponent -(j / n) * log2(theta) is formed in fp64 and split in two floats: in fp32 alone
+// an exponent of magnitude ~13 is off by ~1e-6, i.e. angle errors ~1e-3 rad at positions ~1000.
+__device__ __forceinline__ PairAxis pair_axis(int p, int n_t, int n_h, int n_w, double log2_theta) {
   int axis = -1, j = 0, n = 1;
   if (p < n_t) {
     axis = 0; j = p; n = n_t;
@@ -23,13 +25,16 @@ __device__ __forceinline__ PairAxis pair_axis(int p, int n_t, int n_h, int n_w, 
   } else if (p < n_t + n_h + n_w) {
     axis = 2; j = p - n_t - n_h; n = n_w;
   }
-  const float scale = axis < 0 ? 0.f : exp2f(-(static_cast<float>(j) / static_cast<float>(n)) * log2_theta);
-  return {scale, axis};
+  if (axis < 0) return {0.f, axis};
+  const double exponent = -(static_cast<double>(j) / static_cast<double>(n)) * log2_theta;
+  const float hi = static_cast<float>(exponent);
+  const float lo = static_cast<float>(exponent - static_cast<double>(hi));
+  return {exp2f(hi) * (1.f + lo * 0.69314718f), axis};
 }
 
 // PAIRS rotary pairs per thread. VECTOR: the thread's elements are loaded as aligned vectors.
 template <typename T, int PAIRS, bool INTERLEAVED, bool VECTOR>
-__global__ void __launch_bounds__(256) rope3d_kernel(Rope3dArgs a, float log2_theta, int64_t groups_per_token) {
+__global__ void __launch_bounds__(256) rope3d_kernel(Rope3dArgs a, int64_t groups_per_token) {
   const T* __restrict__ x = static_cast<const T*>(a.x);
   T* __restrict__ out = static_cast<T*>(a.out);
   const int64_t half = a.head_dim / 2;
@@ -60,7 +65,7 @@ __global__ void __launch_bounds__(256) rope3d_kernel(Rope3dArgs a, float log2_th
       cs[i] = 1.f;
       sn[i] = 0.f;
       if (p < half) {
-        const PairAxis pa = pair_axis(static_cast<int>(p), a.n_t, a.n_h, a.n_w, log2_theta);
+        const PairAxis pa = pair_axis(static_cast<int>(p), a.n_t, a.n_h, a.n_w, a.log2_theta);
         if (pa.axis >= 0) {
           sincosf(pos[pa.axis] * pa.pos_scale, &sn[i], &cs[i]);
           if (a.inverse) sn[i] = -sn[i];
@@ -168,7 +173,7 @@ int launch(const Rope3dArgs& a) {
   const int64_t cap = static_cast<int64_t>(sms > 0 ? sms : 1) * 32;  // grid-stride beyond this
   const unsigned blocks = static_cast<unsigned>(wanted < cap ? wanted : cap);
   rope3d_kernel<T, PAIRS, INTERLEAVED, VECTOR><<<blocks, kThreads, 0, static_cast<cudaStream_t>(a.stream)>>>(
-      a, log2f(a.theta), groups);
+      a, groups);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -8,10 +8,12 @@ Angles are computed in fp32 from the positions at run time; there are no cos/sin
 import triton
 import triton.language as tl
 
-# 2*pi split in two fp32 parts (Cody-Waite): the first holds 2*pi rounded to fp32, the second
-# the rounding error, so angle - k*2*pi is exact to ~1e-7 absolute for |k| up to ~1e5.
-_TWO_PI_HI = tl.constexpr(6.2831854820251465)
-_TWO_PI_LO = tl.constexpr(-1.7484555314695172e-07)
+# 2*pi split in three fp32 parts (Cody-Waite). HI and MID have 13 significant bits, so k * HI
+# and k * MID are exact for |k| < 2048 (|angle| < ~12,800 rad) without relying on a fused
+# multiply-add (the Triton interpreter has none), and angle - k * 2*pi keeps fp32 accuracy.
+_TWO_PI_HI = tl.constexpr(6.283203125)
+_TWO_PI_MID = tl.constexpr(-1.7818063497543335e-05)
+_TWO_PI_LO = tl.constexpr(2.430837753308879e-10)
 _INV_TWO_PI = tl.constexpr(0.15915494309189535)
 
 
@@ -50,12 +52,16 @@ def grid_positions(cu_seqlens_ptr, grid_thw_ptr, tokens, batch, search_steps):
 
 
 @triton.jit
-def rotary_cos_sin(pos_t, pos_h, pos_w, pairs, n_t, n_h, n_w, log2_theta):
+def rotary_cos_sin(pos_t, pos_h, pos_w, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo=0.0):
     """cos and sin of the rotation angles, shape (len(pos), len(pairs)), fp32.
 
     Pair p belongs to t for p < n_t, then to h for the next n_h, then to w for the next n_w;
     pair j of an axis with n pairs turns by pos * theta^(-j / n). Pairs past the three sections
     are not rotated (cos 1, sin 0).
+
+    log2(theta) arrives split in two fp32 numbers (hi + lo; see `log2_theta_parts`): the exponent
+    -(j / n) * log2(theta) is formed in fp64, because an fp32 exponent of magnitude ~13 is off by
+    ~1e-6, which turns into angle errors ~1e-3 rad at positions ~1000.
     """
     p = pairs[None, :]
     is_t = p < n_t
@@ -64,14 +70,18 @@ def rotary_cos_sin(pos_t, pos_h, pos_w, pairs, n_t, n_h, n_w, log2_theta):
     j = tl.where(is_t, p, tl.where(is_h, p - n_t, p - n_t - n_h)).to(tl.float32)
     n = tl.where(is_t, n_t, tl.where(is_h, n_h, n_w)).to(tl.float32)
     n = tl.maximum(n, 1.0)
-    inv_freq = tl.exp2(-(j / n) * log2_theta)
+    log2_theta_f64 = tl.full([1, 1], log2_theta, tl.float64) + log2_theta_lo
+    exponent = -(j.to(tl.float64) / n.to(tl.float64)) * log2_theta_f64
+    exp_hi = exponent.to(tl.float32)
+    exp_lo = (exponent - exp_hi.to(tl.float64)).to(tl.float32)
+    inv_freq = tl.exp2(exp_hi) * (1.0 + exp_lo * 0.6931471805599453)
     pos = tl.where(is_t, pos_t[:, None], tl.where(is_h, pos_h[:, None], pos_w[:, None]))
     angle = pos * inv_freq
     # Reduce to [-pi, pi] before the trig so large positions keep fp32 accuracy on every
     # lowering of tl.cos / tl.sin (some are only accurate near zero).
     k = tl.floor(angle * _INV_TWO_PI + 0.5)
-    r = tl.fma(-k, _TWO_PI_HI, angle)
-    r = tl.fma(-k, _TWO_PI_LO, r)
+    r = (angle - k * _TWO_PI_HI) - k * _TWO_PI_MID
+    r = r - k * _TWO_PI_LO
     cos = tl.where(rotated, tl.cos(r), 1.0)
     sin = tl.where(rotated, tl.sin(r), 0.0)
     return cos, sin
@@ -83,7 +93,7 @@ def rope3d_kernel(
     cu_seqlens_ptr, grid_thw_ptr, positions_ptr,
     total_tokens, nheads, batch, search_steps,
     stride_x_tok, stride_x_head, stride_o_tok, stride_o_head,
-    n_t, n_h, n_w, log2_theta, sign,
+    n_t, n_h, n_w, log2_theta, log2_theta_lo, sign,
     HALF: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -102,7 +112,7 @@ def rope3d_kernel(
     else:
         pos_t, pos_h, pos_w = grid_positions(cu_seqlens_ptr, grid_thw_ptr, safe_tokens, batch, search_steps)
     pairs = tl.arange(0, BLOCK_P)
-    cos, sin = rotary_cos_sin(pos_t, pos_h, pos_w, pairs, n_t, n_h, n_w, log2_theta)
+    cos, sin = rotary_cos_sin(pos_t, pos_h, pos_w, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo)
     sin = sin * sign
     mask = tok_mask[:, None] & (pairs[None, :] < HALF)
     if INTERLEAVED:
@@ -124,6 +134,17 @@ def rope3d_kernel(
         tl.store(oh + second[None, :], rb.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def log2_theta_parts(theta: float) -> tuple[float, float]:
+    """log2(theta) as (hi, lo) fp32-representable parts whose sum is accurate to ~1e-14."""
+    import math
+
+    import numpy as np
+
+    exact = math.log2(theta)
+    hi = float(np.float32(exact))
+    return hi, float(np.float32(exact - hi))
+
+
 def rope3d(x, out, cu_seqlens, grid_thw, positions, sections, theta, interleaved, inverse):
     """Launch the rotation of x (tokens, heads, head_dim) into out; arguments already validated."""
     import math
@@ -143,7 +164,7 @@ def rope3d(x, out, cu_seqlens, grid_thw, positions, sections, theta, interleaved
         cu_seqlens, grid_thw if grid_thw is not None else cu_seqlens, positions if use_positions else x,
         total_tokens, nheads, batch, search_steps,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        sections[0], sections[1], sections[2], math.log2(theta), -1.0 if inverse else 1.0,
+        sections[0], sections[1], sections[2], *log2_theta_parts(theta), -1.0 if inverse else 1.0,
         HALF=half, BLOCK_M=block_m, BLOCK_P=block_p,
         INTERLEAVED=interleaved, USE_POSITIONS=use_positions,
     )

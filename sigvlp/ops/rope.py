@@ -123,7 +123,7 @@ def _run_cuda(x, out, cu_seqlens, grid_thw, positions, theta, sections, interlea
         out_stride_token=out.stride(0), out_stride_head=out.stride(1),
         cu_seqlens=_cuda.ptr(cu_seqlens), batch=cu_seqlens.shape[0] - 1,
         grid_thw=_cuda.ptr(grid_thw), positions=_cuda.ptr(positions),
-        theta=float(theta), n_t=sections[0], n_h=sections[1], n_w=sections[2],
+        log2_theta=math.log2(theta), n_t=sections[0], n_h=sections[1], n_w=sections[2],
         interleaved=interleaved, inverse=inverse, stream=_cuda.stream_ptr(x.device),
     )
 
