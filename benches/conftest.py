@@ -35,9 +35,21 @@ FULL = HAS_CUDA and os.environ.get("SIGVLP_BENCH_QUICK", "0") in ("", "0")
 """Full sizes on a GPU; quick CPU mode otherwise (or with SIGVLP_BENCH_QUICK=1)."""
 
 
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 class BenchReport:
     def __init__(self):
         self.tables: dict[str, list[dict]] = {}
+        # Measurements later rows are compared with, e.g. baselines[("rope3d", "bf16", "copy")] = GB/s.
+        self.baselines: dict[tuple, float] = {}
+
+    def ratio(self, value: float, key: tuple):
+        base = self.baselines.get(key)
+        return value / base if base else None
 
     def add(self, table: str, **columns):
         self.tables.setdefault(table, []).append(columns)
@@ -46,8 +58,7 @@ class BenchReport:
         out = []
         for name, rows in self.tables.items():
             keys = list(dict.fromkeys(k for row in rows for k in row))
-            fmt = [lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)]
-            cells = [[fmt[0](row.get(k, "")) for k in keys] for row in rows]
+            cells = [[_fmt(row.get(k)) for k in keys] for row in rows]
             widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
             out.append(f"\n== {name} ==")
             out.append("  ".join(k.ljust(w) for k, w in zip(keys, widths)))

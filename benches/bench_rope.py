@@ -1,0 +1,87 @@
+"""rope3d throughput: effective GB/s (bytes read + written) per backend, against the torch
+reference, a plain device copy (the bandwidth ceiling) and flash-attn's apply_rotary_emb
+(1-D positions, cos/sin tables) when installed. Full sizes on a GPU, small ones on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sigvlp.ops import OPS, rope3d
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def _case(full: bool, dtype: torch.dtype):
+    # A packed batch of CT chunks: grids of T x 16 x 16 patch tokens (256-voxel slices, 16^3 patches).
+    ts = [4, 7, 12, 24, 40] * (24 if full else 1)
+    heads, head_dim = (16, 64) if full else (4, 64)
+    hw = 16 if full else 8
+    grid = torch.tensor([[t, hw, hw] for t in ts], dtype=torch.int32, device=DEVICE)
+    lengths = [t * hw * hw for t in ts]
+    cu = torch.zeros(len(ts) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    x = torch.randn(sum(lengths), heads, head_dim, device=DEVICE, dtype=dtype)
+    return x, cu.to(DEVICE), grid
+
+
+def _timed(benchmark, fn):
+    def run():
+        fn()
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+
+    run()  # warm-up (compilation, autotuning)
+    benchmark.pedantic(run, rounds=10 if HAS_CUDA else 3, iterations=5 if HAS_CUDA else 1, warmup_rounds=1)
+    return benchmark.stats.stats.median
+
+
+def _dtypes(full):
+    return [torch.bfloat16, torch.float16, torch.float32] if full else [torch.float32]
+
+
+def _providers(full):
+    names = ["torch"]
+    if HAS_CUDA:
+        names = ["copy", "torch", "cuda", "triton", "flash_attn_1d"]  # baselines first
+    return names
+
+
+@pytest.mark.parametrize("provider", _providers(HAS_CUDA))
+@pytest.mark.parametrize("dtype", _dtypes(HAS_CUDA), ids=str)
+def test_rope3d_bandwidth(benchmark, bench_report, full_mode, provider, dtype):
+    x, cu, grid = _case(full_mode, dtype)
+    nbytes = 2 * x.numel() * x.element_size()  # read x, write the result
+    benchmark.group = f"rope3d {str(dtype).removeprefix('torch.')}"
+    if provider == "copy":
+        out = torch.empty_like(x)
+        fn = lambda: out.copy_(x)  # noqa: E731
+    elif provider == "flash_attn_1d":
+        flash_rotary = pytest.importorskip("flash_attn.layers.rotary")
+        half = x.shape[-1] // 2
+        pos = torch.arange(x.shape[0], device=DEVICE, dtype=torch.float32)
+        freqs = torch.outer(pos, 10000.0 ** (-torch.arange(half, device=DEVICE) / half))
+        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        xb = x[None]
+        fn = lambda: flash_rotary.apply_rotary_emb(xb, cos, sin)  # noqa: E731
+        nbytes += 2 * cos.numel() * cos.element_size()
+    else:
+        reason = OPS["rope3d"].backends[provider].refusal(x.device, x.dtype, head_dim=x.shape[-1])
+        if reason:
+            pytest.skip(reason)
+        fn = lambda: rope3d(x, cu, grid, backend=provider)  # noqa: E731
+    seconds = _timed(benchmark, fn)
+    gbps = nbytes / seconds / 1e9
+    dname = str(dtype).removeprefix("torch.")
+    if provider in ("copy", "torch"):
+        bench_report.baselines[("rope3d", dname, provider)] = gbps
+    vs_copy = bench_report.ratio(gbps, ("rope3d", dname, "copy"))
+    vs_torch = bench_report.ratio(gbps, ("rope3d", dname, "torch"))
+    bench_report.add(
+        "rope3d effective bandwidth",
+        dtype=dname, provider=provider, tokens=x.shape[0], heads=x.shape[1], head_dim=x.shape[2],
+        ms=seconds * 1e3, GBps=gbps,
+        pct_of_copy=None if vs_copy is None else 100 * vs_copy,
+        x_vs_torch=vs_torch,
+    )
