@@ -1,0 +1,102 @@
+"""Package-level contracts: the CUDA module's linkage, the sigvlp.kernels location, the
+info report, backend availability reasons, no GPU work at import, and the no-CUDA build."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run_python(code: str, cwd=ROOT, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cuda_module_links_no_libtorch():
+    from sigvlp.ops import _cuda
+
+    if not _cuda.build_info().get("cuda_built"):
+        pytest.skip(f"CUDA module not built: {_cuda.build_info().get('reason')}")
+    mod = _cuda.module()
+    assert mod is not None, _cuda.module_unavailable_reason()
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        pytest.skip("ldd not available")
+    deps = subprocess.run([ldd, mod.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libtorch" not in deps and "libc10" not in deps, deps
+    assert "libcudart.so" not in deps, "cudart is linked statically so no CUDA toolkit is needed at run time"
+    archs = mod.compiled_arch_list().split(",")
+    assert archs and all(a.isdigit() for a in archs)
+
+
+def test_kernels_only_as_sigvlp_kernels():
+    import sigvlp.kernels
+
+    assert pathlib.Path(sigvlp.kernels.__file__).parent.name == "kernels"
+    # Even with the repository root on sys.path, a top-level `import kernels` must not pass
+    # for the PyPI package of that name.
+    result = _run_python("import sys; sys.path.insert(0, '.'); import kernels")
+    assert result.returncode != 0 and "sigvlp.kernels" in result.stderr, result.stderr
+
+
+def test_info_reports_every_backend():
+    from sigvlp import info
+
+    data = info.collect()
+    assert set(data["backends"]) == {"torch", "triton", "cuda"}
+    assert data["backends"]["torch"] is None
+    for name, reason in data["backends"].items():
+        assert reason is None or (isinstance(reason, str) and reason), name
+    if not torch.cuda.is_available():
+        assert data["backends"]["cuda"]  # a reason, not a silent absence
+    assert "rope3d" in data["ops"]
+    result = subprocess.run([sys.executable, "-m", "sigvlp.info"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for name in ("torch", "triton", "cuda"):
+        assert f"  {name}" in result.stdout
+    assert "CUDA module:" in result.stdout
+
+
+def test_import_makes_no_gpu_calls():
+    code = (
+        "import torch\n"
+        "def boom(*a, **k): raise AssertionError('GPU touched at import')\n"
+        "torch.cuda.is_available = boom; torch.cuda.init = boom; torch.cuda._lazy_init = boom\n"
+        "torch.cuda.device_count = boom; torch.cuda.current_device = boom\n"
+        "import sigvlp, sigvlp.ops, sigvlp.kernels\n"
+        "print('ok')\n"
+    )
+    result = _run_python(code, cwd="/")
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_poisoned_outputs_under_tests():
+    from sigvlp.ops._backend import empty_output
+
+    assert os.environ.get("SIGVLP_POISON_OUTPUTS") == "1"
+    assert torch.isnan(empty_output((3, 2), torch.float16, torch.device("cpu"))).all()
+
+
+def test_cmake_configures_without_cuda_compiler(tmp_path):
+    """Without nvcc the build still configures, says CUDA kernels were skipped, and records why."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake not available")
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDACXX", "CUDA_HOME", "CUDA_PATH")}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if not (pathlib.Path(p) / "nvcc").exists())
+    result = subprocess.run([cmake, "-S", str(ROOT), "-B", str(tmp_path / "build")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "CUDA kernels skipped" in result.stderr + result.stdout
+    info = json.loads((tmp_path / "build" / "_build_info.json").read_text())
+    assert info["cuda_built"] is False and "no CUDA compiler" in info["reason"]
