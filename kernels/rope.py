@@ -42,6 +42,16 @@ def grid_positions(cu_seqlens_ptr, grid_thw_ptr, tokens, batch, search_steps):
     n = tokens - tl.load(cu_seqlens_ptr + seq).to(tokens.dtype)
     H = tl.load(grid_thw_ptr + seq * 3 + 1).to(tokens.dtype)
     W = tl.load(grid_thw_ptr + seq * 3 + 2).to(tokens.dtype)
+    return grid_decode(n, H, W)
+
+
+@triton.jit
+def grid_decode(n, H, W):
+    """(t, h, w) float32 of token n (index within its sequence) in a t-major grid of H x W planes.
+
+    Shared with the fused attention kernel, which knows each tile's sequence (and its H, W)
+    and so skips the search in ``grid_positions``.
+    """
     # Guard the division for masked-out lanes whose grid may be empty.
     H = tl.maximum(H, 1)
     W = tl.maximum(W, 1)
