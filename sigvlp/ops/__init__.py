@@ -5,10 +5,14 @@ Import this module in any model to use the ops; it never touches a GPU at import
 
 from sigvlp.ops._backend import BACKEND_NAMES, BackendError
 from sigvlp.ops.rope import rope3d, rope3d_reference, default_sections
+from sigvlp.ops.attention import rope_attention_varlen, rope_attention_varlen_reference
 
 #: every op family, name -> its BackendSet (for sigvlp.info and tests)
 from sigvlp.ops import rope as _rope
 
 OPS = {"rope3d": _rope.BACKENDS}
+from sigvlp.ops.attention import BACKENDS as _ATTENTION_BACKENDS  # noqa: E402
+OPS["rope_attention_varlen"] = _ATTENTION_BACKENDS
 
 __all__ = ["rope3d", "rope3d_reference", "default_sections", "BackendError", "BACKEND_NAMES", "OPS"]
+__all__ += ["rope_attention_varlen", "rope_attention_varlen_reference"]
