@@ -235,13 +235,14 @@ def test_opcheck(backend):
         torch.library.opcheck(op, args)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
     x, cu, grid = _inputs([9, 7], nheads=2, head_dim=16)
 
     def f(x):
         return rope3d(x, cu, grid, theta=1000.0).square().sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
     xr = x.clone().requires_grad_(True)
     xe = x.clone().requires_grad_(True)
     torch.testing.assert_close(compiled(xr), f(xe))
