@@ -43,6 +43,20 @@ __device__ __forceinline__ int64_t find_sequence(const int32_t* __restrict__ cu_
   return lo;
 }
 
+// Multiprocessors of the current device, cached per device (queried once, not per launch).
+inline int multiprocessor_count() {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 1;
+  if (cache[device] == 0) {
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    cache[device] = sms > 0 ? sms : 1;
+  }
+  return cache[device];
+}
+
 // Dispatch a functor templated on the element type.
 template <typename F>
 int dispatch_dtype(DType dtype, F&& f) {

@@ -166,11 +166,8 @@ int launch(const Rope3dArgs& a) {
   const int64_t slots = a.total_tokens * groups;
   if (slots == 0) return 0;
   constexpr int kThreads = 256;
-  int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const int64_t wanted = (slots + kThreads - 1) / kThreads;
-  const int64_t cap = static_cast<int64_t>(sms > 0 ? sms : 1) * 32;  // grid-stride beyond this
+  const int64_t cap = static_cast<int64_t>(multiprocessor_count()) * 32;  // grid-stride beyond this
   const unsigned blocks = static_cast<unsigned>(wanted < cap ? wanted : cap);
   rope3d_kernel<T, PAIRS, INTERLEAVED, VECTOR><<<blocks, kThreads, 0, static_cast<cudaStream_t>(a.stream)>>>(
       a, groups);
