@@ -16,3 +16,7 @@ OPS["rope_attention_varlen"] = _ATTENTION_BACKENDS
 
 __all__ = ["rope3d", "rope3d_reference", "default_sections", "BackendError", "BACKEND_NAMES", "OPS"]
 __all__ += ["rope_attention_varlen", "rope_attention_varlen_reference"]
+from sigvlp.ops.sigmoid_loss import sigmoid_loss, sigmoid_loss_reference  # noqa: E402
+from sigvlp.ops.sigmoid_loss import BACKENDS as _SIGMOID_LOSS_BACKENDS  # noqa: E402
+OPS["sigmoid_loss"] = _SIGMOID_LOSS_BACKENDS
+__all__ += ["sigmoid_loss", "sigmoid_loss_reference"]
