@@ -72,4 +72,36 @@ NB_MODULE(_cuda, m) {
       "x"_a, "out"_a, "dtype"_a, "total_tokens"_a, "nheads"_a, "head_dim"_a, "x_stride_token"_a,
       "x_stride_head"_a, "out_stride_token"_a, "out_stride_head"_a, "cu_seqlens"_a, "batch"_a, "grid_thw"_a,
       "positions"_a, "log2_theta"_a, "n_t"_a, "n_h"_a, "n_w"_a, "interleaved"_a, "inverse"_a, "stream"_a);
+  // ---- sigmoid_loss (csrc/sigmoid_loss.cu) ----
+  m.def(
+      "sigmoid_loss_pass",
+      [](uintptr_t a, uintptr_t b, uintptr_t da, uintptr_t workspace, int64_t workspace_ld, uintptr_t partials,
+         uintptr_t a_ids, uintptr_t b_ids, uintptr_t scale, uintptr_t bias, int dtype, int64_t na, int64_t nb,
+         int64_t d, int64_t a_stride, int64_t b_stride, int64_t da_stride, float inv_norm, uintptr_t stream) {
+        sigvlp::SigmoidLossPassArgs p{};
+        p.a = ptr<const void>(a);
+        p.b = ptr<const void>(b);
+        p.da = ptr<void>(da);
+        p.workspace = ptr<float>(workspace);
+        p.workspace_ld = workspace_ld;
+        p.partials = ptr<float>(partials);
+        p.a_ids = ptr<const int64_t>(a_ids);
+        p.b_ids = ptr<const int64_t>(b_ids);
+        p.scale = ptr<const float>(scale);
+        p.bias = ptr<const float>(bias);
+        p.dtype = static_cast<sigvlp::DType>(dtype);
+        p.na = na;
+        p.nb = nb;
+        p.d = d;
+        p.a_stride = a_stride;
+        p.b_stride = b_stride;
+        p.da_stride = da_stride;
+        p.inv_norm = inv_norm;
+        p.stream = ptr<void>(stream);
+        check(sigvlp::sigmoid_loss_pass(p), "sigmoid_loss_pass");
+      },
+      "a"_a, "b"_a, "da"_a, "workspace"_a, "workspace_ld"_a, "partials"_a, "a_ids"_a, "b_ids"_a, "scale"_a,
+      "bias"_a, "dtype"_a, "na"_a, "nb"_a, "d"_a, "a_stride"_a, "b_stride"_a, "da_stride"_a, "inv_norm"_a,
+      "stream"_a);
+  // ---- end sigmoid_loss ----
 }

@@ -41,4 +41,30 @@ struct Rope3dArgs {
 
 int rope3d(const Rope3dArgs& args);
 
+// ---- sigmoid_loss (csrc/sigmoid_loss.cu) ------------------------------------------------------
+// One blockwise pass of the SigLIP sigmoid loss: rows of A (na x d) against all rows of B (nb x d).
+// Writes per-CTA partial sums (loss, dt, db), 3 floats per 64 rows of A (not yet times inv_norm),
+// and, when da != nullptr, da = (scale * inv_norm) * G B using an fp32 workspace that the caller
+// zero-fills, of shape (ceil(na/64)*64, ceil(d/64)*64) with row stride workspace_ld.
+struct SigmoidLossPassArgs {
+  const void* a;
+  const void* b;
+  void* da;                  // (na, d) in A's dtype, or nullptr (loss only)
+  float* workspace;          // see above; nullptr when da is nullptr
+  int64_t workspace_ld;      // in elements, a multiple of 64
+  float* partials;           // (ceil(na/64), 3)
+  const int64_t* a_ids;      // (na,) or nullptr: then pairs are the diagonal (row == col)
+  const int64_t* b_ids;      // (nb,) or nullptr
+  const float* scale;        // device scalar t
+  const float* bias;         // device scalar b
+  DType dtype;
+  int64_t na, nb, d;
+  int64_t a_stride, b_stride, da_stride;  // row strides in elements; rows contiguous
+  float inv_norm;
+  void* stream;              // cudaStream_t
+};
+
+int sigmoid_loss_pass(const SigmoidLossPassArgs& args);
+// ---- end sigmoid_loss ------------------------------------------------------------------------
+
 }  // namespace sigvlp
