@@ -1,0 +1,329 @@
+"""newton_schulz: backends against an fp64 SVD oracle, the spectrum band of the quintic,
+Polar Express, zero input, op registration, and input validation.
+
+The oracle is independent of the iteration: NS acts on each singular value separately, so
+NS(G) = U p(S / ||G||_F) V^T with p the composed per-step polynomials, computed here from an
+fp64 SVD.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+from sigvlp.ops import BackendError, newton_schulz, newton_schulz_reference
+from sigvlp.optim import KELLER, POLAR_EXPRESS, POLAR_EXPRESS_NORM, POLAR_EXPRESS_RAW
+
+ns_module = importlib.import_module("sigvlp.ops.newton_schulz")
+HAS_CUDA = torch.cuda.is_available()
+CPU_BACKENDS = ["torch", "triton"]  # triton runs in the interpreter without a GPU
+
+
+def _poly(s, triples):
+    for a, b, c in triples:
+        s = a * s + b * s**3 + c * s**5
+    return s
+
+
+def _exact(G: torch.Tensor, steps=5, coefficients=KELLER, eps=1e-7) -> torch.Tensor:
+    """fp64 NS via the SVD: U p(S / max(||G||_F, eps)) V^T, per matrix of the batch."""
+    triples = ns_module.resolve_coefficients(coefficients, steps)
+    G64 = G.detach().double().cpu()
+    U, S, Vh = torch.linalg.svd(G64, full_matrices=False)
+    norm = torch.linalg.vector_norm(G64, dim=(-2, -1), keepdim=True).squeeze(-1).clamp(min=eps)
+    return (U * _poly(S / norm, triples).unsqueeze(-2)) @ Vh
+
+
+def _random(shape, seed=0, dtype=torch.float32):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def _with_spectrum(m, n, svals, seed=0):
+    """An (m, n) fp64 matrix with the given singular values and random singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    return (U * torch.as_tensor(svals, dtype=torch.float64)) @ V.T
+
+
+def _max_err(a, b) -> float:
+    return (a.double().cpu() - b.double().cpu()).abs().max().item() if a.numel() else 0.0
+
+
+SHAPES = {
+    "square": (48, 48),
+    "wide": (40, 72),
+    "tall": (72, 40),
+    "batched": (3, 16, 40),
+    "batched-tall-ragged": (2, 2, 37, 21),
+    "many-tiles": (100, 120),
+}
+
+
+# ----------------------------------------------------------------------------- the spec itself
+
+
+def test_fp64_reference_matches_svd_oracle():
+    for name, shape in SHAPES.items():
+        G = _random(shape, seed=1, dtype=torch.float64)
+        err = _max_err(newton_schulz_reference(G), _exact(G))
+        assert err < 1e-10, (name, err)
+
+
+def test_quintic_band_is_what_we_assert():
+    """The band used below, from the scalar map itself: s >= 0.003 ends within [0.68, 1.21]."""
+    s = np.linspace(0.003, 1.0, 200001)
+    out = _poly(s, [KELLER] * 5)
+    assert 0.68 < out.min() < 0.69 and 1.20 < out.max() < 1.21
+    out_pe = _poly(s / POLAR_EXPRESS_NORM, POLAR_EXPRESS_RAW)
+    assert 0.85 < out_pe.min() and out_pe.max() < 1.15
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(48, 48), (32, 80), (80, 32)], ids=["square", "wide", "tall"])
+def test_singular_values_land_in_the_band(backend, shape):
+    m, n = shape
+    k = min(m, n)
+    # Singular values spread over two decades, the smallest ~0.004 ||G||_F.
+    svals = torch.logspace(0, -2, k, dtype=torch.float64)
+    G = _with_spectrum(m, n, svals, seed=2)
+    G = G / torch.linalg.vector_norm(G) * 7.0  # the scale does not matter (normalised)
+    rel = svals / torch.linalg.vector_norm(svals)
+    assert rel.min() >= 0.003
+    out = newton_schulz(G.float(), backend=backend)
+    sv = torch.linalg.svdvals(out.double())
+    assert sv.min() > 0.68 - 1e-3 and sv.max() < 1.21 + 1e-3, (sv.min().item(), sv.max().item())
+    # ... and each one is where the scalar polynomial sends it (fp32 precision).
+    expected = torch.sort(_poly(rel, [KELLER] * 5), descending=True).values
+    assert torch.allclose(sv, expected, atol=2e-4), _max_err(sv, expected)
+
+
+def test_scale_invariance_and_transpose():
+    G = _random((24, 56), seed=3)
+    out = newton_schulz(G, backend="torch")
+    assert _max_err(newton_schulz(G * 1000.0, backend="torch"), out) < 1e-5
+    assert _max_err(newton_schulz(G.T.contiguous(), backend="torch"), out.T) < 1e-6
+
+
+# ----------------------------------------------------------------------------- backends vs fp64
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_fp32_matches_fp64_oracle(backend, name):
+    G = _random(SHAPES[name], seed=4)
+    out = newton_schulz(G, backend=backend)
+    assert out.shape == G.shape and out.dtype == G.dtype
+    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) elements"
+    exact = _exact(G)
+    # fp32 floor: the torch backend's own error; a kernel may be at most 2x it (+ tiny slack).
+    floor = _max_err(newton_schulz(G, backend="torch"), exact)
+    err = _max_err(out, exact)
+    assert floor < 1e-4
+    assert err <= 2 * floor + 1e-6, (err, floor)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_strided_inputs(backend):
+    base = _random((2, 40, 64), seed=5)
+    views = [base[:, ::2, :48], base.transpose(-1, -2)[:, :, :30], base[1]]
+    for G in views:
+        assert not G.is_contiguous() or G.dim() == 2
+        out = newton_schulz(G, backend=backend)
+        assert _max_err(out, _exact(G)) < 1e-4
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_zero_matrix_gives_zeros(backend):
+    G = _random((3, 16, 24), seed=6)
+    G[1] = 0.0
+    out = newton_schulz(G, backend=backend)
+    assert not torch.isnan(out).any()
+    assert torch.equal(out[1], torch.zeros(16, 24))
+    assert _max_err(out[0], _exact(G[0])) < 1e-4 and _max_err(out[2], _exact(G[2])) < 1e-4
+    assert torch.equal(newton_schulz(torch.zeros(20, 12), backend=backend), torch.zeros(20, 12))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_schedules_and_step_counts(backend):
+    G = _random((20, 36), seed=7)
+    # A per-step schedule equals running its steps one by one.
+    sched = [(3.0, -3.2, 1.2), KELLER, (2.0, -1.5, 0.5)]
+    out = newton_schulz(G, steps=3, coefficients=sched, backend=backend)
+    assert _max_err(out, _exact(G, 3, sched)) < 1e-4
+    # steps=0: the normalised input; steps=1; a repeated single triple.
+    assert _max_err(newton_schulz(G, steps=0, backend=backend), G / torch.linalg.vector_norm(G)) < 1e-6
+    assert _max_err(newton_schulz(G, steps=1, backend=backend), _exact(G, 1)) < 1e-5
+    assert _max_err(newton_schulz(G, steps=2, coefficients=[KELLER, KELLER], backend=backend),
+                    newton_schulz(G, steps=2, backend=backend)) < 1e-6
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_polar_express(backend):
+    m, n = 32, 48
+    svals = torch.logspace(0, -2.5, m, dtype=torch.float64)
+    G = _with_spectrum(m, n, svals, seed=8)
+    out = newton_schulz(G.float(), steps=5, coefficients=POLAR_EXPRESS, backend=backend)
+    # The published form: X / (||X|| * 1.02 + 1e-6) and the raw coefficients, in fp64.
+    X = G / (torch.linalg.vector_norm(G) * POLAR_EXPRESS_NORM + 1e-6)
+    for a, b, c in POLAR_EXPRESS_RAW:
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    assert _max_err(out, X) < 1e-4
+    sv = torch.linalg.svdvals(out.double())
+    assert sv.min() > 0.84 and sv.max() < 1.15, (sv.min().item(), sv.max().item())
+    # Polar Express is much closer to orthogonal than the fixed quintic on the same input.
+    sv_k = torch.linalg.svdvals(newton_schulz(G.float(), backend=backend).double())
+    assert (sv - 1).abs().max() < 0.5 * (sv_k - 1).abs().max()
+
+
+def test_reduced_precision_on_cpu_reference():
+    """bf16 / fp16 inputs keep their dtype; bf16 error vs fp64 is at bf16's level, not worse."""
+    G = _random((32, 64), seed=9)
+    exact = _exact(G)
+    for dtype, tol in ((torch.bfloat16, 0.05), (torch.float16, 0.01)):
+        out = newton_schulz(G.to(dtype), backend="torch")
+        assert out.dtype == dtype
+        err = _max_err(out, exact)
+        assert err < tol, (dtype, err)
+
+
+def test_matches_torch_muon_bf16_iteration():
+    """In bf16 the torch backend runs torch.optim.Muon's iteration (norm kept in fp32)."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    G = _random((48, 96), seed=10)
+    ours = newton_schulz(G.bfloat16(), backend="torch")
+    theirs = _zeropower_via_newtonschulz(G, KELLER, 5, 1e-7)
+    exact = _exact(G)
+    assert _max_err(ours, theirs) <= 0.05
+    assert _max_err(ours, exact) <= 1.5 * _max_err(theirs, exact) + 1e-3
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_and_single_row(backend):
+    assert newton_schulz(torch.zeros(0, 8, 8), backend=backend).shape == (0, 8, 8)
+    assert newton_schulz(torch.zeros(4, 0, 8), backend=backend).shape == (4, 0, 8)
+    G = _random((2, 1, 20), seed=11)
+    out = newton_schulz(G, backend=backend)
+    assert _max_err(out, _exact(G)) < 1e-5
+
+
+# ----------------------------------------------------------------------------- op registration
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck(backend):
+    op = torch.ops.sigvlp.newton_schulz.default
+    coeffs = list(KELLER) * 2
+    for G in (_random((20, 36), seed=12), _random((2, 24, 16), seed=13)):
+        torch.library.opcheck(op, (G, 2, coeffs, 1e-7, backend))
+
+
+def test_torch_compile_fullgraph():
+    G = _random((2, 16, 24), seed=14)
+
+    def f(g):
+        return newton_schulz(g * 2.0, steps=3, coefficients=POLAR_EXPRESS[:3], backend="torch").sum(0)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(G), f(G))
+
+
+def test_backend_refusals():
+    G = _random((8, 8), seed=15)
+    with pytest.raises(BackendError, match="cuda"):
+        if HAS_CUDA:
+            pytest.skip("CUDA present")
+        newton_schulz(G, backend="cuda")
+    with pytest.raises(BackendError, match="float64|dtype"):
+        newton_schulz(G.double(), backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        newton_schulz(G, backend="cublas")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_names_the_argument():
+    G = _random((8, 12), seed=16)
+    with pytest.raises(ValueError, match="^G:.*shape"):
+        newton_schulz(torch.ones(8))
+    with pytest.raises(TypeError, match="^G:.*complex"):
+        newton_schulz(torch.ones(4, 4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="^G:"):
+        newton_schulz(torch.ones(4, 4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="^G:"):
+        newton_schulz(np.ones((4, 4)))
+    with pytest.raises(ValueError, match="^coefficients: empty"):
+        newton_schulz(G, coefficients=[])
+    with pytest.raises(ValueError, match="^coefficients:.*3 numbers"):
+        newton_schulz(G, coefficients=(1.0, 2.0))
+    with pytest.raises(TypeError, match=r"^coefficients\[1\]"):
+        newton_schulz(G, steps=2, coefficients=[KELLER, (1.0, 2.0)])
+    with pytest.raises(ValueError, match="^coefficients:.*steps=5"):
+        newton_schulz(G, steps=3, coefficients=POLAR_EXPRESS)
+    with pytest.raises(ValueError, match="^coefficients:.*finite"):
+        newton_schulz(G, coefficients=(float("nan"), 1.0, 1.0))
+    with pytest.raises(TypeError, match="^coefficients:"):
+        newton_schulz(G, coefficients="abc")
+    with pytest.raises(ValueError, match="^steps:"):
+        newton_schulz(G, steps=-1)
+    with pytest.raises(ValueError, match="^steps:"):
+        newton_schulz(G, steps=100)
+    with pytest.raises(TypeError, match="^steps:"):
+        newton_schulz(G, steps=2.0)
+    with pytest.raises(ValueError, match="^eps:"):
+        newton_schulz(G, eps=0.0)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape", [(256, 256), (192, 640), (640, 192), (5, 130, 300), (3, 1, 64)])
+def test_gpu_fp32_mode_matches_fp64(backend, shape):
+    G = _random(shape, seed=20).cuda()
+    out = newton_schulz(G, backend=backend)
+    exact = _exact(G)
+    floor = _max_err(newton_schulz(G.cpu(), backend="torch"), exact)
+    assert not torch.isnan(out).any()
+    assert _max_err(out, exact) <= 4 * floor + 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape", [(768, 768), (512, 2048), (2048, 512), (24, 128, 128), (7, 200, 333)])
+def test_gpu_bf16_at_torch_precision(backend, shape):
+    """bf16 operands, fp32 accumulation: error vs fp64 comparable to torch's own bf16 iteration."""
+    G = _random(shape, seed=21).cuda()
+    exact = _exact(G)
+    out = newton_schulz(G.bfloat16(), backend=backend)
+    ref = newton_schulz(G.bfloat16(), backend="torch")
+    assert out.dtype == torch.bfloat16 and not torch.isnan(out).any()
+    floor = _max_err(ref, exact)
+    assert _max_err(out, exact) <= 1.5 * floor + 1e-3, (_max_err(out, exact), floor)
+    sv = torch.linalg.svdvals(out[..., :64, :].double() if out.dim() == 2 else out[0].double())
+    assert sv.max() < 1.3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_zero_and_auto(backend):
+    G = torch.zeros(4, 64, 96, device="cuda", dtype=torch.bfloat16)
+    G[2] = 1.0
+    out = newton_schulz(G, backend=backend)
+    assert not torch.isnan(out).any() and torch.equal(out[0], torch.zeros_like(out[0]))
+    assert newton_schulz(G).dtype == torch.bfloat16  # auto picks a GPU backend
+
+
+@pytest.mark.gpu
+def test_gpu_large_batch_beyond_grid_limit():
+    G = _random((70000, 2, 16), seed=22).cuda()
+    out = newton_schulz(G, steps=2, backend="triton")
+    assert _max_err(out, newton_schulz(G.cpu(), steps=2, backend="torch")) < 1e-4
