@@ -96,8 +96,9 @@ __global__ void __launch_bounds__(kThreads) sigmoid_loss_pass_kernel(SigmoidLoss
         const bool pos = s_aid[r] == b_id;
         const float logit = fmaf(scale, sv, bias);
         const float u = pos ? -logit : logit;
-        loss += fmaxf(u, 0.f) + log1pf(expf(-fabsf(u)));
-        g = 1.f / (1.f + expf(-logit)) - (pos ? 1.f : 0.f);
+        const float e = expf(-fabsf(logit));  // never overflows; |u| == |logit|
+        loss += fmaxf(u, 0.f) + log1pf(e);
+        g = (logit >= 0.f ? 1.f : e) / (1.f + e) - (pos ? 1.f : 0.f);
         dt += g * sv;
         db += g;
       }

@@ -37,9 +37,11 @@ def _tile_terms(s, rows, cols, row_ok, col_ok, a_id, b_ids_ptr, scale, bias, HAS
         pos = rows[:, None] == cols[None, :]
     valid = row_ok[:, None] & col_ok[None, :]
     u = tl.where(pos, -logits, logits)
-    # softplus(u) = max(u, 0) + log(1 + exp(-|u|)): no overflow for any |u|.
-    sp = tl.maximum(u, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(u)))
-    g = tl.sigmoid(logits) - tl.where(pos, 1.0, 0.0)
+    # One exp per pair, never of a positive number: e = exp(-|logits|) = exp(-|u|);
+    # softplus(u) = max(u, 0) + log(1 + e), sigmoid(logits) = (logits >= 0 ? 1 : e) / (1 + e).
+    e = tl.exp(-tl.abs(logits))
+    sp = tl.maximum(u, 0.0) + tl.log(1.0 + e)
+    g = tl.where(logits >= 0, 1.0, e) / (1.0 + e) - tl.where(pos, 1.0, 0.0)
     sp = tl.where(valid, sp, 0.0)
     g = tl.where(valid, g, 0.0)
     return sp, g

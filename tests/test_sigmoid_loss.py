@@ -1,0 +1,403 @@
+"""sigmoid_loss: backends against an fp64 dense oracle (loss and all four gradients), ids and
+shapes, large logits, bounded memory, op registration, torch.compile, distributed (gloo), bad input."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sigvlp.ops as ops
+from sigvlp.ops import BackendError, sigmoid_loss
+from sigvlp.ops.sigmoid_loss import _pass_torch, sigmoid_loss_dense, sigmoid_loss_reference
+
+HAS_CUDA = torch.cuda.is_available()
+CPU_BACKENDS = ["torch", "triton"]  # triton runs in the interpreter without a GPU
+
+
+def _inputs(n, m, d, *, ids=None, dtype=torch.float32, device="cpu", scale=10.0, bias=-10.0, seed=0,
+            normalize=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(m, d, generator=g, dtype=torch.float64)
+    if normalize:
+        x, y = F.normalize(x, dim=1), F.normalize(y, dim=1)
+    image_ids = text_ids = None
+    if ids is not None:
+        image_ids = torch.randint(0, ids, (n,), generator=g).to(device)
+        text_ids = torch.randint(0, ids, (m,), generator=g).to(device)
+    t = torch.tensor(scale, dtype=torch.float32, device=device)
+    b = torch.tensor(bias, dtype=torch.float32, device=device)
+    return x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype), t, b, image_ids, text_ids
+
+
+def _loss_and_grads(fn, x, y, t, b, image_ids, text_ids, dtype=None):
+    leaves = [v.detach().clone() for v in (x, y, t, b)]
+    if dtype is not None:
+        leaves = [v.to(dtype) for v in leaves]
+    for v in leaves:
+        v.requires_grad_(True)
+    loss = fn(*leaves, image_ids, text_ids)
+    loss.backward()
+    return [loss.detach()] + [v.grad for v in leaves]
+
+
+def _dense(x, y, t, b, image_ids, text_ids):
+    return sigmoid_loss_dense(x, y, t, b, image_ids, text_ids)
+
+
+def _op(backend):
+    def fn(x, y, t, b, image_ids, text_ids):
+        return sigmoid_loss(x, y, t, b, image_ids=image_ids, text_ids=text_ids, backend=backend)
+    return fn
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _assert_at_precision_floor(got, x, y, t, b, image_ids, text_ids):
+    """Loss and every gradient: error vs fp64 at most ~2x that of the dense formula computed by
+    torch in the inputs' dtype (plus one ulp of the value's magnitude)."""
+    exact = _loss_and_grads(_dense, x, y, t, b, image_ids, text_ids, dtype=torch.float64)
+    low = _loss_and_grads(_dense, x, y, t.to(x.dtype), b.to(x.dtype), image_ids, text_ids)
+    eps = torch.finfo(x.dtype).eps
+    names = ["loss", "d image_emb", "d text_emb", "d logit_scale", "d logit_bias"]
+    for name, g, e, lo in zip(names, got, exact, low):
+        assert g.shape == e.shape, f"{name}: shape {tuple(g.shape)} vs {tuple(e.shape)}"
+        assert torch.isfinite(g).all(), f"{name}: non-finite (unwritten, NaN-poisoned?) values"
+        floor = _err(lo, e)
+        err = _err(g, e)
+        ulp = eps * max(1.0, e.abs().max().item())
+        assert err <= 2 * floor + ulp, f"{name}: error {err:.3g} vs precision floor {floor:.3g} (ulp {ulp:.3g})"
+
+
+# ----------------------------------------------------------------------------- the spec
+
+
+def test_dense_oracle_matches_elementwise_spec():
+    x, y, t, b, ii, ti = _inputs(3, 4, 5, ids=2, dtype=torch.float64)
+    total = 0.0
+    for i in range(3):
+        for j in range(4):
+            z = 1.0 if ii[i] == ti[j] else -1.0
+            logit = float(t) * float(x[i] @ y[j]) + float(b)
+            total += -float(F.logsigmoid(torch.tensor(z * logit, dtype=torch.float64)))
+    assert abs(sigmoid_loss_dense(x, y, t.double(), b.double(), ii, ti).item() - total / 3) < 1e-12
+
+
+def test_repeated_text_ids_count_as_positives():
+    x, y, t, b, _, _ = _inputs(2, 3, 8)
+    ii = torch.tensor([0, 1])
+    ti = torch.tensor([0, 0, 1])  # texts 0 and 1 are the same text: both positives of image 0
+    got = sigmoid_loss(x, y, t, b, image_ids=ii, text_ids=ti)
+    logits = t * (x.double() @ y.double().T) + b
+    z = torch.tensor([[1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), -F.logsigmoid(z * logits).sum() / 2, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- backends vs fp64
+
+CASES = [
+    # (n, m, d, ids, scale, bias)
+    pytest.param(37, 37, 32, None, 10.0, -10.0, id="diagonal"),
+    pytest.param(50, 70, 64, 6, 10.0, -10.0, id="multi-positive-M!=N"),
+    pytest.param(67, 130, 32, 9, 10.0, -5.0, id="not-multiple-of-blocks"),
+    pytest.param(1, 1, 32, None, 10.0, -10.0, id="N=1"),
+    pytest.param(1, 5, 64, 2, 10.0, -10.0, id="N=1-M=5"),
+    pytest.param(70, 70, 256, None, 10.0, -10.0, id="D=256"),
+    pytest.param(40, 33, 1024, 5, 10.0, -10.0, id="D=1024"),
+    pytest.param(45, 45, 64, None, 100.0, -10.0, id="scale100"),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("n, m, d, ids, scale, bias", CASES)
+def test_backend_fp32_vs_fp64(backend, n, m, d, ids, scale, bias):
+    x, y, t, b, ii, ti = _inputs(n, m, d, ids=ids, scale=scale, bias=bias, seed=n + m + d)
+    got = _loss_and_grads(_op(backend), x, y, t, b, ii, ti)
+    _assert_at_precision_floor(got, x, y, t, b, ii, ti)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("n, m, d, ids", [(37, 37, 32, None), (66, 50, 64, 7), (20, 20, 1024, None)])
+def test_backend_fp16_vs_fp64(backend, n, m, d, ids):
+    x, y, t, b, ii, ti = _inputs(n, m, d, ids=ids, dtype=torch.float16, seed=3)
+    got = _loss_and_grads(_op(backend), x, y, t, b, ii, ti)
+    _assert_at_precision_floor(got, x, y, t, b, ii, ti)
+    assert got[1].dtype == torch.float16 and got[2].dtype == torch.float16
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_logits_do_not_overflow(backend):
+    # Unnormalised embeddings with scale 100: |logits| in the thousands; exp would overflow.
+    x, y, t, b, ii, ti = _inputs(24, 24, 32, scale=100.0, bias=-10.0, normalize=False, seed=5)
+    got = _loss_and_grads(_op(backend), x, y, t, b, ii, ti)
+    exact = _loss_and_grads(_dense, x, y, t, b, ii, ti, dtype=torch.float64)
+    for g, e in zip(got, exact):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-4 * max(1.0, e.abs().max().item()))
+
+
+def test_triton_matches_reference_and_is_deterministic():
+    x, y, t, b, ii, ti = _inputs(130, 90, 96, ids=11, seed=7)
+    runs = [_loss_and_grads(_op("triton"), x, y, t, b, ii, ti) for _ in range(2)]
+    for r0, r1 in zip(*runs):
+        assert torch.equal(r0, r1)
+    ref = _loss_and_grads(_op("torch"), x, y, t, b, ii, ti)
+    for r, e in zip(runs[0], ref):
+        torch.testing.assert_close(r, e, rtol=1e-5, atol=1e-6)
+
+
+def test_scalar_shapes_and_dtypes_of_scale_and_bias():
+    x, y, _, _, _, _ = _inputs(6, 6, 16)
+    t = torch.tensor([10.0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-10.0, dtype=torch.bfloat16, requires_grad=True)
+    loss = sigmoid_loss(x, y, t, b)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    loss.backward()
+    assert t.grad.shape == (1,) and t.grad.dtype == torch.float64
+    assert b.grad.shape == () and b.grad.dtype == torch.bfloat16
+
+
+def test_no_grad_forward_and_late_gradient():
+    x, y, t, b, ii, ti = _inputs(20, 30, 16, ids=4)
+    with torch.no_grad():
+        plain = sigmoid_loss(x, y, t, b, image_ids=ii, text_ids=ti)
+    torch.testing.assert_close(plain, sigmoid_loss_reference(x, y, t, b, ii, ti))
+    # The op run without its gradient pass still differentiates (the backward runs the row pass).
+    xr = x.clone().requires_grad_(True)
+    loss = torch.ops.sigvlp.sigmoid_loss(xr, y, t, b, ii, ti, 1.0 / 20, False, "torch")[0]
+    loss.backward()
+    expected = _loss_and_grads(_dense, x, y, t, b, ii, ti, dtype=torch.float64)[1]
+    torch.testing.assert_close(xr.grad.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_reference_memory_is_blockwise(monkeypatch):
+    """No tensor of the reference pass (forward and gradient) is anywhere near N x M."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor):
+                    Largest.largest = max(Largest.largest, o.numel())
+            return out
+
+    n = m = 512
+    d = 16
+    monkeypatch.setattr(sys.modules["sigvlp.ops.sigmoid_loss"], "REFERENCE_BLOCK_ELEMENTS", 1 << 13)
+    x, y, t, b, _, _ = _inputs(n, m, d)
+    with Largest():
+        da = torch.empty(n, d)
+        _pass_torch(x, y, t.reshape(1), b.reshape(1), None, None, 1.0 / n, da)  # row pass
+        _pass_torch(y, x, t.reshape(1), b.reshape(1), None, None, 1.0 / n, da)  # column pass
+    assert Largest.largest <= max(1 << 13, n * d), Largest.largest
+    assert Largest.largest * 16 <= n * m
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck(backend):
+    x, y, t, b, ii, ti = _inputs(9, 13, 16, ids=3)
+    xd, yd, td, bd, _, _ = _inputs(7, 7, 32, seed=1)
+    op = torch.ops.sigvlp.sigmoid_loss.default
+    samples = [
+        (x.requires_grad_(True), y.requires_grad_(True), t.requires_grad_(True), b.requires_grad_(True), ii, ti,
+         1.0 / 9, True, backend),
+        (xd, yd, td, bd, None, None, 1.0 / 7, False, backend),
+    ]
+    for args in samples:
+        torch.library.opcheck(op, args)
+    torch.library.opcheck(torch.ops.sigvlp.sigmoid_loss_text_grad.default,
+                          (x.detach(), y.detach(), t.detach(), b.detach(), ii, ti, 1.0 / 9, backend))
+
+
+def test_torch_compile_fullgraph():
+    x, y, t, b, ii, ti = _inputs(12, 17, 16, ids=5)
+
+    def f(x, y, t, b):
+        return sigmoid_loss(x, y, t, b, image_ids=ii, text_ids=ti) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = _loss_and_grads(lambda x, y, t, b, _i, _t: compiled(x, y, t, b), x, y, t, b, ii, ti)
+    ref = _loss_and_grads(lambda x, y, t, b, _i, _t: f(x, y, t, b), x, y, t, b, ii, ti)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r)
+
+
+def test_backend_selection(monkeypatch):
+    x, y, t, b, _, _ = _inputs(4, 4, 8)
+    assert ops.OPS["sigmoid_loss"].select(None, device=x.device, dtype=x.dtype).name == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        sigmoid_loss(x, y, t, b, backend="fastest")
+    if not HAS_CUDA:
+        with pytest.raises(BackendError, match="cuda"):
+            sigmoid_loss(x, y, t, b, backend="cuda")
+    monkeypatch.setenv("SIGVLP_BACKEND", "triton")
+    assert ops.OPS["sigmoid_loss"].select(None, device=x.device, dtype=x.dtype).name == "triton"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+_X, _Y, _T, _B, _II, _TI = _inputs(6, 6, 16, ids=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        (dict(image_emb=_X.double()), TypeError, "image_emb"),
+        (dict(image_emb=_X.to(torch.int32)), TypeError, "image_emb"),
+        (dict(image_emb=_X[0]), ValueError, "image_emb"),
+        (dict(text_emb=_Y.half()), TypeError, "text_emb"),
+        (dict(text_emb=_Y[:, :8]), ValueError, "text_emb"),
+        (dict(text_emb=_Y.to("meta")), ValueError, "text_emb"),
+        (dict(text_emb=_Y[:4]), ValueError, "N = 6 images but M = 4"),
+        (dict(image_emb=_X[:0], text_emb=_Y[:0]), ValueError, "non-empty"),
+        (dict(logit_scale=torch.ones(2)), ValueError, "logit_scale"),
+        (dict(logit_scale=torch.ones(1, 1)), ValueError, "logit_scale"),
+        (dict(logit_bias=torch.zeros(3)), ValueError, "logit_bias"),
+        (dict(logit_bias=torch.zeros((), dtype=torch.int64)), TypeError, "logit_bias"),
+        (dict(logit_scale=10.0), TypeError, "logit_scale"),
+        (dict(logit_bias=torch.zeros((), device="meta")), ValueError, "logit_bias"),
+        (dict(image_ids=_II), ValueError, "give both"),
+        (dict(text_ids=_TI), ValueError, "give both"),
+        (dict(image_ids=_II[:5], text_ids=_TI), ValueError, "image_ids"),
+        (dict(image_ids=_II, text_ids=_TI[:5]), ValueError, "text_ids"),
+        (dict(image_ids=_II.float(), text_ids=_TI), TypeError, "image_ids"),
+        (dict(image_ids=_II, text_ids=_TI.to(torch.int16)), TypeError, "text_ids"),
+        (dict(image_ids=_II[:, None], text_ids=_TI), ValueError, "image_ids"),
+    ],
+)
+def test_bad_input_is_named(kwargs, error, name):
+    args = dict(image_emb=_X, text_emb=_Y, logit_scale=_T, logit_bias=_B)
+    args.update(kwargs)
+    with pytest.raises(error, match=name):
+        sigmoid_loss(args.pop("image_emb"), args.pop("text_emb"), args.pop("logit_scale"), args.pop("logit_bias"),
+                     **args)
+
+
+def test_int32_ids_accepted():
+    got = sigmoid_loss(_X, _Y, _T, _B, image_ids=_II.int(), text_ids=_TI.int())
+    torch.testing.assert_close(got, sigmoid_loss(_X, _Y, _T, _B, image_ids=_II, text_ids=_TI))
+
+
+# ----------------------------------------------------------------------------- distributed
+
+# Per scenario: rows per rank for (images, texts); ids drawn in [0, 5) or None (diagonal).
+_DIST_SCENARIOS = {
+    "diagonal": dict(n=[5, 7, 4], m=[5, 7, 4], ids=None),
+    "ids": dict(n=[6, 3, 5], m=[4, 8, 2], ids=5),
+}
+
+
+def _dist_global(world, scenario):
+    spec = _DIST_SCENARIOS[scenario]
+    n, m = spec["n"][:world], spec["m"][:world]
+    x, y, t, b, ii, ti = _inputs(sum(n), sum(m), 24, ids=spec["ids"], seed=world)
+    return x, y, t, b, ii, ti, n, m
+
+
+def _dist_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for scenario in _DIST_SCENARIOS:
+            x, y, t, b, ii, ti, n, m = _dist_global(world, scenario)
+            rs, re_ = sum(n[:rank]), sum(n[: rank + 1])
+            cs, ce = sum(m[:rank]), sum(m[: rank + 1])
+            for backend in CPU_BACKENDS:
+                xl = x[rs:re_].clone().requires_grad_(True)
+                yl = y[cs:ce].clone().requires_grad_(True)
+                tl_ = t.clone().requires_grad_(True)
+                bl = b.clone().requires_grad_(True)
+                kw = {} if ii is None else dict(image_ids=ii[rs:re_], text_ids=ti[cs:ce])
+                loss = sigmoid_loss(xl, yl, tl_, bl, process_group=dist.group.WORLD, backend=backend, **kw)
+                loss.backward()
+                results[(scenario, backend)] = [loss.detach(), xl.grad, yl.grad, tl_.grad, bl.grad]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_matches_single_process(world, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dist_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for scenario in _DIST_SCENARIOS:
+        x, y, t, b, ii, ti, n, m = _dist_global(world, scenario)
+        exact = _loss_and_grads(_dense, x, y, t, b, ii, ti, dtype=torch.float64)
+        for backend in CPU_BACKENDS:
+            res = [r[(scenario, backend)] for r in per_rank]
+            tol = dict(rtol=1e-5, atol=1e-6)
+            # The mean of the per-rank losses is the global loss.
+            torch.testing.assert_close(torch.stack([r[0] for r in res]).double().mean(), exact[0], **tol)
+            # DDP averages gradients over ranks: (per-rank gradient) / world = single-process gradient.
+            torch.testing.assert_close(torch.cat([r[1] for r in res]).double() / world, exact[1], **tol)
+            torch.testing.assert_close(torch.cat([r[2] for r in res]).double() / world, exact[2], **tol)
+            torch.testing.assert_close(torch.stack([r[3] for r in res]).double().mean(), exact[3], **tol)
+            torch.testing.assert_close(torch.stack([r[4] for r in res]).double().mean(), exact[4], **tol)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, m, d, ids", [(1, 1, 32, None), (300, 300, 64, None), (257, 1000, 256, 13),
+                                          (1030, 515, 1024, 40), (129, 129, 768, None)])
+def test_gpu_backends_vs_fp64(backend, dtype, n, m, d, ids):
+    x, y, t, b, ii, ti = _inputs(n, m, d, ids=ids, dtype=dtype, device="cuda", seed=n + d)
+    got = _loss_and_grads(_op(backend), x, y, t, b, ii, ti)
+    _assert_at_precision_floor(got, x, y, t, b, ii, ti)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_matches_reference_deterministic_and_large_logits(backend):
+    x, y, t, b, ii, ti = _inputs(700, 900, 128, ids=50, device="cuda", scale=100.0, seed=2)
+    runs = [_loss_and_grads(_op(backend), x, y, t, b, ii, ti) for _ in range(2)]
+    for r0, r1 in zip(*runs):
+        assert torch.equal(r0, r1)
+    ref = _loss_and_grads(_op("torch"), x, y, t, b, ii, ti)
+    for r, e in zip(runs[0], ref):
+        torch.testing.assert_close(r, e, rtol=1e-4, atol=1e-5 * max(1.0, e.abs().max().item()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_memory_is_linear(backend):
+    n, d = 16384, 256
+    x, y, t, b, _, _ = _inputs(n, n, d, dtype=torch.bfloat16, device="cuda")
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    sigmoid_loss(x, y, t, b, backend=backend).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 64 * n * d, f"{extra / 2**20:.1f} MiB extra; N x M fp32 logits would be {n * n * 4 / 2**20:.0f} MiB"
+
+
+@pytest.mark.gpu
+def test_gpu_auto_prefers_cuda_and_compiles():
+    x, y, t, b, ii, ti = _inputs(100, 80, 64, ids=9, device="cuda", dtype=torch.bfloat16)
+    assert ops.OPS["sigmoid_loss"].select(None, device=x.device, dtype=x.dtype).name == "cuda"
+    torch.library.opcheck(torch.ops.sigvlp.sigmoid_loss.default,
+                          (x.requires_grad_(True), y.requires_grad_(True), t, b, ii, ti, 0.01, True, "cuda"))
+    compiled = torch.compile(lambda x, y: sigmoid_loss(x, y, t, b, image_ids=ii, text_ids=ti), fullgraph=True)
+    torch.testing.assert_close(compiled(x, y), sigmoid_loss(x, y, t, b, image_ids=ii, text_ids=ti))
