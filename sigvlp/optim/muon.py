@@ -349,7 +349,7 @@ class Muon(Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
+            state["step"] = state["step"] + 1  # out of place: a loaded state may share the tensor
             step = state["step"].item()
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             p.mul_(1 - lr * wd)
