@@ -1,0 +1,433 @@
+"""rope_attention_varlen: backends against an fp64 oracle (forward, lse, dq/dk/dv), varlen edge
+cases, op registration (opcheck, torch.compile), input validation, and GPU-only checks.
+
+Tolerances come from the precision floor: a backend's max error vs the fp64 oracle may be at most
+~2x that of the same math done by torch at the input's precision (rope3d_reference + SDPA).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sigvlp.ops as ops
+from sigvlp.ops import rope3d_reference, rope_attention_varlen
+from sigvlp.ops.attention import SUPPORTED_HEAD_DIMS
+
+from _varlen import EDGE_LENGTHS, cu_seqlens_of, grids_of, sequence_slices
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+
+# ----------------------------------------------------------------------------- inputs and oracles
+
+
+def _inputs(lengths, nheads=2, nheads_kv=1, head_dim=64, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+
+    def rnd(h):
+        return torch.randn(total, h, head_dim, generator=g).to(device=device, dtype=dtype)
+
+    q, k, v = rnd(nheads), rnd(nheads_kv), rnd(nheads_kv)
+    cu = cu_seqlens_of(lengths, device)
+    grid = grids_of(lengths, device)
+    # Positions: non-integer, per-axis distinct, as a model with continuous coordinates might give.
+    positions = (torch.rand(total, 3, generator=g) * torch.tensor([40.0, 30.0, 30.0])).to(device)
+    return q, k, v, cu, grid, positions
+
+
+def _rope_kw(mode, grid, positions):
+    return {"grid_thw": grid} if mode == "grid" else {"positions": positions} if mode == "positions" else {}
+
+
+def _oracle(q, k, v, cu, *, grid_thw=None, positions=None, causal=False, softmax_scale=None, theta=10000.0,
+            sections=None, interleaved=False, dtype=torch.float64, dout=None, dlse=None, low_precision=False):
+    """Loop over cu_seqlens slices: rope3d_reference rotation, softmax(scale QK^T) V.
+
+    dtype float64: the exact answer. low_precision=True: the same math by torch at q's dtype
+    (rotation rounded to q's dtype, SDPA at q's dtype): the precision floor.
+    Returns out, lse and, when dout is given, dq, dk, dv by autograd.
+    """
+    lp = q.dtype if low_precision else dtype
+    leaves = [x.detach().to(lp).requires_grad_(dout is not None) for x in (q, k, v)]
+    qd, kd, vd = leaves
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if grid_thw is not None or positions is not None:
+        kw = dict(positions=positions, theta=theta, sections=sections, interleaved=interleaved,
+                  compute_dtype=torch.float32 if low_precision else dtype)
+        qd, kd = rope3d_reference(qd, cu, grid_thw, **kw), rope3d_reference(kd, cu, grid_thw, **kw)
+    group = q.shape[1] // k.shape[1]
+    outs, lses = [], []
+    for sl in sequence_slices(cu.cpu()):
+        qb = qd[sl].transpose(0, 1)
+        kb = kd[sl].transpose(0, 1).repeat_interleave(group, 0)
+        vb = vd[sl].transpose(0, 1).repeat_interleave(group, 0)
+        s = (qb @ kb.transpose(1, 2)).to(torch.float32 if low_precision else dtype) * scale
+        if causal:
+            n = s.shape[-1]
+            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+        lses.append(torch.logsumexp(s, -1))
+        if low_precision:
+            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=scale)
+        else:
+            o = torch.softmax(s, -1) @ vb
+        outs.append(o.transpose(0, 1))
+    out = torch.cat(outs, 0) if outs else qd.new_zeros(q.shape)
+    lse = torch.cat(lses, 1) if lses else qd.new_zeros(q.shape[1], 0, dtype=torch.float32)
+    if dout is None:
+        return out.detach(), lse.detach()
+    loss = (out.to(dtype) * dout.to(dtype)).sum()
+    if dlse is not None:
+        loss = loss + (lse.to(dtype) * dlse.to(dtype)).sum()
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    return out.detach(), lse.detach(), *grads
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _assert_floor(name, got, exact, floor_ref, slack):
+    """got's error vs the fp64 answer is within ~2x the precision floor (floor_ref's error)."""
+    assert not torch.isnan(got).any(), f"{name}: NaN (unwritten, NaN-poisoned elements?)"
+    err, floor = _err(got, exact), _err(floor_ref, exact)
+    assert err <= 2 * floor + slack, f"{name}: error {err:.3g} vs precision floor {floor:.3g}"
+
+
+def _run_and_check(lengths, *, backend, nheads=2, nheads_kv=1, head_dim=64, dtype=torch.float32, mode="grid",
+                   causal=False, interleaved=False, max_seqlen=None, use_lse_grad=False, device="cpu",
+                   make_strided=False, seed=0):
+    q, k, v, cu, grid, positions = _inputs(lengths, nheads, nheads_kv, head_dim, dtype, device, seed)
+    if make_strided:  # q, k, v as views into one packed (total, heads, 3, head_dim) projection
+        total = q.shape[0]
+        packed = torch.empty(total, nheads, 3, head_dim, dtype=dtype, device=device)
+        packed[:, :, 0] = q
+        packed[:, :nheads_kv, 1] = k
+        packed[:, :nheads_kv, 2] = v
+        q, k, v = packed[:, :, 0], packed[:, :nheads_kv, 1], packed[:, :nheads_kv, 2]
+        assert not q.is_contiguous() and q.stride(-1) == 1
+    rope = _rope_kw(mode, grid, positions)
+    g = torch.Generator().manual_seed(seed + 1)
+    dout = torch.randn(q.shape, generator=g).to(device=device, dtype=dtype)
+    dlse = torch.randn(nheads, q.shape[0], generator=g).to(device) if use_lse_grad else None
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    max_seqlen = max(lengths) if max_seqlen is None else max_seqlen
+    out, lse = rope_attention_varlen(*leaves, cu, max_seqlen, causal=causal, interleaved=interleaved,
+                                     return_lse=True, backend=backend, **rope)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (nheads, q.shape[0])
+    assert lse.dtype == torch.float32
+    loss = (out.float() * dout.float()).sum() + ((lse * dlse).sum() if use_lse_grad else 0)
+    loss.backward()
+    kw = dict(causal=causal, interleaved=interleaved, dout=dout, dlse=dlse, **rope)
+    exact = _oracle(q, k, v, cu, **kw)
+    floor = _oracle(q, k, v, cu, low_precision=True, **kw)
+    slack = {torch.float32: 2e-7, torch.float16: 2e-4, torch.bfloat16: 2e-3}[dtype]  # for near-exact cases
+    for name, got, ex, fl in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *[x.grad for x in leaves]),
+                                 exact, floor):
+        _assert_floor(name, got, ex, fl, slack * max(1.0, ex.abs().max().item() if ex.numel() else 0.0))
+
+
+# ----------------------------------------------------------------------------- torch backend (reference)
+
+
+@pytest.mark.parametrize("mode", ["grid", "positions", "none"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_backend_edge_lengths(mode, causal):
+    _run_and_check(EDGE_LENGTHS, backend="torch", nheads=4, nheads_kv=2, mode=mode, causal=causal)
+
+
+@pytest.mark.parametrize("nheads,nheads_kv,head_dim,interleaved", [
+    (1, 1, 32, False), (16, 16, 64, True), (16, 4, 96, False), (16, 1, 128, True)])
+def test_torch_backend_heads_and_dims(nheads, nheads_kv, head_dim, interleaved):
+    _run_and_check([1, 33, 0, 70], backend="torch", nheads=nheads, nheads_kv=nheads_kv, head_dim=head_dim,
+                   interleaved=interleaved, causal=True, use_lse_grad=True)
+
+
+def test_torch_backend_over_65536_tokens_sampled_rows():
+    lengths = [8000, 0, 1] + [1500] * 39 + [129, 2]  # 66,632 tokens: one long, many short
+    total = sum(lengths)
+    assert total > 65536
+    q, k, v, cu, grid, _ = _inputs(lengths, nheads=1, nheads_kv=1, head_dim=32)
+    out = rope_attention_varlen(q, k, v, cu, max(lengths) + 7, grid, causal=True, backend="torch")
+    assert not torch.isnan(out).any()
+    qr = rope3d_reference(q.double(), cu, grid, compute_dtype=torch.float64)
+    kr = rope3d_reference(k.double(), cu, grid, compute_dtype=torch.float64)
+    cu_l = cu.tolist()
+    rows = torch.randint(0, total, (48,), generator=torch.Generator().manual_seed(3)).tolist() + [0, total - 1]
+    for r in rows:
+        b = max(i for i in range(len(lengths)) if cu_l[i] <= r and cu_l[i + 1] > r)
+        s = cu_l[b]
+        keys = slice(s, r + 1)  # causal
+        scores = torch.einsum("hd,nd->hn", qr[r], kr[keys, 0]) * 32 ** -0.5
+        expected = torch.softmax(scores, -1) @ v[keys, 0].double()
+        assert _err(out[r], expected) < 2e-5, f"row {r}"
+
+
+def test_relative_position_property():
+    """Scores depend only on relative (t, h, w) offsets: shifting every position changes nothing."""
+    q, k, v, cu, _, positions = _inputs([40, 25], nheads=2, nheads_kv=2)
+    a = rope_attention_varlen(q, k, v, cu, 40, positions=positions, backend="torch")
+    b = rope_attention_varlen(q, k, v, cu, 40, positions=positions + torch.tensor([7.0, -3.0, 11.0]),
+                              backend="torch")
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    plain = rope_attention_varlen(q, k, v, cu, 40, backend="torch")
+    assert _err(a, plain) > 1e-2  # the rotation does something
+
+
+def test_auto_backend_on_cpu_is_torch_and_op_is_registered():
+    assert "rope_attention_varlen" in ops.OPS
+    assert ops.OPS["rope_attention_varlen"].names == ("triton", "torch")
+    q, k, v, cu, grid, _ = _inputs([5, 3])
+    torch.testing.assert_close(rope_attention_varlen(q, k, v, cu, 5, grid),
+                               rope_attention_varlen(q, k, v, cu, 5, grid, backend="torch"))
+    assert os.environ.get("SIGVLP_POISON_OUTPUTS") == "1"  # the suite NaN-poisons op outputs
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_tokens(backend):
+    q, k, v, cu, grid, _ = _inputs([0, 0])
+    out, lse = rope_attention_varlen(q, k, v, cu, 0, grid, return_lse=True, backend=backend)
+    assert out.shape == (0, 2, 64) and lse.shape == (2, 0)
+
+
+# ----------------------------------------------------------------------------- Triton (interpreter on CPU)
+
+
+@pytest.mark.parametrize("causal,mode,interleaved", [(False, "grid", False), (True, "positions", True)])
+def test_triton_edge_lengths_fp32(causal, mode, interleaved):
+    _run_and_check(EDGE_LENGTHS, backend="triton", nheads=2, nheads_kv=1, mode=mode, causal=causal,
+                   interleaved=interleaved, device=DEV)
+
+
+@pytest.mark.parametrize("lengths,nheads,nheads_kv,head_dim,dtype,causal,mode", [
+    ([65, 31, 1], 1, 1, 128, torch.float16, True, "grid"),
+    ([40, 0, 23], 2, 2, 96, torch.float32, True, "none"),
+    ([17, 33], 16, 1, 32, torch.float32, False, "grid"),
+    ([63, 2], 4, 2, 64, torch.float16, False, "positions"),
+])
+def test_triton_heads_dims_dtypes(lengths, nheads, nheads_kv, head_dim, dtype, causal, mode):
+    _run_and_check(lengths, backend="triton", nheads=nheads, nheads_kv=nheads_kv, head_dim=head_dim, dtype=dtype,
+                   causal=causal, mode=mode, device=DEV)
+
+
+def test_triton_many_short_sequences_larger_max_seqlen_strided_lse_grad():
+    """Many tiny sequences (empty ones too), max_seqlen beyond the longest, q/k/v views with
+    arbitrary token/head strides, and a gradient flowing through lse."""
+    lengths = [3, 0, 1, 12, 7, 0, 16, 5, 9, 2, 1, 14]
+    _run_and_check(lengths, backend="triton", nheads=4, nheads_kv=2, head_dim=32, causal=True, mode="grid",
+                   max_seqlen=50, make_strided=True, use_lse_grad=True, device=DEV)
+
+
+def test_triton_grid_equals_positions_and_backends_agree():
+    q, k, v, cu, grid, _ = _inputs([13, 20], nheads=2, nheads_kv=2, head_dim=32)
+    from sigvlp.ops.rope import grid_positions
+
+    pos = grid_positions(cu, grid)
+    a = rope_attention_varlen(q, k, v, cu, 20, grid, backend="triton")
+    b = rope_attention_varlen(q, k, v, cu, 20, positions=pos, backend="triton")
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- op registration
+
+
+def _op_args(backend, requires_grad=True):
+    q, k, v, cu, grid, _ = _inputs([3, 0, 17], nheads=2, nheads_kv=1, head_dim=32)
+    q, k, v = (x.requires_grad_(requires_grad) for x in (q, k, v))
+    return (q, k, v, cu, 17, grid, None, 10000.0, [4, 6, 6], False, 32 ** -0.5, True, backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    torch.library.opcheck(torch.ops.sigvlp.rope_attention_varlen.default, _op_args(backend))
+
+
+def test_opcheck_backward_op():
+    q, k, v, cu, _, grid = _op_args("torch", requires_grad=False)[:6]
+    out, lse = torch.ops.sigvlp.rope_attention_varlen(q, k, v, cu, 17, grid, None, 10000.0, [4, 6, 6], False,
+                                                      32 ** -0.5, True, "torch")
+    args = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, cu, 17, grid, None, 10000.0,
+            [4, 6, 6], False, 32 ** -0.5, True, "torch")
+    torch.library.opcheck(torch.ops.sigvlp.rope_attention_varlen_backward.default, args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph(backend):
+    q, k, v, cu, grid, _ = _inputs([9, 0, 30], nheads=4, nheads_kv=2, head_dim=32)
+
+    def f(q, k, v):
+        out, lse = rope_attention_varlen(q, k, v, cu, 30, grid, causal=True, return_lse=True, backend=backend)
+        return out.sum() + (out * out).sum() + lse.sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    eager_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    comp_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch.testing.assert_close(compiled(*comp_leaves), f(*eager_leaves))
+    compiled(*comp_leaves).backward()
+    f(*eager_leaves).backward()
+    for a, b in zip(comp_leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _bad_cases():
+    q, k, v, cu, grid, pos = _inputs([4, 6], nheads=4, nheads_kv=2, head_dim=32)
+    half = torch.float16
+    return {
+        "q not a tensor": ((q.tolist(), k, v, cu, 6), {}, TypeError, "q"),
+        "q int dtype": ((q.int(), k, v, cu, 6), {}, TypeError, "q"),
+        "k dtype mismatch": ((q, k.to(half), v, cu, 6), {}, TypeError, "k"),
+        "v dtype mismatch": ((q, k, v.to(half), cu, 6), {}, TypeError, "v"),
+        "q 2-D": ((q[:, 0], k, v, cu, 6), {}, ValueError, "q"),
+        "k tokens": ((q, k[:-1], v, cu, 6), {}, ValueError, "k"),
+        "k head_dim": ((q, k[..., :16], v, cu, 6), {}, ValueError, "k"),
+        "v shape": ((q, k, v[:, :1], cu, 6), {}, ValueError, "v"),
+        "heads not divisible": ((q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), cu, 6), {},
+                                ValueError, "nheads_kv"),
+        "head_dim 48": ((q[..., :24].repeat(1, 1, 2), k[..., :24].repeat(1, 1, 2), v[..., :24].repeat(1, 1, 2),
+                         cu, 6), {}, ValueError, "head_dim"),
+        "cu_seqlens int64": ((q, k, v, cu.long(), 6), {}, TypeError, "cu_seqlens"),
+        "cu_seqlens short": ((q, k, v, cu[:1], 6), {}, ValueError, "cu_seqlens"),
+        "cu_seqlens wrong end": ((q, k, v, torch.tensor([0, 4, 9], dtype=torch.int32), 6), {}, ValueError,
+                                 "cu_seqlens"),
+        "cu_seqlens decreasing": ((q, k, v, torch.tensor([0, 7, 6, 10], dtype=torch.int32), 7), {}, ValueError,
+                                  "cu_seqlens"),
+        "max_seqlen too small": ((q, k, v, cu, 5), {}, ValueError, "max_seqlen"),
+        "max_seqlen float": ((q, k, v, cu, 6.0), {}, TypeError, "max_seqlen"),
+        "grid shape": ((q, k, v, cu, 6, grid[:1]), {}, ValueError, "grid_thw"),
+        "grid dtype": ((q, k, v, cu, 6, grid.long()), {}, TypeError, "grid_thw"),
+        "grid product": ((q, k, v, cu, 6, torch.tensor([[1, 2, 2], [1, 2, 2]], dtype=torch.int32)), {},
+                         ValueError, "grid_thw"),
+        "grid and positions": ((q, k, v, cu, 6, grid), {"positions": pos}, ValueError, "positions"),
+        "positions shape": ((q, k, v, cu, 6), {"positions": pos[:-1]}, ValueError, "positions"),
+        "sections too many": ((q, k, v, cu, 6, grid), {"sections": [8, 8, 8]}, ValueError, "sections"),
+        "theta": ((q, k, v, cu, 6, grid), {"theta": 0.5}, ValueError, "theta"),
+        "softmax_scale": ((q, k, v, cu, 6), {"softmax_scale": -1.0}, ValueError, "softmax_scale"),
+        "causal not bool": ((q, k, v, cu, 6), {"causal": 1}, TypeError, "causal"),
+        "backend": ((q, k, v, cu, 6), {"backend": "cuda"}, ValueError, "backend"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_bad_input(case):
+    args, kwargs, exc, name = _bad_cases()[case]
+    with pytest.raises(exc, match=name):
+        rope_attention_varlen(*args, **kwargs)
+
+
+@pytest.mark.gpu
+def test_bad_input_device_mismatch():
+    q, k, v, cu, grid, _ = _inputs([4, 6], device="cuda")
+    with pytest.raises(ValueError, match="k"):
+        rope_attention_varlen(q, k.cpu(), v, cu, 6, grid)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        rope_attention_varlen(q, k, v, cu.cpu(), 6, grid)
+    with pytest.raises(ValueError, match="grid_thw"):
+        rope_attention_varlen(q, k, v, cu, 6, grid.cpu())
+
+
+def test_supported_head_dims():
+    assert SUPPORTED_HEAD_DIMS == (32, 64, 96, 128)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+GPU_LENGTHS = [0, 1, 63, 65, 127, 129, 1000, 4096, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_triton_large(dtype, head_dim, causal):
+    _run_and_check(GPU_LENGTHS, backend="triton", nheads=16, nheads_kv=4, head_dim=head_dim, dtype=dtype,
+                   causal=causal, mode="grid", device="cuda", max_seqlen=5000)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,interleaved", [("positions", False), ("none", False), ("grid", True)])
+def test_gpu_triton_modes_fp32_and_bf16(mode, interleaved):
+    for dtype in (torch.float32, torch.bfloat16):
+        _run_and_check([129, 700, 1, 0, 64], backend="triton", nheads=8, nheads_kv=8, dtype=dtype, mode=mode,
+                       interleaved=interleaved, causal=True, device="cuda", use_lse_grad=True)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic_and_lengths_do_not_recompile():
+    from sigvlp.kernels import attention as kern
+
+    q, k, v, cu, grid, _ = _inputs([300, 1000, 5], nheads=8, nheads_kv=2, dtype=torch.bfloat16, device="cuda")
+    grads = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        rope_attention_varlen(*leaves, cu, 1000, grid, causal=True).float().square().sum().backward()
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b), "backward must be deterministic (no atomics)"
+
+    def n_compiled():
+        return sum(len(c) for c in kern._fwd_kernel.device_caches[torch.cuda.current_device()][0:1])
+
+    before = n_compiled()
+    for lengths in ([17, 2000, 3], [4097], [1] * 50 + [333]):
+        q2, k2, v2, cu2, grid2, _ = _inputs(lengths, nheads=8, nheads_kv=2, dtype=torch.bfloat16, device="cuda")
+        rope_attention_varlen(q2, k2, v2, cu2, max(lengths), grid2, causal=True)
+    assert n_compiled() == before, "a new sequence length recompiled the forward kernel"
+
+
+@pytest.mark.gpu
+def test_gpu_over_2_pow_31_elements_sampled_rows():
+    """Offsets beyond int32: 1.1M tokens x 16 heads x 128 dims (> 2^31 elements per tensor)."""
+    lengths = [1024] * 1075
+    total, H, D = sum(lengths), 16, 128
+    assert total * H * D > 2 ** 31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(total, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(total, 2, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(total, 2, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    cu = cu_seqlens_of(lengths, "cuda")
+    grid = grids_of(lengths, "cuda")
+    out = rope_attention_varlen(q, k, v, cu, 1024, grid)
+    for b in (0, 700, len(lengths) - 1):
+        sl = slice(b * 1024, (b + 1) * 1024)
+        sub_cu = cu_seqlens_of([1024], "cuda")
+        exact, _ = _oracle(q[sl], k[sl], v[sl], sub_cu, grid_thw=grid[b : b + 1])
+        floor, _ = _oracle(q[sl], k[sl], v[sl], sub_cu, grid_thw=grid[b : b + 1], low_precision=True)
+        _assert_floor(f"out of sequence {b}", out[sl], exact, floor, 1.6e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_varlen_attn_and_flash_attn_on_rotated_inputs():
+    lengths = [1, 500, 2048, 77]
+    q, k, v, cu, grid, _ = _inputs(lengths, nheads=16, nheads_kv=16, head_dim=128, dtype=torch.bfloat16,
+                                   device="cuda")
+    out = rope_attention_varlen(q, k, v, cu, 2048, grid, causal=True)
+    qr, kr = ops.rope3d(q, cu, grid), ops.rope3d(k, cu, grid)
+    exact, _ = _oracle(q, k, v, cu, grid_thw=grid, causal=True)
+    refs = {}
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        try:
+            refs["varlen_attn"] = varlen_attn(qr, kr, v, cu, cu, 2048, 2048, window_size=(-1, 0))
+        except TypeError:  # older signature
+            refs["varlen_attn"] = varlen_attn(qr, kr, v, cu, cu, 2048, 2048, is_causal=True)
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        refs["flash_attn"] = flash_attn_varlen_func(qr, kr, v, cu, cu, 2048, 2048, causal=True)
+    except ImportError:
+        pass
+    for name, ref in refs.items():
+        assert _err(out, exact) <= 2 * _err(ref, exact) + 1e-2, name
