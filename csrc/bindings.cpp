@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "launchers.h"
 
@@ -104,4 +105,39 @@ NB_MODULE(_cuda, m) {
       "bias"_a, "dtype"_a, "na"_a, "nb"_a, "d"_a, "a_stride"_a, "b_stride"_a, "da_stride"_a, "inv_norm"_a,
       "stream"_a);
   // ---- end sigmoid_loss ----
+  // ---- newton_schulz (csrc/newton_schulz.cu) ----
+  m.def(
+      "newton_schulz",
+      [](uintptr_t x, uintptr_t out, int dtype, int64_t batch, int64_t rows, int64_t cols, int64_t out_stride_batch,
+         int64_t out_stride_row, int64_t out_stride_col, uintptr_t inv_norm, nb::list coefficients, int steps,
+         uintptr_t gram, uintptr_t poly, uintptr_t scratch0, uintptr_t scratch1, uintptr_t stream) {
+        if (steps < 0 || nb::len(coefficients) != static_cast<size_t>(3 * steps)) {
+          throw std::invalid_argument("sigvlp._cuda.newton_schulz: coefficients must hold 3 * steps floats");
+        }
+        std::vector<float> coeffs(3 * static_cast<size_t>(steps));
+        for (size_t i = 0; i < nb::len(coefficients); ++i) coeffs[i] = nb::cast<float>(coefficients[i]);
+        sigvlp::NewtonSchulzArgs a{};
+        a.x = ptr<const void>(x);
+        a.out = ptr<void>(out);
+        a.dtype = static_cast<sigvlp::DType>(dtype);
+        a.batch = batch;
+        a.rows = rows;
+        a.cols = cols;
+        a.out_stride_batch = out_stride_batch;
+        a.out_stride_row = out_stride_row;
+        a.out_stride_col = out_stride_col;
+        a.inv_norm = ptr<const float>(inv_norm);
+        a.coefficients = coeffs.data();
+        a.steps = steps;
+        a.gram = ptr<void>(gram);
+        a.poly = ptr<void>(poly);
+        a.scratch0 = ptr<void>(scratch0);
+        a.scratch1 = ptr<void>(scratch1);
+        a.stream = ptr<void>(stream);
+        check(sigvlp::newton_schulz(a), "newton_schulz");
+      },
+      "x"_a, "out"_a, "dtype"_a, "batch"_a, "rows"_a, "cols"_a, "out_stride_batch"_a, "out_stride_row"_a,
+      "out_stride_col"_a, "inv_norm"_a, "coefficients"_a, "steps"_a, "gram"_a, "poly"_a, "scratch0"_a,
+      "scratch1"_a, "stream"_a);
+  // ---- end newton_schulz ----
 }

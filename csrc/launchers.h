@@ -67,4 +67,29 @@ struct SigmoidLossPassArgs {
 int sigmoid_loss_pass(const SigmoidLossPassArgs& args);
 // ---- end sigmoid_loss ------------------------------------------------------------------------
 
+// ---- newton_schulz (csrc/newton_schulz.cu) ----------------------------------------------------
+// `steps` Newton-Schulz iterations on a batch of wide matrices x (batch, rows, cols), rows <= cols,
+// contiguous: X_0 = inv_norm[b] * x[b]; per step A = X X^T, B = b A + c A A, X = a X + B X.
+// Writes the result to out (any strides). Workspaces, contiguous, of x's dtype: gram and poly
+// (batch, rows, rows); scratch0 and scratch1 (batch, rows, cols), which the caller may alias to
+// out when out is contiguous (scratch1 only). coefficients: host array of 3 * steps floats.
+struct NewtonSchulzArgs {
+  const void* x;
+  void* out;
+  DType dtype;
+  int64_t batch, rows, cols;
+  int64_t out_stride_batch, out_stride_row, out_stride_col;  // in elements
+  const float* inv_norm;                                     // device, (batch,)
+  const float* coefficients;                                 // host, (steps, 3)
+  int32_t steps;
+  void* gram;
+  void* poly;
+  void* scratch0;
+  void* scratch1;
+  void* stream;                                              // cudaStream_t
+};
+
+int newton_schulz(const NewtonSchulzArgs& args);
+// ---- end newton_schulz -----------------------------------------------------------------------
+
 }  // namespace sigvlp

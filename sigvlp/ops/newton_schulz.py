@@ -152,23 +152,18 @@ def _run_triton(G, out, triples, eps):
 
 def _run_cuda(G, out, triples, eps):
     X, Y, _ = _wide_work(G, out)
+    X = X.contiguous()  # the tile loads read whole rows (a tall input is transposed once here)
     batch, p, q = X.shape
     inv = _inv_norms(X, eps)
-    if len(triples) == 0:
-        Y.copy_((X.float() * inv[:, None, None]).to(Y.dtype))
-        return
     gram = torch.empty((batch, p, p), dtype=X.dtype, device=X.device)
     poly = torch.empty((batch, p, p), dtype=X.dtype, device=X.device)
-    scratch = [torch.empty((batch, p, q), dtype=X.dtype, device=X.device)]
-    scratch.append(Y if Y.is_contiguous() else torch.empty((batch, p, q), dtype=X.dtype, device=X.device))
-    flat = [float(v) for t in triples for v in t]
-    coeffs = torch.tensor(flat, dtype=torch.float32).tolist()  # fp32-rounded, as the kernels use them
+    scratch0 = torch.empty((batch, p, q), dtype=X.dtype, device=X.device)
+    scratch1 = Y if Y.is_contiguous() else torch.empty((batch, p, q), dtype=X.dtype, device=X.device)
     _cuda.module().newton_schulz(
         x=_cuda.ptr(X), out=_cuda.ptr(Y), dtype=_cuda.dtype_code(X.dtype), batch=batch, rows=p, cols=q,
-        x_stride_batch=X.stride(0), x_stride_row=X.stride(1), x_stride_col=X.stride(2),
         out_stride_batch=Y.stride(0), out_stride_row=Y.stride(1), out_stride_col=Y.stride(2),
-        inv_norm=_cuda.ptr(inv), coefficients=coeffs, steps=len(triples),
-        gram=_cuda.ptr(gram), poly=_cuda.ptr(poly), scratch0=_cuda.ptr(scratch[0]), scratch1=_cuda.ptr(scratch[1]),
+        inv_norm=_cuda.ptr(inv), coefficients=[float(v) for t in triples for v in t], steps=len(triples),
+        gram=_cuda.ptr(gram), poly=_cuda.ptr(poly), scratch0=_cuda.ptr(scratch0), scratch1=_cuda.ptr(scratch1),
         stream=_cuda.stream_ptr(X.device),
     )
 
