@@ -1,0 +1,212 @@
+"""rope_attention_varlen throughput: TFLOP/s (FlashAttention convention), ratios to baselines and
+peak memory, for forward, backward and forward+backward.
+
+Providers (baselines first):
+- sdpa_padded: SDPA on the sequences padded to one length, no rope: dense speed-of-light reference
+  (its TFLOP/s counts its own padded FLOPs);
+- rope3d+varlen_attn: sigvlp rope3d on q and k, then torch.nn.attention.varlen.varlen_attn (FA2);
+- rope3d+flash_attn / rope3d+xformers: the same pipeline with flash_attn_varlen_func or xformers'
+  BlockDiagonalMask, when installed;
+- rope3d+flex: rope3d, then FlexAttention with a document mask (RoPE is not a score_mod);
+- sigvlp: the fused Triton kernel (rotation inside, nothing rotated stored).
+On CPU (quick mode) only the torch reference backend runs, on tiny sizes, so the file stays exercised.
+Numbers are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sigvlp.ops import rope3d, rope_attention_varlen
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+FULL_CASES = {
+    "16k=1x16k": [16384],
+    "16k=mixed": [1024, 2048, 4096, 8192, 1024],
+    "64k=mixed": [32768, 16384, 8192, 4096, 2048, 1024, 1024],
+}
+QUICK_CASES = {"tiny=mixed": [64, 200, 17, 0, 1]}
+MODES = ("fwd", "bwd", "fwd+bwd")
+BASELINES = ("sdpa_padded", "rope3d+varlen_attn", "rope3d+flash_attn", "rope3d+xformers", "rope3d+flex")
+
+
+def _providers():
+    return list(BASELINES) + ["sigvlp"] if HAS_CUDA else ["torch"]
+
+
+def _case(lengths, head_dim, dtype):
+    nheads = (2048 if HAS_CUDA else 128) // head_dim  # hidden 2048 (FA benchmarks); tiny on CPU
+    total = sum(lengths)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype, generator=g)
+
+    q, k, v = rnd(total, nheads, head_dim), rnd(total, nheads, head_dim), rnd(total, nheads, head_dim)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    # CT chunks: T slices of 16 x 16 patches when the length allows it, else a T x 1 x 1 line.
+    grid = torch.tensor([[n // 256, 16, 16] if n % 256 == 0 else [n, 1, 1] for n in lengths], dtype=torch.int32)
+    return q, k, v, cu.to(DEVICE), grid.to(DEVICE)
+
+
+def _varlen_attn(q, k, v, cu, max_len):
+    from torch.nn.attention.varlen import varlen_attn
+
+    try:
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, -1))
+    except TypeError:  # older signature
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len)
+
+
+def _attention_fn(provider, q, k, v, cu, grid, lengths):
+    """A callable computing the attention output from leaf tensors q, k, v (None: unavailable)."""
+    max_len = max(lengths)
+    if provider in ("sigvlp", "torch"):
+        backend = "triton" if provider == "sigvlp" else "torch"
+        return lambda: rope_attention_varlen(q, k, v, cu, max_len, grid, backend=backend)
+
+    def rotated():
+        return rope3d(q, cu, grid), rope3d(k, cu, grid)
+
+    if provider == "rope3d+varlen_attn":
+        try:
+            import torch.nn.attention.varlen  # noqa: F401
+        except ImportError:
+            return None
+
+        def run():
+            qr, kr = rotated()
+            return _varlen_attn(qr, kr, v, cu, max_len)
+        return run
+    if provider == "rope3d+flash_attn":
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            return None
+
+        def run():
+            qr, kr = rotated()
+            return flash_attn_varlen_func(qr, kr, v, cu, cu, max_len, max_len)
+        return run
+    if provider == "rope3d+xformers":
+        try:
+            from xformers.ops import fmha
+        except ImportError:
+            return None
+        bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens([n for n in lengths if n > 0])
+
+        def run():
+            qr, kr = rotated()
+            return fmha.memory_efficient_attention(qr[None], kr[None], v[None], attn_bias=bias)[0]
+        return run
+    if provider == "rope3d+flex":
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError:
+            return None
+        total = q.shape[0]
+        doc = torch.repeat_interleave(torch.arange(len(lengths), device=q.device),
+                                      torch.tensor(lengths, device=q.device), output_size=total)
+
+        def document(b, h, q_idx, kv_idx):
+            return doc[q_idx] == doc[kv_idx]
+
+        block_mask = create_block_mask(document, None, None, total, total, device=q.device)
+        flex = torch.compile(flex_attention, dynamic=False)
+
+        def run():
+            qr, kr = rotated()
+            out = flex(qr.transpose(0, 1)[None], kr.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                       block_mask=block_mask)
+            return out[0].transpose(0, 1)
+        return run
+    raise ValueError(provider)
+
+
+def _padded_sdpa(lengths, head_dim, dtype):
+    nheads = (2048 if HAS_CUDA else 128) // head_dim
+    batch, length = len([n for n in lengths if n]), max(lengths)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(batch, nheads, length, head_dim, device=DEVICE, dtype=dtype, generator=g)
+               .requires_grad_() for _ in range(3))
+    return (q, k, v), (lambda: F.scaled_dot_product_attention(q, k, v)), 4.0 * batch * length ** 2 * nheads * head_dim
+
+
+def _timed(benchmark, fn):
+    def run():
+        fn()
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+
+    run()  # warm-up (compilation, autotuning)
+    benchmark.pedantic(run, rounds=10 if HAS_CUDA else 2, iterations=3 if HAS_CUDA else 1, warmup_rounds=1)
+    return benchmark.stats.stats.median
+
+
+def _peak_mib(fn):
+    if not HAS_CUDA:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del result
+    return peak / 2 ** 20
+
+
+def _cases(full):
+    return FULL_CASES if full else QUICK_CASES
+
+
+@pytest.mark.parametrize("provider", _providers())
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", list(FULL_CASES) + list(QUICK_CASES))
+def test_rope_attention_varlen_throughput(benchmark, bench_report, full_mode, case, head_dim, mode, provider):
+    cases = _cases(full_mode)
+    if case not in cases:
+        pytest.skip("size not in this mode")
+    lengths = cases[case]
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    if provider == "sdpa_padded":
+        leaves, attn, flops_fwd = _padded_sdpa(lengths, head_dim, dtype)
+    else:
+        q, k, v, cu, grid = _case(lengths, head_dim, dtype)
+        leaves = tuple(x.requires_grad_() for x in (q, k, v))
+        attn = _attention_fn(provider, *leaves, cu, grid, lengths)
+        if attn is None:
+            pytest.skip(f"{provider} is not installed")
+        flops_fwd = 4.0 * sum(n * n for n in lengths) * q.shape[1] * head_dim
+    flops = flops_fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+    benchmark.group = f"attention {case} d={head_dim} {mode}"
+
+    out = attn()
+    dout = torch.randn_like(out)
+    if mode == "fwd":
+        fn = attn
+    elif mode == "bwd":
+        fn = lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)  # noqa: E731
+    else:
+        fn = lambda: torch.autograd.grad(attn(), leaves, dout)  # noqa: E731
+    peak = _peak_mib(fn)
+    seconds = _timed(benchmark, fn)
+    tflops = flops / seconds / 1e12
+    key = ("attention", case, head_dim, mode)
+    bench_report.baselines[key + (provider,)] = tflops
+    ratios = {}
+    if provider in ("sigvlp", "torch"):
+        for base in BASELINES:
+            ratio = bench_report.ratio(tflops, key + (base,))
+            if ratio is not None:
+                ratios[f"x_vs_{base}"] = ratio
+    bench_report.add(
+        "rope_attention_varlen (TFLOP/s: FA convention; bwd 2.5x, fwd+bwd 3.5x the forward)",
+        case=case, head_dim=head_dim, mode=mode, provider=provider, dtype=str(dtype).removeprefix("torch."),
+        ms=seconds * 1e3, TFLOPs=tflops, peak_MiB=peak, **ratios,
+    )
