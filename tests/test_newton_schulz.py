@@ -236,13 +236,12 @@ def test_torch_compile_fullgraph():
 
 def test_backend_refusals():
     G = _random((8, 8), seed=15)
-    with pytest.raises(BackendError, match="cuda"):
-        if HAS_CUDA:
-            pytest.skip("CUDA present")
-        newton_schulz(G, backend="cuda")
-    with pytest.raises(BackendError, match="float64|dtype"):
+    if not HAS_CUDA:
+        with pytest.raises(BackendError, match="cuda"):
+            newton_schulz(G, backend="cuda")
+    with pytest.raises(BackendError, match="float64"):
         newton_schulz(G.double(), backend="triton")
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match="^backend:"):
         newton_schulz(G, backend="cublas")
 
 
@@ -308,7 +307,7 @@ def test_gpu_bf16_at_torch_precision(backend, shape):
     assert out.dtype == torch.bfloat16 and not torch.isnan(out).any()
     floor = _max_err(ref, exact)
     assert _max_err(out, exact) <= 1.5 * floor + 1e-3, (_max_err(out, exact), floor)
-    sv = torch.linalg.svdvals(out[..., :64, :].double() if out.dim() == 2 else out[0].double())
+    sv = torch.linalg.svdvals((out if out.dim() == 2 else out[0]).double())
     assert sv.max() < 1.3
 
 
@@ -323,7 +322,8 @@ def test_gpu_zero_and_auto(backend):
 
 
 @pytest.mark.gpu
-def test_gpu_large_batch_beyond_grid_limit():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_large_batch_beyond_grid_limit(backend):
     G = _random((70000, 2, 16), seed=22).cuda()
-    out = newton_schulz(G, steps=2, backend="triton")
+    out = newton_schulz(G, steps=2, backend=backend)
     assert _max_err(out, newton_schulz(G.cpu(), steps=2, backend="torch")) < 1e-4

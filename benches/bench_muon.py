@@ -1,0 +1,147 @@
+"""Newton-Schulz and Muon: time per backend against torch.optim.Muon's NS (addmm-based, bf16)
+and torch.optim.Muon's whole step.
+
+- NS (5 steps) on 768^2, 768x3072, 1024x4096, 4096^2 and a batch of 24 x 1024^2 (GPU, bf16);
+  torch.optim.Muon's NS runs the batch as a loop of 24 calls, as its optimizer does.
+- Batched vs looped NS over matrix sizes (the launch-bound regime of small matrices).
+- The optimizer step on a ViT-L's matrix shapes (24 blocks, width 1024, MLP 4096: q, k, v, o,
+  fc1, fc2 per block) against torch.optim.Muon.
+Quick CPU mode (no GPU or SIGVLP_BENCH_QUICK=1): small sizes, torch (reference) backend, fp32.
+TFLOP/s use the plain count 5 * (4 m^2 n + 2 m^3) for m <= n, whatever a kernel skips.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.optim._muon import _zeropower_via_newtonschulz
+
+from sigvlp.ops import OPS, newton_schulz
+from sigvlp.optim import Muon
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+KELLER = (3.4445, -4.775, 2.0315)
+
+FULL_SHAPES = [(768, 768), (768, 3072), (1024, 4096), (4096, 4096), (24, 1024, 1024)]
+QUICK_SHAPES = [(96, 96), (96, 384), (128, 512), (384, 384), (8, 128, 128)]
+
+
+def _flops(shape, steps=5):
+    batch = shape[0] if len(shape) == 3 else 1
+    m, n = sorted(shape[-2:])
+    return batch * steps * (4 * m * m * n + 2 * m**3)
+
+
+def _timed(benchmark, fn, full):
+    def run():
+        fn()
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+
+    run()  # warm-up (compilation, autotuning)
+    benchmark.pedantic(run, rounds=10 if full else 3, iterations=3 if full else 1, warmup_rounds=1)
+    return benchmark.stats.stats.median
+
+
+def _providers(full):
+    return ["torch_muon", "torch", "triton", "cuda"] if full else ["torch_muon", "torch"]
+
+
+def _shape_id(shape):
+    return "x".join(map(str, shape))
+
+
+@pytest.mark.parametrize("provider", _providers(HAS_CUDA))
+@pytest.mark.parametrize("index", range(5))
+def test_newton_schulz_time(benchmark, bench_report, full_mode, index, provider):
+    shape = (FULL_SHAPES if full_mode else QUICK_SHAPES)[index]
+    dtype = torch.bfloat16 if full_mode else torch.float32
+    G = torch.randn(shape, device=DEVICE)
+    benchmark.group = f"newton_schulz {_shape_id(shape)}"
+    if provider == "torch_muon":
+        mats = list(G) if G.dim() == 3 else [G]
+        fn = lambda: [_zeropower_via_newtonschulz(g, KELLER, 5, 1e-7) for g in mats]  # noqa: E731
+    else:
+        Gd = G.to(dtype)
+        reason = OPS["newton_schulz"].backends[provider].refusal(Gd.device, Gd.dtype)
+        if reason:
+            pytest.skip(reason)
+        fn = lambda: newton_schulz(Gd, backend=provider)  # noqa: E731
+    seconds = _timed(benchmark, fn, full_mode)
+    key = ("ns", _shape_id(shape))
+    if provider == "torch_muon":
+        bench_report.baselines[key] = 1 / seconds
+    speedup = bench_report.ratio(1 / seconds, key)
+    bench_report.add(
+        "newton_schulz, 5 steps (x_vs_torch_muon = torch.optim.Muon's NS time / ours)",
+        shape=_shape_id(shape), provider=provider,
+        dtype="bf16" if provider == "torch_muon" or dtype == torch.bfloat16 else "fp32",
+        ms=seconds * 1e3, TFLOPs=_flops(shape) / seconds / 1e12, x_vs_torch_muon=speedup,
+    )
+
+
+@pytest.mark.parametrize("n", [32, 64, 128, 256])
+def test_batched_vs_looped(benchmark, bench_report, full_mode, n):
+    """One batched call vs a loop of single calls on 24 n x n matrices (same backend)."""
+    if full_mode:
+        n *= 4  # 128 .. 1024 on a GPU
+    dtype = torch.bfloat16 if full_mode else torch.float32
+    G = torch.randn(24, n, n, device=DEVICE, dtype=dtype)
+    mats = list(G)
+    benchmark.group = f"ns batched vs loop {n}"
+    seconds = _timed(benchmark, lambda: newton_schulz(G), full_mode)
+    loop = _timed_loop(lambda: [newton_schulz(g) for g in mats], full_mode)
+    bench_report.add("newton_schulz: 24 matrices, one batched call vs a loop (auto backend)",
+                     n=n, batched_ms=seconds * 1e3, loop_ms=loop * 1e3, x_batched=loop / seconds)
+
+
+def _timed_loop(fn, full):
+    import time
+
+    fn()
+    times = []
+    for _ in range(5 if full else 3):
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _vit_params(full):
+    blocks, width, mlp = (24, 1024, 4096) if full else (4, 128, 512)
+    g = torch.Generator().manual_seed(0)
+    shapes = []
+    for _ in range(blocks):
+        shapes += [(width, width)] * 4 + [(mlp, width), (width, mlp)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(DEVICE) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params, (blocks, width, mlp)
+
+
+@pytest.mark.parametrize("provider", ["torch.optim.Muon", "sigvlp"] + (["sigvlp-triton", "sigvlp-cuda"] if HAS_CUDA else []))
+def test_muon_step_vit_l(benchmark, bench_report, full_mode, provider):
+    params, (blocks, width, mlp) = _vit_params(full_mode)
+    benchmark.group = "muon step"
+    if provider == "torch.optim.Muon":
+        opt = torch.optim.Muon(params, lr=0.02)
+    else:
+        backend = {"sigvlp": None, "sigvlp-triton": "triton", "sigvlp-cuda": "cuda"}[provider]
+        if backend is not None:
+            reason = OPS["newton_schulz"].backends[backend].refusal(params[0].device, torch.bfloat16)
+            if reason:
+                pytest.skip(reason)
+        opt = Muon(params, lr=0.02, backend=backend)
+    seconds = _timed(benchmark, opt.step, full_mode)
+    key = ("muon_step",)
+    if provider == "torch.optim.Muon":
+        bench_report.baselines[key] = 1 / seconds
+    bench_report.add("Muon optimizer step, ViT matrix shapes (x_vs_torch = torch.optim.Muon time / ours)",
+                     model=f"{blocks} blocks, width {width}, mlp {mlp}", params=len(params), provider=provider,
+                     ns_dtype="bf16" if (HAS_CUDA or provider == "torch.optim.Muon") else "fp32",
+                     ms=seconds * 1e3, x_vs_torch=bench_report.ratio(1 / seconds, key))
