@@ -241,7 +241,10 @@ def _dist_setup(process_group=None):
     g = torch.Generator().manual_seed(10)
     shapes = [(48, 64), (64, 48), (48, 64), (32, 32), (32, 32), (16, 8, 2, 2), (40, 24)]
     params = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
-    return params, Muon(params, lr=0.02, process_group=process_group)
+    # A second group with bf16 NS and odd sizes: results of mixed dtypes share the gather buffer.
+    odd = [nn.Parameter(torch.randn(s, generator=g)) for s in [(5, 7), (3, 5)]]
+    groups = [{"params": params}, {"params": odd, "ns_dtype": torch.bfloat16, "lr": 0.05}]
+    return params + odd, Muon(groups, lr=0.02, process_group=process_group)
 
 
 def test_distributed_two_gloo_ranks_match_single_process(tmp_path):
@@ -257,9 +260,9 @@ def test_distributed_two_gloo_ranks_match_single_process(tmp_path):
             assert torch.equal(a, b)
     for a, b in zip(results[0]["params"], params):  # equal to one process doing all the work
         assert (a - b.detach()).abs().max() < 1e-6
-    # The work was split: each rank orthogonalised only its share of the 7 matrices per step.
+    # The work was split: each rank orthogonalised only its share of the 9 matrices per step.
     counts = [res["matrices"] for res in results]
-    assert sum(counts) == 7 * 3 and all(0 < c < 7 * 3 for c in counts)
+    assert sum(counts) == 9 * 3 and all(0 < c < 9 * 3 for c in counts)
 
 
 # ----------------------------------------------------------------------------- Muon + AdamW

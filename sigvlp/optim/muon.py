@@ -310,9 +310,13 @@ class Muon(Optimizer):
         self._orthogonalise(mine)
         # Each rank's results, packed as bytes in a fixed order: sizes are known on every rank.
         device = work[0].update.device
+
+        def padded_bytes(w):  # each item starts 16-byte aligned, whatever dtypes precede it
+            return -(-w.update.numel() * w.key[2].itemsize // 16) * 16
+
         nbytes = [0] * world
         for w, r in zip(work, owner):
-            nbytes[r] += w.update.numel() * w.key[2].itemsize
+            nbytes[r] += padded_bytes(w)
         size = max(nbytes)
         if size == 0:
             return
@@ -321,14 +325,14 @@ class Muon(Optimizer):
         for w in mine:
             flat = w.result.contiguous().view(-1).view(torch.uint8)
             send[offset: offset + flat.numel()] = flat
-            offset += flat.numel()
+            offset += padded_bytes(w)
         recv = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(world)]
         dist.all_gather(recv, send, group=pg)
         offsets = [0] * world
         for w, r in zip(work, owner):
             n = w.update.numel() * w.key[2].itemsize
             chunk = recv[r][offsets[r]: offsets[r] + n]
-            offsets[r] += n
+            offsets[r] += padded_bytes(w)
             w.result = chunk.view(w.key[2]).view(w.update.shape)
 
     # -- AdamW (MuonWithAdamW's non-matrix groups) -----------------------------------------
