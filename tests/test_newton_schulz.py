@@ -186,7 +186,7 @@ def test_reduced_precision_on_cpu_reference():
     G = _random((32, 64), seed=9)
     exact = _exact(G)
     for dtype, tol in ((torch.bfloat16, 0.05), (torch.float16, 0.01)):
-        out = newton_schulz(G.to(dtype), backend="torch")
+        out = newton_schulz(G.to(dtype), backend="torch", precision="input")
         assert out.dtype == dtype
         err = _max_err(out, exact)
         assert err < tol, (dtype, err)
@@ -197,7 +197,9 @@ def test_matches_torch_muon_bf16_iteration():
     from torch.optim._muon import _zeropower_via_newtonschulz
 
     G = _random((48, 96), seed=10)
-    ours = newton_schulz(G.bfloat16(), backend="torch")
+    ours = newton_schulz(G.bfloat16(), backend="torch", precision="input")
+    assert torch.equal(newton_schulz(G, backend="torch", precision="bf16"),
+                       newton_schulz(G.bfloat16(), backend="torch", precision="input").to(G.dtype))
     theirs = _zeropower_via_newtonschulz(G, KELLER, 5, 1e-7)
     exact = _exact(G)
     assert _max_err(ours, theirs) <= 0.05
@@ -327,3 +329,19 @@ def test_gpu_large_batch_beyond_grid_limit(backend):
     G = _random((70000, 2, 16), seed=22).cuda()
     out = newton_schulz(G, steps=2, backend=backend)
     assert _max_err(out, newton_schulz(G.cpu(), steps=2, backend="torch")) < 1e-4
+
+
+def test_precision_option():
+    """Default: fp32 operands on CPU (more accurate than bf16); bf16 on request; bad values named."""
+    G = _random((24, 40), seed=11)
+    exact = _exact(G)
+    default = newton_schulz(G.bfloat16(), backend="torch")
+    assert default.dtype == torch.bfloat16
+    fp32_err = _max_err(newton_schulz(G.float(), backend="torch"), exact)
+    bf16_err = _max_err(newton_schulz(G.float(), backend="torch", precision="bf16"), exact)
+    assert fp32_err < 1e-5 < bf16_err
+    # bf16 input on CPU is computed in fp32 by default, so only the final rounding remains.
+    assert _max_err(default, exact) < 0.5 * _max_err(newton_schulz(G.bfloat16(), backend="torch",
+                                                                   precision="input"), exact)
+    with pytest.raises(ValueError, match="precision"):
+        newton_schulz(G, precision="tf32")

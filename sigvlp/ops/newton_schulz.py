@@ -9,10 +9,12 @@ Semantics (the spec; `newton_schulz_reference` is its readable form):
       A = X X^T,   B = b_k A + c_k A A,   X = a_k X + B X.
   coefficients is one (a, b, c) triple used for every step, or a sequence of exactly `steps`
   per-step triples (a schedule such as sigvlp.optim.POLAR_EXPRESS).
-- Precision: operands (X, A, B and the result) are held in G's dtype and every product
-  accumulates in fp32 (fp64 for fp64 input, torch backend only). So bf16 input reproduces
-  torch.optim.Muon's bf16 iteration, and fp32 input is the fp32 mode (every backend).
-  Muon chooses the dtype: bf16 on GPU, fp32 on CPU (see sigvlp.optim.Muon).
+- Precision: operands (X, A, B) are held in a compute dtype and every product accumulates in
+  fp32 (fp64 for fp64, torch backend only). `precision` chooses the compute dtype:
+  None (default): bf16 for CUDA tensors (as torch.optim.Muon), fp32 elsewhere (fp64 input
+  stays fp64); "bf16" / "fp32": that dtype on every backend; "input": G's own dtype. The
+  result is cast back to G's dtype. So bf16 reproduces torch.optim.Muon's bf16 iteration and
+  "fp32" is the fp32 mode of every backend.
 - A zero matrix gives zeros (the eps clamp), never NaN. The result has G's shape and dtype.
 
 Backends: "torch" (any device; the CPU path and the oracle), "triton" (symmetric Gram and
@@ -200,13 +202,30 @@ def _(G, steps, coefficients, eps, backend):
     return torch.empty(G.shape, dtype=G.dtype, device=G.device)
 
 
+_PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def compute_dtype(G: torch.Tensor, precision: Optional[str]) -> torch.dtype:
+    """The dtype the iteration's operands are held in (see the module docstring)."""
+    if precision is None:
+        if G.device.type == "cuda":
+            return torch.bfloat16
+        return torch.float64 if G.dtype == torch.float64 else torch.float32
+    if precision == "input":
+        return G.dtype
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision: expected None, 'bf16', 'fp32' or 'input', got {precision!r}")
+    return _PRECISIONS[precision]
+
+
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients=DEFAULT_COEFFICIENTS, eps: float = 1e-7,
-                  backend: Optional[str] = None) -> torch.Tensor:
+                  backend: Optional[str] = None, *, precision: Optional[str] = None) -> torch.Tensor:
     """Orthogonalise each matrix of G (..., m, n) by `steps` Newton-Schulz iterations.
 
     coefficients: one (a, b, c) triple or a sequence of `steps` per-step triples. eps: the
     Frobenius norm is clamped at eps before dividing. backend: None/"auto", "torch", "triton"
-    or "cuda". See the module docstring for semantics and precision. No autograd.
+    or "cuda". precision: None (bf16 operands on GPU, fp32 on CPU), "bf16", "fp32" or "input".
+    See the module docstring for semantics and precision. No autograd.
     """
     _checks.check_tensor(G, "G")
     if G.is_complex() or not G.dtype.is_floating_point:
@@ -221,4 +240,6 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients=DEFAULT_COEFFICI
     triples = resolve_coefficients(coefficients, steps)
     backend = resolve_request(backend, BACKENDS.names) if backend not in (None, "auto") else "auto"
     flat = [v for t in triples for v in t]
-    return _newton_schulz_op(G, int(steps), flat, float(eps), backend)
+    work_dtype = compute_dtype(G, precision)
+    out = _newton_schulz_op(G.to(work_dtype), int(steps), flat, float(eps), backend)
+    return out.to(G.dtype)

@@ -264,7 +264,7 @@ class Muon(Optimizer):
             _, _, ns_dtype, steps, triples, eps = key
             # torch.stack copies: the op never sees (and cannot alias) a gradient or buffer.
             stacked = torch.stack([w.update.to(ns_dtype) for w in items])
-            out = newton_schulz(stacked, steps, list(triples), eps, backend=self.backend)
+            out = newton_schulz(stacked, steps, list(triples), eps, backend=self.backend, precision="input")
             for i, w in enumerate(items):
                 w.result = out[i]
 
