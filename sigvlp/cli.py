@@ -9,6 +9,7 @@ import sys
 # name -> (module, help). The module provides add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
     "info": ("sigvlp.info", "versions, CUDA build and backend availability"),
+    "synth": ("sigvlp.data.synth", "write a synthetic chest-CT phantom dataset in the CT-RATE layout"),
 }
 
 

@@ -1,0 +1,266 @@
+"""CT-RATE reader: folder layout, the three CSVs, optional organ masks and findings bank.
+
+Layout (as downloaded; the synthetic phantoms are written the same way)::
+
+    ROOT/dataset/train/train_<pid>/train_<pid>_<scan>/train_<pid>_<scan>_<recon>.nii.gz
+    ROOT/dataset/valid/valid_<pid>/...
+    ROOT/dataset/radiology_text_reports/{train,validation}_reports.csv
+    ROOT/dataset/multi_abnormality_labels/{train,valid}_predicted_labels.csv
+    ROOT/dataset/metadata/{train,validation}_metadata.csv
+
+CSVs are found anywhere under ROOT by name (``*reports*.csv``, ``*labels*.csv``,
+``*metadata*.csv`` containing the split's name: "train", or "valid"/"validation"), or given
+explicitly. VolumeName in every CSV includes ".nii.gz". Organ masks (optional) are looked up
+under masks_dir by the same relative path as the volume, or flat by VolumeName. The findings
+bank format is described in sigvlp.data.chunks.
+
+Scanning checks what is cheap (CSV rows, mask presence, the NIfTI header: readable, 3-D,
+slices > 0); a bad volume is skipped, counted and reported (``on_error="skip"``, the default)
+or raises ValueError naming the file (``on_error="raise"``).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+REPORT_COLUMNS = ("VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
+CTRATE_LABELS = (
+    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
+    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema",
+    "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
+    "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
+    "Interlobular septal thickening",
+)
+LABEL_COLUMNS = ("VolumeName",) + CTRATE_LABELS
+# The columns we read (and the synthetic metadata CSV writes); real CT-RATE has more.
+METADATA_COLUMNS = (
+    "VolumeName", "Manufacturer", "SeriesDescription", "ManufacturerModelName", "PatientSex",
+    "PatientAge", "ReconstructionDiameter", "Rows", "Columns", "RescaleIntercept", "RescaleSlope",
+    "XYSpacing", "ZSpacing", "NumberofSlices",
+)
+_NAME_RE = re.compile(r"^(train|valid)_(\d+)_([a-z]+)_(\d+)\.nii(\.gz)?$")
+_SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "validation")}
+
+
+def volume_relpath(name: str) -> str:
+    """VolumeName -> its path under the dataset folder: valid_53_a_1.nii.gz ->
+    valid/valid_53/valid_53_a/valid_53_a_1.nii.gz."""
+    m = _NAME_RE.match(name)
+    if not m:
+        raise ValueError(f"VolumeName {name!r} does not follow <split>_<pid>_<scan>_<recon>.nii.gz")
+    split, pid, scan = m.group(1), m.group(2), m.group(3)
+    return f"{split}/{split}_{pid}/{split}_{pid}_{scan}/{name}"
+
+
+def read_csv_rows(path, key="VolumeName") -> dict[str, dict]:
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or key not in reader.fieldnames:
+            raise ValueError(f"{path}: no {key!r} column (columns: {reader.fieldnames})")
+        rows = {}
+        for row in reader:
+            rows[row[key]] = row
+    return rows
+
+
+def _find_csv(root: Path, split: str, kind: str) -> Optional[Path]:
+    found = []
+    for p in sorted(root.rglob(f"*{kind}*.csv")):
+        stem = p.name.lower()
+        if any(re.match(rf"^{alias}[_\-]", stem) for alias in _SPLIT_ALIASES[split]):
+            found.append(p)
+    if len(found) > 1:
+        raise ValueError(f"{root}: several {kind} CSVs for split {split!r}: {[str(p) for p in found]}; pass one")
+    return found[0] if found else None
+
+
+@dataclass
+class CTRateRecord:
+    name: str  # VolumeName, with .nii.gz
+    path: str
+    report: Optional[dict] = None
+    labels: Optional[dict[str, int]] = None
+    metadata: Optional[dict] = None
+    mask_path: Optional[str] = None
+    findings: Optional[dict] = None  # organ -> sentences, and "general"
+
+
+@dataclass
+class ScanReport:
+    seen: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def summary(self) -> str:
+        lines = [f"{self.seen - len(self.skipped)} of {self.seen} volumes usable, {len(self.skipped)} skipped"]
+        lines += [f"  skipped {p}: {why}" for p, why in self.skipped]
+        return "\n".join(lines)
+
+
+class CTRateDataset:
+    """The volumes of one split with their report, labels, metadata row, mask and findings.
+
+    require: which CSVs a volume must have a row in ("reports", "labels", "metadata"); a
+    volume missing a required row is bad input. check_headers: open each NIfTI header.
+    """
+
+    def __init__(self, root, split: str = "train", *, reports_csv=None, labels_csv=None, metadata_csv=None,
+                 masks_dir=None, findings=None, require=("reports", "metadata"), check_headers: bool = True,
+                 on_error: str = "skip"):
+        if split not in _SPLIT_ALIASES:
+            raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: no such dataset folder")
+        self.split = split
+        self.on_error = on_error
+        csvs = {}
+        for kind, given in (("reports", reports_csv), ("labels", labels_csv), ("metadata", metadata_csv)):
+            p = Path(given) if given is not None else _find_csv(self.root, split, kind)
+            if p is not None and not p.exists():
+                raise FileNotFoundError(f"{p}: no such {kind} CSV")
+            csvs[kind] = read_csv_rows(p) if p is not None else None
+            if kind in require and csvs[kind] is None:
+                raise ValueError(f"{self.root}: no {kind} CSV found for split {split!r}")
+        self.masks_dir = Path(masks_dir) if masks_dir is not None else None
+        if findings is not None and not isinstance(findings, dict):
+            from sigvlp.data.chunks import load_findings_bank
+
+            findings = load_findings_bank(findings)
+        self.findings_bank = findings
+        self.scan = ScanReport()
+        self.records = self._scan(csvs, tuple(require), check_headers)
+
+    def _volume_files(self) -> list[Path]:
+        files = []
+        for folder in (self.root / "dataset" / self.split, self.root / self.split):
+            if folder.is_dir():
+                files = sorted(folder.rglob(f"{self.split}_*.nii*"))
+                break
+        else:
+            files = sorted(p for p in self.root.rglob(f"{self.split}_*.nii*") if "mask" not in str(p.parent).lower())
+        return [p for p in files if p.name.endswith((".nii", ".nii.gz"))]
+
+    def _bad(self, path, reason):
+        if self.on_error == "raise":
+            raise ValueError(f"{path}: {reason}")
+        self.scan.skipped.append((str(path), reason))
+
+    def _mask_for(self, path: Path, name: str) -> Optional[Path]:
+        if self.masks_dir is None:
+            return None
+        try:
+            rel = volume_relpath(name)
+        except ValueError:
+            rel = name
+        for cand in (self.masks_dir / rel, self.masks_dir / self.split / Path(rel).name,
+                     self.masks_dir / name):
+            if cand.exists():
+                return cand
+        return None
+
+    def _scan(self, csvs, require, check_headers) -> list[CTRateRecord]:
+        import nibabel as nib
+
+        records = []
+        for path in self._volume_files():
+            self.scan.seen += 1
+            name = path.name
+            missing = [k for k in require if csvs.get(k) is not None and name not in csvs[k]]
+            if missing:
+                self._bad(path, f"no row for {name} in the {' and '.join(missing)} CSV")
+                continue
+            if check_headers:
+                try:
+                    shape = nib.load(str(path)).shape
+                except Exception as e:
+                    self._bad(path, f"unreadable NIfTI header ({type(e).__name__}: {e})")
+                    continue
+                if len(shape) < 3 or any(s != 1 for s in shape[3:]):
+                    self._bad(path, f"expected a 3-D image, got shape {shape}")
+                    continue
+                if any(s == 0 for s in shape[:3]):
+                    self._bad(path, f"empty image, shape {shape}")
+                    continue
+            mask = self._mask_for(path, name)
+            if self.masks_dir is not None and mask is None:
+                self._bad(path, f"no organ mask for {name} under {self.masks_dir}")
+                continue
+            labels = None
+            if csvs.get("labels") is not None and name in csvs["labels"]:
+                row = csvs["labels"][name]
+                try:
+                    labels = {k: int(float(row[k])) for k in CTRATE_LABELS if k in row}
+                except ValueError as e:
+                    self._bad(path, f"non-numeric label in the labels CSV ({e})")
+                    continue
+            findings = None
+            if self.findings_bank is not None:
+                findings = self.findings_bank.get(name)
+                if findings is None:
+                    self._bad(path, f"no entry for {name} in the findings bank")
+                    continue
+            records.append(CTRateRecord(
+                name=name, path=str(path),
+                report=(csvs["reports"] or {}).get(name) if csvs.get("reports") else None,
+                labels=labels,
+                metadata=(csvs["metadata"] or {}).get(name) if csvs.get("metadata") else None,
+                mask_path=str(mask) if mask is not None else None, findings=findings))
+        return records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> CTRateRecord:
+        return self.records[i]
+
+    def load(self, i: int):
+        """The i-th volume as a sigvlp.data.Volume (HU, canonical orientation)."""
+        from sigvlp.data.volume import load_volume
+
+        rec = self.records[i]
+        return load_volume(rec.path, rec.metadata)
+
+
+def build_cache(dataset: CTRateDataset, cache, *, on_error: Optional[str] = None, workers: int = 0,
+                progress: bool = False):
+    """Preprocess every record into `cache` (a PreprocessCache). Returns (entries, ScanReport):
+    entries[i] is (record, CachedVolume). A volume that fails to decode (truncated gzip, NaN
+    voxels, mask mismatch, ...) is skipped and reported, or raises when on_error="raise"."""
+    on_error = on_error or dataset.on_error
+    report = ScanReport(seen=len(dataset.records))
+    jobs = [(cache, r.path, r.mask_path, r.metadata, r.name) for r in dataset.records]
+    if workers and workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            results = pool.map(_cache_one, jobs, chunksize=1)
+    else:
+        results = [_cache_one(j) for j in jobs]
+    entries = []
+    for rec, (ok, value) in zip(dataset.records, results):
+        if ok:
+            entries.append((rec, value))
+            continue
+        if on_error == "raise":
+            raise ValueError(value)
+        report.skipped.append((rec.path, value))
+        if progress:
+            print(f"skipped {rec.path}: {value}")
+    return entries, report
+
+
+def _cache_one(job):
+    cache, path, mask_path, metadata, name = job
+    try:
+        return True, cache.get(path, mask_path, metadata, name=name)
+    except (ValueError, TypeError, OSError, EOFError) as e:
+        msg = str(e)
+        return False, msg if os.fspath(path) in msg else f"{path}: {msg}"
