@@ -213,13 +213,12 @@ CLINICAL = ["Not given.", "Cough.", "Shortness of breath.", "Follow-up of a pulm
             "Chest pain.", "Screening."]
 
 
-def _draw_findings(rng, config: SynthConfig, normal: bool, force: Optional[Sequence[str]]):
-    if force is not None:
-        unknown = set(force) - set(DRAWN)
-        if unknown:
-            raise ValueError(f"findings: {sorted(unknown)} are not drawn by the phantoms; drawn: {list(DRAWN)}")
-        return set(force)
-    draws = {name: rng.random() < p for name, p in PREVALENCE.items()}  # always consume the same draws
+def sample_findings(seed: int, config: SynthConfig = SynthConfig()) -> set[str]:
+    """The abnormalities a phantom of this seed is drawn with: none for a normal volume
+    (probability config.normal_fraction), else each independently with PREVALENCE."""
+    rng = np.random.default_rng([int(seed), 2])
+    normal = rng.random() < config.normal_fraction
+    draws = {name: rng.random() < p for name, p in PREVALENCE.items()}
     return set() if normal else {k for k, v in draws.items() if v}
 
 
@@ -230,12 +229,15 @@ def make_phantom(seed: int = 0, config: SynthConfig = SynthConfig(), *, findings
     same seed with and without a finding differs only by that finding."""
     seed = int(seed if anatomy_seed is None else anatomy_seed)
     rng = np.random.default_rng([seed, 1])  # anatomy and geometry
-    frng = np.random.default_rng([seed, 2])  # which findings
     lrng = np.random.default_rng([seed, 3])  # lesion placement
     trng = np.random.default_rng([seed, 4])  # wording
 
-    normal = frng.random() < config.normal_fraction
-    present = _draw_findings(frng, config, normal, findings)
+    if findings is None:
+        present = sample_findings(seed, config)
+    else:
+        present = set(findings)
+        if present - set(DRAWN):
+            raise ValueError(f"findings: {sorted(present - set(DRAWN))} are not drawn by the phantoms; drawn: {list(DRAWN)}")
     big_heart = "Cardiomegaly" in present
 
     # --- geometry -----------------------------------------------------------------
