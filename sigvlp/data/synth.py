@@ -432,10 +432,10 @@ def make_phantom(seed: int = 0, config: SynthConfig = SynthConfig(), *, findings
         if nodules:
             stated["Lung nodule"] = {"nodules": nodules}
     if "Emphysema" in present:
-        n = int(lrng.integers(25, 60))
+        n = int(lrng.integers(40, 90))
         upper = np.isin(labels, (10, 12))
-        for c, _lab in list(lung_point((10, 12)) or ())[:n]:
-            r = max(lrng.uniform(4, 10), min_r)
+        for c, _lab in list(lung_point((10, 12), tries=n) or ())[:n]:
+            r = max(lrng.uniform(5, 12), min_r)
             sl, m = g.ellipsoid(c, (r, r, r))
             _paint(hu, labels, sl, m, HU["emphysema"], None, where=upper)
         stated["Emphysema"] = {}
@@ -509,7 +509,7 @@ def make_phantom(seed: int = 0, config: SynthConfig = SynthConfig(), *, findings
         if sl is not None:
             _paint(hu, labels, sl, np.ones(tuple(s.stop - s.start for s in sl), bool), HU["metal"], None)
         _tube(g, hu, labels, [box_c, (h_c[0] + 0.9 * h_r[0], h_c[1], h_c[2] + 0.3 * h_r[2]), (h_c[0], h_c[1], h_c[2] + 0.4 * h_r[2])],
-              max(1.5, 0.55 * max(spacing)), HU["metal"] - 500, None)
+              max(1.5, 0.55 * max(spacing)), HU["metal"] - 500, None, where=labels != TS_IDS["aorta"])
         stated["Medical material"] = {"device": "pacemaker"}
 
     # --- noise, FOV, quantisation ---------------------------------------------------------

@@ -1,0 +1,187 @@
+"""Synthetic phantoms: determinism, abnormalities visible in their organ's HU, CT-RATE layout, CLI."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from _data_helpers import TINY, tiny_dataset
+from sigvlp.data.chunks import load_findings_bank
+from sigvlp.data.ctrate import CTRATE_LABELS, LABEL_COLUMNS, REPORT_COLUMNS, volume_relpath
+from sigvlp.data.organs import ORGAN_GROUPS, ORGANS
+from sigvlp.data.synth import (DRAWN, HU, PREVALENCE, SYNTH_PRESETS, SynthConfig, ensure_default_dataset,
+                               make_phantom, sample_findings)
+from sigvlp.data.volume import load_mask, load_volume
+
+
+def _organ(p, name):
+    return np.isin(p.labels, ORGAN_GROUPS[name])
+
+
+def _width_mm(p, mask):
+    xs = np.nonzero(mask.any(axis=(0, 1)))[0]
+    return (xs.max() - xs.min() + 1) * p.spacing[2] if xs.size else 0.0
+
+
+def _top_slice(mask):
+    zs = np.nonzero(mask.any(axis=(1, 2)))[0]
+    return zs.max() if zs.size else -1
+
+
+def _statistic(p, finding):
+    """The HU / shape statistic of the finding's organ a radiologist would read it from."""
+    hu = p.hu.astype(np.float32)
+    lung, heart = hu[_organ(p, "lung")], hu[_organ(p, "heart")]
+    return {
+        "Lung nodule": lambda: np.mean(lung > -300),  # solid tissue inside lung
+        "Emphysema": lambda: np.mean(lung < -950),  # LAA-950
+        "Lung opacity": lambda: np.mean((lung > -700) & (lung < -450)),  # ground glass
+        "Consolidation": lambda: np.mean(lung > -100),
+        "Atelectasis": lambda: np.mean(lung > -100),
+        "Pleural effusion": lambda: np.mean((lung > -20) & (lung < 40)),  # fluid in the pleural space
+        "Cardiomegaly": lambda: _width_mm(p, _organ(p, "heart")) / _width_mm(p, _organ(p, "lung") | _organ(p, "heart")),
+        "Pericardial effusion": lambda: np.mean((heart > -15) & (heart < 22)),  # fluid density
+        "Arterial wall calcification": lambda: np.sum(hu[_organ(p, "aorta")] > 130),
+        "Coronary artery wall calcification": lambda: np.sum(heart > 130),
+        "Hiatal hernia": lambda: _top_slice(_organ(p, "stomach")) - _top_slice(_organ(p, "liver")),
+        "Medical material": lambda: np.sum(hu > 2000),
+    }[finding]()
+
+
+def test_phantoms_are_deterministic_by_seed():
+    a, b, c = make_phantom(5, TINY), make_phantom(5, TINY), make_phantom(6, TINY)
+    np.testing.assert_array_equal(a.hu, b.hu)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.organ_sentences == b.organ_sentences and a.impression == b.impression
+    assert a.hu.shape != c.hu.shape or not np.array_equal(a.hu, c.hu)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_each_abnormality_is_visible_in_its_organ(seed):
+    normal = make_phantom(seed, TINY, findings=[])
+    assert sum(normal.labels_present.values()) == 0
+    for finding in DRAWN:
+        sick = make_phantom(seed, TINY, findings=[finding])
+        # Same anatomy otherwise: the finding is the only change.
+        assert sick.hu.shape == normal.hu.shape
+        base, value = _statistic(normal, finding), _statistic(sick, finding)
+        assert value > base, (finding, base, value)
+        assert sick.labels_present[finding] == 1, finding
+        assert sick.impression != normal.impression
+        assert sick.organ_sentences != normal.organ_sentences, finding
+    # Thresholds a reader would use, not just "more than before":
+    assert _statistic(make_phantom(seed, TINY, findings=["Cardiomegaly"]), "Cardiomegaly") > 0.5
+    assert _statistic(normal, "Arterial wall calcification") == 0
+    assert _statistic(make_phantom(seed, TINY, findings=["Emphysema"]), "Emphysema") > 5 * _statistic(normal, "Emphysema")
+
+
+def test_tissue_hu_is_realistic():
+    p = make_phantom(3, TINY, findings=[])
+    hu = p.hu.astype(np.float32)
+    med = {name: float(np.median(hu[_organ(p, name)])) for name in ("lung", "heart", "liver", "aorta", "spine")}
+    assert -900 < med["lung"] < -800
+    assert 20 <= med["heart"] <= 60 and 40 <= med["aorta"] <= 60 and 50 <= med["liver"] <= 70
+    assert med["spine"] > 200
+    assert np.median(hu[p.labels == 0][hu[p.labels == 0] < -500]) == pytest.approx(HU["air"], abs=30)
+    body_fat = (hu > -130) & (hu < -70)
+    assert body_fat.mean() > 0.02  # subcutaneous / mediastinal fat present
+
+
+def test_findings_prevalence_and_normals():
+    cfg = SynthConfig()
+    draws = [sample_findings(s, cfg) for s in range(3000)]
+    normal = np.mean([len(d) == 0 for d in draws])
+    assert normal >= cfg.normal_fraction - 0.03
+    for name, p in PREVALENCE.items():
+        rate = np.mean([name in d for d in draws])
+        assert rate == pytest.approx(p * (1 - cfg.normal_fraction), abs=0.035), name
+    assert len(DRAWN) >= 8 and set(DRAWN) <= set(CTRATE_LABELS)
+
+
+def test_default_geometry_varies_in_slices_spacing_and_orientation(tmp_path_factory):
+    shapes = [make_phantom(s, SYNTH_PRESETS["small"]) for s in range(6)]
+    zs = {p.hu.shape[0] for p in shapes}
+    sp = {p.spacing[0] for p in shapes}
+    assert len(zs) > 2 and len(sp) > 2
+    assert all(60 <= p.hu.shape[0] <= 400 for p in shapes)
+    assert all(0.75 <= p.spacing[0] <= 5 for p in shapes)
+    assert len({p.hu.shape[1] for p in shapes}) > 1
+
+
+def test_dataset_layout_csvs_masks_and_bank(tmp_path_factory):
+    out = tiny_dataset(tmp_path_factory)
+    axcodes = set()
+    for split, csv_split, n in (("train", "train", 6), ("valid", "validation", 2)):
+        with open(out / "dataset" / "radiology_text_reports" / f"{csv_split}_reports.csv") as f:
+            reader = csv.DictReader(f)
+            assert tuple(reader.fieldnames) == REPORT_COLUMNS
+            reports = list(reader)
+        with open(out / "dataset" / "multi_abnormality_labels" / f"{split}_predicted_labels.csv") as f:
+            reader = csv.DictReader(f)
+            assert tuple(reader.fieldnames) == LABEL_COLUMNS
+            labels = {r["VolumeName"]: r for r in reader}
+        with open(out / "dataset" / "metadata" / f"{csv_split}_metadata.csv") as f:
+            metas = {r["VolumeName"]: r for r in csv.DictReader(f)}
+        bank = load_findings_bank(out / "findings" / f"{split}_findings.jsonl")
+        assert len(reports) == n
+        for rep in reports:
+            name = rep["VolumeName"]
+            assert name.endswith(".nii.gz") and name.startswith(f"{split}_")
+            path = out / "dataset" / volume_relpath(name)
+            vol = load_volume(path)
+            meta = metas[name]
+            assert int(meta["NumberofSlices"]) == vol.shape[0]
+            assert float(meta["ZSpacing"]) == pytest.approx(vol.spacing[0], rel=1e-5)
+            assert json.loads(meta["XYSpacing"])[0] == pytest.approx(vol.spacing[1], rel=1e-4)
+            mask = load_mask(out / "masks" / volume_relpath(name), vol.shape)
+            assert set(np.unique(mask)) >= {5, 10, 51, 52}
+            axcodes.add(nib.aff2axcodes(nib.load(path).affine))
+            entry = bank[name]
+            assert set(entry["organs"]) <= set(ORGANS) and entry["general"] == rep["Impressions_EN"]
+            positives = [k for k in CTRATE_LABELS if labels[name][k] == "1"]
+            assert (rep["Impressions_EN"].startswith("No significant")) == (not positives)
+            for sentences in entry["organs"].values():
+                for s in sentences:
+                    assert s in rep["Findings_EN"]
+    assert axcodes == {("R", "A", "S"), ("L", "P", "S")}
+
+
+def test_cli_and_default_dataset(tmp_path):
+    from sigvlp.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["synth", "--out", str(out), "--n-train", "2", "--n-valid", "1", "--seed", "4",
+                 "--preset", "tiny", "--workers", "1"]) == 0
+    assert len(list((out / "dataset" / "train").rglob("*.nii.gz"))) == 2
+    assert len(list((out / "dataset" / "valid").rglob("*.nii.gz"))) == 1
+
+    d = ensure_default_dataset(tmp_path / "default", n_train=2, n_valid=1, preset="tiny", workers=1)
+    stamp = (d / "synth.json").stat().st_mtime_ns
+    files = sorted(p.name for p in d.rglob("*.nii.gz"))
+    assert ensure_default_dataset(d, n_train=2, n_valid=1, preset="tiny", workers=1) == d
+    assert (d / "synth.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+    ensure_default_dataset(d, n_train=3, n_valid=1, preset="tiny", workers=1)  # other parameters: regenerated
+    assert len(sorted(p.name for p in d.rglob("*.nii.gz"))) > len(files)
+
+
+def test_dataset_is_deterministic(tmp_path):
+    from sigvlp.data.synth import write_dataset
+
+    a = write_dataset(tmp_path / "a", 2, 1, seed=9, config=TINY, workers=1)
+    b = write_dataset(tmp_path / "b", 2, 1, seed=9, config=TINY, workers=2)
+    for f in sorted(a.rglob("*.csv")) + sorted(a.rglob("*.jsonl")):
+        assert f.read_text() == (b / f.relative_to(a)).read_text()
+    for f in sorted(a.rglob("*.nii.gz")):
+        np.testing.assert_array_equal(np.asarray(nib.load(f).dataobj.get_unscaled()),
+                                      np.asarray(nib.load(b / f.relative_to(a)).dataobj.get_unscaled()))
+
+
+def test_bad_synth_arguments(tmp_path):
+    from sigvlp.data.synth import write_dataset
+
+    with pytest.raises(ValueError, match="n_train"):
+        write_dataset(tmp_path, -1, 0)
+    with pytest.raises(ValueError, match="not drawn"):
+        make_phantom(0, TINY, findings=["Bronchiectasis"])
