@@ -294,9 +294,13 @@ def test_int32_ids_accepted():
 
 # Per scenario: rows per rank for (images, texts); ids drawn in [0, 5) or None (diagonal).
 _DIST_SCENARIOS = {
-    "diagonal": dict(n=[5, 7, 4], m=[5, 7, 4], ids=None),
-    "ids": dict(n=[6, 3, 5], m=[4, 8, 2], ids=5),
+    "diagonal": dict(n=[5, 7, 4, 6], m=[5, 7, 4, 6], ids=None),
+    "ids": dict(n=[6, 3, 5, 4], m=[4, 8, 2, 5], ids=5),
 }
+
+
+def _dist_backends(world):
+    return CPU_BACKENDS if world <= 3 else ["torch"]  # world 4 (memory, ring steps > 2): torch only
 
 
 def _dist_global(world, scenario):
@@ -306,49 +310,188 @@ def _dist_global(world, scenario):
     return x, y, t, b, ii, ti, n, m
 
 
+class _ReceivedTracker:
+    """Counts, per kind, the tensors a rank has received (via p2p or all_gather) that are still
+    alive, and keeps the peak; a received tensor dies when the op drops its last reference. Kinds:
+    "texts" (floating blocks of text embeddings), "dy" (travelling dY accumulators), "ids".
+    Also logs the order of events: "send texts" (a block's transfer posted) and "rows" (a row pass)."""
+
+    def __init__(self, monkeypatch):
+        import weakref
+
+        import torch.distributed as dist
+
+        sl = sys.modules["sigvlp.ops.sigmoid_loss"]
+        _RING_TAG = sl._RING_TAG
+        self.events = []
+        self.live = {"texts": [], "dy": [], "ids": []}
+        self.peak = {k: 0 for k in self.live}
+        self.max_rows = 0
+        batch, gather, row_pass = dist.batch_isend_irecv, dist.all_gather, sl._sigmoid_loss_op
+
+        def note(kind, t):
+            self.live[kind] = [r for r in self.live[kind] if r() is not None] + [weakref.ref(t)]
+            self.peak[kind] = max(self.peak[kind], len(self.live[kind]))
+            if kind != "ids":
+                self.max_rows = max(self.max_rows, t.shape[0])
+
+        def batch_isend_irecv(ops):
+            if any("send" in op.op.__name__ and (op.tag - _RING_TAG) % 4 == 0 for op in ops):
+                self.events.append("send texts")
+            for op in ops:
+                if "recv" in op.op.__name__:
+                    note(("texts", "ids", "dy", "ids")[(op.tag - _RING_TAG) % 4], op.tensor)
+            return batch(ops)
+
+        def all_gather(parts, tensor, *args, **kwargs):
+            if tensor.is_floating_point() or tensor.numel() > 2:  # anything but the row counts
+                for part in parts:
+                    note("texts" if tensor.is_floating_point() else "ids", part)
+            return gather(parts, tensor, *args, **kwargs)
+
+        def sigmoid_loss_op(*args):
+            self.events.append("rows")
+            return row_pass(*args)
+
+        monkeypatch.setattr(dist, "batch_isend_irecv", batch_isend_irecv)
+        monkeypatch.setattr(sl, "_sigmoid_loss_op", sigmoid_loss_op)
+        monkeypatch.setattr(dist, "all_gather", all_gather)
+
+
 def _dist_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    singletons = [dist.new_group([r]) for r in range(world)]  # a ring of one, per rank
     try:
         results = {}
-        for scenario in _DIST_SCENARIOS:
+
+        def run(scenario, backend, impl, weight=1.0, group=dist.group.WORLD, track=False):
             x, y, t, b, ii, ti, n, m = _dist_global(world, scenario)
             rs, re_ = sum(n[:rank]), sum(n[: rank + 1])
             cs, ce = sum(m[:rank]), sum(m[: rank + 1])
-            for backend in CPU_BACKENDS:
-                xl = x[rs:re_].clone().requires_grad_(True)
-                yl = y[cs:ce].clone().requires_grad_(True)
-                tl_ = t.clone().requires_grad_(True)
-                bl = b.clone().requires_grad_(True)
-                kw = {} if ii is None else dict(image_ids=ii[rs:re_], text_ids=ti[cs:ce])
-                loss = sigmoid_loss(xl, yl, tl_, bl, process_group=dist.group.WORLD, backend=backend, **kw)
-                loss.backward()
-                results[(scenario, backend)] = [loss.detach(), xl.grad, yl.grad, tl_.grad, bl.grad]
+            xl = x[rs:re_].clone().requires_grad_(True)
+            yl = y[cs:ce].clone().requires_grad_(True)
+            tl_ = t.clone().requires_grad_(True)
+            bl = b.clone().requires_grad_(True)
+            kw = {} if ii is None else dict(image_ids=ii[rs:re_], text_ids=ti[cs:ce])
+            with pytest.MonkeyPatch.context() as mp_:
+                tracker = _ReceivedTracker(mp_) if track else None
+                loss = sigmoid_loss(xl, yl, tl_, bl, process_group=group, backend=backend, dist_impl=impl, **kw)
+                (loss * weight).backward()
+            out = [loss.detach(), xl.grad, yl.grad, tl_.grad, bl.grad]
+            if track:
+                out.append(dict(tracker.peak, max_rows=tracker.max_rows, events=tracker.events))
+            return out
+
+        for scenario in _DIST_SCENARIOS:
+            for backend in _dist_backends(world):
+                for impl in ("ring", "gather"):
+                    results[(scenario, backend, impl)] = run(scenario, backend, impl, track=backend == "torch")
+        for impl in ("ring", "gather"):  # a different loss gradient per rank: the ring reruns dY
+            results[("weighted", impl)] = run("ids", "torch", impl, weight=float(rank + 1))
+        results["singleton"] = run("ids", "torch", "ring", group=singletons[rank])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_distributed_matches_single_process(world, tmp_path):
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=["world2", "world3", "world4"])
+def dist_results(request, tmp_path_factory):
     import torch.multiprocessing as mp
 
+    world = request.param
+    tmp_path = tmp_path_factory.mktemp(f"dist{world}")
     mp.spawn(_dist_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    return world, [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def _assert_matches_global(res, exact, world):
+    tol = dict(rtol=1e-5, atol=1e-6)
+    # The mean of the per-rank losses is the global loss.
+    torch.testing.assert_close(torch.stack([r[0] for r in res]).double().mean(), exact[0], **tol)
+    # DDP averages gradients over ranks: (per-rank gradient) / world = single-process gradient.
+    torch.testing.assert_close(torch.cat([r[1] for r in res]).double() / world, exact[1], **tol)
+    torch.testing.assert_close(torch.cat([r[2] for r in res]).double() / world, exact[2], **tol)
+    torch.testing.assert_close(torch.stack([r[3] for r in res]).double().mean(), exact[3], **tol)
+    torch.testing.assert_close(torch.stack([r[4] for r in res]).double().mean(), exact[4], **tol)
+
+
+@pytest.mark.parametrize("impl", ["ring", "gather"])
+def test_distributed_matches_single_process(dist_results, impl):
+    world, per_rank = dist_results
     for scenario in _DIST_SCENARIOS:
         x, y, t, b, ii, ti, n, m = _dist_global(world, scenario)
         exact = _loss_and_grads(_dense, x, y, t, b, ii, ti, dtype=torch.float64)
-        for backend in CPU_BACKENDS:
-            res = [r[(scenario, backend)] for r in per_rank]
-            tol = dict(rtol=1e-5, atol=1e-6)
-            # The mean of the per-rank losses is the global loss.
-            torch.testing.assert_close(torch.stack([r[0] for r in res]).double().mean(), exact[0], **tol)
-            # DDP averages gradients over ranks: (per-rank gradient) / world = single-process gradient.
-            torch.testing.assert_close(torch.cat([r[1] for r in res]).double() / world, exact[1], **tol)
-            torch.testing.assert_close(torch.cat([r[2] for r in res]).double() / world, exact[2], **tol)
-            torch.testing.assert_close(torch.stack([r[3] for r in res]).double().mean(), exact[3], **tol)
-            torch.testing.assert_close(torch.stack([r[4] for r in res]).double().mean(), exact[4], **tol)
+        for backend in _dist_backends(world):
+            _assert_matches_global([r[(scenario, backend, impl)] for r in per_rank], exact, world)
+
+
+@pytest.mark.parametrize("impl", ["ring", "gather"])
+def test_distributed_per_rank_loss_gradients(dist_results, impl):
+    """Rank r backpropagates (r + 1) * its loss: the gradients are those of sum_r (r + 1) * loss_r
+    (the ring's forward-accumulated dY does not apply; it redoes the dY ring with the weights)."""
+    world, per_rank = dist_results
+    x, y, t, b, ii, ti, n, _ = _dist_global(world, "ids")
+    leaves = [v.detach().double().requires_grad_(True) for v in (x, y, t, b)]
+    logits = leaves[2] * (leaves[0] @ leaves[1].T) + leaves[3]
+    z = (ii[:, None] == ti[None, :]).double() * 2 - 1
+    row_loss = -F.logsigmoid(z * logits).sum(dim=1) * (world / sum(n))
+    weights = torch.cat([torch.full((k,), float(r + 1), dtype=torch.float64) for r, k in enumerate(n)])
+    (row_loss * weights).sum().backward()
+    res = [r[("weighted", impl)] for r in per_rank]
+    tol = dict(rtol=1e-5, atol=1e-6)
+    starts = [sum(n[:r]) for r in range(world + 1)]
+    for r in range(world):
+        torch.testing.assert_close(res[r][0].double(), row_loss[starts[r]:starts[r + 1]].sum().detach(), **tol)
+    torch.testing.assert_close(torch.cat([r[1] for r in res]).double(), leaves[0].grad, **tol)
+    torch.testing.assert_close(torch.cat([r[2] for r in res]).double(), leaves[1].grad, **tol)
+    torch.testing.assert_close(torch.stack([r[3] for r in res]).double().sum(), leaves[2].grad, **tol)
+    torch.testing.assert_close(torch.stack([r[4] for r in res]).double().sum(), leaves[3].grad, **tol)
+
+
+def test_distributed_ring_of_one_is_the_local_loss(dist_results):
+    world, per_rank = dist_results
+    x, y, t, b, ii, ti, n, m = _dist_global(world, "ids")
+    for r in range(world):
+        rs, cs = slice(sum(n[:r]), sum(n[: r + 1])), slice(sum(m[:r]), sum(m[: r + 1]))
+        exact = _loss_and_grads(_dense, x[rs], y[cs], t, b, ii[rs], ti[cs], dtype=torch.float64)
+        for got, e in zip(per_rank[r]["singleton"], exact):
+            torch.testing.assert_close(got.double(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_distributed_ring_memory_is_local_plus_two_blocks(dist_results):
+    """Received text data alive at once on any rank: the ring holds at most two remote text blocks
+    (the one computed on, the one arriving) and two dY accumulators, each at most one rank's rows,
+    whatever the world size; all_gather (the control) holds all W blocks, so the check can fail."""
+    world, per_rank = dist_results
+    for scenario, spec in _DIST_SCENARIOS.items():
+        block_rows = max(spec["m"][:world])
+        for rank, res in enumerate(per_rank):
+            ring = res[(scenario, "torch", "ring")][5]
+            assert ring["events"].count("rows") == world
+            assert ring["texts"] <= 2 and ring["dy"] <= 2, (scenario, rank, ring)
+            assert 0 < ring["max_rows"] <= block_rows, (scenario, rank, ring)
+            gather = res[(scenario, "torch", "gather")][5]
+            assert gather["texts"] == world and gather["max_rows"] == block_rows, (scenario, rank, gather)
+            if world > 2:
+                assert gather["texts"] > 2, "the control must break the ring's bound"
+
+
+def test_distributed_ring_overlaps_transfer_with_compute(dist_results):
+    """Before the row pass on block k, the transfer of block k + 1 is already posted."""
+    world, per_rank = dist_results
+    for res in per_rank:
+        events = res[("ids", "torch", "ring")][5]["events"]
+        rows = [i for i, e in enumerate(events) if e == "rows"]
+        assert len(rows) == world
+        for k, i in enumerate(rows):
+            assert events[:i].count("send texts") == min(k + 1, world - 1), events
+
+
+def test_dist_impl_is_checked():
+    with pytest.raises(ValueError, match="dist_impl"):
+        sigmoid_loss(_X, _Y, _T, _B, dist_impl="allreduce")
 
 
 # ----------------------------------------------------------------------------- GPU
