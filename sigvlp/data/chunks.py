@@ -37,7 +37,7 @@ class ChunkConfig:
     min_slices: int = 16
     max_slices: int = 128
     min_organ_fraction: float = 0.1
-    min_slice_fraction: float = 0.5
+    min_slice_fraction: Optional[float] = 0.5  # None: voxel-fraction rule only
     general: bool = True  # append the volume's general description
 
     def __post_init__(self):
@@ -47,7 +47,8 @@ class ChunkConfig:
         if self.min_slices < pt or self.min_slices % pt or self.max_slices % pt or self.max_slices < self.min_slices:
             raise ValueError(f"min_slices ({self.min_slices}) and max_slices ({self.max_slices}) must be multiples "
                              f"of the patch depth {pt} with patch depth <= min_slices <= max_slices")
-        if not (0 <= self.min_organ_fraction <= 1 and 0 <= self.min_slice_fraction <= 1):
+        slice_ok = self.min_slice_fraction is None or 0 <= self.min_slice_fraction <= 1
+        if not (0 <= self.min_organ_fraction <= 1 and slice_ok):
             raise ValueError("min_organ_fraction and min_slice_fraction must lie in [0, 1]")
 
 
@@ -92,7 +93,8 @@ def organs_in_chunk(profile: Optional[np.ndarray], z0: int, z1: int, config: Chu
     inside = profile[:, z0:z1].sum(axis=1)
     frac = np.divide(inside, total, out=np.zeros(len(ORGANS)), where=total > 0)
     slice_frac = (profile[:, z0:z1] > 0).mean(axis=1) if z1 > z0 else np.zeros(len(ORGANS))
-    keep = (inside > 0) & ((frac >= config.min_organ_fraction) | (slice_frac >= config.min_slice_fraction))
+    spans = slice_frac >= config.min_slice_fraction if config.min_slice_fraction is not None else False
+    keep = (inside > 0) & ((frac >= config.min_organ_fraction) | spans)
     return [ORGANS[i] for i in np.flatnonzero(keep)]
 
 
