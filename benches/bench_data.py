@@ -1,0 +1,155 @@
+"""Data pipeline throughput: chunks/s and MB/s reading phantom volumes from .nii.gz (first
+pass: gunzip, reorient, rescale, resample, window) and from the preprocessing cache (memory-
+mapped slices), against MONAI's chain (LoadImaged, EnsureChannelFirstd, Orientationd RAS,
+Spacingd, ScaleIntensityRanged, Resized) on the same files when MONAI is installed.
+
+MB/s counts the decoded int16 source voxels for the .nii.gz paths and the float16 chunk bytes
+read for the cache path. Every path draws the same chunks (same seed) after preprocessing.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from sigvlp.data.chunks import ChunkConfig, ChunkSampler
+from sigvlp.data.preprocess import PreprocessCache, PreprocessConfig, preprocess_array
+from sigvlp.data.synth import SynthConfig, write_dataset
+from sigvlp.data.volume import load_volume
+
+CHUNKS_PER_VOLUME = 4
+TABLE = "data pipeline (chunks from phantom CT volumes)"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, full_mode):
+    n, size, slices = (16, (384, 512), (120, 400)) if full_mode else (6, (160, 192), (120, 300))
+    cfg = SynthConfig(size=size, slices=slices, z_spacings=(0.75, 1.0, 1.25, 1.5, 2.0))
+    out = write_dataset(tmp_path_factory.mktemp("bench_phantoms"), n, 0, seed=7, config=cfg)
+    files = sorted((out / "dataset" / "train").rglob("*.nii.gz"))
+    source_mb = sum(np.prod(load_volume(f).shape) * 2 for f in files) / 2 ** 20
+    pp = PreprocessConfig(z_spacing=1.5, inplane="resize", size=256 if full_mode else 128)
+    chunk = ChunkConfig(patch=(16, 16, 16), min_slices=16, max_slices=64)
+    return {"files": files, "source_mb": source_mb, "pp": pp, "chunk": chunk,
+            "cache_root": tmp_path_factory.mktemp("bench_cache")}
+
+
+def _chunks(image: np.ndarray, sampler: ChunkSampler, rng) -> list[np.ndarray]:
+    out = []
+    for _ in range(CHUNKS_PER_VOLUME):
+        z0, z1 = sampler.sample(image.shape[0], rng)
+        out.append(np.ascontiguousarray(image[z0:z1], dtype=np.float32))
+    return out
+
+
+def _measure(benchmark, fn, rounds):
+    fn()  # warm-up: imports, page cache
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+    return benchmark.stats.stats.median
+
+
+def _report(bench_report, path, seconds, n_chunks, mb, baseline_key=None):
+    chunks_s = n_chunks / seconds
+    bench_report.add(TABLE, path=path, volumes_s=round(n_chunks / CHUNKS_PER_VOLUME / seconds, 2),
+                     chunks_s=round(chunks_s, 1), MB_s=round(mb / seconds, 1),
+                     vs_monai=bench_report.ratio(chunks_s, ("data", "monai")))
+    return chunks_s
+
+
+def test_monai_chain(benchmark, bench_report, corpus):
+    monai = pytest.importorskip("monai")
+    from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Resized,
+                                  ScaleIntensityRanged, Spacingd)
+
+    pp = corpus["pp"]
+    chain = Compose([
+        LoadImaged(keys="image", image_only=True),
+        EnsureChannelFirstd(keys="image"),
+        Orientationd(keys="image", axcodes="RAS"),
+        Spacingd(keys="image", pixdim=(-1, -1, pp.z_spacing), mode="bilinear"),
+        ScaleIntensityRanged(keys="image", a_min=pp.hu_window[0], a_max=pp.hu_window[1], b_min=-1, b_max=1, clip=True),
+        Resized(keys="image", spatial_size=(pp.size, pp.size, -1), mode="trilinear"),
+    ])
+    sampler = ChunkSampler(corpus["chunk"])
+
+    def run():
+        rng = np.random.default_rng(0)
+        n = 0
+        for f in corpus["files"]:
+            img = chain({"image": str(f)})["image"]  # (1, x, y, z)
+            image = np.asarray(img[0]).transpose(2, 1, 0)  # -> (z, y, x) like ours
+            n += len(_chunks(image, sampler, rng))
+        return n
+
+    seconds = _measure(benchmark, run, rounds=2)
+    chunks_s = _report(bench_report, f"MONAI {monai.__version__} chain from .nii.gz", seconds,
+                       len(corpus["files"]) * CHUNKS_PER_VOLUME, corpus["source_mb"])
+    bench_report.baselines[("data", "monai")] = chunks_s
+
+
+def test_ours_from_nifti(benchmark, bench_report, corpus):
+    sampler = ChunkSampler(corpus["chunk"])
+    pp = corpus["pp"]
+
+    def run():
+        rng = np.random.default_rng(0)
+        n = 0
+        for f in corpus["files"]:
+            vol = load_volume(f)
+            n += len(_chunks(preprocess_array(vol.hu, vol.spacing, pp), sampler, rng))
+        return n
+
+    seconds = _measure(benchmark, run, rounds=3)
+    _report(bench_report, "sigvlp from .nii.gz (first pass)", seconds, len(corpus["files"]) * CHUNKS_PER_VOLUME,
+            corpus["source_mb"])
+
+
+def test_ours_from_cache(benchmark, bench_report, corpus):
+    from safetensors import safe_open
+
+    cache = PreprocessCache(corpus["cache_root"], corpus["pp"])
+    t0 = time.perf_counter()
+    entries = [cache.get(f) for f in corpus["files"]]
+    build_s = time.perf_counter() - t0
+    sampler = ChunkSampler(corpus["chunk"])
+    read_mb = [0.0]
+
+    def run():
+        rng = np.random.default_rng(0)
+        n, nbytes = 0, 0
+        for e in entries:
+            with safe_open(e.file, framework="np") as fh:
+                image = fh.get_slice("image")
+                for _ in range(CHUNKS_PER_VOLUME):
+                    z0, z1 = sampler.sample(e.shape[0], rng)
+                    chunk = np.asarray(image[z0:z1], dtype=np.float32)
+                    nbytes += chunk.size * 2
+                    n += 1
+        read_mb[0] = nbytes / 2 ** 20
+        return n
+
+    seconds = _measure(benchmark, run, rounds=10)
+    _report(bench_report, "sigvlp from cache (mmap slices)", seconds, len(entries) * CHUNKS_PER_VOLUME, read_mb[0])
+    bench_report.add(TABLE, path="  (cache build, once)", volumes_s=round(len(entries) / build_s, 2))
+
+
+def test_ours_loader_batches(benchmark, bench_report, corpus):
+    from sigvlp.data.loader import ChunkSource, LoaderConfig, make_loader
+
+    cache = PreprocessCache(corpus["cache_root"], corpus["pp"])
+    sources = [ChunkSource.from_cache(cache.get(f)) for f in corpus["files"]]
+    cfg = LoaderConfig(token_budget=4096, chunks_per_volume=CHUNKS_PER_VOLUME, num_workers=0)
+    loader = make_loader(sources, corpus["chunk"], cfg)
+    counted = [0, 0]
+
+    def run():
+        counted[:] = [0, 0]
+        for batch in loader:
+            counted[0] += len(batch["names"])
+            counted[1] += batch["patches"].numel() * 4
+        return counted[0]
+
+    seconds = _measure(benchmark, run, rounds=5)
+    _report(bench_report, "sigvlp loader (cache -> packed batches)", seconds, counted[0], counted[1] / 2 ** 20)
