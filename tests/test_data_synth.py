@@ -185,3 +185,15 @@ def test_bad_synth_arguments(tmp_path):
         write_dataset(tmp_path, -1, 0)
     with pytest.raises(ValueError, match="not drawn"):
         make_phantom(0, TINY, findings=["Bronchiectasis"])
+
+
+def test_import_boundaries():
+    """sigvlp.ops never pulls in the data package; the synth CLI module stays free of torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sigvlp.ops; assert not [m for m in sys.modules if m.startswith('sigvlp.data')]; "
+            "import sigvlp.data.synth")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = "import sys, sigvlp.data.synth; assert 'torch' not in sys.modules, 'synth imports torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
