@@ -73,14 +73,19 @@ def _tile_cos_sin(idx, valid, seq_start, H, W, pos_ptr, pairs, n_t, n_h, n_w, lo
 @triton.jit
 def _load_pairs(rows_ptr, valid, first, second, pmask, seq_start, idx, H, W, pos_ptr, pairs,
                 n_t, n_h, n_w, log2_theta,
-                ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, EVEN: tl.constexpr):
-    """Load the two halves of a (rows, pairs) tile and rotate them; returns x1, x2 (input dtype), cos, sin."""
-    if EVEN:
-        mask = pmask[None, :]
+                ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, EVEN: tl.constexpr,
+                PAIRS_EXACT: tl.constexpr):
+    """Load the two halves of a (rows, pairs) tile and rotate them: x1, x2 in the input dtype."""
+    if EVEN and PAIRS_EXACT:  # interior tile, no padded pairs: no mask at all
+        x1 = tl.load(rows_ptr + first[None, :])
+        x2 = tl.load(rows_ptr + second[None, :])
     else:
-        mask = valid[:, None] & pmask[None, :]
-    x1 = tl.load(rows_ptr + first[None, :], mask=mask, other=0.0)
-    x2 = tl.load(rows_ptr + second[None, :], mask=mask, other=0.0)
+        if EVEN:
+            mask = pmask[None, :]
+        else:
+            mask = valid[:, None] & pmask[None, :]
+        x1 = tl.load(rows_ptr + first[None, :], mask=mask, other=0.0)
+        x2 = tl.load(rows_ptr + second[None, :], mask=mask, other=0.0)
     if ROTATE:
         cos, sin = _tile_cos_sin(idx, valid, seq_start, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta,
                                  USE_POSITIONS)
@@ -88,16 +93,19 @@ def _load_pairs(rows_ptr, valid, first, second, pmask, seq_start, idx, H, W, pos
         b = x2.to(tl.float32)
         x1 = (a * cos - b * sin).to(x1.dtype)
         x2 = (b * cos + a * sin).to(x2.dtype)
-    else:
-        cos = tl.full(x1.shape, 1.0, tl.float32)
-        sin = tl.zeros(x1.shape, tl.float32)
-    return x1, x2, cos, sin
+    return x1, x2
 
 
 @triton.jit
-def _store_pairs_unrotated(rows_ptr, valid, first, second, pmask, g1, g2, cos, sin, ROTATE: tl.constexpr):
-    """Store a gradient given in rotated coordinates after the transposed (inverse) rotation."""
+def _store_pairs_unrotated(rows_ptr, valid, first, second, pmask, g1, g2, seq_start, idx, H, W, pos_ptr, pairs,
+                           n_t, n_h, n_w, log2_theta, ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr):
+    """Store a gradient given in rotated coordinates after the transposed (inverse) rotation.
+
+    cos/sin are recomputed here rather than kept from the tile's load: holding them across the
+    main loop would cost registers for the whole kernel."""
     if ROTATE:
+        cos, sin = _tile_cos_sin(idx, valid, seq_start, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta,
+                                 USE_POSITIONS)
         a = g1 * cos + g2 * sin
         b = g2 * cos - g1 * sin
     else:
@@ -130,14 +138,15 @@ def _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, lo, hi, L, seq_start, H, W,
                k_base, v_base, stride_kt, stride_vt, pos_ptr,
                first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, qk_scale,
                ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, CAUSAL: tl.constexpr,
-               MASK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+               MASK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+               PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < L
         rows = seq_start + offs_n.to(tl.int64)
-        k1, k2, _c, _s = _load_pairs(k_base + rows[:, None] * stride_kt, n_valid, first, second, pmask,
+        k1, k2 = _load_pairs(k_base + rows[:, None] * stride_kt, n_valid, first, second, pmask,
                                      seq_start, offs_n, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta,
-                                     ROTATE, USE_POSITIONS, not MASK)
+                                     ROTATE, USE_POSITIONS, not MASK, PAIRS_EXACT)
         qk = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         qk = tl.dot(q2, tl.trans(k2), qk, input_precision=DOT_PREC)
         qk = qk * qk_scale
@@ -156,6 +165,8 @@ def _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, lo, hi, L, seq_start, H, W,
         if MASK:
             v = tl.load(v_base + rows[:, None] * stride_vt + dims[None, :],
                         mask=n_valid[:, None] & dmask[None, :], other=0.0)
+        elif DIMS_EXACT:
+            v = tl.load(v_base + rows[:, None] * stride_vt + dims[None, :])
         else:
             v = tl.load(v_base + rows[:, None] * stride_vt + dims[None, :], mask=dmask[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
@@ -170,9 +181,12 @@ def _fwd_kernel(
     group, n_t, n_h, n_w, log2_theta, qk_scale,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
     ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
+    PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks of a sequence carry the most keys: schedule them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     b = tl.program_id(1)
     h = tl.program_id(2)
     seq_start, L, H, W = _seq_info(CU, GRID, b, ROTATE, USE_POSITIONS)
@@ -187,9 +201,9 @@ def _fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_valid = offs_m < L
     q_rows = seq_start + offs_m.to(tl.int64)
-    q1, q2, _c, _s = _load_pairs(Q + h64 * stride_qh + q_rows[:, None] * stride_qt, m_valid, first, second, pmask,
+    q1, q2 = _load_pairs(Q + h64 * stride_qh + q_rows[:, None] * stride_qt, m_valid, first, second, pmask,
                                  seq_start, offs_m, H, W, POS, pairs, n_t, n_h, n_w, log2_theta,
-                                 ROTATE, USE_POSITIONS, False)
+                                 ROTATE, USE_POSITIONS, False, PAIRS_EXACT)
     k_base = K + kh * stride_kh
     v_base = V + kh * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -204,11 +218,13 @@ def _fwd_kernel(
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, 0, full_end, L, seq_start, H, W,
                                k_base, v_base, stride_kt, stride_vt, POS,
                                first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, qk_scale,
-                               ROTATE, USE_POSITIONS, CAUSAL, False, BLOCK_N, DOT_PREC)
+                               ROTATE, USE_POSITIONS, CAUSAL, False, BLOCK_N, DOT_PREC,
+                               PAIRS_EXACT, DIMS_EXACT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, full_end, end, L, seq_start, H, W,
                                k_base, v_base, stride_kt, stride_vt, POS,
                                first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, qk_scale,
-                               ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_N, DOT_PREC)
+                               ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_N, DOT_PREC,
+                               PAIRS_EXACT, DIMS_EXACT)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     o_ptrs = O + h64 * stride_oh + q_rows[:, None] * stride_ot + dims[None, :]
@@ -246,19 +262,24 @@ def _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, lo, hi, L, seq_start, H, W,
                 q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, pos_ptr,
                 first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, qk_scale,
                 ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, CAUSAL: tl.constexpr,
-                MASK: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
+                MASK: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
+                PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_valid = offs_m < L
         rows = seq_start + offs_m.to(tl.int64)
-        q1, q2, _c, _s = _load_pairs(q_base + rows[:, None] * stride_qt, m_valid, first, second, pmask,
+        q1, q2 = _load_pairs(q_base + rows[:, None] * stride_qt, m_valid, first, second, pmask,
                                      seq_start, offs_m, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta,
-                                     ROTATE, USE_POSITIONS, not MASK)
+                                     ROTATE, USE_POSITIONS, not MASK, PAIRS_EXACT)
         if MASK:
             do = tl.load(do_base + rows[:, None] * stride_dot + dims[None, :],
                          mask=m_valid[:, None] & dmask[None, :], other=0.0)
             lse = tl.load(lse_base + rows, mask=m_valid, other=0.0)
             delta = tl.load(delta_base + rows, mask=m_valid, other=0.0)
+        elif DIMS_EXACT:
+            do = tl.load(do_base + rows[:, None] * stride_dot + dims[None, :])
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
         else:
             do = tl.load(do_base + rows[:, None] * stride_dot + dims[None, :], mask=dmask[None, :], other=0.0)
             lse = tl.load(lse_base + rows)
@@ -287,6 +308,7 @@ def _bwd_dkdv_kernel(
     group, n_t, n_h, n_w, log2_theta, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
     ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
+    PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV for one key block of one sequence and one KV head (its query heads looped inside)."""
@@ -303,9 +325,9 @@ def _bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < L
     k_rows = seq_start + offs_n.to(tl.int64)
-    k1, k2, cos, sin = _load_pairs(K + kh * stride_kh + k_rows[:, None] * stride_kt, n_valid, first, second, pmask,
+    k1, k2 = _load_pairs(K + kh * stride_kh + k_rows[:, None] * stride_kt, n_valid, first, second, pmask,
                                    seq_start, offs_n, H, W, POS, pairs, n_t, n_h, n_w, log2_theta,
-                                   ROTATE, USE_POSITIONS, False)
+                                   ROTATE, USE_POSITIONS, False, PAIRS_EXACT)
     v = tl.load(V + kh * stride_vh + k_rows[:, None] * stride_vt + dims[None, :],
                 mask=n_valid[:, None] & dmask[None, :], other=0.0)
     dk1 = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
@@ -330,17 +352,21 @@ def _bwd_dkdv_kernel(
             dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, lo, diag_end, L, seq_start, H, W,
                                        q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, POS,
                                        first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta,
-                                       qk_scale, ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_M, DOT_PREC)
+                                       qk_scale, ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_M, DOT_PREC,
+                                   PAIRS_EXACT, DIMS_EXACT)
         dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, diag_end, full_end, L, seq_start, H, W,
                                    q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, POS,
                                    first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta,
-                                   qk_scale, ROTATE, USE_POSITIONS, CAUSAL, False, BLOCK_M, DOT_PREC)
+                                   qk_scale, ROTATE, USE_POSITIONS, CAUSAL, False, BLOCK_M, DOT_PREC,
+                                   PAIRS_EXACT, DIMS_EXACT)
         dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, tail, L, L, seq_start, H, W,
                                    q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, POS,
                                    first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta,
-                                   qk_scale, ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_M, DOT_PREC)
+                                   qk_scale, ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_M, DOT_PREC,
+                                   PAIRS_EXACT, DIMS_EXACT)
     _store_pairs_unrotated(DK + kh * stride_dkh + k_rows[:, None] * stride_dkt, n_valid, first, second, pmask,
-                           dk1 * sm_scale, dk2 * sm_scale, cos, sin, ROTATE)
+                           dk1 * sm_scale, dk2 * sm_scale, seq_start, offs_n, H, W, POS, pairs,
+                           n_t, n_h, n_w, log2_theta, ROTATE, USE_POSITIONS)
     tl.store(DV + kh * stride_dvh + k_rows[:, None] * stride_dvt + dims[None, :], dv.to(DV.dtype.element_ty),
              mask=n_valid[:, None] & dmask[None, :])
 
@@ -350,17 +376,20 @@ def _dq_inner(dq1, dq2, q1, q2, do, lse, delta, offs_m, lo, hi, L, seq_start, H,
               k_base, v_base, stride_kt, stride_vt, pos_ptr,
               first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, qk_scale,
               ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, CAUSAL: tl.constexpr,
-              MASK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+              MASK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+              PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < L
         rows = seq_start + offs_n.to(tl.int64)
-        k1, k2, _c, _s = _load_pairs(k_base + rows[:, None] * stride_kt, n_valid, first, second, pmask,
+        k1, k2 = _load_pairs(k_base + rows[:, None] * stride_kt, n_valid, first, second, pmask,
                                      seq_start, offs_n, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta,
-                                     ROTATE, USE_POSITIONS, not MASK)
+                                     ROTATE, USE_POSITIONS, not MASK, PAIRS_EXACT)
         if MASK:
             v = tl.load(v_base + rows[:, None] * stride_vt + dims[None, :],
                         mask=n_valid[:, None] & dmask[None, :], other=0.0)
+        elif DIMS_EXACT:
+            v = tl.load(v_base + rows[:, None] * stride_vt + dims[None, :])
         else:
             v = tl.load(v_base + rows[:, None] * stride_vt + dims[None, :], mask=dmask[None, :], other=0.0)
         qk = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
@@ -386,10 +415,13 @@ def _bwd_dq_kernel(
     group, n_t, n_h, n_w, log2_theta, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
     ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
+    PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ for one query block of one sequence and head: its own pass over the key blocks, no atomics."""
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks of a sequence carry the most keys: schedule them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     b = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
     seq_start, L, H, W = _seq_info(CU, GRID, b, ROTATE, USE_POSITIONS)
@@ -403,9 +435,9 @@ def _bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_valid = offs_m < L
     q_rows = seq_start + offs_m.to(tl.int64)
-    q1, q2, cos, sin = _load_pairs(Q + h * stride_qh + q_rows[:, None] * stride_qt, m_valid, first, second, pmask,
+    q1, q2 = _load_pairs(Q + h * stride_qh + q_rows[:, None] * stride_qt, m_valid, first, second, pmask,
                                    seq_start, offs_m, H, W, POS, pairs, n_t, n_h, n_w, log2_theta,
-                                   ROTATE, USE_POSITIONS, False)
+                                   ROTATE, USE_POSITIONS, False, PAIRS_EXACT)
     do = tl.load(DO + h * stride_doh + q_rows[:, None] * stride_dot + dims[None, :],
                  mask=m_valid[:, None] & dmask[None, :], other=0.0)
     lse = tl.load(LSE + h * stride_lse_h + q_rows, mask=m_valid, other=0.0) * 1.4426950408889634
@@ -423,38 +455,70 @@ def _bwd_dq_kernel(
     dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse, delta, offs_m, 0, full_end, L, seq_start, H, W,
                          k_base, v_base, stride_kt, stride_vt, POS,
                          first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, qk_scale,
-                         ROTATE, USE_POSITIONS, CAUSAL, False, BLOCK_N, DOT_PREC)
+                         ROTATE, USE_POSITIONS, CAUSAL, False, BLOCK_N, DOT_PREC,
+                               PAIRS_EXACT, DIMS_EXACT)
     dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse, delta, offs_m, full_end, end, L, seq_start, H, W,
                          k_base, v_base, stride_kt, stride_vt, POS,
                          first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, qk_scale,
-                         ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_N, DOT_PREC)
+                         ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_N, DOT_PREC,
+                               PAIRS_EXACT, DIMS_EXACT)
     _store_pairs_unrotated(DQ + h * stride_dqh + q_rows[:, None] * stride_dqt, m_valid, first, second, pmask,
-                           dq1 * sm_scale, dq2 * sm_scale, cos, sin, ROTATE)
+                           dq1 * sm_scale, dq2 * sm_scale, seq_start, offs_m, H, W, POS, pairs,
+                           n_t, n_h, n_w, log2_theta, ROTATE, USE_POSITIONS)
 
 
 # ----------------------------------------------------------------------------- launch
 
 
-def _configs(pairs):
-    """Autotune configs from (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M % BLOCK_N == 0."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
+def _config_table(**classes):
+    configs, tags = [], []
+    for tag, pairs in classes.items():
+        for bm, bn, w, st in pairs:
+            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st))
+            tags.append(tag)
+    return configs, tags
+
+
+def _pruner(tags):
+    """Keep only the configs of the input's class, so first-call tuning compiles a few configs.
+
+    The classes come from compiling every candidate for sm_90 and reading ptxas's register/stack
+    use (no GPU measurement yet): at head_dim 128 only 8-warp or small tiles stay near 255 regs.
+    """
+    def prune(configs, named_args, **kwargs):
+        if kwargs.get("DOT_PREC", "tf32") == "ieee":
+            tag = "fp32"
+        else:
+            tag = "small" if kwargs["HEAD_DIM"] <= 64 else "large"
+        return [c for c, t in zip(configs, tags) if t == tag] or configs[-1:]
+    return prune
 
 
 # Keys: head_dim, causal and the rotation mode (and, added by Triton, the dtypes): never lengths.
-_KEY = ["HEAD_DIM", "CAUSAL", "ROTATE", "INTERLEAVED"]
-_fwd_tuned = triton.autotune(
-    _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)]),
-    key=_KEY,
-)(_fwd_kernel)
-_dkdv_tuned = triton.autotune(
-    # BLOCK_M is the query block looped over, BLOCK_N the key block this program owns.
-    _configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (16, 128, 8, 4)]),
-    key=_KEY,
-)(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(
-    _configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]),
-    key=_KEY,
-)(_bwd_dq_kernel)
+# BLOCK_M % BLOCK_N == 0 in fwd and dq (the causal split assumes it). In dkdv BLOCK_N is the key
+# block a program owns and BLOCK_M the query block it loops over.
+_KEY = ["HEAD_DIM", "CAUSAL", "ROTATE", "INTERLEAVED", "DOT_PREC"]
+_FWD = _config_table(
+    small=[(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    large=[(128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 3)],
+    fp32=[(64, 32, 4, 2), (32, 32, 4, 2)],
+)
+_DKDV = _config_table(
+    small=[(32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
+    large=[(32, 64, 8, 3), (64, 64, 8, 2)],
+    fp32=[(32, 64, 4, 2), (32, 32, 4, 2)],
+)
+_DQ = _config_table(
+    small=[(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+    large=[(128, 32, 8, 3), (64, 32, 4, 3)],
+    fp32=[(64, 32, 4, 2), (32, 32, 4, 2)],
+)
+_fwd_tuned = triton.autotune(_FWD[0], key=_KEY, prune_configs_by={"early_config_prune": _pruner(_FWD[1])})(
+    _fwd_kernel)
+_dkdv_tuned = triton.autotune(_DKDV[0], key=_KEY, prune_configs_by={"early_config_prune": _pruner(_DKDV[1])})(
+    _bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(_DQ[0], key=_KEY, prune_configs_by={"early_config_prune": _pruner(_DQ[1])})(
+    _bwd_dq_kernel)
 
 # Under TRITON_INTERPRET=1 (CPU tests) one small fixed config: the interpreter runs every program
 # in numpy, and small blocks keep tests fast while still exercising multi-block loops and tails.
@@ -477,6 +541,8 @@ def _common(q, k, grid_thw, positions, sections, theta, interleaved, softmax_sca
         INTERLEAVED=bool(interleaved), CAUSAL=bool(causal),
         DOT_PREC="ieee" if q.dtype == _fp32() else "tf32",
     )
+    meta["PAIRS_EXACT"] = meta["HALF_PAD"] == half
+    meta["DIMS_EXACT"] = meta["D_PAD"] == head_dim
     scalars = (q.shape[1] // k.shape[1], int(sections[0]), int(sections[1]), int(sections[2]),
                math.log2(theta), float(softmax_scale) * _LOG2E)
     return meta, scalars
