@@ -26,7 +26,12 @@ accumulator buffer nor its zeroing, and lets the autotuner rerun kernels freely.
 
 Masking: each loop over the other operand's blocks runs in two parts, the interior blocks with no
 mask at all and the boundary blocks (sequence end, causal diagonal) with the mask, so the common
-case pays nothing for varlen or causality.
+case pays nothing for varlen or causality. Causal query blocks are scheduled last-first (they
+carry the most keys).
+
+Tuning: triton.autotune keyed on head_dim, causal, rotation mode and dtype (never lengths); the
+candidate tiles are pruned per head_dim class from an sm_90 compile survey (ptxas registers and
+stack), not yet from H200 timings. Under TRITON_INTERPRET=1 a fixed small config is used.
 """
 
 import math

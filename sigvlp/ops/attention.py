@@ -188,7 +188,8 @@ def _prepare(x):
 
 def _check_values(q, cu_seqlens, max_seqlen, grid_thw):
     _checks.check_cu_seqlens_values(cu_seqlens, q.shape[0])
-    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.shape[0] > 1 else 0
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    longest = int((cu[1:] - cu[:-1]).max())
     if max_seqlen < longest:
         raise ValueError(f"max_seqlen: must be >= the longest sequence ({longest}), got {max_seqlen}")
     if grid_thw is not None:
