@@ -259,6 +259,28 @@ def test_autotune_configs_keep_invariants():
         assert not {"max_seqlen", "total_tokens", "batch"} & set(tuned.keys)  # lengths never recompile
 
 
+def test_triton_fused_rotation_is_rope3d():
+    """Rotating inside the kernel equals rope3d then unrotated attention (same Triton kernels),
+    forward and gradients: the fused rotation is rope3d's, and dq/dk get its transpose."""
+    q, k, v, cu, grid, _ = _inputs([21, 0, 40], nheads=2, nheads_kv=1, head_dim=64)
+    dout = torch.randn_like(q)
+    fused = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = rope_attention_varlen(*fused, cu, 40, grid, interleaved=True, causal=True, backend="triton")
+    out.backward(dout)
+    sep = [x.clone().requires_grad_() for x in (q, k, v)]
+    qr = ops.rope3d(sep[0], cu, grid, interleaved=True, backend="triton")
+    kr = ops.rope3d(sep[1], cu, grid, interleaved=True, backend="triton")
+    # interleaved=True without a rotation changes nothing but the split of Q K^T (summation order).
+    out2 = rope_attention_varlen(qr, kr, sep[2], cu, 40, causal=True, interleaved=True, backend="triton")
+    out2.backward(dout)
+    if HAS_CUDA:
+        torch.testing.assert_close(out, out2, atol=1e-6, rtol=0)
+    else:
+        assert torch.equal(out, out2)  # identical fp32 arithmetic in the interpreter
+    for a, b in zip(fused, sep):
+        torch.testing.assert_close(a.grad, b.grad, atol=2e-6, rtol=0)
+
+
 # ----------------------------------------------------------------------------- op registration
 
 
