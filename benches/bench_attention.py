@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from sigvlp.ops import rope3d, rope_attention_varlen
 
+from _bench import timed
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 FULL_CASES = {
@@ -136,17 +138,6 @@ def _padded_sdpa(lengths, head_dim, dtype):
     return (q, k, v), (lambda: F.scaled_dot_product_attention(q, k, v)), 4.0 * batch * length ** 2 * nheads * head_dim
 
 
-def _timed(benchmark, fn):
-    def run():
-        fn()
-        if HAS_CUDA:
-            torch.cuda.synchronize()
-
-    run()  # warm-up (compilation, autotuning)
-    benchmark.pedantic(run, rounds=10 if HAS_CUDA else 2, iterations=3 if HAS_CUDA else 1, warmup_rounds=1)
-    return benchmark.stats.stats.median
-
-
 def _peak_mib(fn):
     if not HAS_CUDA:
         return None
@@ -195,7 +186,7 @@ def test_rope_attention_varlen_throughput(benchmark, bench_report, full_mode, ca
     else:
         fn = lambda: torch.autograd.grad(attn(), leaves, dout)  # noqa: E731
     peak = _peak_mib(fn)
-    seconds = _timed(benchmark, fn)
+    seconds = timed(benchmark, fn, rounds=10 if HAS_CUDA else 2, iterations=3 if HAS_CUDA else 1)
     tflops = flops / seconds / 1e12
     key = ("attention", case, head_dim, mode)
     bench_report.baselines[key + (provider,)] = tflops

@@ -19,6 +19,8 @@ from torch.optim._muon import _zeropower_via_newtonschulz
 from sigvlp.ops import OPS, newton_schulz
 from sigvlp.optim import Muon
 
+from _bench import timed
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 KELLER = (3.4445, -4.775, 2.0315)
@@ -31,17 +33,6 @@ def _flops(shape, steps=5):
     batch = shape[0] if len(shape) == 3 else 1
     m, n = sorted(shape[-2:])
     return batch * steps * (4 * m * m * n + 2 * m**3)
-
-
-def _timed(benchmark, fn, full):
-    def run():
-        fn()
-        if HAS_CUDA:
-            torch.cuda.synchronize()
-
-    run()  # warm-up (compilation, autotuning)
-    benchmark.pedantic(run, rounds=10 if full else 3, iterations=3 if full else 1, warmup_rounds=1)
-    return benchmark.stats.stats.median
 
 
 def _providers(full):
@@ -68,7 +59,7 @@ def test_newton_schulz_time(benchmark, bench_report, full_mode, index, provider)
         if reason:
             pytest.skip(reason)
         fn = lambda: newton_schulz(Gd, backend=provider)  # noqa: E731
-    seconds = _timed(benchmark, fn, full_mode)
+    seconds = timed(benchmark, fn, rounds=10 if full_mode else 3, iterations=3 if full_mode else 1)
     key = ("ns", _shape_id(shape))
     if provider == "torch_muon":
         bench_report.baselines[key] = 1 / seconds
@@ -90,7 +81,7 @@ def test_batched_vs_looped(benchmark, bench_report, full_mode, n):
     G = torch.randn(24, n, n, device=DEVICE, dtype=dtype)
     mats = list(G)
     benchmark.group = f"ns batched vs loop {n}"
-    seconds = _timed(benchmark, lambda: newton_schulz(G), full_mode)
+    seconds = timed(benchmark, lambda: newton_schulz(G), rounds=10 if full_mode else 3, iterations=3 if full_mode else 1)
     loop = _timed_loop(lambda: [newton_schulz(g) for g in mats], full_mode)
     bench_report.add("newton_schulz: 24 matrices, one batched call vs a loop (auto backend)",
                      n=n, batched_ms=seconds * 1e3, loop_ms=loop * 1e3, x_batched=loop / seconds)
@@ -137,7 +128,7 @@ def test_muon_step_vit_l(benchmark, bench_report, full_mode, provider):
             if reason:
                 pytest.skip(reason)
         opt = Muon(params, lr=0.02, backend=backend)
-    seconds = _timed(benchmark, opt.step, full_mode)
+    seconds = timed(benchmark, opt.step, rounds=10 if full_mode else 3, iterations=3 if full_mode else 1)
     key = ("muon_step",)
     if provider == "torch.optim.Muon":
         bench_report.baselines[key] = 1 / seconds

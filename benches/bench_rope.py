@@ -9,6 +9,8 @@ import torch
 
 from sigvlp.ops import OPS, rope3d
 
+from _bench import timed
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -24,17 +26,6 @@ def _case(full: bool, dtype: torch.dtype):
     cu[1:] = torch.tensor(lengths).cumsum(0)
     x = torch.randn(sum(lengths), heads, head_dim, device=DEVICE, dtype=dtype)
     return x, cu.to(DEVICE), grid
-
-
-def _timed(benchmark, fn):
-    def run():
-        fn()
-        if HAS_CUDA:
-            torch.cuda.synchronize()
-
-    run()  # warm-up (compilation, autotuning)
-    benchmark.pedantic(run, rounds=10 if HAS_CUDA else 3, iterations=5 if HAS_CUDA else 1, warmup_rounds=1)
-    return benchmark.stats.stats.median
 
 
 def _dtypes(full):
@@ -71,7 +62,7 @@ def test_rope3d_bandwidth(benchmark, bench_report, full_mode, provider, dtype):
         if reason:
             pytest.skip(reason)
         fn = lambda: rope3d(x, cu, grid, backend=provider)  # noqa: E731
-    seconds = _timed(benchmark, fn)
+    seconds = timed(benchmark, fn, rounds=10 if HAS_CUDA else 3, iterations=5 if HAS_CUDA else 1)
     gbps = nbytes / seconds / 1e9
     dname = str(dtype).removeprefix("torch.")
     if provider in ("copy", "torch"):

@@ -1,5 +1,6 @@
-"""Test setup: Triton runs in its interpreter when there is no GPU, and op outputs are
-NaN-poisoned before kernels write them, so unwritten elements fail comparisons."""
+"""Test and benchmark setup (tests/ and benches/): Triton runs in its interpreter when there is
+no GPU, and op outputs are NaN-poisoned before kernels write them, so unwritten elements fail
+comparisons."""
 
 import os
 
