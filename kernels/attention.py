@@ -34,12 +34,11 @@ candidate tiles are pruned per head_dim class from an sm_90 compile survey (ptxa
 stack), not yet from H200 timings. Under TRITON_INTERPRET=1 a fixed small config is used.
 """
 
-import math
 
 import triton
 import triton.language as tl
 
-from sigvlp.kernels.rope import grid_decode, rotary_cos_sin
+from sigvlp.kernels.rope import grid_decode, log2_theta_parts, rotary_cos_sin
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
 _LOG2E = 1.4426950408889634
@@ -62,7 +61,7 @@ def _pair_index(HALF: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVED: tl.cons
 
 
 @triton.jit
-def _tile_cos_sin(idx, valid, seq_start, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta,
+def _tile_cos_sin(idx, valid, seq_start, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
                   USE_POSITIONS: tl.constexpr):
     """cos/sin (len(idx), len(pairs)) for local token indices idx of the sequence starting at seq_start."""
     if USE_POSITIONS:
@@ -72,12 +71,12 @@ def _tile_cos_sin(idx, valid, seq_start, H, W, pos_ptr, pairs, n_t, n_h, n_w, lo
         pos_w = tl.load(pos_ptr + tok * 3 + 2, mask=valid, other=0.0)
     else:
         pos_t, pos_h, pos_w = grid_decode(idx, H, W)
-    return rotary_cos_sin(pos_t, pos_h, pos_w, pairs, n_t, n_h, n_w, log2_theta)
+    return rotary_cos_sin(pos_t, pos_h, pos_w, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo)
 
 
 @triton.jit
 def _load_pairs(rows_ptr, valid, first, second, pmask, seq_start, idx, H, W, pos_ptr, pairs,
-                n_t, n_h, n_w, log2_theta,
+                n_t, n_h, n_w, log2_theta, log2_theta_lo,
                 ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, EVEN: tl.constexpr,
                 PAIRS_EXACT: tl.constexpr):
     """Load the two halves of a (rows, pairs) tile and rotate them: x1, x2 in the input dtype."""
@@ -92,7 +91,7 @@ def _load_pairs(rows_ptr, valid, first, second, pmask, seq_start, idx, H, W, pos
         x1 = tl.load(rows_ptr + first[None, :], mask=mask, other=0.0)
         x2 = tl.load(rows_ptr + second[None, :], mask=mask, other=0.0)
     if ROTATE:
-        cos, sin = _tile_cos_sin(idx, valid, seq_start, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta,
+        cos, sin = _tile_cos_sin(idx, valid, seq_start, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
                                  USE_POSITIONS)
         a = x1.to(tl.float32)
         b = x2.to(tl.float32)
@@ -103,13 +102,13 @@ def _load_pairs(rows_ptr, valid, first, second, pmask, seq_start, idx, H, W, pos
 
 @triton.jit
 def _store_pairs_unrotated(rows_ptr, valid, first, second, pmask, g1, g2, seq_start, idx, H, W, pos_ptr, pairs,
-                           n_t, n_h, n_w, log2_theta, ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr):
+                           n_t, n_h, n_w, log2_theta, log2_theta_lo, ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr):
     """Store a gradient given in rotated coordinates after the transposed (inverse) rotation.
 
     cos/sin are recomputed here rather than kept from the tile's load: holding them across the
     main loop would cost registers for the whole kernel."""
     if ROTATE:
-        cos, sin = _tile_cos_sin(idx, valid, seq_start, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta,
+        cos, sin = _tile_cos_sin(idx, valid, seq_start, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
                                  USE_POSITIONS)
         a = g1 * cos + g2 * sin
         b = g2 * cos - g1 * sin
@@ -141,7 +140,7 @@ def _seq_info(cu_ptr, grid_ptr, b, ROTATE: tl.constexpr, USE_POSITIONS: tl.const
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, lo, hi, L, seq_start, H, W,
                k_base, v_base, stride_kt, stride_vt, pos_ptr,
-               first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, qk_scale,
+               first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
                ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, CAUSAL: tl.constexpr,
                MASK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr):
@@ -150,7 +149,7 @@ def _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, lo, hi, L, seq_start, H, W,
         n_valid = offs_n < L
         rows = seq_start + offs_n.to(tl.int64)
         k1, k2 = _load_pairs(k_base + rows[:, None] * stride_kt, n_valid, first, second, pmask,
-                                     seq_start, offs_n, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta,
+                                     seq_start, offs_n, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
                                      ROTATE, USE_POSITIONS, not MASK, PAIRS_EXACT)
         qk = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         qk = tl.dot(q2, tl.trans(k2), qk, input_precision=DOT_PREC)
@@ -183,7 +182,7 @@ def _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, lo, hi, L, seq_start, H, W,
 def _fwd_kernel(
     Q, K, V, O, LSE, CU, GRID, POS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lse_h,
-    group, n_t, n_h, n_w, log2_theta, qk_scale,
+    group, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
     ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
     PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr,
@@ -207,7 +206,7 @@ def _fwd_kernel(
     m_valid = offs_m < L
     q_rows = seq_start + offs_m.to(tl.int64)
     q1, q2 = _load_pairs(Q + h64 * stride_qh + q_rows[:, None] * stride_qt, m_valid, first, second, pmask,
-                                 seq_start, offs_m, H, W, POS, pairs, n_t, n_h, n_w, log2_theta,
+                                 seq_start, offs_m, H, W, POS, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
                                  ROTATE, USE_POSITIONS, False, PAIRS_EXACT)
     k_base = K + kh * stride_kh
     v_base = V + kh * stride_vh
@@ -222,12 +221,12 @@ def _fwd_kernel(
         end = L
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, 0, full_end, L, seq_start, H, W,
                                k_base, v_base, stride_kt, stride_vt, POS,
-                               first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, qk_scale,
+                               first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
                                ROTATE, USE_POSITIONS, CAUSAL, False, BLOCK_N, DOT_PREC,
                                PAIRS_EXACT, DIMS_EXACT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, full_end, end, L, seq_start, H, W,
                                k_base, v_base, stride_kt, stride_vt, POS,
-                               first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, qk_scale,
+                               first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
                                ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_N, DOT_PREC,
                                PAIRS_EXACT, DIMS_EXACT)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -265,7 +264,7 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, lo, hi, L, seq_start, H, W,
                 q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, pos_ptr,
-                first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, qk_scale,
+                first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
                 ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, CAUSAL: tl.constexpr,
                 MASK: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
                 PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr):
@@ -274,7 +273,7 @@ def _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, lo, hi, L, seq_start, H, W,
         m_valid = offs_m < L
         rows = seq_start + offs_m.to(tl.int64)
         q1, q2 = _load_pairs(q_base + rows[:, None] * stride_qt, m_valid, first, second, pmask,
-                                     seq_start, offs_m, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta,
+                                     seq_start, offs_m, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
                                      ROTATE, USE_POSITIONS, not MASK, PAIRS_EXACT)
         if MASK:
             do = tl.load(do_base + rows[:, None] * stride_dot + dims[None, :],
@@ -310,7 +309,7 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU, GRID, POS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h,
-    group, n_t, n_h, n_w, log2_theta, qk_scale, sm_scale,
+    group, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
     ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
     PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr,
@@ -331,7 +330,7 @@ def _bwd_dkdv_kernel(
     n_valid = offs_n < L
     k_rows = seq_start + offs_n.to(tl.int64)
     k1, k2 = _load_pairs(K + kh * stride_kh + k_rows[:, None] * stride_kt, n_valid, first, second, pmask,
-                                   seq_start, offs_n, H, W, POS, pairs, n_t, n_h, n_w, log2_theta,
+                                   seq_start, offs_n, H, W, POS, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
                                    ROTATE, USE_POSITIONS, False, PAIRS_EXACT)
     v = tl.load(V + kh * stride_vh + k_rows[:, None] * stride_vt + dims[None, :],
                 mask=n_valid[:, None] & dmask[None, :], other=0.0)
@@ -356,22 +355,22 @@ def _bwd_dkdv_kernel(
         if CAUSAL:  # query blocks on the diagonal
             dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, lo, diag_end, L, seq_start, H, W,
                                        q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, POS,
-                                       first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta,
+                                       first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo,
                                        qk_scale, ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_M, DOT_PREC,
                                    PAIRS_EXACT, DIMS_EXACT)
         dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, diag_end, full_end, L, seq_start, H, W,
                                    q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, POS,
-                                   first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta,
+                                   first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo,
                                    qk_scale, ROTATE, USE_POSITIONS, CAUSAL, False, BLOCK_M, DOT_PREC,
                                    PAIRS_EXACT, DIMS_EXACT)
         dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, tail, L, L, seq_start, H, W,
                                    q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, POS,
-                                   first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta,
+                                   first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo,
                                    qk_scale, ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_M, DOT_PREC,
                                    PAIRS_EXACT, DIMS_EXACT)
     _store_pairs_unrotated(DK + kh * stride_dkh + k_rows[:, None] * stride_dkt, n_valid, first, second, pmask,
                            dk1 * sm_scale, dk2 * sm_scale, seq_start, offs_n, H, W, POS, pairs,
-                           n_t, n_h, n_w, log2_theta, ROTATE, USE_POSITIONS)
+                           n_t, n_h, n_w, log2_theta, log2_theta_lo, ROTATE, USE_POSITIONS)
     tl.store(DV + kh * stride_dvh + k_rows[:, None] * stride_dvt + dims[None, :], dv.to(DV.dtype.element_ty),
              mask=n_valid[:, None] & dmask[None, :])
 
@@ -379,7 +378,7 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dq_inner(dq1, dq2, q1, q2, do, lse, delta, offs_m, lo, hi, L, seq_start, H, W,
               k_base, v_base, stride_kt, stride_vt, pos_ptr,
-              first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, qk_scale,
+              first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
               ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, CAUSAL: tl.constexpr,
               MASK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
               PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr):
@@ -388,7 +387,7 @@ def _dq_inner(dq1, dq2, q1, q2, do, lse, delta, offs_m, lo, hi, L, seq_start, H,
         n_valid = offs_n < L
         rows = seq_start + offs_n.to(tl.int64)
         k1, k2 = _load_pairs(k_base + rows[:, None] * stride_kt, n_valid, first, second, pmask,
-                                     seq_start, offs_n, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta,
+                                     seq_start, offs_n, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
                                      ROTATE, USE_POSITIONS, not MASK, PAIRS_EXACT)
         if MASK:
             v = tl.load(v_base + rows[:, None] * stride_vt + dims[None, :],
@@ -417,7 +416,7 @@ def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU, GRID, POS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lse_h,
-    group, n_t, n_h, n_w, log2_theta, qk_scale, sm_scale,
+    group, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
     ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
     PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr,
@@ -441,7 +440,7 @@ def _bwd_dq_kernel(
     m_valid = offs_m < L
     q_rows = seq_start + offs_m.to(tl.int64)
     q1, q2 = _load_pairs(Q + h * stride_qh + q_rows[:, None] * stride_qt, m_valid, first, second, pmask,
-                                   seq_start, offs_m, H, W, POS, pairs, n_t, n_h, n_w, log2_theta,
+                                   seq_start, offs_m, H, W, POS, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
                                    ROTATE, USE_POSITIONS, False, PAIRS_EXACT)
     do = tl.load(DO + h * stride_doh + q_rows[:, None] * stride_dot + dims[None, :],
                  mask=m_valid[:, None] & dmask[None, :], other=0.0)
@@ -459,17 +458,17 @@ def _bwd_dq_kernel(
     v_base = V + kh * stride_vh
     dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse, delta, offs_m, 0, full_end, L, seq_start, H, W,
                          k_base, v_base, stride_kt, stride_vt, POS,
-                         first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, qk_scale,
+                         first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
                          ROTATE, USE_POSITIONS, CAUSAL, False, BLOCK_N, DOT_PREC,
                                PAIRS_EXACT, DIMS_EXACT)
     dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse, delta, offs_m, full_end, end, L, seq_start, H, W,
                          k_base, v_base, stride_kt, stride_vt, POS,
-                         first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, qk_scale,
+                         first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
                          ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_N, DOT_PREC,
                                PAIRS_EXACT, DIMS_EXACT)
     _store_pairs_unrotated(DQ + h * stride_dqh + q_rows[:, None] * stride_dqt, m_valid, first, second, pmask,
                            dq1 * sm_scale, dq2 * sm_scale, seq_start, offs_m, H, W, POS, pairs,
-                           n_t, n_h, n_w, log2_theta, ROTATE, USE_POSITIONS)
+                           n_t, n_h, n_w, log2_theta, log2_theta_lo, ROTATE, USE_POSITIONS)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -549,7 +548,7 @@ def _common(q, k, grid_thw, positions, sections, theta, interleaved, softmax_sca
     meta["PAIRS_EXACT"] = meta["HALF_PAD"] == half
     meta["DIMS_EXACT"] = meta["D_PAD"] == head_dim
     scalars = (q.shape[1] // k.shape[1], int(sections[0]), int(sections[1]), int(sections[2]),
-               math.log2(theta), float(softmax_scale) * _LOG2E)
+               *log2_theta_parts(theta), float(softmax_scale) * _LOG2E)
     return meta, scalars
 
 
@@ -574,13 +573,13 @@ def forward(q, k, v, out, lse, cu_seqlens, max_seqlen, grid_thw, positions, sect
     if total == 0 or max_seqlen == 0:
         return
     batch = cu_seqlens.shape[0] - 1
-    meta, (group, n_t, n_h, n_w, log2_theta, qk_scale) = _common(
+    meta, (group, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale) = _common(
         q, k, grid_thw, positions, sections, theta, interleaved, softmax_scale, causal)
     args = (q, k, v, out, lse, cu_seqlens, grid_thw if grid_thw is not None else cu_seqlens,
             positions if positions is not None else q,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
-            group, n_t, n_h, n_w, log2_theta, qk_scale)
+            group, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale)
     _launch(_fwd_tuned, _fwd_kernel, "fwd",
             lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), batch, nheads), args, meta)
 
@@ -593,7 +592,7 @@ def backward(do, dlse, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens, max_seq
         return
     batch = cu_seqlens.shape[0] - 1
     nheads_kv = k.shape[1]
-    meta, (group, n_t, n_h, n_w, log2_theta, qk_scale) = _common(
+    meta, (group, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale) = _common(
         q, k, grid_thw, positions, sections, theta, interleaved, softmax_scale, causal)
     block = 64 if not _interpreter() else 32
     _bwd_preprocess_kernel[(triton.cdiv(total, block), nheads)](
@@ -604,7 +603,7 @@ def backward(do, dlse, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens, max_seq
     )
     grid_arg = grid_thw if grid_thw is not None else cu_seqlens
     pos_arg = positions if positions is not None else q
-    scalars = (group, n_t, n_h, n_w, log2_theta, qk_scale, float(softmax_scale))
+    scalars = (group, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale, float(softmax_scale))
     _launch(_dkdv_tuned, _bwd_dkdv_kernel, "dkdv",
             lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), batch, nheads_kv),
             (q, k, v, do, lse, delta, dk, dv, cu_seqlens, grid_arg, pos_arg,

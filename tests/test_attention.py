@@ -281,6 +281,24 @@ def test_triton_fused_rotation_is_rope3d():
         torch.testing.assert_close(a.grad, b.grad, atol=2e-6, rtol=0)
 
 
+def test_triton_fused_rotation_is_rope3d_at_large_positions():
+    """Same check with positions up to ~2000 and a theta whose log2 is not an fp32 number: the
+    fused rotation must take log2(theta)'s low part too, or angles drift by ~1e-4 rad. (On a GPU,
+    where float kernel arguments are fp32, this is what tells the two apart; the interpreter keeps
+    Python floats at fp64.)"""
+    q, k, v, cu, _, _ = _inputs([33, 30], nheads=2, nheads_kv=2, head_dim=32)
+    positions = torch.rand(q.shape[0], 3, generator=torch.Generator().manual_seed(5)) * 2000
+    kw = dict(positions=positions, theta=777.0)
+    out = rope_attention_varlen(q, k, v, cu, 33, backend="triton", **kw)
+    qr = ops.rope3d(q, cu, backend="triton", **kw)
+    kr = ops.rope3d(k, cu, backend="triton", **kw)
+    out2 = rope_attention_varlen(qr, kr, v, cu, 33, backend="triton")
+    if HAS_CUDA:
+        torch.testing.assert_close(out, out2, atol=1e-6, rtol=0)
+    else:
+        assert torch.equal(out, out2)
+
+
 # ----------------------------------------------------------------------------- op registration
 
 
