@@ -38,7 +38,7 @@ stack), not yet from H200 timings. Under TRITON_INTERPRET=1 a fixed small config
 import triton
 import triton.language as tl
 
-from sigvlp.kernels.rope import grid_decode, log2_theta_parts, rotary_cos_sin
+from sigvlp.kernels.rope import grid_decode, log2_theta_parts, pair_columns, rotary_cos_sin
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
 _LOG2E = 1.4426950408889634
@@ -51,12 +51,7 @@ _LN2 = tl.constexpr(0.6931471805599453)
 @triton.jit
 def _pair_index(HALF: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVED: tl.constexpr):
     pairs = tl.arange(0, HALF_PAD)
-    if INTERLEAVED:
-        first = 2 * pairs
-        second = 2 * pairs + 1
-    else:
-        first = pairs
-        second = pairs + HALF
+    first, second = pair_columns(pairs, HALF, INTERLEAVED)
     return pairs, first, second, pairs < HALF
 
 

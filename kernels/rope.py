@@ -98,6 +98,18 @@ def rotary_cos_sin(pos_t, pos_h, pos_w, pairs, n_t, n_h, n_w, log2_theta, log2_t
 
 
 @triton.jit
+def pair_columns(pairs, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Columns of the two elements of each rotary pair: (2p, 2p+1) interleaved, else (p, p + HALF)."""
+    if INTERLEAVED:
+        first = 2 * pairs
+        second = 2 * pairs + 1
+    else:
+        first = pairs
+        second = pairs + HALF
+    return first, second
+
+
+@triton.jit
 def rope3d_kernel(
     x_ptr, out_ptr,
     cu_seqlens_ptr, grid_thw_ptr, positions_ptr,
@@ -125,12 +137,7 @@ def rope3d_kernel(
     cos, sin = rotary_cos_sin(pos_t, pos_h, pos_w, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo)
     sin = sin * sign
     mask = tok_mask[:, None] & (pairs[None, :] < HALF)
-    if INTERLEAVED:
-        first = 2 * pairs
-        second = 2 * pairs + 1
-    else:
-        first = pairs
-        second = pairs + HALF
+    first, second = pair_columns(pairs, HALF, INTERLEAVED)
     x_rows = x_ptr + tokens[:, None] * stride_x_tok
     o_rows = out_ptr + tokens[:, None] * stride_o_tok
     for head in range(nheads):
