@@ -11,3 +11,10 @@ if __name__ != "sigvlp.kernels":
         "the folder kernels/ of sigvlp is the package 'sigvlp.kernels', not a top-level module "
         f"(imported here as {__name__!r}); use `import sigvlp.kernels`"
     )
+
+
+def interpreter() -> bool:
+    """Whether Triton runs in its CPU interpreter (TRITON_INTERPRET=1): the one place it is read."""
+    import os  # noqa: PLC0415
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -109,7 +109,10 @@ def pair_columns(pairs, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
     return first, second
 
 
-@triton.jit
+# Lengths change every batch: never specialise on them (Triton would compile a new variant the
+# first time total_tokens or batch is divisible by 16, or equal to 1). Strides, head counts and
+# sections are fixed by the model and stay specialised (aligned vector loads).
+@triton.jit(do_not_specialize=["total_tokens", "batch", "search_steps"])
 def rope3d_kernel(
     x_ptr, out_ptr,
     cu_seqlens_ptr, grid_thw_ptr, positions_ptr,
@@ -162,8 +165,9 @@ def log2_theta_parts(theta: float) -> tuple[float, float]:
     return hi, float(np.float32(exact - hi))
 
 
-def rope3d(x, out, cu_seqlens, grid_thw, positions, sections, theta, interleaved, inverse):
-    """Launch the rotation of x (tokens, heads, head_dim) into out; arguments already validated."""
+def rope3d(x, out, *, cu_seqlens, grid_thw, positions, sections, theta, interleaved, inverse):
+    """Launch the rotation of x (tokens, heads, head_dim) into out; arguments already validated
+    (shapes and dtypes; index values may be anything: the kernel clamps its reads)."""
     import math
 
     total_tokens, nheads, head_dim = x.shape
@@ -176,12 +180,14 @@ def rope3d(x, out, cu_seqlens, grid_thw, positions, sections, theta, interleaved
     search_steps = max(1, math.ceil(math.log2(max(batch, 1))) + 1)
     use_positions = positions is not None
     grid = (triton.cdiv(total_tokens, block_m),)
+    log2_theta, log2_theta_lo = log2_theta_parts(theta)
     rope3d_kernel[grid](
         x, out,
         cu_seqlens, grid_thw if grid_thw is not None else cu_seqlens, positions if use_positions else x,
-        total_tokens, nheads, batch, search_steps,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        sections[0], sections[1], sections[2], *log2_theta_parts(theta), -1.0 if inverse else 1.0,
+        total_tokens=total_tokens, nheads=nheads, batch=batch, search_steps=search_steps,
+        stride_x_tok=x.stride(0), stride_x_head=x.stride(1), stride_o_tok=out.stride(0), stride_o_head=out.stride(1),
+        n_t=sections[0], n_h=sections[1], n_w=sections[2], log2_theta=log2_theta, log2_theta_lo=log2_theta_lo,
+        sign=-1.0 if inverse else 1.0,
         HALF=half, BLOCK_M=block_m, BLOCK_P=block_p,
         INTERLEAVED=interleaved, USE_POSITIONS=use_positions,
     )

@@ -80,10 +80,22 @@ def test_import_makes_no_gpu_calls():
 
 
 def test_poisoned_outputs_under_tests():
-    from sigvlp.ops._backend import empty_output
+    """Poisoning is a test fixture (conftest.py), not library behaviour: the library allocates
+    with torch.empty, the fixture's hook fills outputs with NaN, and no environment variable of
+    the library turns it on."""
+    from sigvlp.ops import _backend
 
-    assert os.environ.get("SIGVLP_POISON_OUTPUTS") == "1"
-    assert torch.isnan(empty_output((3, 2), torch.float16, torch.device("cpu"))).all()
+    assert torch.isnan(_backend.empty_output((3, 2), torch.float16, torch.device("cpu"))).all()
+    previous = _backend.set_output_hook(None)
+    try:
+        out = _backend.empty_output((3, 2), torch.int32, torch.device("cpu"))
+        assert out.dtype == torch.int32
+    finally:
+        _backend.set_output_hook(previous)
+    import inspect
+
+    source = inspect.getsource(_backend.empty_output)
+    assert "environ" not in source and "fill" not in source and "POISON" not in inspect.getsource(_backend)
 
 
 def test_cmake_configures_without_cuda_compiler(tmp_path):

@@ -228,8 +228,8 @@ def test_opcheck(backend):
     positions = torch.rand(12, 3) * 10
     op = torch.ops.sigvlp.rope3d.default
     samples = [
-        (x.requires_grad_(True), cu, grid, None, 10000.0, [2, 3, 3], False, False, backend),
-        (x.detach(), cu, None, positions, 100.0, [4, 2, 2], True, True, backend),
+        (x.requires_grad_(True), cu, grid, None, 10000.0, [2, 3, 3], False, False, backend, False),
+        (x.detach(), cu, None, positions, 100.0, [4, 2, 2], True, True, backend, True),
     ]
     for args in samples:
         torch.library.opcheck(op, args)

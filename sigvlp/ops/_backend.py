@@ -8,10 +8,20 @@ Every op has a pure-torch reference backend ("torch") and, where written, "trito
   forces it the same way;
 - otherwise ("auto") the first backend in the op's priority order that can serve the input.
   On CPU tensors auto is always "torch": Triton on CPU (TRITON_INTERPRET=1) is a test mode.
+
+Every non-torch backend runs under the device of its tensors (`device_guard`): Triton launches on
+the current device and CUDA launches use its context, so tensors on cuda:1 while cuda:0 is
+current would otherwise meet "invalid resource handle" or a kernel on the wrong GPU.
+
+Value checks that read tensor data (cu_seqlens monotonic, grid products) copy device values to
+the host; `validation_enabled` says when an op runs them: always for CPU tensors (free), for
+other devices only with the op's ``validate=True`` or SIGVLP_VALIDATE=1 (debugging). Kernels stay
+memory-safe for any values, so unchecked bad values give wrong numbers, never a bad access.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -19,10 +29,12 @@ from typing import Callable
 
 import torch
 
+from sigvlp.kernels import interpreter as _kernels_interpreter
 from sigvlp.ops import _cuda
 
 BACKEND_NAMES = ("torch", "triton", "cuda")
 ENV_VAR = "SIGVLP_BACKEND"
+VALIDATE_ENV_VAR = "SIGVLP_VALIDATE"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -31,7 +43,52 @@ class BackendError(RuntimeError):
 
 
 def triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs in its interpreter (TRITON_INTERPRET=1; read in sigvlp.kernels only)."""
+    return _kernels_interpreter()
+
+
+def validation_enabled(validate, device: torch.device, name: str = "validate") -> bool:
+    """Whether an op runs its value checks (host reads of index tensors) on inputs on `device`.
+
+    CPU tensors: always (no device-to-host copy involved). Other devices: only when the op was
+    called with validate=True or the environment sets SIGVLP_VALIDATE=1, since each check is a
+    blocking device-to-host copy (a sync per call, and no CUDA-graph capture). `validate` must be
+    a bool; TypeError naming `name` otherwise.
+    """
+    if not isinstance(validate, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(validate).__name__}")
+    if device.type == "cpu" or validate:
+        return True
+    return os.environ.get(VALIDATE_ENV_VAR, "0").strip() not in ("", "0")
+
+
+def device_guard(device: torch.device):
+    """Context manager making `device` current for CUDA tensors (a no-op for other devices)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _tensor_device(args, kwargs) -> torch.device | None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
+
+
+def _guarded(fn: Callable) -> Callable:
+    """fn run under the device of its first tensor argument (see device_guard)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = _tensor_device(args, kwargs)
+        if device is None or device.type != "cuda":
+            return fn(*args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    run.unguarded = fn
+    return run
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,7 +130,9 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str | N
 class Backend:
     """One implementation of an op.
 
-    run: the implementation, called with the op's (validated) arguments.
+    run: the implementation, called with the op's (validated) arguments. For every backend but
+        "torch" it is wrapped so that it runs under the device of its first tensor argument
+        (the op's main input): every Triton and CUDA launch of every op is device-guarded here.
     dtypes: the element types it accepts.
     limits: optional op-specific check, called with the facts passed to `select`; returns why
         this input is refused (head_dim unsupported, ...) or None.
@@ -83,6 +142,10 @@ class Backend:
     run: Callable
     dtypes: tuple = FLOAT_DTYPES
     limits: Callable[..., str | None] | None = None
+
+    def __post_init__(self):
+        if self.name != "torch" and not hasattr(self.run, "unguarded"):
+            object.__setattr__(self, "run", _guarded(self.run))
 
     def refusal(self, device: torch.device, dtype: torch.dtype, **facts) -> str | None:
         reason = unavailable_reason(self.name, device)
@@ -142,12 +205,21 @@ def resolve_request(requested: str | None, names: tuple[str, ...]) -> str:
     return requested
 
 
-POISON_ENV_VAR = "SIGVLP_POISON_OUTPUTS"
+#: Test-only hook: when set (tests/conftest.py sets one), called with every op output right after
+#: allocation; the test suite fills it with NaN so elements a kernel fails to write fail comparisons.
+_output_hook: Callable[[torch.Tensor], None] | None = None
+
+
+def set_output_hook(hook: Callable[[torch.Tensor], None] | None):
+    """Install (or with None remove) the test-only output hook; returns the previous one."""
+    global _output_hook
+    previous, _output_hook = _output_hook, hook
+    return previous
 
 
 def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate an op output. With SIGVLP_POISON_OUTPUTS=1 (the test suite sets it) it is filled
-    with NaN first, so any element a kernel fails to write shows up in comparisons."""
-    if os.environ.get(POISON_ENV_VAR, "0") not in ("", "0") and dtype.is_floating_point:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    """Allocate an op output (uninitialised; see set_output_hook for the tests' NaN poisoning)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _output_hook is not None:
+        _output_hook(out)
+    return out

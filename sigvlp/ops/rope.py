@@ -10,6 +10,10 @@ Semantics (the spec; `rope3d_reference` is its readable form):
 - Pair j of axis a (n_a pairs) turns by pos_a * theta ** (-j / n_a). A pair is (i, i + head_dim/2)
   by default, (2i, 2i+1) when interleaved. Angles and the rotation are fp32; the result has
   x's dtype. inverse=True turns by the negative angle; the gradient is the inverse rotation.
+- Value checks (cu_seqlens starts at 0, non-decreasing, ends at total_tokens; T*H*W equals each
+  length) read the index tensors on the host: always for CPU tensors, for CUDA tensors only with
+  validate=True or SIGVLP_VALIDATE=1, so the GPU path makes no device-to-host copy. The kernels
+  are memory-safe for any int32 values (a wrong value gives wrong angles, never a bad access).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 
 from sigvlp.ops import _checks
 from sigvlp.ops import _cuda
-from sigvlp.ops._backend import Backend, BackendSet, empty_output, resolve_request
+from sigvlp.ops._backend import Backend, BackendSet, empty_output, resolve_request, validation_enabled
 
 __all__ = ["rope3d", "rope3d_reference", "default_sections", "grid_positions", "rotary_angles"]
 
@@ -53,11 +57,14 @@ def _resolve_sections(sections, head_dim: int) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------- reference
 
 
-def grid_positions(cu_seqlens: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-    """(total_tokens, 3) float32 (t, h, w) of every packed token, t-major within its sequence's grid."""
+def grid_positions(cu_seqlens: torch.Tensor, grid_thw: torch.Tensor, total_tokens: Optional[int] = None
+                   ) -> torch.Tensor:
+    """(total_tokens, 3) float32 (t, h, w) of every packed token, t-major within its sequence's grid.
+
+    total_tokens: the packed length when known (no device-to-host read of cu_seqlens[-1])."""
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
-    total = int(cu[-1])
+    total = int(cu[-1]) if total_tokens is None else int(total_tokens)
     seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths, output_size=total)
     n = torch.arange(total, device=cu.device) - cu[seq]
     H = grid_thw[seq, 1].long().clamp(min=1)
@@ -84,7 +91,7 @@ def rope3d_reference(x, cu_seqlens, grid_thw=None, *, positions=None, theta=1000
     head_dim = x.shape[-1]
     sections = _resolve_sections(sections, head_dim)
     if positions is None:
-        positions = grid_positions(cu_seqlens, grid_thw)
+        positions = grid_positions(cu_seqlens, grid_thw, x.shape[0])
     angles = rotary_angles(positions, sections, head_dim, theta, compute_dtype)[:, None, :]  # (tokens, 1, half)
     cos, sin = torch.cos(angles), torch.sin(angles)
     if inverse:
@@ -111,7 +118,8 @@ def _run_torch(x, out, cu_seqlens, grid_thw, positions, theta, sections, interle
 def _run_triton(x, out, cu_seqlens, grid_thw, positions, theta, sections, interleaved, inverse):
     from sigvlp.kernels import rope as triton_rope  # noqa: PLC0415 (Triton loads on first use)
 
-    triton_rope.rope3d(x, out, cu_seqlens, grid_thw, positions, sections, theta, interleaved, inverse)
+    triton_rope.rope3d(x, out, cu_seqlens=cu_seqlens, grid_thw=grid_thw, positions=positions, sections=sections,
+                       theta=theta, interleaved=interleaved, inverse=inverse)
 
 
 def _run_cuda(x, out, cu_seqlens, grid_thw, positions, theta, sections, interleaved, inverse):
@@ -141,11 +149,11 @@ BACKENDS = BackendSet("rope3d", [
 @torch.library.custom_op("sigvlp::rope3d", mutates_args=())
 def _rope3d_op(x: torch.Tensor, cu_seqlens: torch.Tensor, grid_thw: Optional[torch.Tensor],
                positions: Optional[torch.Tensor], theta: float, sections: list[int], interleaved: bool,
-               inverse: bool, backend: str) -> torch.Tensor:
-    total = x.shape[0]
-    _checks.check_cu_seqlens_values(cu_seqlens, total)
-    if grid_thw is not None:
-        _checks.check_grid_thw_values(grid_thw, cu_seqlens)
+               inverse: bool, backend: str, validate: bool) -> torch.Tensor:
+    if validation_enabled(validate, x.device):
+        _checks.check_cu_seqlens_values(cu_seqlens, x.shape[0])
+        if grid_thw is not None:
+            _checks.check_grid_thw_values(grid_thw, cu_seqlens)
     impl = BACKENDS.select(backend, device=x.device, dtype=x.dtype, head_dim=x.shape[-1])
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -157,12 +165,12 @@ def _rope3d_op(x: torch.Tensor, cu_seqlens: torch.Tensor, grid_thw: Optional[tor
 
 
 @_rope3d_op.register_fake
-def _(x, cu_seqlens, grid_thw, positions, theta, sections, interleaved, inverse, backend):
+def _(x, cu_seqlens, grid_thw, positions, theta, sections, interleaved, inverse, backend, validate):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _setup_context(ctx, inputs, output):
-    _, cu_seqlens, grid_thw, positions, theta, sections, interleaved, inverse, backend = inputs
+    _, cu_seqlens, grid_thw, positions, theta, sections, interleaved, inverse, backend, _validate = inputs
     ctx.save_for_backward(cu_seqlens, grid_thw, positions)
     ctx.args = (theta, sections, interleaved, inverse, backend)
 
@@ -170,9 +178,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     cu_seqlens, grid_thw, positions = ctx.saved_tensors
     theta, sections, interleaved, inverse, backend = ctx.args
-    # A rotation's transpose is its inverse: the gradient turns back by the same angles.
-    grad_x = _rope3d_op(grad, cu_seqlens, grid_thw, positions, theta, sections, interleaved, not inverse, backend)
-    return grad_x, None, None, None, None, None, None, None, None
+    # A rotation's transpose is its inverse: the gradient turns back by the same angles. The
+    # index values were checked (when asked) by the forward.
+    grad_x = _rope3d_op(grad, cu_seqlens, grid_thw, positions, theta, sections, interleaved, not inverse, backend,
+                        False)
+    return grad_x, None, None, None, None, None, None, None, None, None
 
 
 _rope3d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -181,11 +191,15 @@ _rope3d_op.register_autograd(_backward, setup_context=_setup_context)
 def rope3d(x: torch.Tensor, cu_seqlens: torch.Tensor, grid_thw: Optional[torch.Tensor] = None, *,
            positions: Optional[torch.Tensor] = None, theta: float = 10000.0,
            sections: Optional[Sequence[int]] = None, interleaved: bool = False, inverse: bool = False,
-           backend: Optional[str] = None) -> torch.Tensor:
+           backend: Optional[str] = None, validate: bool = False) -> torch.Tensor:
     """Rotate x (total_tokens, nheads, head_dim) by 3D RoPE; see the module docstring for semantics.
 
     Give exactly one of grid_thw (int32 (batch, 3), T*H*W == each sequence length) or positions
     (float32 (total_tokens, 3)). backend: None/"auto", "torch", "triton" or "cuda".
+    validate: also check cu_seqlens / grid_thw values on CUDA tensors (a device-to-host copy;
+    CPU tensors are always checked; SIGVLP_VALIDATE=1 turns it on everywhere). Bad values raise
+    ValueError naming the argument.
+    Returns a tensor of x's shape and dtype. Errors: TypeError/ValueError naming the argument.
     """
     _checks.check_tensor(x, "x", dtypes=(torch.float32, torch.float16, torch.bfloat16), ndim=3)
     head_dim = x.shape[-1]
@@ -203,8 +217,9 @@ def rope3d(x: torch.Tensor, cu_seqlens: torch.Tensor, grid_thw: Optional[torch.T
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1.0:
         raise ValueError(f"theta: expected a finite number > 1, got {theta!r}")
     sections = _resolve_sections(sections, head_dim)
-    for flag_name, flag in (("interleaved", interleaved), ("inverse", inverse)):
+    for flag_name, flag in (("interleaved", interleaved), ("inverse", inverse), ("validate", validate)):
         if not isinstance(flag, bool):
             raise TypeError(f"{flag_name}: expected a bool, got {type(flag).__name__}")
     backend = resolve_request(backend, BACKENDS.names) if backend not in (None, "auto") else "auto"
-    return _rope3d_op(x, cu_seqlens, grid_thw, positions, float(theta), list(sections), interleaved, inverse, backend)
+    return _rope3d_op(x, cu_seqlens, grid_thw, positions, float(theta), list(sections), interleaved, inverse, backend,
+                      validate)
