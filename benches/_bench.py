@@ -1,20 +1,496 @@
-"""Timing shared by the GPU/CPU op benchmarks."""
+"""The benchmark harness shared by benches/bench_*.py: mode, timing and one results format.
+
+A bench asks for the ``bench`` fixture (benches/conftest.py) and, per measurement::
+
+    t = bench.time(fn)                          # Timing: median and IQR in seconds
+    bench.record(op="rope3d", provider="triton", shape="tokens=4096 heads=16 d=64",
+                 dtype=torch.bfloat16, timing=t, bytes=nbytes, baseline="torch")
+
+- Mode: "quick" (CPU-sized inputs, reference backends) or "full" (GPU sizes). Auto: full when a
+  CUDA device is present, quick otherwise; ``--bench-mode=quick|full`` or SIGVLP_BENCH_QUICK=1
+  override. ``full()`` / ``mode()`` are valid from collection on (for parametrisation).
+- Timing (`measure`): on a GPU, CUDA events around each call, the L2 cache flushed before each
+  one, after one untimed call (compilation, autotuning) and ~25 ms of warm-up, repeated for
+  ~100 ms (5 to 200 calls); on the CPU, perf_counter over `rounds` calls after one warm-up call.
+  Median and inter-quartile range of the per-call times. The samples are also handed to
+  pytest-benchmark, so its JSON holds exactly what the CSV summarises.
+- Ratios: ``baseline`` names the provider a row is compared with; after the run each row is
+  paired with the row of that provider with the same op, shape, dtype and mode *of the same
+  run*: ratio_to_baseline = baseline median / this median (> 1: faster than the baseline).
+- Results: every run writes into benches/results/<UTC timestamp>/ (or ``--bench-out DIR``):
+  results.csv (COLUMNS below), results.json (the same rows), pytest-benchmark.json, one PNG per
+  op (plot_<op>.png) plus whatever a bench adds there (``results_dir()``), and prints one
+  compact summary table at the end of the session.
+
+Numbers are reported, never asserted.
+"""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import datetime as _dt
+import json
+import os
+import pathlib
+import platform
+import re
+import statistics
+import time
+from typing import Callable
+
 import torch
 
+HAS_CUDA = torch.cuda.is_available()
 
-def timed(benchmark, fn, *, rounds: int, iterations: int = 1) -> float:
-    """Median seconds of fn() under pytest-benchmark, synchronising CUDA so GPU work is counted.
+#: the columns of results.csv, in order (documented in the README's Benchmarks section)
+COLUMNS = (
+    "timestamp", "mode", "op", "provider", "shape", "dtype", "device", "torch", "triton",
+    "median_ms", "iqr_ms", "rounds", "tflops", "gbps", "peak_mib", "baseline", "ratio_to_baseline",
+    "test", "extra",
+)
 
-    One untimed call first absorbs compilation and autotuning."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+RESULTS_ROOT = pathlib.Path(__file__).resolve().parent / "results"
 
-    def run():
+# ----------------------------------------------------------------------------- mode
+
+
+def mode_from_env(option: str | None = None) -> str:
+    """'quick' or 'full' from --bench-mode (auto|quick|full), SIGVLP_BENCH_QUICK and the device."""
+    if option in ("quick", "full"):
+        return option
+    if option not in (None, "", "auto"):
+        raise ValueError(f"--bench-mode: expected auto, quick or full, got {option!r}")
+    if os.environ.get("SIGVLP_BENCH_QUICK", "0") not in ("", "0"):
+        return "quick"
+    return "full" if HAS_CUDA else "quick"
+
+
+_MODE = mode_from_env(None)
+
+
+def set_mode(value: str) -> None:
+    global _MODE
+    _MODE = mode_from_env(value)
+
+
+def mode() -> str:
+    """This session's bench mode, 'quick' or 'full'."""
+    return _MODE
+
+
+def full() -> bool:
+    return _MODE == "full"
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclasses.dataclass
+class Timing:
+    """Per-call times of one measurement, in seconds."""
+
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def iqr(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        q = statistics.quantiles(self.samples, n=4, method="inclusive")
+        return q[2] - q[0]
+
+    @property
+    def rounds(self) -> int:
+        return len(self.samples)
+
+
+_L2_FLUSH: dict[int, torch.Tensor] = {}
+
+
+def _flush_l2(device: int) -> None:
+    buf = _L2_FLUSH.get(device)
+    if buf is None:
+        buf = _L2_FLUSH[device] = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=f"cuda:{device}")
+    buf.zero_()
+
+
+def _measure_cuda(fn: Callable, warmup_ms: float, rep_ms: float, min_rounds: int, max_rounds: int) -> list[float]:
+    device = torch.cuda.current_device()
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
         fn()
-        sync()
+    end.record()
+    torch.cuda.synchronize()
+    estimate_ms = max(start.elapsed_time(end) / 3, 1e-3)
+    for _ in range(min(100, max(1, int(warmup_ms / estimate_ms)))):
+        fn()
+    n = min(max_rounds, max(min_rounds, int(rep_ms / estimate_ms)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for s, e in zip(starts, ends):
+        _flush_l2(device)
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
 
-    run()
-    benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=1)
-    return benchmark.stats.stats.median
+
+def _measure_cpu(fn: Callable, rounds: int, iterations: int) -> list[float]:
+    fn()  # warm-up: first-call costs (imports, allocations, compilation)
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            fn()
+        samples.append((time.perf_counter() - t0) / iterations)
+    return samples
+
+
+def measure(fn: Callable, *, rounds: int = 3, iterations: int = 1, warmup_ms: float = 25.0,
+            rep_ms: float = 100.0, min_rounds: int = 5, max_rounds: int = 200, cuda: bool | None = None) -> Timing:
+    """Time fn() (seconds per call). GPU (cuda=None: when a CUDA device is present): CUDA events,
+    L2 flushed before each call, after one untimed call and ~warmup_ms of warm-up, repeated for
+    ~rep_ms (min_rounds..max_rounds calls). CPU: `rounds` samples of `iterations` calls each,
+    after one untimed call."""
+    if cuda is None:
+        cuda = HAS_CUDA
+    if cuda:
+        return Timing(_measure_cuda(fn, warmup_ms, rep_ms, min_rounds, max_rounds))
+    return Timing(_measure_cpu(fn, max(1, rounds), max(1, iterations)))
+
+
+def feed_benchmark(benchmark, timing: Timing) -> None:
+    """Hand the samples to pytest-benchmark's fixture (for its JSON), without timing again."""
+    if benchmark is None or not getattr(benchmark, "enabled", True):
+        return
+    try:
+        if benchmark._mode:  # already used by the bench itself
+            return
+        benchmark._mode = "sigvlp _bench.measure"
+        stats = benchmark._make_stats(1)
+        for s in timing.samples:
+            stats.update(s)
+    except AttributeError:  # another pytest-benchmark layout: time a few rounds its own way
+        benchmark._mode = None
+        samples = iter(timing.samples)
+        benchmark.pedantic(lambda: next(samples, None), rounds=timing.rounds, iterations=1)
+
+
+_LAST_TIMING: list[Timing | None] = [None]
+
+
+def timed(benchmark, fn: Callable, *, rounds: int, iterations: int = 1) -> float:
+    """Median seconds of fn() (see `measure`; CUDA events on a GPU), also given to pytest-benchmark.
+    The older helper's signature, kept for the bench files that use it."""
+    timing = measure(fn, rounds=rounds, iterations=iterations)
+    feed_benchmark(benchmark, timing)
+    _LAST_TIMING[0] = timing
+    return timing.median
+
+
+def peak_memory(fn: Callable) -> int | None:
+    """Peak bytes allocated on the GPU by fn() beyond what was allocated before (None on CPU)."""
+    if not HAS_CUDA:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del result
+    return peak
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _dtype_name(dtype) -> str:
+    if dtype is None:
+        return ""
+    return str(dtype).removeprefix("torch.")
+
+
+def device_name() -> str:
+    if HAS_CUDA:
+        return torch.cuda.get_device_name()
+    return f"cpu {platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _triton_version() -> str:
+    try:
+        import triton  # noqa: PLC0415
+
+        return triton.__version__
+    except ImportError:
+        return ""
+
+
+class Results:
+    """All rows of one session, written out at its end."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.started = _dt.datetime.now(_dt.timezone.utc)
+        self.out_dir: pathlib.Path | None = None  # fixed by conftest (or created on first use)
+        self._env = None
+
+    def env(self) -> dict:
+        if self._env is None:
+            self._env = {"device": device_name(), "torch": torch.__version__, "triton": _triton_version()}
+        return self._env
+
+    def directory(self) -> pathlib.Path:
+        if self.out_dir is None:
+            self.out_dir = new_results_dir()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        return self.out_dir
+
+    def add(self, *, op: str, provider: str, shape="", dtype=None, timing: Timing | None = None,
+            seconds: float | None = None, flops: float | None = None, bytes: float | None = None,
+            peak_bytes: float | None = None, baseline: str | None = None, test: str = "", **extra) -> dict:
+        median = timing.median if timing is not None else seconds
+        row = {
+            "timestamp": self.started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "mode": mode(),
+            "op": op,
+            "provider": provider,
+            "shape": shape if isinstance(shape, str) else "x".join(map(str, shape)),
+            "dtype": _dtype_name(dtype),
+            **self.env(),
+            "median_ms": None if median is None else median * 1e3,
+            "iqr_ms": None if timing is None else timing.iqr * 1e3,
+            "rounds": None if timing is None else timing.rounds,
+            "tflops": flops / median / 1e12 if flops and median else None,
+            "gbps": bytes / median / 1e9 if bytes and median else None,
+            "peak_mib": None if peak_bytes is None else peak_bytes / 2**20,
+            "baseline": baseline or "",
+            "ratio_to_baseline": None,
+            "test": test,
+            "extra": {k: v for k, v in extra.items() if v is not None},
+        }
+        self.rows.append(row)
+        return row
+
+    def pair_ratios(self) -> None:
+        """ratio_to_baseline = baseline median / row median, for the baseline row of the same
+        op, shape, dtype and mode in this run."""
+        index = {(r["op"], r["shape"], r["dtype"], r["mode"], r["provider"]): r for r in self.rows}
+        for r in self.rows:
+            if not r["baseline"] or not r["median_ms"]:
+                continue
+            base = index.get((r["op"], r["shape"], r["dtype"], r["mode"], r["baseline"]))
+            if base is not None and base["median_ms"]:
+                r["ratio_to_baseline"] = base["median_ms"] / r["median_ms"]
+
+    def write(self) -> pathlib.Path | None:
+        if not self.rows:
+            return None
+        self.pair_ratios()
+        out = self.directory()
+        with open(out / "results.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+            writer.writeheader()
+            for r in self.rows:
+                writer.writerow({k: _csv_cell(r[k]) for k in COLUMNS})
+        (out / "results.json").write_text(json.dumps(self.rows, indent=1, default=str))
+        plot_rows(self.rows, out)
+        return out
+
+    def summary(self) -> str:
+        """The compact end-of-run table (one line per row, grouped by op)."""
+        self.pair_ratios()
+        head = ("provider", "shape", "dtype", "ms", "IQR", "TFLOP/s", "GB/s", "peak MiB", "x baseline")
+        lines = []
+        for op in dict.fromkeys(r["op"] for r in self.rows):
+            rows = [r for r in self.rows if r["op"] == op]
+            cells = [(r["provider"], r["shape"], r["dtype"], _fmt(r["median_ms"]), _fmt(r["iqr_ms"]),
+                      _fmt(r["tflops"]), _fmt(r["gbps"]), _fmt(r["peak_mib"]),
+                      "" if r["ratio_to_baseline"] is None else f"{r['ratio_to_baseline']:.3g} vs {r['baseline']}")
+                     for r in rows]
+            keep = [i for i in range(len(head)) if i < 4 or any(c[i] for c in cells)]
+            widths = [max(len(head[i]), *(len(c[i]) for c in cells)) for i in keep]
+            lines.append(f"-- {op} --")
+            lines.append("  ".join(head[i].ljust(w) for i, w in zip(keep, widths)).rstrip())
+            lines += ["  ".join(c[i].ljust(w) for i, w in zip(keep, widths)).rstrip() for c in cells]
+        return "\n".join(lines)
+
+
+def _csv_cell(value):
+    if isinstance(value, dict):
+        return json.dumps(value, default=str, sort_keys=True) if value else ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else value
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def new_results_dir(root: pathlib.Path | None = None) -> pathlib.Path:
+    root = RESULTS_ROOT if root is None else pathlib.Path(root)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path, n = root / stamp, 1
+    while path.exists():
+        n += 1
+        path = root / f"{stamp}-{n}"
+    return path
+
+
+RESULTS = Results()
+
+
+def results_dir() -> pathlib.Path:
+    """This session's results folder (created on first use): benches may write their own files."""
+    return RESULTS.directory()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:60] or "op"
+
+
+def plot_rows(rows: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
+    """One PNG per op: per shape, one bar per provider (throughput when counted, else time)."""
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return []
+    written = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        group = [r for r in rows if r["op"] == op and r["median_ms"]]
+        if not group:
+            continue
+        metric, label = "median_ms", "median time per call (ms, lower is better)"
+        if all(r["tflops"] for r in group):
+            metric, label = "tflops", "TFLOP/s (higher is better)"
+        elif all(r["gbps"] for r in group):
+            metric, label = "gbps", "GB/s (higher is better)"
+        shapes = list(dict.fromkeys(r["shape"] or "-" for r in group))
+        providers = list(dict.fromkeys(r["provider"] for r in group))
+        width = 0.8 / len(providers)
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(shapes) + 2), 3.6))
+        for j, p in enumerate(providers):
+            xs, ys = [], []
+            for i, s in enumerate(shapes):
+                vals = [r[metric] for r in group if r["provider"] == p and (r["shape"] or "-") == s]
+                if vals:
+                    xs.append(i + (j - (len(providers) - 1) / 2) * width)
+                    ys.append(vals[0])
+            ax.bar(xs, ys, width=width, label=p or "-")
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels([textwrap(s) for s in shapes], fontsize=7)
+        ax.set_ylabel(label, fontsize=8)
+        ax.set_title(f"{op} ({group[0]['device']}, {group[0]['mode']})", fontsize=9)
+        if max(r[metric] for r in group) / max(min(r[metric] for r in group), 1e-30) > 100:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"plot_{_slug(op)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def textwrap(s: str, width: int = 18) -> str:
+    words, lines, cur = s.split(" "), [], ""
+    for w in words:
+        if cur and len(cur) + len(w) + 1 > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}".strip()
+    lines.append(cur)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- per-test helper
+
+
+class Bench:
+    """The ``bench`` fixture: time, record and query the mode inside one bench test."""
+
+    def __init__(self, request, results: Results = RESULTS):
+        self._request = request
+        self._results = results
+        self.mode = mode()
+        self.full = self.mode == "full"
+        self.cuda = HAS_CUDA
+        self.device = "cuda" if HAS_CUDA else "cpu"
+        self.last: Timing | None = None
+
+    def _benchmark(self):
+        if "benchmark" not in self._request.fixturenames:
+            try:
+                return self._request.getfixturevalue("benchmark")
+            except Exception:  # pytest-benchmark not installed
+                return None
+        return self._request.getfixturevalue("benchmark")
+
+    def time(self, fn: Callable, *, rounds: int | None = None, iterations: int = 1, **kw) -> Timing:
+        """Timing of fn() (see `measure`); rounds defaults to 3 (CPU only; GPU rounds adapt)."""
+        timing = measure(fn, rounds=rounds or 3, iterations=iterations, **kw)
+        feed_benchmark(self._benchmark(), timing)
+        self.last = timing
+        return timing
+
+    def peak_memory(self, fn: Callable) -> int | None:
+        return peak_memory(fn)
+
+    def record(self, *, op: str, provider: str, shape="", dtype=None, timing: Timing | None = None,
+               seconds: float | None = None, flops: float | None = None, bytes: float | None = None,
+               peak_bytes: float | None = None, baseline: str | None = None, **extra) -> dict:
+        """Add one row. timing defaults to this test's last `time` result (or give seconds=).
+        flops / bytes: work of one call (-> TFLOP/s, GB/s); baseline: the provider this row is
+        compared with (same op, shape, dtype, mode); extra: anything else (goes to the CSV's
+        `extra` column as JSON)."""
+        if timing is None and seconds is None:
+            timing = self.last
+        return self._results.add(op=op, provider=provider, shape=shape, dtype=dtype, timing=timing,
+                                 seconds=seconds, flops=flops, bytes=bytes, peak_bytes=peak_bytes,
+                                 baseline=baseline, test=self._request.node.nodeid, **extra)
+
+
+# ----------------------------------------------------------------------------- older report API
+
+
+_METRIC_KEYS = {"ms", "TFLOPs", "GBps", "peak_MiB", "provider", "dtype"}
+
+
+def legacy_row(table: str, columns: dict, test: str = "") -> dict:
+    """A tidy row from an older `bench_report.add(table, **columns)` call (until each bench file
+    records its rows itself): the test's last timing (else its `ms` column), TFLOPs / GBps /
+    peak_MiB columns, the other columns as the shape."""
+    timing = _LAST_TIMING[0]
+    seconds = None
+    if timing is None and isinstance(columns.get("ms"), (int, float)):
+        seconds = columns["ms"] / 1e3
+    median = timing.median if timing is not None else seconds
+    tf, gb = columns.get("TFLOPs"), columns.get("GBps")
+    shape = " ".join(f"{k}={v}" for k, v in columns.items()
+                     if k not in _METRIC_KEYS and not isinstance(v, float) and v is not None)
+    extra = {k: v for k, v in columns.items() if k not in _METRIC_KEYS and isinstance(v, float)}
+    row = RESULTS.add(op=table.split(" (")[0], provider=str(columns.get("provider", "")), shape=shape,
+                      dtype=columns.get("dtype"), timing=timing, seconds=seconds,
+                      flops=tf * 1e12 * median if tf and median else None,
+                      bytes=gb * 1e9 * median if gb and median else None,
+                      peak_bytes=None if columns.get("peak_MiB") is None else columns["peak_MiB"] * 2**20,
+                      test=test, **extra)
+    _LAST_TIMING[0] = None
+    return row

@@ -1,29 +1,53 @@
-"""Benchmark reporting (the common setup, Triton interpreter and output poisoning, lives in
-the repository's top-level conftest.py)."""
+"""Benchmark session set-up: mode, results folder, pytest-benchmark settings, the end-of-run
+summary. The common set-up (Triton interpreter without a GPU) lives in the repository's top-level
+conftest.py; the harness itself (timing, rows, CSV, plots) in benches/_bench.py.
 
-import os
+Options (valid when benches/ is on the command line, e.g. ``pytest benches/``):
+  --bench-mode=auto|quick|full   auto: full with a CUDA device, quick otherwise (SIGVLP_BENCH_QUICK=1
+                                 forces quick, as before)
+  --bench-out=DIR                results folder (default benches/results/<UTC timestamp>/)
+  --bench-tables                 also print pytest-benchmark's own (wide) tables
+"""
+
+from __future__ import annotations
+
+import pathlib
 
 import pytest
 import torch
 
+import _bench
+
 HAS_CUDA = torch.cuda.is_available()
 
-# ----------------------------------------------------------------------------- reporting
-# Benchmarks add rows with `bench_report.add(table, **columns)`; each table is printed at the
-# end of the run (and written to .benchmarks/sigvlp-report.json), so ratios against the named
-# baselines of one run are read off together. Numbers are reported, never asserted.
 
-import json  # noqa: E402
-import pathlib  # noqa: E402
+def pytest_addoption(parser):
+    group = parser.getgroup("sigvlp benches")
+    group.addoption("--bench-mode", default="auto", choices=("auto", "quick", "full"),
+                    help="quick: CPU-sized inputs; full: GPU sizes; auto: full when a CUDA device is present")
+    group.addoption("--bench-out", default=None, metavar="DIR",
+                    help="results folder (default benches/results/<UTC timestamp>/)")
+    group.addoption("--bench-tables", action="store_true", default=False,
+                    help="also print pytest-benchmark's own tables")
 
-FULL = HAS_CUDA and os.environ.get("SIGVLP_BENCH_QUICK", "0") in ("", "0")
-"""Full sizes on a GPU; quick CPU mode otherwise (or with SIGVLP_BENCH_QUICK=1)."""
+
+def pytest_configure(config):
+    _bench.set_mode(config.getoption("--bench-mode", default="auto"))
+    out = config.getoption("--bench-out", default=None)
+    _bench.RESULTS.out_dir = pathlib.Path(out).resolve() if out else _bench.new_results_dir()
+    if config.option.collectonly or getattr(config, "workerinput", None) is not None:
+        return
+    if hasattr(config.option, "benchmark_quiet") and not config.getoption("--bench-tables", default=False):
+        if not getattr(config.option, "benchmark_verbose", False):
+            config.option.benchmark_quiet = True
+    if hasattr(config.option, "benchmark_json") and config.option.benchmark_json is None:
+        directory = _bench.RESULTS.directory()
+        config.option.benchmark_json = open(directory / "pytest-benchmark.json", "wb")  # noqa: SIM115
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return ""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+# ----------------------------------------------------------------------------- older report API
+# Benchmarks written before _bench.Results add rows with `bench_report.add(table, **columns)`;
+# each call also becomes a row of the results CSV (see _bench.legacy_row).
 
 
 class BenchReport:
@@ -38,17 +62,7 @@ class BenchReport:
 
     def add(self, table: str, **columns):
         self.tables.setdefault(table, []).append(columns)
-
-    def render(self) -> str:
-        out = []
-        for name, rows in self.tables.items():
-            keys = list(dict.fromkeys(k for row in rows for k in row))
-            cells = [[_fmt(row.get(k)) for k in keys] for row in rows]
-            widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-            out.append(f"\n== {name} ==")
-            out.append("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
-            out.extend("  ".join(c.ljust(w) for c, w in zip(cell, widths)) for cell in cells)
-        return "\n".join(out)
+        _bench.legacy_row(table, columns)
 
 
 _REPORT = BenchReport()
@@ -61,13 +75,44 @@ def bench_report() -> BenchReport:
 
 @pytest.fixture(scope="session")
 def full_mode() -> bool:
-    return FULL
+    return _bench.full()
 
 
-def pytest_terminal_summary(terminalreporter):
-    if not _REPORT.tables:
+@pytest.fixture
+def bench(request) -> _bench.Bench:
+    """Time and record rows: bench.time(fn) -> Timing, bench.record(op=..., provider=..., ...)."""
+    return _bench.Bench(request)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_timing():
+    _bench._LAST_TIMING[0] = None
+    yield
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    results = _bench.RESULTS
+    if not results.rows:
         return
-    terminalreporter.write_line(_REPORT.render())
-    path = pathlib.Path(".benchmarks")
-    path.mkdir(exist_ok=True)
-    (path / "sigvlp-report.json").write_text(json.dumps(_REPORT.tables, indent=1, default=str))
+    out = results.write()
+    terminalreporter.section(f"sigvlp benchmarks ({_bench.mode()} mode, {results.env()['device']})")
+    terminalreporter.write_line(results.summary())
+    terminalreporter.write_line(f"results: {out}/results.csv (+ results.json, pytest-benchmark.json, plot_*.png)")
+
+
+def pytest_unconfigure(config):
+    # A session that recorded nothing leaves no empty results folder behind.
+    out = _bench.RESULTS.out_dir
+    if _bench.RESULTS.rows or out is None or not out.exists():
+        return
+    json_file = getattr(config.option, "benchmark_json", None)
+    if json_file is not None and not json_file.closed:
+        json_file.close()
+    files = list(out.iterdir())
+    if all(f.name == "pytest-benchmark.json" and f.stat().st_size == 0 for f in files):
+        for f in files:
+            f.unlink()
+        try:
+            out.rmdir()
+        except OSError:
+            pass

@@ -1,0 +1,85 @@
+"""sigvlp.selftest: passes on healthy backends, fails (exit 1) on a deliberately broken one."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from sigvlp import selftest
+from sigvlp.ops import OPS
+
+
+def _statuses(checks):
+    return {(c.op, c.backend, c.dtype): c.status for c in checks}
+
+
+def test_torch_backends_pass_on_cpu():
+    checks = selftest.run_checks("cpu", backends=["torch"], dtypes=["float32", "bfloat16"])
+    assert {c.op for c in checks} == set(OPS)
+    assert all(c.status == "PASS" for c in checks), [c.line() for c in checks]
+    for c in checks:
+        assert c.fwd_err is not None and c.fwd_err <= c.tol
+        assert (c.bwd_err is None) == (c.op == "newton_schulz")
+
+
+def test_triton_in_interpreter_and_bf16_dot_skip():
+    checks = selftest.run_checks("cpu", ops=["sigmoid_loss"], backends=["triton"], dtypes=["float32", "bfloat16"])
+    assert _statuses(checks) == {("sigmoid_loss", "triton", "float32"): "PASS",
+                                 ("sigmoid_loss", "triton", "bfloat16"): "SKIP"}
+
+
+def _break(monkeypatch, op, name, fn):
+    bset = OPS[op]
+    monkeypatch.setitem(bset.backends, name, dataclasses.replace(bset.backends[name], run=fn))
+
+
+@pytest.mark.parametrize("op", ["rope3d", "newton_schulz"])
+def test_wrong_values_fail(monkeypatch, capsys, op):
+    original = OPS[op].backends["torch"].run
+
+    def off_by_a_little(*args):
+        result = original(*args)
+        out = args[1]  # both runners write their result into their second argument
+        out.add_(1e-3 * out.abs().max())
+        return result
+
+    _break(monkeypatch, op, "torch", off_by_a_little)
+    checks = selftest.run_checks("cpu", ops=[op], backends=["torch"], dtypes=["float32"])
+    assert [c.status for c in checks] == ["FAIL"]
+    assert checks[0].fwd_err > checks[0].tol
+    assert selftest.main(["--device", "cpu", "--ops", op, "--backends", "torch", "--dtypes", "float32"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_crash_fails(monkeypatch):
+    def crash(*args):
+        raise RuntimeError("kernel exploded")
+
+    _break(monkeypatch, "sigmoid_loss", "torch", crash)
+    (check,) = selftest.run_checks("cpu", ops=["sigmoid_loss"], backends=["torch"], dtypes=["float32"])
+    assert check.status == "FAIL" and "kernel exploded" in check.note
+
+
+def test_cli_output_and_exit(capsys, tmp_path):
+    out = tmp_path / "selftest.json"
+    rc = selftest.main(["--device", "cpu", "--ops", "sigmoid_loss", "--backends", "torch,cuda",
+                        "--dtypes", "float16", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "sigmoid_loss" in text and "PASS" in text and " 0 failed" in text
+    assert out.exists()
+
+
+def test_bad_names():
+    with pytest.raises(ValueError, match="ops"):
+        selftest.run_checks("cpu", ops=["rope4d"])
+    with pytest.raises(ValueError, match="dtypes"):
+        selftest.run_checks("cpu", dtypes=["float8"])
+
+
+def test_error_metric():
+    want = torch.tensor([1.0, -2.0, 4.0])
+    assert selftest.rel_err(want + torch.tensor([0.0, 0.4, 0.0]), want) == pytest.approx(0.1)
+    assert selftest.rel_err(torch.tensor([1.0, float("nan"), 4.0]), want) == float("inf")
