@@ -1,0 +1,225 @@
+"""The evaluation report: its JSON schema, a checker, the stdout table and the writer.
+
+Top-level keys of a report (``SCHEMA`` = "sigvlp.eval/1"); a section that was not run holds
+{"skipped": reason}:
+
+- ``schema``, ``seconds``, ``device``
+- ``checkpoint``: {"path", "sha256" (of model.safetensors + config.json), "config"}
+- ``dataset``: {"root", "split", "train_split", "n_volumes", "n_chunks", "skipped"}
+- ``config``: the EvalConfig used (prompts, labels, thresholds of the protocol, seeds, ...)
+- ``zero_shot``: {"protocol", "prompts", "labels_used", "labels_skipped", "per_label": {label:
+  {auroc, f1_weighted, accuracy, precision, threshold, n_pos, n_neg, auroc_ci}}, "mean":
+  {auroc, f1_weighted, accuracy, precision}, "bootstrap": bootstrap_ci(...)}
+- ``organs``: {"organs_used", "organs_skipped", "zero_shot": {"prompts", "per_organ": {organ:
+  {auroc, precision, recall, f1, threshold, n_pos, n_neg}}, "mean"}, "linear_probe": {...same,
+  "n_train"}}
+- ``retrieval``: {"volume_to_report", "report_to_volume", "chunk_to_organ_text"}: each
+  {"R@1", "R@5", "R@10", "R@50", "median_rank", "mean_rank", "n_queries", "n_candidates"}
+- ``segmentation``: {"per_organ_dice": {organ: dice}, "mean_dice", "n_train_tokens", ...}
+- ``depth_sweep``: {"points": [{"slices", "tokens", "encoder_flops", "flops_counted",
+  "flops_attention_analytic", "mean_auroc", "mean_f1_weighted", "n_volumes"}]}
+- ``embedding_map``: {"method": "umap" | "pca", "n"}
+- ``plots``: {name: path}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+SCHEMA = "sigvlp.eval/1"
+SECTIONS = ("zero_shot", "organs", "retrieval", "segmentation", "depth_sweep", "embedding_map")
+_TOP = {"schema": str, "seconds": (int, float), "device": str, "checkpoint": dict, "dataset": dict, "config": dict,
+        "plots": dict, **{s: dict for s in SECTIONS}}
+_ZS_LABEL_KEYS = ("auroc", "f1_weighted", "accuracy", "precision", "threshold", "n_pos", "n_neg")
+_RETRIEVAL_KEYS = ("R@1", "R@5", "R@10", "R@50", "median_rank", "mean_rank", "n_queries", "n_candidates")
+_ORGAN_KEYS = ("auroc", "precision", "recall", "f1", "threshold", "n_pos", "n_neg")
+
+
+def _need(obj: dict, keys, where: str):
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise ValueError(f"report: {where} lacks {missing}")
+
+
+def _num(x, where: str):
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        raise ValueError(f"report: {where} must be a number, got {type(x).__name__}")
+
+
+def _skipped(section) -> bool:
+    return set(section) == {"skipped"}
+
+
+def validate_report(report: dict) -> dict:
+    """Check a report (dict or the JSON text's parse) against the schema in this module's
+    docstring; returns it. ValueError names the first missing key or wrong type."""
+    if not isinstance(report, dict):
+        raise ValueError(f"report: expected a dict, got {type(report).__name__}")
+    for key, typ in _TOP.items():
+        if key not in report:
+            raise ValueError(f"report: missing top-level key {key!r}")
+        if not isinstance(report[key], typ):
+            raise ValueError(f"report: {key!r} has type {type(report[key]).__name__}")
+    if report["schema"] != SCHEMA:
+        raise ValueError(f"report: schema {report['schema']!r}, expected {SCHEMA!r}")
+    _need(report["checkpoint"], ("path", "sha256", "config"), "checkpoint")
+    _need(report["dataset"], ("root", "split", "n_volumes"), "dataset")
+    zs = report["zero_shot"]
+    if not _skipped(zs):
+        _need(zs, ("prompts", "labels_used", "labels_skipped", "per_label", "mean", "bootstrap"), "zero_shot")
+        if sorted(zs["per_label"]) != sorted(zs["labels_used"]):
+            raise ValueError("report: zero_shot per_label and labels_used disagree")
+        for name, m in zs["per_label"].items():
+            _need(m, _ZS_LABEL_KEYS, f"zero_shot.per_label[{name!r}]")
+            for k in _ZS_LABEL_KEYS:
+                _num(m[k], f"zero_shot.per_label[{name!r}].{k}")
+        _need(zs["mean"], ("auroc", "f1_weighted", "accuracy", "precision"), "zero_shot.mean")
+        _need(zs["bootstrap"], ("n_resamples", "seed", "mean_auroc", "mean_f1_weighted"), "zero_shot.bootstrap")
+    org = report["organs"]
+    if not _skipped(org):
+        for part in ("zero_shot", "linear_probe"):
+            sec = org.get(part)
+            if sec is None:
+                raise ValueError(f"report: organs lacks {part!r}")
+            if _skipped(sec):
+                continue
+            _need(sec, ("per_organ", "mean"), f"organs.{part}")
+            for name, m in sec["per_organ"].items():
+                _need(m, _ORGAN_KEYS, f"organs.{part}.per_organ[{name!r}]")
+    ret = report["retrieval"]
+    if not _skipped(ret):
+        for part in ("volume_to_report", "report_to_volume", "chunk_to_organ_text"):
+            if part not in ret:
+                raise ValueError(f"report: retrieval lacks {part!r}")
+            if not _skipped(ret[part]):
+                _need(ret[part], _RETRIEVAL_KEYS, f"retrieval.{part}")
+    seg = report["segmentation"]
+    if not _skipped(seg):
+        _need(seg, ("per_organ_dice", "mean_dice"), "segmentation")
+    sweep = report["depth_sweep"]
+    if not _skipped(sweep):
+        _need(sweep, ("points",), "depth_sweep")
+        for i, p in enumerate(sweep["points"]):
+            _need(p, ("slices", "tokens", "encoder_flops", "mean_auroc", "mean_f1_weighted"), f"depth_sweep.points[{i}]")
+    return report
+
+
+def _clean(obj):
+    """JSON-safe copy: numpy scalars to Python, NaN/inf to None."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_report(report: dict, path) -> Path:
+    """Write the report as JSON (atomically; NaN written as null). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_clean(report), indent=1, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _f(x, nd=3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def _table(header, rows) -> list[str]:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    return out
+
+
+def format_table(report: dict) -> str:
+    """A readable multi-section text table of a report."""
+    lines = []
+    ds, ck = report.get("dataset", {}), report.get("checkpoint", {})
+    lines.append(f"checkpoint {ck.get('path')} (sha256 {str(ck.get('sha256'))[:12]}), data {ds.get('root')} "
+                 f"split {ds.get('split')}: {ds.get('n_volumes')} volumes")
+    zs = report.get("zero_shot", {})
+    if zs and not _skipped(zs):
+        lines.append("")
+        lines.append(f"Zero-shot abnormality classification (prompts {zs['prompts'][0]!r} / {zs['prompts'][1]!r})")
+        rows = []
+        for name, m in zs["per_label"].items():
+            ci = m.get("auroc_ci") or [None, None]
+            rows.append([name, m["n_pos"], m["n_neg"], _f(m["auroc"]), f"[{_f(ci[0])}, {_f(ci[1])}]",
+                         _f(m["f1_weighted"]), _f(m["accuracy"]), _f(m["precision"]), _f(m["threshold"], 2)])
+        mean = zs["mean"]
+        bs = zs.get("bootstrap", {}).get("mean_auroc", {})
+        rows.append(["MEAN", "", "", _f(mean["auroc"]), f"[{_f(bs.get('low'))}, {_f(bs.get('high'))}]",
+                     _f(mean["f1_weighted"]), _f(mean["accuracy"]), _f(mean["precision"]), ""])
+        lines += _table(["label", "pos", "neg", "AUROC", "95% CI", "F1(w)", "acc", "prec", "thr"], rows)
+        if zs.get("labels_skipped"):
+            lines.append(f"labels not scored: {', '.join(f'{k} ({v})' for k, v in zs['labels_skipped'].items())}")
+    org = report.get("organs", {})
+    if org and not _skipped(org):
+        lines.append("")
+        lines.append("Organ classification (chunks): zero-shot | linear probe")
+        zso, lp = org.get("zero_shot", {}), org.get("linear_probe", {})
+        rows = []
+        for name in org.get("organs_used", []):
+            a = zso.get("per_organ", {}).get(name, {})
+            b = lp.get("per_organ", {}).get(name, {})
+            rows.append([name, a.get("n_pos", b.get("n_pos", "")), _f(a.get("auroc")), _f(a.get("f1")),
+                         _f(b.get("auroc")), _f(b.get("precision")), _f(b.get("recall")), _f(b.get("f1"))])
+        rows.append(["MEAN", "", _f(zso.get("mean", {}).get("auroc")), _f(zso.get("mean", {}).get("f1")),
+                     _f(lp.get("mean", {}).get("auroc")), _f(lp.get("mean", {}).get("precision")),
+                     _f(lp.get("mean", {}).get("recall")), _f(lp.get("mean", {}).get("f1"))])
+        lines += _table(["organ", "pos", "zs AUROC", "zs F1", "lp AUROC", "lp prec", "lp rec", "lp F1"], rows)
+    ret = report.get("retrieval", {})
+    if ret and not _skipped(ret):
+        lines.append("")
+        lines.append("Retrieval")
+        rows = []
+        for name, m in ret.items():
+            if _skipped(m):
+                rows.append([name, "skipped: " + m["skipped"], "", "", "", "", ""])
+                continue
+            rows.append([name, m["n_queries"], _f(m["R@1"]), _f(m["R@5"]), _f(m["R@10"]), _f(m["R@50"]),
+                         _f(m["median_rank"], 1)])
+        lines += _table(["direction", "queries", "R@1", "R@5", "R@10", "R@50", "median rank"], rows)
+    seg = report.get("segmentation", {})
+    if seg and not _skipped(seg):
+        lines.append("")
+        lines.append(f"Segmentation probe (Dice per organ, voxels): mean {_f(seg['mean_dice'])}")
+        lines += _table(["organ", "Dice"], [[k, _f(v)] for k, v in seg["per_organ_dice"].items()])
+    sweep = report.get("depth_sweep", {})
+    if sweep and not _skipped(sweep):
+        lines.append("")
+        lines.append("Variable depth (slices the encoder sees)")
+        rows = [[p["slices"], p["tokens"], f"{p['encoder_flops'] / 1e9:.3g}", _f(p["mean_auroc"]),
+                 _f(p["mean_f1_weighted"])] for p in sweep["points"]]
+        lines += _table(["slices", "tokens", "GFLOPs", "AUROC", "F1(w)"], rows)
+    for key in SECTIONS:
+        sec = report.get(key)
+        if isinstance(sec, dict) and _skipped(sec):
+            lines.append(f"{key}: skipped ({sec['skipped']})")
+    if report.get("plots"):
+        lines.append("")
+        lines.append("plots: " + ", ".join(str(p) for p in report["plots"].values()))
+    return "\n".join(lines)
