@@ -561,9 +561,10 @@ def _launch(tuned, raw, which, grid_fn, args, meta):
         tuned[grid_fn](*args, **meta)
 
 
-def forward(q, k, v, out, lse, cu_seqlens, max_seqlen, grid_thw, positions, sections, theta, interleaved,
-            softmax_scale, causal):
+def forward(q, k, v, out, lse, *, cu_q, cu_k, max_q, max_k, grid_q, pos_q, grid_k, pos_k, sections, theta,
+            interleaved, softmax_scale, causal):
     """out (total, nheads, head_dim) and lse (nheads, total) fp32 of the fused attention; inputs validated."""
+    cu_seqlens, max_seqlen, grid_thw, positions = cu_q, max_q, grid_q, pos_q
     total, nheads, _ = q.shape
     if total == 0 or max_seqlen == 0:
         return
@@ -579,9 +580,10 @@ def forward(q, k, v, out, lse, cu_seqlens, max_seqlen, grid_thw, positions, sect
             lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), batch, nheads), args, meta)
 
 
-def backward(do, dlse, q, k, v, out, lse, delta, dq, dk, dv, cu_seqlens, max_seqlen, grid_thw, positions,
-             sections, theta, interleaved, softmax_scale, causal):
+def backward(do, dlse, q, k, v, out, lse, delta, dq, dk, dv, *, cu_q, cu_k, max_q, max_k, grid_q, pos_q, grid_k,
+             pos_k, sections, theta, interleaved, softmax_scale, causal):
     """dq, dk, dv of the fused attention (delta: an fp32 (nheads, total) scratch buffer); inputs validated."""
+    cu_seqlens, max_seqlen, grid_thw, positions = cu_q, max_q, grid_q, pos_q
     total, nheads, head_dim = q.shape
     if total == 0 or max_seqlen == 0:
         return
