@@ -75,8 +75,8 @@ def test_already_hu_data_is_never_rescaled_twice(phantom, tmp_path):
     # CT-RATE v2 style: HU stored, no header scaling, but the CSV still says intercept -1024.
     path = save(tmp_path / "v2.nii.gz", phantom.file_array(phantom.hu, "RAS"), phantom.affine("RAS"))
     meta = {"RescaleSlope": 1, "RescaleIntercept": -1024}
-    with pytest.warns(UserWarning, match="already HU"):
-        vol = load_volume(path, meta)
+    vol = load_volume(path, meta)
+    assert vol.rescale.source == "already_hu" and "already HU" in vol.rescale.reason
     np.testing.assert_array_equal(vol.hu, phantom.hu)
     with pytest.raises(ValueError, match=r"v2\.nii\.gz.*already HU.*twice"):
         load_volume(path, meta, rescale="metadata")

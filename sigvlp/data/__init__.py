@@ -6,18 +6,19 @@ Names are imported on first use, so ``import sigvlp.data.synth`` (the CLI) stays
 Nothing in sigvlp.ops or sigvlp.kernels imports this package.
 """
 
-import importlib
+from importlib import import_module as _import_module
 
 _EXPORTS = {
-    "sigvlp.data.volume": ["Volume", "load_volume", "load_mask"],
+    "sigvlp.data.volume": ["RescaleDecision", "Volume", "load_volume", "load_mask"],
     "sigvlp.data.organs": ["ORGANS", "ORGAN_GROUPS", "TS_IDS", "organ_z_profile"],
     "sigvlp.data.preprocess": ["PRESETS", "CachedVolume", "PreprocessCache", "PreprocessConfig",
-                               "preprocess_array", "preset"],
+                               "file_fingerprint", "preprocess_array", "preset"],
     "sigvlp.data.ctrate": ["CTRATE_LABELS", "CTRateDataset", "CTRateRecord", "ScanReport", "build_cache"],
-    "sigvlp.data.chunks": ["ChunkConfig", "ChunkSampler", "chunk_text", "load_findings_bank", "organs_in_chunk"],
-    "sigvlp.data.collate": ["ByteTokenizer", "HFTokenizer", "collate_chunks", "load_tokenizer",
-                            "pack_by_token_budget", "patchify"],
-    "sigvlp.data.loader": ["ChunkSource", "ChunkStream", "LoaderConfig", "make_loader"],
+    "sigvlp.data.chunks": ["CHUNK_PRESETS", "ChunkConfig", "ChunkSampler", "chunk_preset", "chunk_text",
+                           "load_findings_bank", "organs_in_chunk"],
+    "sigvlp.data.collate": ["ByteTokenizer", "HFTokenizer", "collate_chunks", "load_tokenizer", "pair_ids",
+                            "patchify", "validate_batch"],
+    "sigvlp.data.loader": ["ChunkSource", "ChunkStream", "LoaderConfig", "default_cache_root", "make_loader"],
     "sigvlp.data.synth": ["SynthConfig", "make_phantom", "write_dataset", "ensure_default_dataset"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -26,7 +27,7 @@ __all__ = sorted(_WHERE)
 
 def __getattr__(name):
     if name in _WHERE:
-        value = getattr(importlib.import_module(_WHERE[name]), name)
+        value = getattr(_import_module(_WHERE[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'sigvlp.data' has no attribute {name!r}")

@@ -58,6 +58,14 @@ CHUNK_PRESETS = {
 }
 
 
+def chunk_preset(name: str) -> ChunkConfig:
+    """A named ChunkConfig ("sigvlp": 16^3 patches, 16..128 slices; "tiny": 4 x 16 x 16, 4..32)."""
+    try:
+        return CHUNK_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown chunk preset {name!r}; known: {sorted(CHUNK_PRESETS)}") from None
+
+
 class ChunkSampler:
     """Draws chunk boundaries (z0, z1) for a volume of `depth` slices."""
 

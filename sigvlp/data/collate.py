@@ -14,9 +14,17 @@ Batch layout (``collate_chunks`` returns a dict of these):
   [BOS] ... [EOS] truncated to max_text_tokens; ``text_cu_seqlens`` (batch + 1,) int32;
   ``text_max_seqlen``: int.
 - ``image_pair_ids`` / ``text_pair_ids``: (batch,) int64 for the sigmoid loss: chunk i and text
-  j are a positive pair iff image_pair_ids[i] == text_pair_ids[j]. Identical texts share an id,
-  so two chunks described by the same sentences are positives for each other's texts.
+  j are a positive pair iff image_pair_ids[i] == text_pair_ids[j]. A non-empty text's id is a
+  62-bit hash of the text (>= 0), so identical texts share an id in this batch and on every other
+  rank (global negatives). An empty text (a chunk without findings) is never a positive of any
+  other chunk: it gets a unique negative id, -(1 + the sample's "uid", or its batch index).
+- ``empty_texts``: int, how many chunks of the batch had an empty text.
 - ``names``, ``organs``, ``z_ranges``, ``texts``: per-chunk bookkeeping (lists).
+
+``collate_chunks`` checks its own output once per batch on the host (``validate_batch``):
+cu_seqlens start at 0, never decrease and end at the row count, grid products equal the
+lengths, max_seqlen is the longest length. The ops do not read CUDA tensor values back, so
+this is where bad metadata is caught.
 
 A chunk whose depth is not a multiple of pt (a volume shorter than one patch) is padded at
 the bottom with -1 (air after windowing); H and W must be multiples of ph and pw.
@@ -95,10 +103,24 @@ def patchify(chunk, patch: tuple[int, int, int]) -> tuple[torch.Tensor, tuple[in
     return tokens, grid
 
 
-def pair_ids(texts: Sequence[str]) -> torch.Tensor:
-    """Equal texts get equal ids (the index of their first occurrence)."""
-    first: dict[str, int] = {}
-    return torch.tensor([first.setdefault(t, i) for i, t in enumerate(texts)], dtype=torch.int64)
+def text_pair_id(text: str) -> int:
+    """A 62-bit non-negative id of a non-empty text, equal on every process (blake2b)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 2
+
+
+def pair_ids(texts: Sequence[str], uids: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """(len(texts),) int64: equal non-empty texts get equal ids (text_pair_id); an empty text gets
+    -(1 + uid) (uids default to the positions), so it is nobody's positive but its own chunk's."""
+    if uids is None:
+        uids = range(len(texts))
+    out = []
+    for t, u in zip(texts, uids):
+        if not isinstance(t, str):
+            raise TypeError(f"texts must be str, got {type(t).__name__}")
+        out.append(text_pair_id(t) if t else -1 - int(u))
+    return torch.tensor(out, dtype=torch.int64)
 
 
 def _cu(lengths) -> torch.Tensor:
@@ -110,8 +132,9 @@ def _cu(lengths) -> torch.Tensor:
 
 def collate_chunks(samples: Sequence[dict], tokenizer=None, patch: tuple[int, int, int] = (16, 16, 16),
                    max_text_tokens: int = 256, dtype: torch.dtype = torch.float32) -> dict:
-    """Pack samples ({"image": (Z, Y, X), "text": str, and optional "name", "organs", "z0"})
-    into one varlen batch (layout in the module docstring)."""
+    """Pack samples ({"image": (Z, Y, X), "text": str, and optional "name", "organs", "z0",
+    "uid"}) into one varlen batch (layout in the module docstring). "uid": a non-negative int
+    unique to the chunk (across ranks and workers), used as the pair id of an empty text."""
     if not samples:
         raise ValueError("samples is empty")
     tokenizer = tokenizer or ByteTokenizer()
@@ -120,10 +143,10 @@ def collate_chunks(samples: Sequence[dict], tokenizer=None, patch: tuple[int, in
         tok, grid = patchify(s["image"], patch)
         patches.append(tok.to(dtype))
         grids.append(grid)
-    texts = [s.get("text", "") for s in samples]
+    texts = [s.get("text", "") or "" for s in samples]
     ids = [tokenizer.encode(t, max_text_tokens) for t in texts]
-    text_pair = pair_ids(texts)
-    return {
+    text_pair = pair_ids(texts, [s.get("uid", i) for i, s in enumerate(samples)])
+    batch = {
         "patches": torch.cat(patches, 0),
         "cu_seqlens": _cu([g[0] * g[1] * g[2] for g in grids]),
         "max_seqlen": max(g[0] * g[1] * g[2] for g in grids),
@@ -133,24 +156,50 @@ def collate_chunks(samples: Sequence[dict], tokenizer=None, patch: tuple[int, in
         "text_max_seqlen": max(len(r) for r in ids),
         "image_pair_ids": text_pair.clone(),
         "text_pair_ids": text_pair,
+        "empty_texts": sum(1 for t in texts if not t),
         "names": [s.get("name") for s in samples],
         "organs": [s.get("organs", []) for s in samples],
         "z_ranges": [(s.get("z0", 0), s.get("z0", 0) + int(np.shape(s["image"])[0])) for s in samples],
         "texts": texts,
     }
+    validate_batch(batch)
+    return batch
 
 
-def pack_by_token_budget(token_counts: Sequence[int], budget: int) -> list[list[int]]:
-    """Greedy, order-keeping groups of indices whose token counts sum to <= budget."""
-    groups, cur, used = [], [], 0
-    for i, n in enumerate(token_counts):
-        if n > budget:
-            raise ValueError(f"item {i} has {n} tokens, more than the budget {budget}")
-        if cur and used + n > budget:
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += n
-    if cur:
-        groups.append(cur)
-    return groups
+def _check_cu(name: str, cu: torch.Tensor, total: int, max_seqlen: int, lengths=None) -> list:
+    if cu.dtype != torch.int32 or cu.ndim != 1 or cu.numel() < 2:
+        raise ValueError(f"{name}: expected (batch + 1,) int32, got {tuple(cu.shape)} {cu.dtype}")
+    c = cu.tolist()
+    if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] != total:
+        raise ValueError(f"{name}: must start at 0, never decrease and end at {total} rows; got {c}")
+    lens = [b - a for a, b in zip(c, c[1:])]
+    if lengths is not None and lens != lengths:
+        raise ValueError(f"{name}: lengths {lens} differ from the grid products {lengths}")
+    if max(lens) != max_seqlen:
+        raise ValueError(f"{name}: max_seqlen {max_seqlen} differs from the longest length {max(lens)}")
+    return lens
+
+
+def validate_batch(batch: dict) -> None:
+    """Host-side check of a collate_chunks batch (CPU tensors); ValueError naming the field.
+    Run once per batch by collate_chunks: the ops skip value checks on CUDA tensors."""
+    grid = batch["grid_thw"]
+    if grid.dtype != torch.int32 or grid.ndim != 2 or grid.shape[1] != 3:
+        raise ValueError(f"grid_thw: expected (batch, 3) int32, got {tuple(grid.shape)} {grid.dtype}")
+    g = grid.tolist()
+    if any(v < 1 for row in g for v in row):
+        raise ValueError(f"grid_thw: every (T, H, W) must be >= 1, got {g}")
+    if batch["cu_seqlens"].numel() != len(g) + 1:
+        raise ValueError(f"cu_seqlens: {batch['cu_seqlens'].numel()} entries for {len(g)} grids")
+    _check_cu("cu_seqlens", batch["cu_seqlens"], int(batch["patches"].shape[0]), int(batch["max_seqlen"]),
+              [t * h * w for t, h, w in g])
+    tcu = batch["text_cu_seqlens"]
+    if tcu.numel() != len(g) + 1:
+        raise ValueError(f"text_cu_seqlens: {tcu.numel()} entries for {len(g)} chunks")
+    lens = _check_cu("text_cu_seqlens", tcu, int(batch["text_ids"].numel()), int(batch["text_max_seqlen"]))
+    if min(lens) < 1:
+        raise ValueError(f"text_cu_seqlens: every text needs at least one token, got lengths {lens}")
+    for key in ("image_pair_ids", "text_pair_ids"):
+        ids = batch[key]
+        if ids.dtype != torch.int64 or tuple(ids.shape) != (len(g),):
+            raise ValueError(f"{key}: expected ({len(g)},) int64, got {tuple(ids.shape)} {ids.dtype}")

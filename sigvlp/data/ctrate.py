@@ -11,8 +11,19 @@ Layout (as downloaded; the synthetic phantoms are written the same way)::
 CSVs are found anywhere under ROOT by name (``*reports*.csv``, ``*labels*.csv``,
 ``*metadata*.csv`` containing the split's name: "train", or "valid"/"validation"), or given
 explicitly. VolumeName in every CSV includes ".nii.gz". Organ masks (optional) are looked up
-under masks_dir by the same relative path as the volume, or flat by VolumeName. The findings
-bank format is described in sigvlp.data.chunks.
+under masks_dir by the same relative path as the volume, or flat by VolumeName. By default
+(``masks_dir="auto"``) the masks root is ROOT/masks, ROOT/dataset/masks or, when ROOT is the
+``dataset`` folder, its sibling ``masks``; ``None`` means no masks. A masks_dir one level too
+deep (``masks/train``, holding ``train_<pid>`` folders) is refused with the parent to pass
+instead, and a masks_dir where no volume has a mask is an error, not a silent skip of every
+volume. The findings bank (``findings="auto"``: ``*findings*.jsonl|json`` named for the split
+under ROOT) is described in sigvlp.data.chunks.
+
+``already_hu`` (None: decide per volume, see sigvlp.data.volume) is passed to every load: True
+for datasets whose files are HU (CT-RATE v2), False to apply the metadata rescale (v1).
+
+From the dataset to batches: ``make_loader(ds, chunk_config, loader_config, cache=...)`` or
+``ds.cached(cache)`` -> [(record, CachedVolume)] for the usable volumes (built as needed).
 
 Scanning checks what is cheap (CSV rows, mask presence, the NIfTI header: readable, 3-D,
 slices > 0); a bad volume is skipped, counted and reported (``on_error="skip"``, the default)
@@ -22,6 +33,7 @@ or raises ValueError naming the file (``on_error="raise"``).
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -43,6 +55,7 @@ METADATA_COLUMNS = (
     "PatientAge", "ReconstructionDiameter", "Rows", "Columns", "RescaleIntercept", "RescaleSlope",
     "XYSpacing", "ZSpacing", "NumberofSlices",
 )
+log = logging.getLogger("sigvlp.data")
 _NAME_RE = re.compile(r"^(train|valid)_(\d+)_([a-z]+)_(\d+)\.nii(\.gz)?$")
 _SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "validation")}
 
@@ -80,6 +93,14 @@ def _find_csv(root: Path, split: str, kind: str) -> Optional[Path]:
     return found[0] if found else None
 
 
+def _find_bank(root: Path, split: str) -> Optional[Path]:
+    found = [p for pat in ("*findings*.jsonl", "*findings*.json") for p in sorted(root.rglob(pat))
+             if any(re.match(rf"^{alias}[_\-]", p.name.lower()) for alias in _SPLIT_ALIASES[split])]
+    if len(found) > 1:
+        raise ValueError(f"{root}: several findings banks for split {split!r}: {[str(p) for p in found]}; pass one")
+    return found[0] if found else None
+
+
 @dataclass
 class CTRateRecord:
     name: str  # VolumeName, with .nii.gz
@@ -110,8 +131,8 @@ class CTRateDataset:
     """
 
     def __init__(self, root, split: str = "train", *, reports_csv=None, labels_csv=None, metadata_csv=None,
-                 masks_dir=None, findings=None, require=("reports", "metadata"), check_headers: bool = True,
-                 on_error: str = "skip"):
+                 masks_dir="auto", findings="auto", require=("reports", "metadata"), check_headers: bool = True,
+                 on_error: str = "skip", already_hu: Optional[bool] = None):
         if split not in _SPLIT_ALIASES:
             raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
         if on_error not in ("skip", "raise"):
@@ -129,14 +150,45 @@ class CTRateDataset:
             csvs[kind] = read_csv_rows(p) if p is not None else None
             if kind in require and csvs[kind] is None:
                 raise ValueError(f"{self.root}: no {kind} CSV found for split {split!r}")
-        self.masks_dir = Path(masks_dir) if masks_dir is not None else None
+        if already_hu not in (None, True, False):
+            raise ValueError(f"already_hu must be None, True or False, got {already_hu!r}")
+        self.already_hu = already_hu
+        self.masks_dir = self._masks_root(masks_dir)
+        if isinstance(findings, str) and findings == "auto":
+            findings = _find_bank(self.root, split)
         if findings is not None and not isinstance(findings, dict):
             from sigvlp.data.chunks import load_findings_bank
 
             findings = load_findings_bank(findings)
         self.findings_bank = findings
         self.scan = ScanReport()
+        self.cache_report = ScanReport()
         self.records = self._scan(csvs, tuple(require), check_headers)
+        no_mask = [p for p, why in self.scan.skipped if why.startswith("no organ mask")]
+        if self.masks_dir is not None and no_mask and not self.records:
+            name = Path(no_mask[0]).name
+            example = self.masks_dir / (volume_relpath(name) if _NAME_RE.match(name) else name)
+            raise ValueError(f"{self.masks_dir}: no organ mask found for any of the {len(no_mask)} {split} volumes; "
+                             f"expected e.g. {example} (the masks root holds <split>/... as the dataset does), "
+                             f"or pass masks_dir=None to use no masks")
+
+    def _masks_root(self, masks_dir) -> Optional[Path]:
+        if masks_dir is None:
+            return None
+        if isinstance(masks_dir, str) and masks_dir == "auto":
+            cands = [self.root / "masks", self.root / "dataset" / "masks"]
+            if self.root.name == "dataset":
+                cands.append(self.root.parent / "masks")
+            return next((c for c in cands if c.is_dir()), None)
+        masks_dir = Path(masks_dir)
+        if not masks_dir.is_dir():
+            raise FileNotFoundError(f"{masks_dir}: no such masks folder")
+        split_level = masks_dir.name in _SPLIT_ALIASES[self.split] or any(
+            p.is_dir() and re.match(rf"^{self.split}_\d+$", p.name) for p in masks_dir.iterdir())
+        if split_level and not (masks_dir / self.split).is_dir():
+            raise ValueError(f"masks_dir {masks_dir} is the {self.split!r} level of the masks tree (it holds "
+                             f"{self.split}_<pid> folders); pass the masks root {masks_dir.parent} instead")
+        return masks_dir
 
     def _volume_files(self) -> list[Path]:
         files = []
@@ -226,22 +278,36 @@ class CTRateDataset:
         from sigvlp.data.volume import load_volume
 
         rec = self.records[i]
-        return load_volume(rec.path, rec.metadata)
+        return load_volume(rec.path, rec.metadata, already_hu=self.already_hu)
+
+    def cached(self, cache=None, *, workers: int = 0, progress: bool = False) -> list:
+        """[(CTRateRecord, CachedVolume)] for the volumes that preprocess; built as needed.
+        cache: a PreprocessCache, a PreprocessConfig or preset name, or None (the "sigvlp" preset
+        in the default cache folder, see sigvlp.data.loader.default_cache_root). Volumes that fail
+        (decode errors, implausible HU, MemoryError, ...) are skipped, counted in
+        self.cache_report and logged; on_error="raise" raises instead."""
+        from sigvlp.data.loader import as_cache
+
+        entries, self.cache_report = build_cache(self, as_cache(cache, self.root), workers=workers,
+                                                 progress=progress)
+        if self.cache_report.skipped:
+            log.warning("%s", self.cache_report.summary())
+        return entries
 
 
 def build_cache(dataset: CTRateDataset, cache, *, on_error: Optional[str] = None, workers: int = 0,
                 progress: bool = False):
     """Preprocess every record into `cache` (a PreprocessCache). Returns (entries, ScanReport):
-    entries[i] is (record, CachedVolume). A volume that fails to decode (truncated gzip, NaN
-    voxels, mask mismatch, ...) is skipped and reported, or raises when on_error="raise"."""
+    entries[i] is (record, CachedVolume). A volume that fails (truncated gzip, NaN voxels,
+    ambiguous or implausible HU, mask mismatch, MemoryError, any other exception, or a worker
+    process killed, e.g. by the out-of-memory killer) is skipped, counted and reported, or raises
+    ValueError when on_error="raise"; one volume never aborts the others."""
     on_error = on_error or dataset.on_error
     report = ScanReport(seen=len(dataset.records))
-    jobs = [(cache, r.path, r.mask_path, r.metadata, r.name) for r in dataset.records]
+    jobs = [(cache, r.path, r.mask_path, r.metadata, r.name, str(dataset.root), dataset.already_hu)
+            for r in dataset.records]
     if workers and workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers) as pool:
-            results = pool.map(_cache_one, jobs, chunksize=1)
+        results = _run_pool(jobs, workers)
     else:
         results = [_cache_one(j) for j in jobs]
     entries = []
@@ -257,10 +323,39 @@ def build_cache(dataset: CTRateDataset, cache, *, on_error: Optional[str] = None
     return entries, report
 
 
+def _run_pool(jobs, workers):
+    """_cache_one over jobs in `workers` spawned processes. A job whose process dies takes the
+    pool down with it: the unfinished jobs are then rerun one process each, so only the job that
+    kills its own process is reported as failed."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    results = [None] * len(jobs)
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+        futures = [ex.submit(_cache_one, j) for j in jobs]
+        for i, f in enumerate(futures):
+            try:
+                results[i] = f.result()
+            except BrokenProcessPool:
+                pass
+    for i, r in enumerate(results):
+        if r is None:
+            try:
+                with ProcessPoolExecutor(1, mp_context=ctx) as ex:
+                    results[i] = ex.submit(_cache_one, jobs[i]).result()
+            except BrokenProcessPool:
+                results[i] = (False, f"{jobs[i][1]}: the worker process died (killed by the system, out of memory?)")
+    return results
+
+
 def _cache_one(job):
-    cache, path, mask_path, metadata, name = job
+    cache, path, mask_path, metadata, name, root, already_hu = job
     try:
-        return True, cache.get(path, mask_path, metadata, name=name)
-    except (ValueError, TypeError, OSError, EOFError) as e:
-        msg = str(e)
+        return True, cache.get(path, mask_path, metadata, name=name, root=root, already_hu=already_hu)
+    except MemoryError:
+        return False, f"{path}: MemoryError while preprocessing (volume too large for this worker's memory)"
+    except Exception as e:  # noqa: BLE001 - one bad volume never aborts the others; reported by name
+        msg = str(e) if isinstance(e, (ValueError, OSError, EOFError)) else f"{type(e).__name__}: {e}"
         return False, msg if os.fspath(path) in msg else f"{path}: {msg}"

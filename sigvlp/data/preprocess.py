@@ -3,13 +3,25 @@
 The slice axis is resampled to a target spacing but never cropped or padded to a fixed depth;
 in-plane either the whole field of view is resized to size x size ("resize") or resampled to
 a spacing and centre-cropped/padded to size x size ("spacing"). HU are clipped to a window and
-scaled to [-1, 1].
+scaled to [-1, 1]. ``preprocess_array`` works in blocks of output slices, so its temporaries are
+bounded (about 32 MB of source slices in float32) whatever the depth.
 
-Cache: one safetensors file per volume, under a directory named by a hash of the config (a
-changed config never sees stale entries), keyed by the source file's path, size and mtime (and
-its mask's). Each file holds ``image`` (z, size, size) float16 in [-1, 1], ``organ_profile``
-(len(ORGANS), z) int32 organ voxel counts per preprocessed slice, and JSON metadata. Chunks are
-read through safetensors' memory map, so a chunk read touches only its slices.
+Cache: one safetensors file per volume, under a directory named by a hash of the config and
+CACHE_FORMAT (a changed config or format never sees old entries). Each file holds ``image``
+(z, size, size) float16 in [-1, 1]; with a mask, ``organ_profile`` (len(ORGANS), z) int32 organ
+voxel counts per preprocessed slice and ``organ_map`` (z, size, size) uint8, the organ of each
+preprocessed voxel (nearest neighbour; 0 background, k = ORGANS[k - 1]); and JSON metadata (the
+rescale decision, geometry notes, output spacing, format). Chunks are read through safetensors'
+memory map, so a chunk read touches only its slices.
+
+Entry key (``PreprocessCache.entry_path``): the source's path relative to the dataset root (its
+file name when no root is given), its size and a content fingerprint (``file_fingerprint``), the
+same for the mask, the metadata fields that steer loading (RescaleSlope/Intercept, XYSpacing,
+ZSpacing) and the already_hu option. No absolute path and no mtime: moving or copying the
+dataset (without preserved times) keeps every entry, and a changed file changes its key.
+An entry of another CACHE_FORMAT is never read as this one: ``CachedVolume.open`` refuses it and
+``PreprocessCache.get`` rebuilds it. tests/test_data_cache.py holds a golden output per
+CACHE_FORMAT and fails when preprocessing results change without a bump.
 """
 
 from __future__ import annotations
@@ -27,7 +39,8 @@ import numpy as np
 
 from sigvlp.data.organs import ORGANS, organ_z_profile
 
-CACHE_FORMAT = 1  # bump when the stored layout or the preprocessing code changes meaning
+CACHE_FORMAT = 2  # bump when the stored layout or the preprocessing results change (golden test)
+# 2: organ_map, rescale decision and metadata spacing, content-keyed entries
 
 
 @dataclass(frozen=True)
@@ -83,32 +96,103 @@ def source_to_output_slice(num_slices: int, depth: int) -> np.ndarray:
     return np.minimum(centres.astype(np.int64), depth - 1)
 
 
-def preprocess_array(hu: np.ndarray, spacing, config: PreprocessConfig) -> np.ndarray:
-    """(z, y, x) HU -> (z', size, size) float32 in [-1, 1]."""
+def _z_plan(z: int, depth: int):
+    """Linear resampling of z slices to depth (torch's align_corners=False rule): for each output
+    slice the two source slices and the weight of the second."""
+    if depth == z:
+        idx = np.arange(z)
+        return idx, idx, np.zeros(z, np.float32)
+    src = np.maximum((np.arange(depth) + 0.5) * (z / depth) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), z - 1)
+    hi = np.minimum(lo + 1, z - 1)
+    return lo, hi, (src - lo).astype(np.float32)
+
+
+def inplane_size(y: int, x: int, sy: float, sx: float, config: PreprocessConfig) -> tuple[int, int]:
+    """(h, w) after the in-plane resampling, before any crop/pad."""
+    if config.inplane == "resize":
+        return config.size, config.size
+    return max(1, int(round(y * sy / config.xy_spacing))), max(1, int(round(x * sx / config.xy_spacing)))
+
+
+def preprocess_array(hu: np.ndarray, spacing, config: PreprocessConfig, *, out_dtype=np.float32) -> np.ndarray:
+    """(z, y, x) HU (any real dtype) and (z, y, x) spacing in mm -> (z', size, size) array of
+    out_dtype in [-1, 1], z' = output_depth(z, spacing[0], config). Block by block along z:
+    extra memory is the output plus about 32 MB."""
     import torch
     import torch.nn.functional as F
 
+    if hu.ndim != 3 or min(hu.shape) < 1:
+        raise ValueError(f"hu must be a non-empty (z, y, x) array, got shape {hu.shape}")
     z, y, x = hu.shape
     sz, sy, sx = spacing
-    lo, hi = config.hu_window
-    t = torch.from_numpy(np.ascontiguousarray(hu)).to(torch.float32)
-    # Window first: interpolation then never smears out-of-window values (metal, padding).
-    t = t.clamp_(lo, hi)
-    if config.inplane == "resize":
-        hw = (config.size, config.size)
-    else:
-        hw = (max(1, int(round(y * sy / config.xy_spacing))), max(1, int(round(x * sx / config.xy_spacing))))
-    if hw != (y, x):
-        t = F.interpolate(t[:, None], size=hw, mode="bilinear", align_corners=False,
-                          antialias=hw[0] < y or hw[1] < x)[:, 0]
+    lo_hu, hi_hu = config.hu_window
+    hw = inplane_size(y, x, sy, sx, config)
     depth = output_depth(z, sz, config)
-    if depth != z:
-        # Linear along z only (the in-plane size already matches).
-        t = F.interpolate(t[None, None], size=(depth, *hw), mode="trilinear", align_corners=False)[0, 0]
+    lo, hi, w = _z_plan(z, depth)
+    out = np.empty((depth, config.size, config.size), dtype=out_dtype)
+    per_out = max(1.0, z / depth)
+    block = max(1, int((32 * 2 ** 20) // (4 * y * x * per_out)))
+    for j0 in range(0, depth, block):
+        j1 = min(depth, j0 + block)
+        s0, s1 = int(lo[j0]), int(hi[j1 - 1]) + 1
+        t = torch.from_numpy(np.ascontiguousarray(hu[s0:s1])).to(torch.float32)
+        # Window first: interpolation then never smears out-of-window values (metal, padding).
+        t = t.clamp_(lo_hu, hi_hu)
+        if hw != (y, x):
+            t = F.interpolate(t[:, None], size=hw, mode="bilinear", align_corners=False,
+                              antialias=hw[0] < y or hw[1] < x)[:, 0]
+        if depth != z:  # linear along z only (the in-plane size already matches)
+            a = t[torch.from_numpy(lo[j0:j1] - s0)]
+            b = t[torch.from_numpy(hi[j0:j1] - s0)]
+            wt = torch.from_numpy(w[j0:j1])[:, None, None]
+            t = a + (b - a) * wt
+        if config.inplane == "spacing":
+            t = _center_crop_pad(t, config.size, fill=lo_hu)
+        t = (t - lo_hu) * (2.0 / (hi_hu - lo_hu)) - 1.0
+        out[j0:j1] = t.clamp_(-1.0, 1.0).numpy()
+    return out
+
+
+def _nearest(n_in: int, n_out: int) -> np.ndarray:
+    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
+
+
+def _crop_pad_index(idx: np.ndarray, size: int) -> np.ndarray:
+    """Centre crop/pad of an index array to `size` (as _center_crop_pad), -1 where padded."""
+    n = idx.size
+    if n >= size:
+        start = (n - size) // 2
+        return idx[start:start + size]
+    before = (size - n) // 2
+    out = np.full(size, -1, np.int64)
+    out[before:before + n] = idx
+    return out
+
+
+def organ_map(labels: np.ndarray, spacing, config: PreprocessConfig, depth: int) -> np.ndarray:
+    """(z, y, x) TotalSegmentator ids -> (depth, size, size) uint8 organ map on the preprocessed
+    grid (nearest neighbour; 0 background, k for ORGANS[k - 1]), the geometry preprocess_array uses."""
+    from sigvlp.data.organs import label_to_organ_index
+
+    z, y, x = labels.shape
+    lut = np.zeros(256, np.uint8)
+    lut[: len(label_to_organ_index())] = (label_to_organ_index() + 1).astype(np.uint8)
+    hw = inplane_size(y, x, spacing[1], spacing[2], config)
+    iy, ix = _nearest(y, hw[0]), _nearest(x, hw[1])
     if config.inplane == "spacing":
-        t = _center_crop_pad(t, config.size, fill=lo)
-    t = (t - lo) * (2.0 / (hi - lo)) - 1.0
-    return t.clamp_(-1.0, 1.0).numpy()
+        iy, ix = _crop_pad_index(iy, config.size), _crop_pad_index(ix, config.size)
+    iz = source_index_nearest(z, depth)
+    vy, vx = iy >= 0, ix >= 0
+    out = np.zeros((depth, config.size, config.size), np.uint8)
+    for j in range(depth):
+        out[j][np.ix_(vy, vx)] = lut[labels[iz[j]][np.ix_(iy[vy], ix[vx])]]
+    return out
+
+
+def source_index_nearest(num_slices: int, depth: int) -> np.ndarray:
+    """For each output slice, the source slice its centre falls in."""
+    return _nearest(num_slices, depth)
 
 
 def _center_crop_pad(t, size: int, fill: float):
@@ -127,16 +211,58 @@ def _center_crop_pad(t, size: int, fill: float):
     return t
 
 
-def _file_stamp(path) -> Optional[list]:
+_FP_EDGE, _FP_BLOCK = 64 * 1024, 4096
+
+
+def file_fingerprint(path) -> str:
+    """A cheap content fingerprint (hex). .gz files: size, the first and last 64 KiB (the gzip
+    trailer holds the CRC-32 and length of the whole uncompressed content, so any change of the
+    voxels or header shows there) and four 4 KiB blocks at fixed fractions; other files are
+    hashed whole (a sampled hash could miss a changed voxel there)."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    h = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as f:
+        if path.endswith(".gz") and size > 2 * _FP_EDGE:
+            ranges = [(0, _FP_EDGE), (size - _FP_EDGE, _FP_EDGE)]
+            ranges += [(size * k // 5, _FP_BLOCK) for k in range(1, 5)]
+            for offset, n in ranges:
+                f.seek(offset)
+                h.update(f.read(n))
+        else:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _source_key(path, root) -> Optional[list]:
     if path is None:
         return None
-    st = os.stat(path)
-    return [os.path.abspath(os.fspath(path)), st.st_size, st.st_mtime_ns]
+    path = Path(path)
+    rel = None
+    if root is not None:
+        try:
+            rel = path.resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            rel = None
+    return [rel or path.name, os.path.getsize(path), file_fingerprint(path)]
+
+
+_KEY_METADATA = ("RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing")
+
+
+class StaleCacheEntry(ValueError):
+    """A cache file of another CACHE_FORMAT (or not one of ours)."""
 
 
 @dataclass
 class CachedVolume:
-    """A preprocessed volume on disk. read(z0, z1) maps only those slices."""
+    """A preprocessed volume on disk; read(z0, z1) maps only those slices.
+
+    shape: (z, size, size) of the image; spacing: (z, y, x) mm of the preprocessed grid;
+    organ_profile: (len(ORGANS), z) int32 or None (no mask); has_organ_map: organ_map stored;
+    rescale: the source's RescaleDecision as a dict.
+    """
 
     file: str
     shape: tuple[int, int, int]
@@ -144,80 +270,144 @@ class CachedVolume:
     organ_profile: Optional[np.ndarray] = field(default=None, repr=False)
     source: Optional[str] = None
     name: Optional[str] = None
+    has_organ_map: bool = False
+    rescale: Optional[dict] = field(default=None, repr=False)
+
+    def _range(self, z0: int, z1: Optional[int]) -> tuple[int, int]:
+        z1 = self.shape[0] if z1 is None else z1
+        if not (isinstance(z0, (int, np.integer)) and isinstance(z1, (int, np.integer))) or not 0 <= z0 < z1 <= self.shape[0]:
+            raise ValueError(f"{self.file}: slice range [{z0}, {z1}) outside [0, {self.shape[0]}) or not integers")
+        return int(z0), int(z1)
 
     def read(self, z0: int = 0, z1: Optional[int] = None) -> np.ndarray:
+        """Slices [z0, z1) of the image: (z1 - z0, size, size) float16 in [-1, 1]."""
         from safetensors import safe_open
 
-        z1 = self.shape[0] if z1 is None else z1
-        if not 0 <= z0 < z1 <= self.shape[0]:
-            raise ValueError(f"{self.file}: slice range [{z0}, {z1}) outside [0, {self.shape[0]})")
+        z0, z1 = self._range(z0, z1)
         with safe_open(self.file, framework="np") as f:
             return f.get_slice("image")[z0:z1]
 
+    def organ_map(self, z0: int = 0, z1: Optional[int] = None) -> np.ndarray:
+        """Slices [z0, z1) of the organ map: (z1 - z0, size, size) uint8, 0 background, k for
+        ORGANS[k - 1]. ValueError when the volume was cached without a mask."""
+        from safetensors import safe_open
+
+        z0, z1 = self._range(z0, z1)
+        if not self.has_organ_map:
+            raise ValueError(f"{self.file}: no organ map cached for {self.name} (the volume had no mask)")
+        with safe_open(self.file, framework="np") as f:
+            return f.get_slice("organ_map")[z0:z1]
+
+    def organ_labels(self, patch: tuple[int, int, int], z0: int = 0, z1: Optional[int] = None) -> np.ndarray:
+        """The organ label of each patch of slices [z0, z1): (ceil((z1 - z0) / pt), size / ph,
+        size / pw) int64, the majority organ-map value (0 background, k for ORGANS[k - 1]; ties
+        go to the lower value) over the patch's voxels. The depth is padded to a multiple of pt
+        with background, as collate pads the image, so the map lines up with the chunk's tokens
+        (t-major: token n of the chunk has label labels.reshape(-1)[n])."""
+        from sigvlp.data.organs import ORGANS
+
+        if len(patch) != 3 or any(int(p) != p or p < 1 for p in patch):
+            raise ValueError(f"patch must be three positive integers, got {patch}")
+        pt, ph, pw = (int(p) for p in patch)
+        if self.shape[1] % ph or self.shape[2] % pw:
+            raise ValueError(f"{self.file}: in-plane size {self.shape[1]} x {self.shape[2]} is not a multiple "
+                             f"of the patch {ph} x {pw}")
+        m = self.organ_map(z0, z1)
+        if m.shape[0] % pt:
+            m = np.concatenate([m, np.zeros((pt - m.shape[0] % pt, *m.shape[1:]), np.uint8)])
+        t, h, w = m.shape[0] // pt, m.shape[1] // ph, m.shape[2] // pw
+        blocks = m.reshape(t, pt, h, ph, w, pw)
+        best = np.zeros((t, h, w), np.int64)
+        top = np.full((t, h, w), -1, np.int64)
+        for k in range(len(ORGANS) + 1):
+            c = (blocks == k).sum(axis=(1, 3, 5))
+            better = c > top
+            best[better], top[better] = k, c[better]
+        return best
+
     @classmethod
     def open(cls, file) -> "CachedVolume":
+        """Open an entry; StaleCacheEntry when it is of another CACHE_FORMAT."""
         from safetensors import safe_open
 
         with safe_open(os.fspath(file), framework="np") as f:
-            meta = json.loads(f.metadata()["sigvlp"])
-            profile = f.get_tensor("organ_profile") if "organ_profile" in f.keys() else None
+            raw = (f.metadata() or {}).get("sigvlp")
+            meta = json.loads(raw) if raw else {}
+            if meta.get("format") != CACHE_FORMAT:
+                raise StaleCacheEntry(f"{file}: cache format {meta.get('format')}, this code reads {CACHE_FORMAT}")
+            keys = set(f.keys())
+            profile = f.get_tensor("organ_profile") if "organ_profile" in keys else None
             shape = tuple(f.get_slice("image").get_shape())
-        return cls(file=os.fspath(file), shape=shape, spacing=tuple(meta["spacing"]),
-                   organ_profile=profile, source=meta.get("source"), name=meta.get("name"))
+        return cls(file=os.fspath(file), shape=shape, spacing=tuple(meta["spacing"]), organ_profile=profile,
+                   source=meta.get("source"), name=meta.get("name"), has_organ_map="organ_map" in keys,
+                   rescale=meta.get("rescale"))
 
 
 class PreprocessCache:
-    """Preprocess each volume once; later reads come from ``root/<config hash>/``."""
+    """Preprocess each volume once; later reads come from ``root/pp-<config hash>/``."""
 
     def __init__(self, root, config: PreprocessConfig = PreprocessConfig()):
+        if not isinstance(config, PreprocessConfig):
+            raise TypeError(f"config must be a PreprocessConfig, got {type(config).__name__} (use preset(name))")
         self.config = config
         self.dir = Path(root) / f"pp-{config.key()}"
         self.hits = 0
         self.misses = 0
 
-    def entry_path(self, path, mask_path=None, metadata: Optional[Mapping] = None) -> Path:
-        scaling = None
+    def entry_path(self, path, mask_path=None, metadata: Optional[Mapping] = None, *, root=None,
+                   already_hu: Optional[bool] = None) -> Path:
+        fields = None
         if metadata is not None:
-            scaling = [str(metadata.get("RescaleSlope", "")), str(metadata.get("RescaleIntercept", ""))]
-        blob = json.dumps([_file_stamp(path), _file_stamp(mask_path), scaling])
+            fields = [str(metadata.get(k, "")) for k in _KEY_METADATA]
+        blob = json.dumps([_source_key(path, root), _source_key(mask_path, root), fields, already_hu])
         digest = hashlib.sha1(blob.encode()).hexdigest()[:16]
         stem = Path(path).name.split(".")[0]
         return self.dir / f"{stem}-{digest}.safetensors"
 
-    def get(self, path, mask_path=None, metadata: Optional[Mapping] = None, name: Optional[str] = None) -> CachedVolume:
-        entry = self.entry_path(path, mask_path, metadata)
+    def get(self, path, mask_path=None, metadata: Optional[Mapping] = None, name: Optional[str] = None, *,
+            root=None, already_hu: Optional[bool] = None) -> CachedVolume:
+        """The cached volume for this source (built when missing, torn or of an old format).
+        root: the dataset folder (the key uses the path relative to it). Errors: those of
+        load_volume / load_mask (ValueError naming the file), FileNotFoundError."""
+        entry = self.entry_path(path, mask_path, metadata, root=root, already_hu=already_hu)
         if entry.exists():
             try:
                 cached = CachedVolume.open(entry)
+                cached.source = os.fspath(path)
                 self.hits += 1
                 return cached
-            except Exception:  # a torn or foreign file: rebuild it
+            except Exception:  # a torn, foreign or old-format file: rebuild it
                 pass
         self.misses += 1
-        return self._build(entry, path, mask_path, metadata, name)
+        return self._build(entry, path, mask_path, metadata, name, already_hu)
 
-    def _build(self, entry: Path, path, mask_path, metadata, name) -> CachedVolume:
+    def _build(self, entry: Path, path, mask_path, metadata, name, already_hu) -> CachedVolume:
         from safetensors.numpy import save_file
 
         from sigvlp.data.volume import load_mask, load_volume
 
-        vol = load_volume(path, metadata)
-        image = preprocess_array(vol.hu, vol.spacing, self.config)
+        vol = load_volume(path, metadata, already_hu=already_hu)
+        image = preprocess_array(vol.hu, vol.spacing, self.config, out_dtype=np.float16)
+        src_shape, src_spacing = vol.shape, vol.spacing
+        meta = {"rescale": vol.rescale.as_dict(), "geometry": vol.geometry}
+        del vol  # the HU volume goes before the mask is read
         depth = image.shape[0]
         profile = None
-        tensors = {"image": image.astype(np.float16)}
+        tensors = {"image": image}
         if mask_path is not None:
-            labels = load_mask(mask_path, vol.shape)
+            labels = load_mask(mask_path, src_shape)
             src = organ_z_profile(labels, mask_path)
             profile = np.zeros((len(ORGANS), depth), dtype=np.int32)
-            np.add.at(profile.T, source_to_output_slice(vol.shape[0], depth), src.T)
+            np.add.at(profile.T, source_to_output_slice(src_shape[0], depth), src.T)
             tensors["organ_profile"] = profile
-        spacing = (vol.spacing[0] * vol.shape[0] / depth,
+            tensors["organ_map"] = organ_map(labels, src_spacing, self.config, depth)
+            del labels
+        spacing = (src_spacing[0] * src_shape[0] / depth,
                    *(((self.config.xy_spacing,) * 2) if self.config.inplane == "spacing"
-                     else (vol.spacing[1] * vol.shape[1] / self.config.size,
-                           vol.spacing[2] * vol.shape[2] / self.config.size)))
-        meta = {"spacing": spacing, "source": os.path.abspath(path), "name": name or Path(path).name,
-                "config": dataclasses.asdict(self.config), "format": CACHE_FORMAT}
+                     else (src_spacing[1] * src_shape[1] / self.config.size,
+                           src_spacing[2] * src_shape[2] / self.config.size)))
+        meta.update({"spacing": spacing, "source": os.fspath(path), "name": name or Path(path).name,
+                     "config": dataclasses.asdict(self.config), "format": CACHE_FORMAT})
         entry.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
         os.close(fd)
@@ -227,5 +417,6 @@ class PreprocessCache:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        return CachedVolume(file=str(entry), shape=tuple(image.shape), spacing=spacing,
-                            organ_profile=profile, source=os.path.abspath(path), name=meta["name"])
+        return CachedVolume(file=str(entry), shape=tuple(image.shape), spacing=spacing, organ_profile=profile,
+                            source=os.fspath(path), name=meta["name"], has_organ_map=mask_path is not None,
+                            rescale=meta["rescale"])
