@@ -1,0 +1,138 @@
+"""Transformer pieces of the SigVLP towers. Attention runs through ``sigvlp.ops.rope_attention_varlen``
+on packed varlen sequences (no padding): x is (total_tokens, width), sequence b owns rows
+cu_seqlens[b]:cu_seqlens[b+1]."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sigvlp.ops import rope_attention_varlen
+
+__all__ = ["Attention", "Block", "MLP", "MAPPool", "mean_pool", "last_pool", "cross_attention"]
+
+_HAS_CROSS = "cu_seqlens_k" in inspect.signature(rope_attention_varlen).parameters
+
+
+def _init_linear(m: nn.Linear):
+    nn.init.xavier_uniform_(m.weight)
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+        for m in (self.fc1, self.fc2):
+            _init_linear(m)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention within each packed sequence, q/k rotated by RoPE inside the op."""
+
+    def __init__(self, width: int, heads: int, *, theta: float, sections, backend: Optional[str]):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.theta, self.sections, self.backend = float(theta), sections, backend
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        for m in (self.qkv, self.proj):
+            _init_linear(m)
+
+    def forward(self, x, cu_seqlens, max_seqlen: int, grid_thw):
+        total = x.shape[0]
+        q, k, v = self.qkv(x).view(total, 3, self.heads, self.head_dim).unbind(1)
+        o = rope_attention_varlen(q, k, v, cu_seqlens, max_seqlen, grid_thw, theta=self.theta,
+                                  sections=self.sections, backend=self.backend)
+        return self.proj(o.reshape(total, -1))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, eps: float, **attn):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads, **attn)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_dim)
+
+    def forward(self, x, cu_seqlens, max_seqlen: int, grid_thw):
+        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen, grid_thw)
+        return x + self.mlp(self.norm2(x))
+
+
+def _cross_attention_torch(q, k, v, cu_seqlens_k, softmax_scale):
+    """One query per sequence against its keys, as a segment softmax (used only while the op's cross
+    form is not available). q (B, h, d); k, v (total_k, h, d). No host sync."""
+    batch, heads, _ = q.shape
+    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths, output_size=k.shape[0])
+    s = (q[seq].float() * k.float()).sum(-1) * softmax_scale  # (total_k, h)
+    m = torch.full((batch, heads), float("-inf"), device=q.device).scatter_reduce(
+        0, seq[:, None].expand_as(s), s.detach(), "amax")
+    p = torch.exp(s - m[seq])
+    z = torch.zeros(batch, heads, device=q.device).index_add(0, seq, p)
+    o = torch.zeros(q.shape, device=q.device).index_add(0, seq, p[..., None] * v.float())
+    return (o / z[..., None].clamp_min(torch.finfo(torch.float32).tiny)).to(q.dtype)
+
+
+def cross_attention(q, k, v, cu_seqlens_k, max_seqlen_k: int, backend: Optional[str] = None):
+    """One query per sequence (q row b attends to k/v rows cu_seqlens_k[b]:cu_seqlens_k[b+1]), no rotation:
+    the cross form of rope_attention_varlen with cu_seqlens_q = arange(B + 1), max_seqlen_q = 1.
+    q (B, heads, head_dim); k, v (total_k, heads, head_dim) -> (B, heads, head_dim) in q's dtype."""
+    batch = q.shape[0]
+    if not _HAS_CROSS:  # pragma: no cover - until the op's cross form lands
+        return _cross_attention_torch(q, k, v, cu_seqlens_k, q.shape[-1] ** -0.5)
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    return rope_attention_varlen(q, k, v, cu_q, 1, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k,
+                                 backend=backend)
+
+
+class MAPPool(nn.Module):
+    """Multihead attention pooling (SigLIP's MAP head): a learned probe queries each sequence's tokens
+    (one query per sequence), then a residual MLP. (total, width) -> (B, width)."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, eps: float, backend: Optional[str]):
+        super().__init__()
+        self.heads, self.head_dim, self.backend = heads, width // heads, backend
+        self.probe = nn.Parameter(torch.empty(width))  # 1-D: an AdamW parameter for split_params
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_dim)
+        nn.init.normal_(self.probe, std=width ** -0.5)
+        for m in (self.q, self.kv, self.proj):
+            _init_linear(m)
+
+    def forward(self, x, cu_seqlens, max_seqlen: int):
+        batch = cu_seqlens.shape[0] - 1
+        q = self.q(self.probe).view(1, self.heads, self.head_dim).expand(batch, -1, -1).contiguous()
+        k, v = self.kv(x).view(x.shape[0], 2, self.heads, self.head_dim).unbind(1)
+        o = cross_attention(q.to(k.dtype), k, v, cu_seqlens, max_seqlen, self.backend)
+        o = self.proj(o.reshape(batch, -1))
+        return o + self.mlp(self.norm(o))
+
+
+def mean_pool(x, cu_seqlens):
+    """Mean of each sequence's rows: (total, width) -> (B, width); no host sync."""
+    batch = cu_seqlens.shape[0] - 1
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(batch, device=x.device), lengths, output_size=x.shape[0])
+    sums = torch.zeros(batch, x.shape[1], device=x.device, dtype=torch.float32).index_add(0, seq, x.float())
+    return (sums / lengths.clamp_min(1)[:, None]).to(x.dtype)
+
+
+def last_pool(x, cu_seqlens):
+    """Each sequence's last row (the EOS token of a text): (total, width) -> (B, width)."""
+    return x[(cu_seqlens[1:].long() - 1).clamp_min(0)]

@@ -1,0 +1,289 @@
+"""sigvlp.model: config presets and errors, forward/backward, packing invariance, patch embedding =
+Conv3d, MAP pooling vs an fp64 oracle, overfitting, save/load, no absolute positions."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sigvlp.model import SigVLP, SigVLPConfig, volume_batch
+from sigvlp.ops import sigmoid_loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread is ~10x faster than two on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny(**kw):
+    return SigVLPConfig.preset("tiny", **kw)
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return SigVLP(_tiny(**kw)).eval()
+
+
+def _volumes(depths, seed=0, size=64):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-1, 1, (d, size, size)).astype(np.float32) for d in depths]
+
+
+def _batch(model, depths, texts=None, seed=0):
+    b = volume_batch(_volumes(depths, seed), model.config.patch_size)
+    if texts is not None:
+        b.update(model.tokenize(texts))
+    return b
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_presets_geometry():
+    base, large = SigVLPConfig.preset("base"), SigVLPConfig.preset("large")
+    assert (base.width, base.layers, base.heads, base.mlp_dim) == (768, 12, 12, 3072)
+    assert (large.width, large.layers, large.heads, large.head_dim, large.mlp_dim) == (1024, 24, 16, 64, 4096)
+    assert large.patch_size == (16, 16, 16) and large.text_rope_theta == 1000.0 and large.rope_theta == 10000.0
+    tiny = SigVLPConfig.preset("tiny")
+    assert tiny.preprocess == "tiny" and tiny.chunk == "tiny" and tiny.patch_size == (4, 16, 16)
+    assert tiny.chunk_config().patch == tiny.patch_size and tiny.preprocess_config().size == 64
+    assert SigVLPConfig.preset("small", layers=3, pool="mean").layers == 3
+
+
+def test_bad_key_and_unknown_preset():
+    with pytest.raises(TypeError, match="unknown field.*nope.*valid fields.*width"):
+        SigVLPConfig.preset("tiny", nope=1)
+    with pytest.raises(TypeError, match=r"unknown field.*nope.*valid fields.*width"):
+        SigVLPConfig(nope=1)
+    with pytest.raises(ValueError, match="unknown SigVLP preset 'huge'.*base.*large.*small.*tiny"):
+        SigVLPConfig.preset("huge")
+    with pytest.raises(ValueError, match="head_dim"):
+        SigVLPConfig.preset("tiny", heads=4)
+    with pytest.raises(ValueError, match="multiple of heads"):
+        SigVLPConfig.preset("tiny", heads=3)
+    with pytest.raises(ValueError, match="pool"):
+        SigVLPConfig.preset("tiny", pool="max")
+    with pytest.raises(ValueError, match="preprocess"):
+        SigVLPConfig.preset("tiny", preprocess="nope")
+
+
+# ----------------------------------------------------------------------------- forward / backward
+
+
+@pytest.mark.parametrize("pool,text_pool", [("map", "last"), ("mean", "map"), ("map", "mean")])
+def test_forward_backward(pool, text_pool):
+    model = _model(pool=pool, text_pool=text_pool).train()
+    b = _batch(model, [8, 13, 4], ["a lung nodule.", "normal heart.", ""])
+    out = model(b)
+    B, D = 3, model.config.embed_dim
+    assert out.image_emb.shape == (B, D) and out.text_emb.shape == (B, D)
+    assert out.image_emb.dtype == torch.float32 and out.text_emb.dtype == torch.float32
+    torch.testing.assert_close(out.image_emb.norm(dim=1), torch.ones(B))
+    torch.testing.assert_close(out.text_emb.norm(dim=1), torch.ones(B))
+    assert out.tokens.shape == (int(b["cu_seqlens"][-1]), model.config.width)
+    assert math.isclose(out.logit_scale.item(), 10.0, rel_tol=1e-6) and out.logit_bias.item() == -10.0
+    assert math.isclose(model.log_logit_scale.item(), math.log(10.0), rel_tol=1e-6)
+    loss = sigmoid_loss(out.image_emb, out.text_emb, out.logit_scale, out.logit_bias)
+    (loss + out.tokens.square().mean()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_forward_without_texts_and_bad_input():
+    model = _model()
+    b = _batch(model, [8])
+    out = model(b)
+    assert out.text_emb is None and out.image_emb.shape == (1, model.config.embed_dim)
+    with pytest.raises(TypeError, match="max_seqlen"):
+        model.encode_volume(b["patches"], b["cu_seqlens"], torch.tensor(b["max_seqlen"]), b["grid_thw"])
+    with pytest.raises(ValueError, match="patches"):
+        model.encode_volume(b["patches"][:, :100], b["cu_seqlens"], b["max_seqlen"], b["grid_thw"])
+    with pytest.raises(ValueError, match="missing"):
+        model({"patches": b["patches"]})
+
+
+@pytest.mark.parametrize("pool", ["map", "mean"])
+def test_packing_equals_alone(pool):
+    """Chunks of different depths (and texts of different lengths) packed in one batch give the same
+    embeddings and token features as each run alone."""
+    model = _model(pool=pool, text_pool="map" if pool == "map" else "last")
+    depths = [4, 17, 8, 30]
+    texts = ["x", "a much longer text about the right lung.", "heart.", "no findings"]
+    vols = _volumes(depths, seed=3)
+    with torch.no_grad():
+        packed = volume_batch(vols, model.config.patch_size)
+        img, tok = model.encode_volume(**packed)
+        txt = model.encode_texts(texts)
+        cu = packed["cu_seqlens"].tolist()
+        for i, v in enumerate(vols):
+            one = volume_batch([v], model.config.patch_size)
+            img1, tok1 = model.encode_volume(**one)
+            torch.testing.assert_close(img[i : i + 1], img1, atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(tok[cu[i] : cu[i + 1]], tok1, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(txt[i : i + 1], model.encode_texts([texts[i]]), atol=2e-6, rtol=1e-5)
+
+
+def test_patch_embedding_is_conv3d():
+    """The Linear on the collate's patches equals a stride = kernel Conv3d (fp64)."""
+    model = _model().double()
+    pt, ph, pw = model.config.patch_size
+    vol = _volumes([12], seed=1)[0]
+    b = volume_batch([vol], model.config.patch_size)
+    lin = model.visual.patch_embed
+    got = lin(b["patches"].double())
+    w = lin.weight.view(-1, 1, pt, ph, pw)
+    conv = F.conv3d(torch.from_numpy(vol).double()[None, None], w, lin.bias, stride=(pt, ph, pw))
+    want = conv[0].flatten(1).T  # (T*H*W, width), t-major
+    assert tuple(b["grid_thw"][0].tolist()) == tuple(conv.shape[2:])
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_map_pooling_matches_fp64_oracle():
+    """MAP pooling (one learned query per sequence, cross-attention through the op) equals per-sequence
+    multi-head attention computed independently in fp64."""
+    torch.manual_seed(0)
+    model = _model(pool="map")
+    pool = model.visual.pool
+    lengths = [1, 16, 63, 65]
+    x = torch.randn(sum(lengths), model.config.width)
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    with torch.no_grad():
+        got = pool(x, cu, max(lengths))
+        h, d = pool.heads, pool.head_dim
+        W = {n: getattr(pool, n) for n in ("q", "kv", "proj")}
+        q = F.linear(pool.probe.double(), W["q"].weight.double(), W["q"].bias.double()).view(h, 1, d)
+        want = []
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            kv = F.linear(x[s:e].double(), W["kv"].weight.double(), W["kv"].bias.double()).view(e - s, 2, h, d)
+            k, v = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)
+            a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1) @ v  # (h, 1, d)
+            o = F.linear(a.reshape(-1), W["proj"].weight.double(), W["proj"].bias.double())
+            o = o + pool.mlp.double()(F.layer_norm(o, (o.shape[-1],), pool.norm.weight.double(),
+                                                   pool.norm.bias.double(), pool.norm.eps))
+            pool.mlp.float()
+            want.append(o)
+        torch.testing.assert_close(got.double(), torch.stack(want), atol=1e-5, rtol=1e-5)
+
+
+def test_no_absolute_positions():
+    """No parameter depends on the sequence length: a chunk far deeper than any seen (and than the
+    text length limit) runs; parameter count is independent of the input."""
+    model = _model()
+    names = [n for n, _ in model.named_parameters()]
+    assert not [n for n in names if "pos" in n.lower()], names
+    shapes = {tuple(p.shape) for p in model.parameters()}
+    b = _batch(model, [400])  # 100 x 4 x 4 tokens
+    with torch.no_grad():
+        img, tok = model.encode_volume(**b)
+        txt = model.encode_text(torch.randint(3, 259, (1000,)), torch.tensor([0, 1000], dtype=torch.int32), 1000)
+    assert torch.isfinite(img).all() and torch.isfinite(tok).all() and tok.shape[0] == 1600
+    assert torch.isfinite(txt).all()
+    assert {tuple(p.shape) for p in model.parameters()} == shapes
+
+
+def test_encode_texts_matches_collate():
+    from sigvlp.data.collate import collate_chunks
+
+    model = _model()
+    texts = ["pleural effusion is present.", "heart"]
+    samples = [{"image": v, "text": t} for v, t in zip(_volumes([4, 8]), texts)]
+    b = collate_chunks(samples, patch=model.config.patch_size, max_text_tokens=model.config.max_text_tokens)
+    with torch.no_grad():
+        out = model(b)
+        torch.testing.assert_close(out.text_emb, model.encode_texts(texts))
+        torch.testing.assert_close(out.image_emb, model.encode_volume(**volume_batch(_volumes([4, 8]), (4, 16, 16)))[0])
+
+
+def test_volume_batch_layout_and_errors():
+    vol = np.zeros((5, 32, 48), np.float32)
+    b = volume_batch([vol, np.ones((8, 32, 48))], (4, 16, 16))
+    assert b["grid_thw"].tolist() == [[2, 2, 3], [2, 2, 3]] and b["cu_seqlens"].tolist() == [0, 12, 24]
+    assert b["max_seqlen"] == 12 and isinstance(b["max_seqlen"], int) and b["patches"].shape == (24, 1024)
+    # the padded 8th slice of the first volume is air (-1): token 6 (t = 1) holds slices 4..7
+    tok = b["patches"][6].view(4, 16, 16)
+    assert (tok[0] == 0).all() and (tok[1:] == -1).all()
+    with pytest.raises(TypeError, match="list"):
+        volume_batch(vol, (4, 16, 16))
+    with pytest.raises(ValueError, match=r"volumes\[0\].*multiple"):
+        volume_batch([np.zeros((4, 30, 32))], (4, 16, 16))
+
+
+def test_optimizer_split():
+    from sigvlp.optim import explain_split
+
+    rows = {n: k for n, _, k, _ in explain_split(_model())}
+    for name in ("visual.patch_embed.weight", "text.token_embedding.weight", "visual.head.weight",
+                 "text.head.weight", "visual.pool.probe", "log_logit_scale", "logit_bias"):
+        assert rows[name] == "adamw", name
+    assert rows["visual.blocks.0.attn.qkv.weight"] == "muon" and rows["text.blocks.1.mlp.fc1.weight"] == "muon"
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_overfits_a_handful_of_pairs():
+    torch.manual_seed(0)
+    model = SigVLP(_tiny()).train()
+    texts = ["nodule in the right lung.", "pleural effusion.", "cardiomegaly.", "normal chest."]
+    b = _batch(model, [8, 4, 4, 8], texts, seed=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        out = model(b)
+        loss = sigmoid_loss(out.image_emb, out.text_emb, out.logit_scale, out.logit_bias)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.25 * losses[0], losses[::10]
+    with torch.no_grad():
+        out = model(b)
+    # each chunk's own text is its best match
+    assert (out.image_emb @ out.text_emb.T).argmax(1).tolist() == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _model(seed=3, pool="mean")
+    with torch.no_grad():
+        model.logit_bias.fill_(-7.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["config"]["pool"] == "mean" and saved["config"]["patch_size"] == [4, 16, 16]
+    loaded = SigVLP.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == model.config
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    b = _batch(model, [8, 4], ["a", "b"])
+    with torch.no_grad():
+        o1, o2 = model(b), loaded.eval()(b)
+    torch.testing.assert_close(o1.image_emb, o2.image_emb, atol=0, rtol=0)
+    torch.testing.assert_close(o1.text_emb, o2.text_emb, atol=0, rtol=0)
+    assert float(o2.logit_bias) == -7.5
+    # runtime fields may differ
+    assert SigVLP.from_pretrained(tmp_path / "ckpt", attn_backend="torch").config.attn_backend == "torch"
+
+
+def test_mismatched_config_names_fields(tmp_path):
+    _model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"width \(checkpoint 64, requested 128\).*layers"):
+        SigVLP.from_pretrained(tmp_path, config=_tiny(width=128, layers=3))
+    with pytest.raises(ValueError, match="pool"):
+        SigVLP.from_pretrained(tmp_path, pool="mean")
+    with pytest.raises(ValueError, match="embed_dim"):
+        SigVLP(_tiny(embed_dim=32)).load_weights(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        SigVLP.from_pretrained(tmp_path / "missing")
