@@ -1,0 +1,157 @@
+"""The bench suite's harness: collection, one quick run end to end (CSV columns, pytest-benchmark
+JSON, summary, plots), ratio pairing, mode selection, and the FLOP counts of bench_flops_vs_slices.
+(CI runs the whole quick suite, `pytest benches/`, separately.)"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCHES = ROOT / "benches"
+sys.path.insert(0, str(BENCHES))
+
+import _bench  # noqa: E402
+
+BENCH_FILES = sorted(p.name for p in BENCHES.glob("bench_*.py"))
+
+
+def _pytest(*args, timeout=600):
+    env = {**os.environ, "SIGVLP_BENCH_QUICK": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _result_dirs():
+    return set((BENCHES / "results").glob("*"))
+
+
+def test_every_bench_file_collects():
+    before = _result_dirs()
+    res = _pytest("benches/", "--collect-only", "-q")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for name in BENCH_FILES:
+        assert f"benches/{name}::" in res.stdout, f"{name} collected no benchmark"
+    assert _result_dirs() == before, "collecting must not write a results folder"
+
+
+def test_quick_run_writes_one_results_format(tmp_path):
+    out = tmp_path / "run"
+    flops = "benches/bench_flops_vs_slices.py::test_encoder_flops_and_time"
+    res = _pytest("benches/bench_rope.py", f"{flops}[tiny-16-rope3d+varlen_attn]", f"{flops}[tiny-16-sigvlp]",
+                  f"--bench-out={out}")
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text[-4000:]
+    # the compact summary, not pytest-benchmark's wide tables
+    assert "sigvlp benchmarks (quick mode" in res.stdout
+    assert "Name (time in" not in res.stdout
+    with open(out / "results.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames) == _bench.COLUMNS
+        rows = list(reader)
+    assert {r["op"] for r in rows} >= {"encoder forward tiny"}
+    assert any(r["op"].startswith("rope3d") for r in rows)
+    for r in rows:
+        assert r["mode"] == "quick" and r["device"] and r["torch"] == torch.__version__
+        assert float(r["median_ms"]) > 0 and float(r["iqr_ms"]) >= 0 and int(r["rounds"]) >= 1
+    enc = {r["provider"]: r for r in rows if r["op"] == "encoder forward tiny"}
+    assert float(enc["sigvlp"]["tflops"]) > 0
+    want = float(enc["rope3d+varlen_attn"]["median_ms"]) / float(enc["sigvlp"]["median_ms"])
+    assert float(enc["sigvlp"]["ratio_to_baseline"]) == pytest.approx(want, rel=1e-4)
+    assert enc["sigvlp"]["baseline"] == "rope3d+varlen_attn" and enc["rope3d+varlen_attn"]["ratio_to_baseline"] == ""
+    assert json.loads((out / "results.json").read_text())[0]["op"] == rows[0]["op"]
+    pb = json.loads((out / "pytest-benchmark.json").read_text())
+    assert len(pb["benchmarks"]) == len(rows)
+    assert (out / "flops_vs_slices.csv").exists()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "flops_vs_slices.png").stat().st_size > 0
+    assert list(out.glob("plot_*.png"))
+
+
+# ----------------------------------------------------------------------------- harness units
+
+
+def test_timing_median_iqr():
+    t = _bench.Timing([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert t.median == 3.0 and t.iqr == 2.0 and t.rounds == 5
+    cpu = _bench.measure(lambda: sum(range(100)), rounds=4, cuda=False)
+    assert cpu.rounds == 4 and cpu.median > 0
+
+
+def test_ratios_pair_within_op_shape_dtype(tmp_path):
+    res = _bench.Results()
+    res.out_dir = tmp_path
+    res.add(op="op", provider="base", shape="s1", dtype=torch.float32, seconds=2.0)
+    res.add(op="op", provider="fast", shape="s1", dtype=torch.float32, seconds=0.5, baseline="base")
+    res.add(op="op", provider="fast", shape="s2", dtype=torch.float32, seconds=0.5, baseline="base")  # no pair
+    res.add(op="op", provider="fast", shape="s1", dtype=torch.bfloat16, seconds=0.5, baseline="base")  # no pair
+    res.add(op="op", provider="x", shape="s1", dtype=torch.float32, seconds=1.0, flops=4e12, bytes=2e9)
+    res.write()
+    rows = {(r["provider"], r["shape"], r["dtype"]): r for r in res.rows}
+    assert rows[("fast", "s1", "float32")]["ratio_to_baseline"] == pytest.approx(4.0)
+    assert rows[("fast", "s2", "float32")]["ratio_to_baseline"] is None
+    assert rows[("fast", "s1", "bfloat16")]["ratio_to_baseline"] is None
+    assert rows[("x", "s1", "float32")]["tflops"] == pytest.approx(4.0)
+    assert rows[("x", "s1", "float32")]["gbps"] == pytest.approx(2.0)
+    with open(tmp_path / "results.csv", newline="") as fh:
+        assert tuple(csv.DictReader(fh).fieldnames) == _bench.COLUMNS
+    assert "4 vs base" in res.summary()
+
+
+def test_mode_selection(monkeypatch):
+    monkeypatch.setenv("SIGVLP_BENCH_QUICK", "1")
+    assert _bench.mode_from_env("auto") == "quick"
+    assert _bench.mode_from_env("full") == "full"
+    monkeypatch.setenv("SIGVLP_BENCH_QUICK", "0")
+    assert _bench.mode_from_env(None) == ("full" if torch.cuda.is_available() else "quick")
+    assert _bench.mode_from_env("quick") == "quick"
+    with pytest.raises(ValueError, match="bench-mode"):
+        _bench.mode_from_env("fast")
+
+
+# ----------------------------------------------------------------------------- FLOP counts
+
+
+def test_counter_attention_flops_match_the_analytic_formula():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import bench_flops_vs_slices as fvs
+
+    lengths, heads, head_dim = [5, 17, 0, 30], 3, 32
+    cu = torch.tensor([0, 5, 22, 22, 52], dtype=torch.int32)
+    q, k, v = (torch.randn(52, heads, head_dim) for _ in range(3))
+    with FlopCounterMode(display=False) as counter:
+        fvs.math_varlen_attention(q, k, v, cu, cu, head_dim ** -0.5)
+    analytic = fvs.attention_flops(cu.tolist(), cu.tolist(), heads, head_dim)
+    assert analytic == 4 * sum(n * n for n in lengths) * heads * head_dim
+    assert counter.get_total_flops() == analytic
+
+
+def test_encoder_flops_counted_plus_analytic_equal_fully_counted(monkeypatch):
+    """The fused model (attention invisible to the counter, added analytically) counts exactly what
+    the counter sees when every attention is computed with plain matmuls."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import bench_flops_vs_slices as fvs
+
+    monkeypatch.setattr(fvs, "DEVICE", "cpu")
+    cfg, encoder = fvs.make_encoder("tiny")
+    encoder = encoder.cpu()
+    volume = torch.rand(12, 64, 64) * 2 - 1
+    inputs = fvs._inputs(volume, cfg.patch_size)
+    flops = fvs.encoder_flops(encoder, inputs)
+    tokens = inputs[2]
+    assert flops["attention"] >= 4 * tokens * tokens * cfg.width * cfg.layers
+    with fvs.attention_as(fvs.unfused_attention), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        encoder(*inputs)
+    assert counter.get_total_flops() == flops["total"]
