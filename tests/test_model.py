@@ -244,7 +244,7 @@ def test_overfits_a_handful_of_pairs():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.25 * losses[0], losses[::10]
     with torch.no_grad():
         out = model(b)

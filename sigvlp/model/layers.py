@@ -4,7 +4,6 @@ cu_seqlens[b]:cu_seqlens[b+1]."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import torch
@@ -14,8 +13,6 @@ from torch.nn import functional as F
 from sigvlp.ops import rope_attention_varlen
 
 __all__ = ["Attention", "Block", "MLP", "MAPPool", "mean_pool", "last_pool", "cross_attention"]
-
-_HAS_CROSS = "cu_seqlens_k" in inspect.signature(rope_attention_varlen).parameters
 
 
 def _init_linear(m: nn.Linear):
@@ -71,28 +68,11 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def _cross_attention_torch(q, k, v, cu_seqlens_k, softmax_scale):
-    """One query per sequence against its keys, as a segment softmax (used only while the op's cross
-    form is not available). q (B, h, d); k, v (total_k, h, d). No host sync."""
-    batch, heads, _ = q.shape
-    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths, output_size=k.shape[0])
-    s = (q[seq].float() * k.float()).sum(-1) * softmax_scale  # (total_k, h)
-    m = torch.full((batch, heads), float("-inf"), device=q.device).scatter_reduce(
-        0, seq[:, None].expand_as(s), s.detach(), "amax")
-    p = torch.exp(s - m[seq])
-    z = torch.zeros(batch, heads, device=q.device).index_add(0, seq, p)
-    o = torch.zeros(q.shape, device=q.device).index_add(0, seq, p[..., None] * v.float())
-    return (o / z[..., None].clamp_min(torch.finfo(torch.float32).tiny)).to(q.dtype)
-
-
 def cross_attention(q, k, v, cu_seqlens_k, max_seqlen_k: int, backend: Optional[str] = None):
     """One query per sequence (q row b attends to k/v rows cu_seqlens_k[b]:cu_seqlens_k[b+1]), no rotation:
     the cross form of rope_attention_varlen with cu_seqlens_q = arange(B + 1), max_seqlen_q = 1.
     q (B, heads, head_dim); k, v (total_k, heads, head_dim) -> (B, heads, head_dim) in q's dtype."""
     batch = q.shape[0]
-    if not _HAS_CROSS:  # pragma: no cover - until the op's cross form lands
-        return _cross_attention_torch(q, k, v, cu_seqlens_k, q.shape[-1] ** -0.5)
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
     return rope_attention_varlen(q, k, v, cu_q, 1, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k,
                                  backend=backend)
@@ -104,7 +84,9 @@ class MAPPool(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_dim: int, eps: float, backend: Optional[str]):
         super().__init__()
-        self.heads, self.head_dim, self.backend = heads, width // heads, backend
+        self.heads, self.head_dim = heads, width // heads
+        # The Triton kernels do not serve the cross form yet: "triton" falls back to auto for the pool.
+        self.backend = None if backend == "triton" else backend
         self.probe = nn.Parameter(torch.empty(width))  # 1-D: an AdamW parameter for split_params
         self.q = nn.Linear(width, width)
         self.kv = nn.Linear(width, 2 * width)

@@ -1,0 +1,288 @@
+"""``sigvlp embed INPUT... --ckpt DIR --out FILE.safetensors``: pooled and token embeddings of CT volumes.
+
+Inputs: NIfTI files (.nii, .nii.gz), folders (searched recursively for NIfTI files and for DICOM
+series: a folder holding DICOM files is one series), or a DICOM series folder. Each volume is read
+as HU in canonical RAS+ (z, y, x) order (``sigvlp.data.load_volume``; DICOM through
+``load_dicom_series``), preprocessed with the checkpoint's preprocess preset (whole depth, the
+slice axis is never cropped), and encoded by the model in one sequence of any length.
+
+Output (safetensors): ``pooled`` (N, embed_dim) float32 L2-normalised; ``grid_thw`` (N, 3) int32
+(T, H, W) tokens per volume; ``cu_seqlens`` (N + 1,) int32; ``depth`` (N,) int32 preprocessed slices;
+``tokens`` (total_tokens, width) float32 final token features, rows cu_seqlens[i]:cu_seqlens[i+1]
+for input i in t-major order (omitted with --no-tokens). Metadata: ``inputs`` (JSON list of the
+embedded paths, row order), ``skipped`` (JSON list of {"input", "error"}), ``config`` (the model
+config), ``checkpoint``. An input that cannot be read is reported and skipped; the rest are written
+(exit status 1 if any was skipped, 2 if none could be embedded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+__all__ = ["add_arguments", "run", "find_inputs", "load_dicom_series", "load_any", "embed_inputs"]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _is_nifti(p: Path) -> bool:
+    return p.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _is_dicom_file(p: Path) -> bool:
+    if p.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(p, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def find_inputs(paths: Iterable) -> list[tuple[str, str]]:
+    """Expand INPUT arguments into (kind, path) with kind "nifti" or "dicom" (a series folder).
+    A missing path or a folder with nothing readable gives ("missing", path) so it is reported."""
+    found: list[tuple[str, str]] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_file():
+            found.append(("dicom", str(p.parent)) if _is_dicom_file(p) and not _is_nifti(p) else ("nifti", str(p)))
+        elif p.is_dir():
+            before = len(found)
+            for d, subdirs, files in os.walk(p):
+                subdirs.sort()
+                files = sorted(files)
+                dpath = Path(d)
+                found.extend(("nifti", str(dpath / f)) for f in files if _is_nifti(Path(f)))
+                if any(_is_dicom_file(dpath / f) for f in files if not _is_nifti(Path(f))):
+                    found.append(("dicom", str(dpath)))
+            if len(found) == before:
+                found.append(("missing", str(p)))
+        else:
+            found.append(("missing", str(p)))
+    seen, unique = set(), []
+    for item in found:
+        if item not in seen:
+            seen.add(item)
+            unique.append(item)
+    return unique
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+def load_dicom_series(folder):
+    """Read a folder holding one DICOM CT series as a ``sigvlp.data.Volume``: HU (RescaleSlope /
+    RescaleIntercept of each slice, applied once), slices ordered by ImagePositionPatient along the
+    slice normal (ImageOrientationPatient row x column), affine from the DICOM geometry (LPS)
+    turned to RAS and canonicalised exactly as NIfTI files are (``sigvlp.data.volume``): the same
+    scan gives the same (z, y, x) array from DICOM and from NIfTI.
+    Errors (ValueError naming the folder): no DICOM slices, several series, mixed orientations or
+    sizes, duplicate positions. Needs pydicom (``pip install sigvlp[dicom]``)."""
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError as e:
+        raise ImportError("reading DICOM needs pydicom: pip install 'sigvlp[dicom]'") from e
+    from sigvlp.data.volume import Volume, to_canonical_zyx
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such DICOM folder")
+    slices = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or _is_nifti(p):
+            continue
+        try:
+            ds = pydicom.dcmread(str(p))
+        except (InvalidDicomError, OSError, EOFError):
+            continue
+        if "PixelData" in ds and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
+            slices.append(ds)
+    if not slices:
+        raise ValueError(f"{folder}: no DICOM image slices with ImagePositionPatient found")
+    series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for ds in slices})
+    if len(series) > 1:
+        counts = {s: sum(str(getattr(ds, "SeriesInstanceUID", "")) == s for ds in slices) for s in series}
+        raise ValueError(f"{folder}: holds {len(series)} series ({counts}); put each series in its own folder")
+    iop = np.array([float(v) for v in slices[0].ImageOrientationPatient], dtype=np.float64)
+    for ds in slices[1:]:
+        if not np.allclose([float(v) for v in ds.ImageOrientationPatient], iop, atol=1e-4):
+            raise ValueError(f"{folder}: slices have different ImageOrientationPatient")
+    row_dir, col_dir = iop[:3], iop[3:]  # direction of increasing column index, of increasing row index
+    normal = np.cross(row_dir, col_dir)
+    pos = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in slices], dtype=np.float64)
+    order = np.argsort(pos @ normal, kind="stable")
+    slices = [slices[i] for i in order]
+    pos = pos[order]
+    dist = pos @ normal
+    if len(slices) > 1:
+        steps = np.diff(dist)
+        if np.any(steps < 1e-4):
+            raise ValueError(f"{folder}: two or more slices share a position along the slice normal")
+        dz = float(np.mean(steps))
+        if np.max(np.abs(steps - dz)) > 0.01 * dz + 1e-3:
+            warnings.warn(f"{folder}: uneven slice spacing ({steps.min():.3f}..{steps.max():.3f} mm); "
+                          f"using the mean {dz:.3f} mm", stacklevel=2)
+    else:
+        dz = float(getattr(slices[0], "SpacingBetweenSlices", None) or getattr(slices[0], "SliceThickness", 1.0))
+    dr, dc = (float(v) for v in slices[0].PixelSpacing)  # between rows, between columns (mm)
+    shape = (int(slices[0].Rows), int(slices[0].Columns))
+    scalings = []
+    for ds in slices:
+        if (int(ds.Rows), int(ds.Columns)) != shape:
+            raise ValueError(f"{folder}: slices have different sizes ({shape} vs {(int(ds.Rows), int(ds.Columns))})")
+        scalings.append((float(getattr(ds, "RescaleSlope", 1.0) or 1.0),
+                         float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)))
+    exact = all(s.is_integer() and i.is_integer() for s, i in scalings)
+    planes = []
+    for ds, (slope, inter) in zip(slices, scalings):
+        raw = np.asarray(ds.pixel_array)
+        if raw.ndim != 2:
+            raise ValueError(f"{folder}: expected single-frame 2-D slices, got pixel array shape {raw.shape}")
+        if exact and np.issubdtype(raw.dtype, np.integer):
+            planes.append(raw.astype(np.int32) * int(slope) + int(inter))
+        else:
+            planes.append(raw.astype(np.float32) * np.float32(slope) + np.float32(inter))
+    hu_krc = np.stack(planes)  # (slice k, row j, column i)
+    if hu_krc.dtype == np.int32:
+        hu_krc = hu_krc.astype(np.int16) if hu_krc.min() >= -32768 and hu_krc.max() <= 32767 else \
+            hu_krc.astype(np.float32)
+    # Voxel (i, j, k) = (column, row, slice) -> LPS mm, then LPS -> RAS (negate x and y).
+    affine = np.eye(4)
+    affine[:3, 0] = row_dir * dc
+    affine[:3, 1] = col_dir * dr
+    affine[:3, 2] = normal * dz
+    affine[:3, 3] = pos[0]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    hu, affine_zyx = to_canonical_zyx(hu_krc.transpose(2, 1, 0), affine)  # as load_volume does
+    spacing = tuple(float(s) for s in np.sqrt((affine_zyx[:3, :3] ** 2).sum(axis=0)))
+    return Volume(hu=hu, spacing=spacing, affine=affine_zyx, path=str(folder))
+
+
+def load_any(kind: str, path):
+    """("nifti", file) or ("dicom", folder) -> Volume."""
+    if kind == "nifti":
+        from sigvlp.data.volume import load_volume
+
+        return load_volume(path)
+    if kind == "dicom":
+        return load_dicom_series(path)
+    raise FileNotFoundError(f"{path}: no such file, or a folder without NIfTI or DICOM files")
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+def embed_inputs(model, inputs: list[tuple[str, str]], *, tokens: bool = True, progress: bool = True,
+                 autocast_dtype=None) -> tuple[dict, list[str], list[dict]]:
+    """Embed (kind, path) inputs one volume at a time. Returns (tensors, embedded paths, skipped) with
+    tensors as described in the module docstring (on the CPU) and skipped a list of {"input", "error"}."""
+    import torch
+    from tqdm import tqdm
+
+    from sigvlp.data.preprocess import preprocess_array
+    from sigvlp.model import volume_batch
+
+    cfg = model.config
+    pre = cfg.preprocess_config()
+    pooled, toks, grids, depths, names, skipped = [], [], [], [], [], []
+    model.eval()
+    dev = model.device
+    bar = tqdm(inputs, desc="embed", unit="vol", disable=not progress, file=sys.stderr)
+    for kind, path in bar:
+        bar.set_postfix_str(Path(path).name[-40:])
+        try:
+            vol = load_any(kind, path)
+            arr = preprocess_array(vol.hu, vol.spacing, pre)
+        except Exception as e:  # unreadable input: report, skip, continue
+            msg = f"{type(e).__name__}: {e}"
+            skipped.append({"input": str(path), "error": msg})
+            tqdm.write(f"sigvlp embed: skipped {path}: {msg}", file=sys.stderr)
+            continue
+        batch = volume_batch([arr], cfg.patch_size)
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=autocast_dtype or torch.bfloat16,
+                                                     enabled=autocast_dtype is not None):
+            p, t = model.encode_volume(batch["patches"], batch["cu_seqlens"], batch["max_seqlen"], batch["grid_thw"])
+        pooled.append(p.float().cpu())
+        if tokens:
+            toks.append(t.float().cpu())
+        grids.append(batch["grid_thw"])
+        depths.append(arr.shape[0])
+        names.append(str(path))
+    out = {}
+    if names:
+        grid = torch.cat(grids).to(torch.int32)
+        cu = torch.zeros(len(names) + 1, dtype=torch.int32)
+        cu[1:] = grid.prod(1).cumsum(0)
+        out = {"pooled": torch.cat(pooled).contiguous(), "grid_thw": grid.contiguous(), "cu_seqlens": cu,
+               "depth": torch.tensor(depths, dtype=torch.int32)}
+        if tokens:
+            out["tokens"] = torch.cat(toks).contiguous()
+    return out, names, skipped
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="NIfTI files, folders of them, or DICOM series folders")
+    parser.add_argument("--ckpt", required=True, help="a SigVLP.save_pretrained folder")
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU); default fp32")
+    parser.add_argument("--no-tokens", action="store_true", help="write pooled embeddings only")
+    parser.add_argument("--backend", default=None, help="attention backend: auto, torch or triton")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from sigvlp.model import SigVLP
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out_path = Path(args.out)
+    if not out_path.name.endswith(".safetensors"):
+        raise ValueError(f"--out: expected a .safetensors file name, got {args.out!r}")
+    overrides = {"attn_backend": args.backend} if getattr(args, "backend", None) else {}
+    model = SigVLP.from_pretrained(args.ckpt, map_location=device, **overrides)
+    inputs = find_inputs(args.inputs)
+    tensors, names, skipped = embed_inputs(model, inputs, tokens=not args.no_tokens, progress=not args.quiet,
+                                           autocast_dtype=torch.bfloat16 if args.bf16 else None)
+    if not names:
+        print(f"sigvlp embed: nothing embedded ({len(skipped)} input(s) skipped); {out_path} not written",
+              file=sys.stderr)
+        return 2
+    meta = {"inputs": json.dumps(names), "skipped": json.dumps(skipped), "checkpoint": str(args.ckpt),
+            "config": json.dumps(model.config.to_dict())}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out_path)
+    print(f"sigvlp embed: {len(names)} volume(s) -> {out_path}"
+          + (f"; {len(skipped)} skipped: " + ", ".join(s["input"] for s in skipped) if skipped else ""))
+    return 1 if skipped else 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="sigvlp embed", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""sigvlp embed: NIfTI RAS vs LPS give the same embedding, a DICOM series (written with pydicom from a
+phantom) gives its NIfTI's embedding, folders, any depth, unreadable inputs skipped and reported."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sigvlp.data.synth import SYNTH_PRESETS, make_phantom, save_nifti
+from sigvlp.data.volume import load_volume
+from sigvlp.embed import add_arguments, find_inputs, load_dicom_series, run
+from sigvlp.model import SigVLP, SigVLPConfig, volume_batch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("ckpt")
+    SigVLP(SigVLPConfig.preset("tiny", layers=1, text_layers=1)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(1, SYNTH_PRESETS["tiny"])
+
+
+def _embed(ckpt, out, *inputs, extra=()):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([*map(str, inputs), "--ckpt", str(ckpt), "--out", str(out), "--quiet", *extra])
+    rc = run(args)
+    if not out.exists():
+        return rc, None, None
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    return rc, tensors, meta
+
+
+def write_dicom_series(vol, folder, *, seed=0, series_uid="1.2.826.0.1.3680043.8.498.1"):
+    """Write a Volume (HU, canonical RAS (z, y, x)) as a DICOM CT series in the usual axial LPS
+    display orientation (columns to patient left, rows to posterior: both axes flipped against
+    RAS), stored = HU + 1024 with RescaleIntercept -1024, files in shuffled order."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    A = vol.affine  # (z, y, x, 1) -> RAS mm
+    nz, ny, nx = vol.hu.shape
+    to_lps = np.array([-1.0, -1.0, 1.0])
+    row_dir = to_lps * -A[:3, 2] / np.linalg.norm(A[:3, 2])  # increasing column = decreasing x
+    col_dir = to_lps * -A[:3, 1] / np.linalg.norm(A[:3, 1])  # increasing row = decreasing y
+    order = np.random.default_rng(seed).permutation(nz)
+    for n, z in enumerate(order):
+        ipp = to_lps * (A @ np.array([z, ny - 1, nx - 1, 1.0]))[:3]
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "CT", series_uid, int(n + 1)
+        ds.ImagePositionPatient = [float(v) for v in ipp]
+        ds.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
+        ds.PixelSpacing = [float(vol.spacing[1]), float(vol.spacing[2])]
+        ds.SliceThickness = float(vol.spacing[0])
+        ds.Rows, ds.Columns = ny, nx
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        stored = (vol.hu[z, ::-1, ::-1].astype(np.int32) + 1024).astype(np.int16)
+        ds.PixelData = np.ascontiguousarray(stored).tobytes()
+        ds.save_as(str(folder / f"IM{n:04d}"), enforce_file_format=True)
+    return folder
+
+
+def test_ras_and_lps_give_the_same_embedding(tmp_path, ckpt, phantom):
+    save_nifti(phantom, tmp_path / "ras.nii.gz", "RAS")
+    save_nifti(phantom, tmp_path / "lps.nii.gz", "LPS")
+    rc, t, meta = _embed(ckpt, tmp_path / "e.safetensors", tmp_path / "ras.nii.gz", tmp_path / "lps.nii.gz")
+    assert rc == 0 and json.loads(meta["inputs"]) == [str(tmp_path / "ras.nii.gz"), str(tmp_path / "lps.nii.gz")]
+    torch.testing.assert_close(t["pooled"][0], t["pooled"][1], atol=1e-6, rtol=0)
+    n = int(t["cu_seqlens"][1])
+    torch.testing.assert_close(t["tokens"][:n], t["tokens"][n:], atol=1e-5, rtol=0)
+    assert t["grid_thw"][0].tolist() == t["grid_thw"][1].tolist()
+    # control: the embedding does see orientation (a left-right mirrored scan differs)
+    mirrored = make_phantom(1, SYNTH_PRESETS["tiny"])
+    mirrored.hu = np.ascontiguousarray(mirrored.hu[:, :, ::-1])
+    save_nifti(mirrored, tmp_path / "mirror.nii.gz", "RAS")
+    _, t2, _ = _embed(ckpt, tmp_path / "m.safetensors", tmp_path / "mirror.nii.gz")
+    assert (t2["pooled"][0] - t["pooled"][0]).abs().max() > 1e-3
+
+
+def test_dicom_series_equals_its_nifti(tmp_path, ckpt, phantom):
+    pytest.importorskip("pydicom")
+    save_nifti(phantom, tmp_path / "ct.nii.gz", "LPS")
+    vol = load_volume(tmp_path / "ct.nii.gz")
+    write_dicom_series(vol, tmp_path / "dicom")
+    dvol = load_dicom_series(tmp_path / "dicom")
+    np.testing.assert_array_equal(dvol.hu, vol.hu)
+    assert dvol.hu.dtype == np.int16
+    np.testing.assert_allclose(dvol.affine, vol.affine, atol=1e-4)
+    np.testing.assert_allclose(dvol.spacing, vol.spacing, rtol=1e-6)
+    rc, t, meta = _embed(ckpt, tmp_path / "e.safetensors", tmp_path / "ct.nii.gz", tmp_path / "dicom")
+    assert rc == 0 and len(json.loads(meta["inputs"])) == 2
+    torch.testing.assert_close(t["pooled"][0], t["pooled"][1], atol=1e-6, rtol=0)
+
+
+def test_dicom_errors(tmp_path, phantom):
+    pytest.importorskip("pydicom")
+    save_nifti(phantom, tmp_path / "ct.nii.gz", "RAS")
+    vol = load_volume(tmp_path / "ct.nii.gz")
+    write_dicom_series(vol, tmp_path / "two", series_uid="1.2.3")
+    write_dicom_series(vol, tmp_path / "other", series_uid="1.2.4")
+    (tmp_path / "other" / "IM0000").rename(tmp_path / "two" / "extra")
+    with pytest.raises(ValueError, match="2 series"):
+        load_dicom_series(tmp_path / "two")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no DICOM image slices"):
+        load_dicom_series(tmp_path / "empty")
+
+
+def test_folder_any_depth_and_unreadable_skipped(tmp_path, ckpt, phantom):
+    """A folder: every NIfTI inside is embedded at its full depth (no crop), a corrupt file is reported
+    and skipped, the rest written; the pooled embeddings equal the model's on the preprocessed volume."""
+    from sigvlp.data.preprocess import output_depth, preprocess_array
+
+    d = tmp_path / "in"
+    save_nifti(phantom, d / "a.nii.gz", "RAS")
+    deep = make_phantom(2, SYNTH_PRESETS["tiny"])
+    deep.hu = np.concatenate([deep.hu] * 4, axis=0)  # far deeper than the tiny chunks (32 slices)
+    deep.labels = np.concatenate([deep.labels] * 4, axis=0)
+    save_nifti(deep, d / "sub" / "deep.nii.gz", "LPS")
+    (d / "broken.nii.gz").write_bytes(gzip.compress(b"not a nifti")[:20])
+    rc, t, meta = _embed(ckpt, tmp_path / "e.safetensors", d, tmp_path / "missing.nii.gz")
+    assert rc == 1
+    names = json.loads(meta["inputs"])
+    assert names == [str(d / "a.nii.gz"), str(d / "sub" / "deep.nii.gz")]
+    skipped = {s["input"] for s in json.loads(meta["skipped"])}
+    assert skipped == {str(d / "broken.nii.gz"), str(tmp_path / "missing.nii.gz")}
+    model = SigVLP.from_pretrained(ckpt).eval()
+    cfg = model.config
+    pre = cfg.preprocess_config()
+    for i, path in enumerate(names):
+        vol = load_volume(path)
+        depth = output_depth(vol.shape[0], vol.spacing[0], pre)
+        assert int(t["depth"][i]) == depth
+        assert t["grid_thw"][i].tolist() == [-(-depth // cfg.patch_size[0]), 4, 4]
+        with torch.no_grad():
+            want, _ = model.encode_volume(**volume_batch([preprocess_array(vol.hu, vol.spacing, pre)], cfg.patch_size))
+        torch.testing.assert_close(t["pooled"][i : i + 1], want, atol=1e-6, rtol=0)
+    chunk = cfg.chunk_config()
+    assert int(t["grid_thw"][1, 0]) > chunk.max_slices // chunk.patch[0]  # deeper than any training chunk
+    assert t["tokens"].shape == (int(t["cu_seqlens"][-1]), cfg.width)
+
+
+def test_nothing_readable_and_no_tokens(tmp_path, ckpt, phantom):
+    rc, t, _ = _embed(ckpt, tmp_path / "e.safetensors", tmp_path / "nope.nii.gz")
+    assert rc == 2 and t is None
+    save_nifti(phantom, tmp_path / "a.nii", "RAS")
+    rc, t, _ = _embed(ckpt, tmp_path / "f.safetensors", tmp_path / "a.nii", extra=["--no-tokens"])
+    assert rc == 0 and "tokens" not in t and t["pooled"].shape == (1, 64)
+
+
+def test_find_inputs(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "x.dcm").write_bytes(b"")
+    (tmp_path / "v.nii.gz").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("hi")
+    assert find_inputs([tmp_path]) == [("nifti", str(tmp_path / "v.nii.gz")), ("dicom", str(tmp_path / "s"))]
+    assert find_inputs([tmp_path / "s" / "x.dcm"]) == [("dicom", str(tmp_path / "s"))]
+    assert find_inputs([tmp_path / "none"]) == [("missing", str(tmp_path / "none"))]
