@@ -11,13 +11,18 @@ The first step reads the input and multiplies it by its per-matrix 1/||X||_F on 
 normalisation costs no pass of its own. Operands are held in the buffers' dtype (bf16, fp16 or
 fp32) and every product accumulates in fp32; fp32 operands use IEEE fp32 products (no TF32).
 Program ids give (tile, matrix); every offset is int64.
-"""
 
-import os
+Specialisation: p and q (and the strides derived from them) stay specialised on purpose: they are
+the shapes of a model's weight matrices, fixed for a whole training run, so each shape compiles
+once, and divisibility by 16 buys aligned vector loads. The batch size is a grid dimension, not
+an argument. Tile configurations are chosen per device from its shared-memory limit (_config).
+"""
 
 import torch
 import triton
 import triton.language as tl
+
+from . import _device, interpreter
 
 
 @triton.jit
@@ -157,13 +162,37 @@ def scale_kernel(x_ptr, out_ptr, scale_ptr, p, q, stride_xb, stride_xr, stride_x
 _MAX_GRID_Y = 65535  # CUDA's limit on grid.y: larger batches go in chunks
 
 
-def _config(dtype: torch.dtype, interpreter: bool) -> dict:
-    if interpreter:
+#: Candidates per operand size, in order of preference: syrk (BLOCK, BLOCK_K, warps, stages) and
+#: gemm (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
+SYRK_CONFIGS = {
+    2: ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)),
+    4: ((64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)),
+}
+GEMM_CONFIGS = {
+    2: ((128, 128, 64, 8, 3), (128, 128, 64, 8, 2), (64, 64, 64, 4, 3), (64, 64, 32, 4, 2)),
+    4: ((64, 64, 32, 4, 3), (64, 64, 32, 4, 2), (32, 32, 32, 4, 2)),
+}
+_MARGIN = 4096  # bytes of slack on top of the tile formula
+
+
+def syrk_shared_bytes(block: int, block_k: int, warps: int, stages: int, elem: int) -> int:
+    """Upper bound of the syrk kernel's shared memory: `stages` buffers of both row tiles."""
+    return elem * stages * 2 * block * block_k + _MARGIN
+
+
+def gemm_shared_bytes(block_m: int, block_n: int, block_k: int, warps: int, stages: int, elem: int) -> int:
+    """Upper bound of the gemm kernel's shared memory: `stages` buffers of the B and X tiles."""
+    return elem * stages * (block_m + block_n) * block_k + _MARGIN
+
+
+def _config(dtype: torch.dtype, limit: int, interpreted: bool) -> dict:
+    if interpreted:
         # Small tiles so that the tests' small matrices still span several triangle tiles.
         return dict(syrk=(16, 32, 1, 1), gemm=(16, 32, 32, 1, 1))
-    if dtype == torch.float32:
-        return dict(syrk=(64, 32, 4, 3), gemm=(64, 64, 32, 4, 3))
-    return dict(syrk=(128, 64, 8, 3), gemm=(128, 128, 64, 8, 3))
+    elem = 4 if dtype == torch.float32 else 2
+    syrk = _device.pick_config(SYRK_CONFIGS[elem], lambda c: syrk_shared_bytes(*c, elem), limit)
+    gemm = _device.pick_config(GEMM_CONFIGS[elem], lambda c: gemm_shared_bytes(*c, elem), limit)
+    return dict(syrk=syrk, gemm=gemm)
 
 
 def newton_schulz(X, out, inv_norm, triples):
@@ -174,8 +203,7 @@ def newton_schulz(X, out, inv_norm, triples):
     batch, p, q = X.shape
     if batch == 0 or p == 0 or q == 0:
         return out
-    interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    cfg = _config(X.dtype, interpreter)
+    cfg = _config(out.dtype, _device.shared_memory_limit(X.device), interpreter())
     dtype = out.dtype
     dev = X.device
     ieee = dtype == torch.float32
@@ -190,7 +218,10 @@ def newton_schulz(X, out, inv_norm, triples):
         for s0, s1 in chunks():
             xs, os_ = X[s0:s1], out[s0:s1]
             scale_kernel[(triton.cdiv(p, bm) * triton.cdiv(q, bn), s1 - s0)](
-                xs, os_, inv_norm[s0:s1], p, q, *xs.stride(), *os_.stride(), BLOCK_M=bm, BLOCK_N=bn)
+                xs, os_, inv_norm[s0:s1], p=p, q=q,
+                stride_xb=xs.stride(0), stride_xr=xs.stride(1), stride_xc=xs.stride(2),
+                stride_ob=os_.stride(0), stride_or=os_.stride(1), stride_oc=os_.stride(2),
+                BLOCK_M=bm, BLOCK_N=bn)
         return out
 
     gram = torch.empty((batch, p, p), dtype=dtype, device=dev)
@@ -216,16 +247,23 @@ def newton_schulz(X, out, inv_norm, triples):
             inv = inv_norm[s0:s1]
             nb = s1 - s0
             g, pl = gram[s0:s1], poly[s0:s1]
+            # A = s^2 X X^T
             syrk_kernel[(n_tri, nb)](
-                xs, g, g, inv, p, q, *xs.stride(), 1.0, 0.0,
+                xs, g, g, inv, p=p, q=q,
+                stride_xb=xs.stride(0), stride_xr=xs.stride(1), stride_xc=xs.stride(2), alpha=1.0, beta=0.0,
                 BLOCK=sblock, BLOCK_K=sblock_k, HAS_C=False, HAS_SCALE=first, IEEE=ieee,
                 num_warps=swarps, num_stages=sstages)
+            # B = c A A + b A
             syrk_kernel[(n_tri, nb)](
-                g, g, pl, inv, p, p, *g.stride(), float(c), float(b),
+                g, g, pl, inv, p=p, q=p,
+                stride_xb=g.stride(0), stride_xr=g.stride(1), stride_xc=g.stride(2), alpha=float(c), beta=float(b),
                 BLOCK=sblock, BLOCK_K=sblock_k, HAS_C=True, HAS_SCALE=False, IEEE=ieee,
                 num_warps=swarps, num_stages=sstages)
+            # X' = a sX + B sX
             gemm_kernel[(n_gemm, nb)](
-                pl, xs, ds, inv, p, q, *xs.stride(), *ds.stride(), float(a),
+                pl, xs, ds, inv, p=p, q=q,
+                stride_xb=xs.stride(0), stride_xr=xs.stride(1), stride_xc=xs.stride(2),
+                stride_ob=ds.stride(0), stride_or=ds.stride(1), stride_oc=ds.stride(2), a_coef=float(a),
                 BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, HAS_SCALE=first, IEEE=ieee,
                 num_warps=gwarps, num_stages=gstages)
         src = dst

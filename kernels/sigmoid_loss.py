@@ -23,6 +23,8 @@ sums, so the result is deterministic (no atomics).
 import triton
 import triton.language as tl
 
+from . import _device
+
 MAX_FULL_D = 256
 
 
@@ -47,7 +49,9 @@ def _tile_terms(s, rows, cols, row_ok, col_ok, a_id, b_ids_ptr, scale, bias, HAS
     return sp, g
 
 
-@triton.jit
+# NA and NB change with every batch: never specialised (Triton would compile a new variant the
+# first time a batch size is divisible by 16, or is 1). D and the strides are fixed by the model.
+@triton.jit(do_not_specialize=["NA", "NB"])
 def sigmoid_loss_pass_kernel(
     a_ptr, b_ptr, a_ids_ptr, b_ids_ptr, scale_ptr, bias_ptr,
     da_ptr, ws_ptr, part_ptr,
@@ -139,22 +143,53 @@ def sigmoid_loss_pass_kernel(
     tl.store(part_ptr + pid * 3 + 2, tl.sum(tl.sum(db_t, axis=1), axis=0))
 
 
+#: Resident-A (D <= MAX_FULL_D) tilings in order of preference: (BLOCK_M, BLOCK_N, num_stages).
+FULL_D_CONFIGS = ((64, 64, 3), (64, 64, 2), (64, 32, 2), (32, 32, 2))
+#: Chunked-D tiling (larger D, or when no resident tiling fits): (BLOCK_M, BLOCK_N, BLOCK_K, num_stages).
+CHUNKED_CONFIGS = ((64, 64, 64, 3), (64, 64, 32, 2), (32, 32, 32, 2))
+_MARGIN = 4096  # bytes of slack on top of the measured tile formula
+
+
+def full_d_shared_bytes(block_m: int, block_n: int, block_k: int, stages: int, elem: int) -> int:
+    """Shared memory of the resident-A kernel: the A block, (stages - 1) B tiles in flight and
+    the G tile's layout conversion (measured formula, tests/test_launch_limits.py), plus slack."""
+    return elem * (block_m * block_k + (stages - 1) * block_n * block_k + block_m * block_n) + _MARGIN
+
+
+def chunked_shared_bytes(block_m: int, block_n: int, block_k: int, stages: int, elem: int) -> int:
+    """Shared memory of the chunked-D kernel: (stages - 1) A and B chunks in flight, plus slack."""
+    return elem * max(stages - 1, 1) * (block_m + block_n) * block_k + elem * block_m * block_n + _MARGIN
+
+
+def choose_config(d: int, elem: int, limit: int) -> dict:
+    """The launch configuration for embedding dim d, element size elem (bytes), within `limit`
+    bytes of shared memory per program: resident A when D <= MAX_FULL_D and a tiling fits."""
+    if d <= MAX_FULL_D:
+        block_k = max(16, triton.next_power_of_2(d))
+        for bm, bn, stages in FULL_D_CONFIGS:
+            if full_d_shared_bytes(bm, bn, block_k, stages, elem) <= limit:
+                return dict(FULL_D=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, num_stages=stages,
+                            num_warps=8 if block_k >= 256 and bm >= 64 else 4)
+    cfg = _device.pick_config(CHUNKED_CONFIGS, lambda c: chunked_shared_bytes(*c, elem), limit)
+    bm, bn, bk, stages = cfg
+    return dict(FULL_D=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=4)
+
+
 def sigmoid_loss_pass(a, b, scale, bias, a_ids, b_ids, inv_norm, da):
     """One pass (see the module docstring); arguments validated by sigvlp.ops.sigmoid_loss.
 
     a (Na, D), b (Nb, D) row-contiguous, same dtype; scale, bias float32 1-element tensors;
     a_ids/b_ids int64 or None (diagonal); da (Na, D) output or None.
     Returns float32 0-d tensors (loss, dscale, dbias), each already multiplied by inv_norm.
+    The tiling is chosen for the device's shared-memory limit (choose_config).
     """
     import torch  # noqa: PLC0415
 
     na, d = a.shape
     nb = b.shape[0]
-    full_d = d <= MAX_FULL_D
-    block_m, block_n = 64, 64
-    block_k = max(16, triton.next_power_of_2(d)) if full_d else 64
-    num_warps = 8 if (full_d and block_k >= 256) else 4
-    grid = (triton.cdiv(na, block_m),)
+    cfg = choose_config(d, a.element_size(), _device.shared_memory_limit(a.device))
+    full_d = cfg.pop("FULL_D")
+    grid = (triton.cdiv(na, cfg["BLOCK_M"]),)
     partials = torch.empty(grid[0], 3, dtype=torch.float32, device=a.device)
     with_grad = da is not None
     ws = None
@@ -164,13 +199,13 @@ def sigmoid_loss_pass(a, b, scale, bias, a_ids, b_ids, inv_norm, da):
     sigmoid_loss_pass_kernel[grid](
         a, b, a_ids if has_ids else a, b_ids if has_ids else b, scale, bias,
         da if with_grad else a, ws if ws is not None else partials, partials,
-        na, nb, d,
-        a.stride(0), b.stride(0), da.stride(0) if with_grad else 0, ws.stride(0) if ws is not None else 0,
-        float(inv_norm),
+        NA=na, NB=nb, D=d,
+        stride_a=a.stride(0), stride_b=b.stride(0), stride_da=da.stride(0) if with_grad else 0,
+        stride_ws=ws.stride(0) if ws is not None else 0,
+        inv_norm=float(inv_norm),
         HAS_IDS=has_ids, WITH_GRAD=with_grad, FULL_D=full_d,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        num_warps=num_warps,
+        **cfg,
     )
     sums = partials.sum(dim=0) * inv_norm  # fixed-order: deterministic
     return sums[0], sums[1], sums[2]

@@ -3,6 +3,7 @@ shapes, large logits, bounded memory, op registration, torch.compile, distribute
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -176,8 +177,9 @@ def test_no_grad_forward_and_late_gradient():
     torch.testing.assert_close(xr.grad.double(), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_reference_memory_is_blockwise(monkeypatch):
-    """No tensor of the reference pass (forward and gradient) is anywhere near N x M."""
+def test_reference_memory_is_blockwise():
+    """No tensor of the reference pass (forward and gradient) is anywhere near N x M, and the
+    block of rows follows the memory budget."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Largest(TorchDispatchMode):
@@ -192,14 +194,26 @@ def test_reference_memory_is_blockwise(monkeypatch):
 
     n = m = 512
     d = 16
-    monkeypatch.setattr(sys.modules["sigvlp.ops.sigmoid_loss"], "REFERENCE_BLOCK_ELEMENTS", 1 << 13)
+    budget = 17 * (1 << 13)  # 17 bytes per pair: rows * m <= 8192
     x, y, t, b, _, _ = _inputs(n, m, d)
     with Largest():
         da = torch.empty(n, d)
-        _pass_torch(x, y, t.reshape(1), b.reshape(1), None, None, 1.0 / n, da)  # row pass
-        _pass_torch(y, x, t.reshape(1), b.reshape(1), None, None, 1.0 / n, da)  # column pass
+        _pass_torch(x, y, t.reshape(1), b.reshape(1), None, None, 1.0 / n, da, budget_bytes=budget)  # row pass
+        _pass_torch(y, x, t.reshape(1), b.reshape(1), None, None, 1.0 / n, da, budget_bytes=budget)  # column
     assert Largest.largest <= max(1 << 13, n * d), Largest.largest
     assert Largest.largest * 16 <= n * m
+
+
+@pytest.mark.parametrize("n, m, d", [(8192, 8192, 256), (65536, 65536, 1024), (4, 100_000, 64), (7, 3, 8)])
+def test_reference_block_rows_follow_the_budget(n, m, d):
+    """Default budget: the working tiles take at most max(1 MiB, (N + M) D) bytes (a quarter of the
+    fp32 embeddings, O((N + M) D) as the module promises), and never fewer than one row."""
+    sl = sys.modules["sigvlp.ops.sigmoid_loss"]
+    rows = sl._block_rows(n, m, d)
+    assert 1 <= rows <= n
+    budget = min(max((n + m) * d, sl.REFERENCE_MIN_BLOCK_BYTES), sl.REFERENCE_MAX_BLOCK_BYTES)
+    assert rows == 1 or rows * m * sl._BYTES_PER_PAIR <= budget
+    assert rows == n or (rows + 1) * m * sl._BYTES_PER_PAIR > budget  # as large as the budget allows
 
 
 # ----------------------------------------------------------------------------- registration
@@ -321,7 +335,7 @@ class _ReceivedTracker:
 
         import torch.distributed as dist
 
-        sl = sys.modules["sigvlp.ops.sigmoid_loss"]
+        sl = importlib.import_module("sigvlp.ops._sigmoid_loss_dist")
         _RING_TAG = sl._RING_TAG
         self.events = []
         self.live = {"texts": [], "dy": [], "ids": []}
