@@ -144,9 +144,7 @@ def preprocess_array(hu: np.ndarray, spacing, config: PreprocessConfig, *, out_d
                               antialias=hw[0] < y or hw[1] < x)[:, 0]
         if depth != z:  # linear along z only (the in-plane size already matches)
             a = t[torch.from_numpy(lo[j0:j1] - s0)]
-            b = t[torch.from_numpy(hi[j0:j1] - s0)]
-            wt = torch.from_numpy(w[j0:j1])[:, None, None]
-            t = a + (b - a) * wt
+            t = a.lerp_(t[torch.from_numpy(hi[j0:j1] - s0)], torch.from_numpy(w[j0:j1])[:, None, None])
         if config.inplane == "spacing":
             t = _center_crop_pad(t, config.size, fill=lo_hu)
         t = (t - lo_hu) * (2.0 / (hi_hu - lo_hu)) - 1.0

@@ -133,50 +133,44 @@ def _slabs(a: np.ndarray):
 
 
 class StoredStats:
-    """Counts over the stored (unscaled) values, computed once: an exact histogram for 8/16-bit
-    integers, slab-wise comparisons otherwise. Thresholds are in stored units."""
+    """Counts over the stored (unscaled) values, in stored units: min/max and counts below or
+    above thresholds, each one slab-wise pass (bounded temporaries), memoised."""
 
     def __init__(self, raw: np.ndarray):
         self.raw = raw
         self.n = int(raw.size)
         self.dtype = raw.dtype
-        self.hist = None
-        if raw.dtype.kind in "iu" and raw.dtype.itemsize <= 2:
-            self.offset = -int(np.iinfo(raw.dtype).min)
-            hist = np.zeros(2 ** (8 * raw.dtype.itemsize), np.int64)
-            for sl in _slabs(raw):
-                v = raw[sl].astype(np.int32)
-                if self.offset:
-                    v += self.offset
-                hist += np.bincount(v.ravel(order="K"), minlength=hist.size)
-            self.cum = np.concatenate([[0], np.cumsum(hist)])  # cum[k] = count(value index < k)
-            nz = np.flatnonzero(hist)
-            self.min = float(nz[0] - self.offset) if nz.size else 0.0
-            self.max = float(nz[-1] - self.offset) if nz.size else 0.0
-            self.hist = hist
-        else:
-            lo, hi = math.inf, -math.inf
-            for sl in _slabs(raw):
-                s = raw[sl]
-                if s.dtype.kind == "f" and not np.isfinite(s).all():
-                    continue  # reported by the caller
+        self._memo = {}
+        lo, hi = math.inf, -math.inf
+        for sl in _slabs(raw):
+            s = raw[sl]
+            if s.size:
                 lo, hi = min(lo, float(s.min())), max(hi, float(s.max()))
-            self.min, self.max = (lo, hi) if lo <= hi else (0.0, 0.0)
+        self.min, self.max = (lo, hi) if lo <= hi else (0.0, 0.0)
         self.padding = self._padding()
+
+    def _count(self, op: str, t: float) -> int:
+        key = (op, float(t))
+        if key not in self._memo:
+            if op == "<" and t <= self.min or op == ">" and t >= self.max:
+                self._memo[key] = 0
+            elif op == "<" and t > self.max or op == ">" and t < self.min:
+                self._memo[key] = self.n
+            else:
+                cmp = np.less if op == "<" else np.greater
+                if self.dtype.kind in "iu":  # compare in the stored dtype: no float temporaries
+                    t = math.ceil(t) if op == "<" else math.floor(t)
+                    t = self.dtype.type(t)
+                self._memo[key] = sum(int(np.count_nonzero(cmp(self.raw[sl], t))) for sl in _slabs(self.raw))
+        return self._memo[key]
 
     def count_below(self, t: float) -> int:
         """Values < t."""
-        if self.hist is not None:
-            k = int(np.clip(math.ceil(t) + self.offset, 0, self.hist.size))
-            return int(self.cum[k])
-        return sum(int(np.count_nonzero(self.raw[sl] < t)) for sl in _slabs(self.raw))
+        return self._count("<", t)
 
     def count_above(self, t: float) -> int:
         """Values > t."""
-        if self.hist is not None:
-            k = int(np.clip(math.floor(t) + 1 + self.offset, 0, self.hist.size))
-            return self.n - int(self.cum[k])
-        return sum(int(np.count_nonzero(self.raw[sl] > t)) for sl in _slabs(self.raw))
+        return self._count(">", t)
 
     def _padding(self) -> Optional[float]:
         if self.n == 0:
@@ -206,13 +200,12 @@ class StoredStats:
 
     @property
     def nonpad_min(self) -> float:
+        """The smallest stored value that is not padding."""
         if self.padding is None:
             return self.min
-        if self.hist is not None:
-            return float(np.flatnonzero(self.hist[int(self.padding) + self.offset + 1:])[0] + self.padding + 1)
         lows = [float(s[s > self.padding].min()) for s in (self.raw[sl] for sl in _slabs(self.raw))
                 if (s > self.padding).any()]
-        return min(lows)
+        return min(lows) if lows else self.padding
 
 
 # ------------------------------------------------------------------------------ rescale
@@ -333,13 +326,24 @@ def _apply_rescale(raw: np.ndarray, stats: StoredStats, slope: float, inter: flo
 
 
 # ------------------------------------------------------------------------------ geometry
+def _raw_header(img, path):
+    """The header as stored: nibabel's load silently turns negative pixdim positive and zero into 1."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(path) as f:
+            return type(img.header).from_fileobj(f, check=False)
+    except Exception:  # not a plain single-file NIfTI: nibabel's (checked) header
+        return img.header
+
+
 def checked_affine(img, path) -> tuple[np.ndarray, str]:
     """The affine nibabel's rules select, checked; (affine, "sform" | "qform" | "pixdim")."""
     hdr = img.header
     if not hasattr(hdr, "get_sform"):  # not NIfTI (e.g. Analyze): nibabel's affine, checked below
         affine, source = np.asarray(img.affine, dtype=np.float64), "affine"
     else:
-        pixdim = np.asarray(hdr["pixdim"][1:4], dtype=np.float64)
+        pixdim = np.asarray(_raw_header(img, path)["pixdim"][1:4], dtype=np.float64)
         if not (np.isfinite(pixdim).all() and (pixdim > 0).all()):
             raise ValueError(f"{path}: degenerate geometry: header pixdim[1:4] (voxel sizes) = {pixdim.tolist()}, "
                              f"expected positive finite values")
@@ -433,11 +437,39 @@ def _open(path, what="NIfTI file"):
         raise ValueError(f"{path}: not a readable {what} ({type(e).__name__}: {e})") from None
 
 
+def _read_into(img, path) -> Optional[np.ndarray]:
+    """The stored array of a single-file NIfTI read straight into its final buffer (nibabel's own
+    .gz read holds the data twice at its peak). None when the file is not of that kind."""
+    from nibabel.arrayproxy import ArrayProxy
+    from nibabel.openers import ImageOpener
+
+    proxy = img.dataobj
+    if not isinstance(proxy, ArrayProxy) or not os.fspath(path).endswith(".gz"):
+        return None
+    dtype = np.dtype(proxy.dtype)
+    arr = np.empty(proxy.shape, dtype=dtype, order=proxy.order)
+    flat = memoryview(arr.reshape(-1, order="A")).cast("B")
+    step = 16 * 2 ** 20
+    with ImageOpener(path) as f:
+        f.seek(proxy.offset)
+        pos = 0
+        while pos < len(flat):
+            n = f.readinto(flat[pos:pos + step])
+            if not n:
+                raise EOFError(f"file ends after {pos} of {len(flat)} data bytes")
+            pos += n
+    if not dtype.isnative:
+        arr = arr.byteswap(inplace=True).view(dtype.newbyteorder("="))
+    return arr
+
+
 def _stored(img, path) -> np.ndarray:
     """The stored (unscaled) array, 3-D, as decoded (nibabel's (i, j, k), Fortran order)."""
     try:
         dataobj = img.dataobj
-        raw = np.asarray(dataobj.get_unscaled() if hasattr(dataobj, "get_unscaled") else dataobj)
+        raw = _read_into(img, path)
+        if raw is None:
+            raw = np.asarray(dataobj.get_unscaled() if hasattr(dataobj, "get_unscaled") else dataobj)
     except Exception as e:  # gzip/EOF/zlib errors from a truncated or corrupt file
         raise ValueError(f"{path}: cannot read voxel data ({type(e).__name__}: {e})") from None
     while raw.ndim > 3 and raw.shape[-1] == 1:  # (x, y, z, 1) from some converters
