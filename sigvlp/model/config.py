@@ -85,7 +85,8 @@ class SigVLPConfig:
             if not (isinstance(heads, int) and heads >= 1 and isinstance(width, int) and width % heads == 0):
                 raise ValueError(f"{prefix}width ({width}) must be a positive multiple of {prefix}heads ({heads})")
             if width // heads not in _HEAD_DIMS:
-                raise ValueError(f"{prefix}head_dim = {prefix}width / {prefix}heads = {width // heads} must be one of {_HEAD_DIMS} "
+                raise ValueError(f"{prefix}head_dim = {prefix}width / {prefix}heads = {width // heads} must be one of "
+                                 f"{_HEAD_DIMS} "
                                  f"(the head_dims the attention op serves)")
         for name in ("layers", "text_layers", "mlp_dim", "text_mlp_dim", "embed_dim", "max_text_tokens"):
             v = getattr(self, name)

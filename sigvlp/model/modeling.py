@@ -177,8 +177,8 @@ class SigVLP(nn.Module):
         text_emb = None
         if batch.get("text_ids") is not None:
             text_emb = self.encode_text(batch["text_ids"], batch["text_cu_seqlens"], batch["text_max_seqlen"])
-        return SigVLPOutput(image_emb, text_emb, self.log_logit_scale.float().exp(), self.logit_bias.float(),
-                            tokens)
+        return SigVLPOutput(image_emb, text_emb, self.log_logit_scale.float().exp(),
+                            self.logit_bias.to(torch.float32, copy=True), tokens)
 
     def encode_volume(self, patches, cu_seqlens, max_seqlen: int, grid_thw):
         """patches (total_tokens, pt*ph*pw) float, voxels in [-1, 1] (windowed HU), tokens t-major per
