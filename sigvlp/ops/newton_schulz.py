@@ -218,14 +218,16 @@ def compute_dtype(G: torch.Tensor, precision: Optional[str]) -> torch.dtype:
     return _PRECISIONS[precision]
 
 
-def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients=DEFAULT_COEFFICIENTS, eps: float = 1e-7,
-                  backend: Optional[str] = None, *, precision: Optional[str] = None) -> torch.Tensor:
+def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients=DEFAULT_COEFFICIENTS, eps: float = 1e-7, *,
+                  backend: Optional[str] = None, precision: Optional[str] = None) -> torch.Tensor:
     """Orthogonalise each matrix of G (..., m, n) by `steps` Newton-Schulz iterations.
 
     coefficients: one (a, b, c) triple or a sequence of `steps` per-step triples. eps: the
     Frobenius norm is clamped at eps before dividing. backend: None/"auto", "torch", "triton"
-    or "cuda". precision: None (bf16 operands on GPU, fp32 on CPU), "bf16", "fp32" or "input".
-    See the module docstring for semantics and precision. No autograd.
+    or "cuda" (keyword-only, as for every op). precision: None (bf16 operands on GPU, fp32 on
+    CPU), "bf16", "fp32" or "input". Returns a tensor of G's shape and dtype. Makes no
+    device-to-host copy. See the module docstring for semantics and precision. No autograd.
+    Errors: TypeError/ValueError naming the argument; BackendError when the backend cannot serve G.
     """
     _checks.check_tensor(G, "G")
     if G.is_complex() or not G.dtype.is_floating_point:
