@@ -66,9 +66,27 @@ def report(info: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def add_arguments(parser) -> None:
+    parser.add_argument("--selftest", action="store_true",
+                        help="then check every backend of every op against fp64 oracles (python -m sigvlp.selftest)")
+
+
+def run(args) -> int:
     print(report(collect()))
+    if getattr(args, "selftest", False):
+        from sigvlp import selftest
+
+        print(flush=True)
+        return selftest.main([])
     return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sigvlp.info")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
