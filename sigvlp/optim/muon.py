@@ -371,15 +371,17 @@ class MuonWithAdamW(Muon):
     params: an nn.Module (split by sigvlp.optim.split_params with its default rules), or param
     groups, each with "use_muon": True (Muon; keys as Muon's) or False (AdamW; keys lr, betas,
     eps, weight_decay). Group keys override the defaults below; Muon defaults are Muon's
-    arguments, AdamW defaults the adamw_* arguments. LR schedulers see every group's "lr".
+    arguments (torch.optim.Muon's), AdamW defaults the adamw_* arguments, which default to
+    torch.optim.AdamW's (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2); the SigVLP
+    recipe's values are in the README. LR schedulers see every group's "lr".
     """
 
     _allows_adamw = True
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients=(3.4445, -4.775, 2.0315), eps: float = 1e-7,
-                 ns_steps: int = 5, adjust_lr_fn: Optional[str] = None, *, adamw_lr: float = 3e-4,
-                 adamw_betas=(0.9, 0.95), adamw_eps: float = 1e-8, adamw_weight_decay: float = 0.0,
+                 ns_steps: int = 5, adjust_lr_fn: Optional[str] = None, *, adamw_lr: float = 1e-3,
+                 adamw_betas=(0.9, 0.999), adamw_eps: float = 1e-8, adamw_weight_decay: float = 1e-2,
                  ns_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None, process_group=None):
         if isinstance(params, torch.nn.Module):
             from sigvlp.optim.split import split_params  # noqa: PLC0415

@@ -4,10 +4,17 @@ Muon is for the hidden weight matrices of a network; embeddings, the input patch
 output heads and projections, norms, biases and scalars belong on AdamW (Keller Jordan's
 guidance; the SigVLP authors' code put embeddings and heads on Muon, which we do not repeat).
 
+The default decision is by parameter NAME (and owning module type), not by the role a module
+plays: an output layer named `out`, `fc`, `proj_out` or one inside an nn.Sequential does not
+match the head/projection patterns below and goes to Muon. Check with explain_split, and pass
+your own patterns or a `muon_filter` for such models.
+
 Rules, first match wins, per parameter name from model.named_parameters():
  0. requires_grad=False: left out of both groups.
  1. matches one of the caller's `adamw` patterns -> AdamW; one of the caller's `muon`
     patterns -> Muon (ValueError if it is not >= 2-D, or if it matches both lists).
+ 1b. muon_filter given: muon_filter(name, param, module) -> True: Muon (ValueError if it is not
+    >= 2-D), False: AdamW; module is the nn.Module that owns the parameter. Rules 2-6 are skipped.
  2. fewer than 2 dims (biases, norm weights, logit scale / bias, 1-D tables) -> AdamW.
  3. owned by an embedding module (nn.Embedding, nn.EmbeddingBag) -> AdamW.
  4. owned by a normalisation module (LayerNorm, GroupNorm, RMSNorm, BatchNorm, InstanceNorm,
@@ -22,7 +29,7 @@ r"\.qkv\." or r"^vision\.blocks\.0\." both work; the defaults match whole name c
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from torch import nn
 
@@ -73,11 +80,19 @@ def _owners(model: nn.Module) -> dict[int, nn.Module]:
     return owners
 
 
+MuonFilter = Callable[[str, nn.Parameter, nn.Module], bool]
+
+
 def explain_split(model: nn.Module, *, adamw: Sequence[str] = (), muon: Sequence[str] = (),
-                  default_adamw_patterns: Sequence[str] = DEFAULT_ADAMW_PATTERNS) -> list[tuple]:
-    """(name, shape, "muon" | "adamw" | "frozen", reason) for every parameter, by the rules above."""
+                  default_adamw_patterns: Sequence[str] = DEFAULT_ADAMW_PATTERNS,
+                  muon_filter: Optional[MuonFilter] = None) -> list[tuple]:
+    """(name, shape, "muon" | "adamw" | "frozen", reason) for every parameter, by the rules above:
+    the decision and the rule that made it, per parameter, in model.named_parameters() order."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if muon_filter is not None and not callable(muon_filter):
+        raise TypeError(f"muon_filter: expected a callable (name, param, module) -> bool, got "
+                        f"{type(muon_filter).__name__}")
     user_adamw = _compile(adamw, "adamw")
     user_muon = _compile(muon, "muon")
     defaults = _compile(default_adamw_patterns, "default_adamw_patterns")
@@ -99,6 +114,13 @@ def explain_split(model: nn.Module, *, adamw: Sequence[str] = (), muon: Sequence
             if p.dim() < 2:
                 raise ValueError(f"muon: pattern {hit_m!r} selects {name!r} of shape {shape}; Muon needs >= 2-D")
             rows.append((name, shape, "muon", f"muon pattern {hit_m!r}"))
+        elif muon_filter is not None:
+            decision = muon_filter(name, p, owner)
+            if not isinstance(decision, bool):
+                raise TypeError(f"muon_filter: expected a bool for {name!r}, got {type(decision).__name__}")
+            if decision and p.dim() < 2:
+                raise ValueError(f"muon_filter: selects {name!r} of shape {shape}; Muon needs >= 2-D")
+            rows.append((name, shape, "muon" if decision else "adamw", f"muon_filter returned {decision}"))
         elif p.dim() < 2:
             rows.append((name, shape, "adamw", f"{p.dim()}-D (bias, norm, scalar)"))
         elif isinstance(owner, _EMBEDDING_TYPES):
@@ -115,15 +137,19 @@ def explain_split(model: nn.Module, *, adamw: Sequence[str] = (), muon: Sequence
 
 
 def split_params(model: nn.Module, *, adamw: Sequence[str] = (), muon: Sequence[str] = (),
-                 default_adamw_patterns: Sequence[str] = DEFAULT_ADAMW_PATTERNS) -> list[dict]:
+                 default_adamw_patterns: Sequence[str] = DEFAULT_ADAMW_PATTERNS,
+                 muon_filter: Optional[MuonFilter] = None) -> list[dict]:
     """Param groups for MuonWithAdamW: [{"params": [(name, p), ...], "use_muon": True},
     {"params": [...], "use_muon": False}] (empty groups left out), by the module docstring's rules.
 
     adamw / muon: extra regular expressions that send matching names to AdamW / Muon before any
     built-in rule. default_adamw_patterns: replace rule 5's patterns (pass () to disable it).
+    muon_filter: callable(name, param, module) -> bool deciding every parameter the patterns
+    leave open (True: Muon), instead of the built-in rules 2-6.
     Add per-group options (lr, weight_decay, ...) to the returned dicts as with any optimizer.
     """
-    rows = explain_split(model, adamw=adamw, muon=muon, default_adamw_patterns=default_adamw_patterns)
+    rows = explain_split(model, adamw=adamw, muon=muon, default_adamw_patterns=default_adamw_patterns,
+                         muon_filter=muon_filter)
     params = dict(model.named_parameters())
     groups = []
     for kind, use_muon in (("muon", True), ("adamw", False)):
