@@ -278,7 +278,19 @@ class Results:
             "extra": {k: v for k, v in extra.items() if v is not None},
         }
         self.rows.append(row)
+        self._append(row)
         return row
+
+    def _append(self, row: dict) -> None:
+        """Each row reaches results.csv at once (without its ratio, filled in by `write` at the end),
+        so a run killed half way still leaves what it measured."""
+        path = self.directory() / "results.csv"
+        new = not path.exists() or len(self.rows) == 1
+        with open(path, "w" if new else "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: _csv_cell(row[k]) for k in COLUMNS})
 
     def pair_ratios(self) -> None:
         """ratio_to_baseline = baseline median / row median, for the baseline row of the same
@@ -494,3 +506,105 @@ def legacy_row(table: str, columns: dict, test: str = "") -> dict:
                       test=test, **extra)
     _LAST_TIMING[0] = None
     return row
+
+
+# ----------------------------------------------------------------------------- gpu_check helpers
+# `python benches/_bench.py junit FILE.xml | merge OUT.csv IN.csv... | ratios RESULTS.csv`
+
+#: (title, op substring, providers (None: any but the baseline), baseline provider (substring match))
+KEY_RATIOS = (
+    ("attention: sigvlp fused vs rope3d + varlen attention", "attention", ("sigvlp",), "rope3d+varlen_attn"),
+    ("encoder forward: sigvlp vs rope3d + varlen attention", "encoder forward", ("sigvlp",), "rope3d+varlen_attn"),
+    ("newton_schulz: ours vs torch.optim.Muon's NS", "newton_schulz", ("triton", "cuda"), "torch_muon"),
+    ("Muon step: ours vs torch.optim.Muon", "Muon", ("sigvlp", "sigvlp-triton", "sigvlp-cuda"), "torch.optim.Muon"),
+    ("sigmoid loss: ours vs dense", "sigmoid_loss", ("triton", "cuda"), "dense"),
+    ("model step: fused vs unfused", "model", None, "unfused"),
+)
+
+
+def read_rows(paths) -> list[dict]:
+    rows = []
+    for p in paths:
+        with open(p, newline="") as fh:
+            rows += list(csv.DictReader(fh))
+    return rows
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def key_ratios(rows: list[dict]) -> list[str]:
+    """Lines 'title: provider median Nx (min, max) over k pairs', a ratio being baseline time / time
+    for rows of the same op, shape and mode (and dtype when the baseline has one of it)."""
+    lines = []
+    for title, op_sub, providers, base_sub in KEY_RATIOS:
+        mine = [r for r in rows if op_sub.lower() in r["op"].lower()]
+        bases = [r for r in mine if base_sub in r["provider"] and _num(r["median_ms"])]
+        found: dict[str, list[float]] = {}
+        for r in mine:
+            if base_sub in r["provider"] or not _num(r["median_ms"]):
+                continue
+            if providers is not None and r["provider"] not in providers:
+                continue
+            same = [b for b in bases if (b["op"], b["shape"], b["mode"]) == (r["op"], r["shape"], r["mode"])]
+            exact = [b for b in same if b["dtype"] == r["dtype"]] or same
+            if exact:
+                found.setdefault(r["provider"], []).append(_num(exact[0]["median_ms"]) / _num(r["median_ms"]))
+        if not found:
+            lines.append(f"{title}: no pairs measured")
+            continue
+        for provider, ratios in found.items():
+            ratios.sort()
+            lines.append(f"{title}: {provider} {statistics.median(ratios):.2f}x median "
+                         f"(min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x) over {len(ratios)} cases")
+    return lines
+
+
+def junit_counts(path) -> str:
+    """'passed N, skipped S' or 'FAIL: F failed, E errors, ...' from a JUnit XML file."""
+    import xml.etree.ElementTree as ET  # noqa: PLC0415
+
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return "FAIL: no results (timed out or crashed before the end)"
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    passed = total["tests"] - total["failures"] - total["errors"] - total["skipped"]
+    text = f"{passed} passed, {total['skipped']} skipped"
+    if total["failures"] or total["errors"]:
+        return f"FAIL: {total['failures']} failed, {total['errors']} errors, {text}"
+    return f"passed {passed}, skipped {total['skipped']}"
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) >= 2 and argv[0] == "junit":
+        print(junit_counts(argv[1]))
+        return 0
+    if len(argv) >= 2 and argv[0] == "merge":
+        paths = [p for p in argv[2:] if pathlib.Path(p).exists()]
+        rows = read_rows(paths)
+        with open(argv[1], "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"merged {len(rows)} rows from {len(paths)} files into {argv[1]}")
+        return 0
+    if len(argv) == 2 and argv[0] == "ratios":
+        rows = read_rows([argv[1]]) if pathlib.Path(argv[1]).exists() else []
+        print("key ratios (baseline time / our time; > 1: faster than the baseline):")
+        for line in key_ratios(rows):
+            print("  " + line)
+        return 0
+    print("usage: python benches/_bench.py junit FILE.xml | merge OUT.csv IN.csv... | ratios RESULTS.csv")
+    return 2
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

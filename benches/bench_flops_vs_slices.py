@@ -33,7 +33,7 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 FIXED_SLICES = 240
 PROVIDERS = ("rope3d+varlen_attn", "sigvlp", "ctclip_fixed240")  # baseline first
 FULL = {"presets": ("base", "large"), "inplane": 256, "slices": (16, 32, 64, 128, 256, 512)}
-QUICK = {"presets": ("tiny",), "inplane": 64, "slices": (16, 64)}
+QUICK = {"presets": ("tiny",), "inplane": 32, "slices": (16, 64)}
 
 
 def _setup():

@@ -155,3 +155,25 @@ def test_encoder_flops_counted_plus_analytic_equal_fully_counted(monkeypatch):
     with fvs.attention_as(fvs.unfused_attention), torch.no_grad(), FlopCounterMode(display=False) as counter:
         encoder(*inputs)
     assert counter.get_total_flops() == flops["total"]
+
+
+def test_gpu_check_helpers(tmp_path):
+    rows = [dict(op="rope_attention_varlen", provider=p, shape="case=a", dtype="bfloat16", mode="full", median_ms=ms)
+            for p, ms in (("rope3d+varlen_attn", "3.0"), ("sigvlp", "2.0"), ("sdpa_padded", "1.0"))]
+    rows.append(dict(op="rope_attention_varlen", provider="sigvlp", shape="case=b", dtype="bfloat16", mode="full",
+                     median_ms="1.0"))  # no baseline for this shape
+    (line,) = [x for x in _bench.key_ratios(rows) if x.startswith("attention")]
+    assert "sigvlp 1.50x median" in line and "over 1 cases" in line
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"/></testsuites>')
+    assert _bench.junit_counts(xml).startswith("FAIL: 1 failed")
+    assert _bench.junit_counts(tmp_path / "missing.xml").startswith("FAIL: no results")
+
+
+def test_gpu_check_without_gpu_says_so(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    res = subprocess.run(["bash", str(BENCHES / "gpu_check.sh"), str(tmp_path / "out")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert "NEEDS A GPU" in res.stdout and (tmp_path / "out" / "gpu_check.log").exists()

@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# One-shot validation and measurement of sigvlp on one GPU (sized for an H200: < 8 minutes).
+#
+#   benches/gpu_check.sh [OUT_DIR] [--dry-run]
+#
+# Stages, each with a time cap inside one overall budget (GPU_CHECK_BUDGET, default 470 s):
+#   1. environment: python, torch, triton, nvcc, nvidia-smi; stops here (exit 2) without a GPU
+#   2. build csrc/ with this machine's nvcc: pip install --no-build-isolation --no-deps -e .
+#      (SIGVLP_CUDA_ARCHS defaults to this GPU's arch, e.g. 90a on an H100/H200)
+#   3. python -m sigvlp.selftest (every backend of every op, fp32/fp16/bf16, vs fp64 oracles)
+#   4. every GPU test: pytest -m gpu over the test files that have GPU tests
+#   5. the bench suite in full mode, one pytest run per bench file (a slow file cannot take the
+#      others down), torch.compile-based providers deselected for time (GPU_CHECK_BENCH_K)
+#   6. summary: pass/fail counts and the key ratios (attention vs rope3d + varlen attention,
+#      Newton-Schulz vs torch.optim.Muon, sigmoid loss vs dense, model step vs unfused, encoder)
+# OUT_DIR (default $OUT, else ./gpu_check_out) receives at most 8 files: summary.txt,
+# gpu_check.log (everything printed), results.csv (all bench rows), selftest.txt,
+# flops_vs_slices.png/.csv and all.tar.gz (per-stage logs, JUnit XML, each bench file's results
+# folder with its pytest-benchmark JSON and plots). Exit status: 0 all passed, 1 failures,
+# 2 no GPU / cannot start.
+set -u -o pipefail
+
+DRY_RUN=0
+OUT_DIR=""
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) OUT_DIR="$arg" ;;
+  esac
+done
+OUT_DIR="${OUT_DIR:-${OUT:-gpu_check_out}}"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+BUDGET="${GPU_CHECK_BUDGET:-470}"
+BENCH_K="${GPU_CHECK_BENCH_K-not flex and not dense_compile}"
+WORK="${GPU_CHECK_WORK:-$(mktemp -d /tmp/sigvlp_gpu_check.XXXXXX)}"
+START=$(date +%s)
+mkdir -p "$OUT_DIR" "$WORK/logs" "$WORK/results"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+LOG="$OUT_DIR/gpu_check.log"
+: > "$LOG"
+export PYTHONUNBUFFERED=1
+cd "$REPO"
+
+say() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+cap() {  # cap SECONDS: min(SECONDS, budget left - 15 s reserved for the summary)
+  local l=$(( $(left) - 15 )); (( l < $1 )) && echo $(( l > 0 ? l : 1 )) || echo "$1"
+}
+STATUS=()  # "stage|result" lines for the summary
+record() { STATUS+=("$1|$2"); say "$1: $2"; }
+run_stage() {  # run_stage NAME SECONDS CMD... ; output to logs/NAME.log and the main log
+  local name=$1 secs; secs=$(cap "$2"); shift 2
+  say "stage $name (cap ${secs}s): $*"
+  timeout --kill-after=10 "$secs" "$@" > >(tee "$WORK/logs/$name.log" >> "$LOG") 2>&1
+  local rc=$?
+  (( rc == 124 || rc == 137 )) && say "stage $name: TIMED OUT after ${secs}s"
+  return $rc
+}
+
+# ----------------------------------------------------------------------------- 1. environment
+say "repo $REPO, output $OUT_DIR, budget ${BUDGET}s, python $PY"
+"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import platform
+try:
+    import torch
+    print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+          f"cuda available: {torch.cuda.is_available()}"
+          + (f", device: {torch.cuda.get_device_name()} sm_{''.join(map(str, torch.cuda.get_device_capability()))}"
+             if torch.cuda.is_available() else ""))
+except ImportError as e:
+    print(f"torch not importable: {e}")
+try:
+    import triton
+    print(f"triton {triton.__version__}")
+except ImportError:
+    print("triton not installed")
+for name in ("pytest", "pytest_benchmark", "matplotlib", "nanobind", "scikit_build_core", "einops", "safetensors",
+             "numpy", "nibabel"):
+    try:
+        __import__(name)
+    except ImportError:
+        print(f"missing python package: {name}")
+EOF
+command -v nvcc >/dev/null && nvcc --version | tail -n 2 | tee -a "$LOG" || say "nvcc: not on PATH"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$LOG"
+
+if (( DRY_RUN )); then
+  say "dry run: would build (pip install --no-build-isolation --no-deps -e .), run python -m sigvlp.selftest,"
+  say "  pytest -m gpu on: $(grep -l 'mark.gpu' tests/test_*.py | tr '\n' ' ')"
+  say "  and the full bench suite: $(ls benches/bench_*.py | tr '\n' ' ') (-k '$BENCH_K')"
+  exit 0
+fi
+
+FORCE_CPU="${GPU_CHECK_FORCE_CPU:-0}"  # 1: walk every stage on a CPU (tests this script; no build)
+BENCH_MODE=full
+if (( FORCE_CPU )); then
+  say "GPU_CHECK_FORCE_CPU=1: running the stages on the CPU (no build, quick benches) to test this script"
+  BENCH_MODE=quick
+elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  say "NEEDS A GPU: torch sees no CUDA device (torch.cuda.is_available() is False), so there is nothing to"
+  say "validate here. Run this script on a machine with an NVIDIA GPU (sm_80 or newer) and nvcc on PATH;"
+  say "on a CPU-only machine use 'python -m sigvlp.selftest' and 'pytest benches/' (quick mode) instead."
+  exit 2
+fi
+if (( ! FORCE_CPU )) && ! command -v nvcc >/dev/null; then
+  say "NEEDS nvcc: no CUDA compiler on PATH (or set CUDACXX); the CUDA backends cannot be built"
+  exit 2
+fi
+
+# ----------------------------------------------------------------------------- 2. build
+if (( FORCE_CPU )); then
+  record build "SKIPPED (GPU_CHECK_FORCE_CPU=1)"
+else
+if [[ -z "${SIGVLP_CUDA_ARCHS:-}" ]]; then
+  SIGVLP_CUDA_ARCHS="$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}' + ('a' if M == 9 else ''))")"
+  export SIGVLP_CUDA_ARCHS
+fi
+say "building csrc/ for SIGVLP_CUDA_ARCHS=$SIGVLP_CUDA_ARCHS"
+if run_stage build 200 "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . \
+   && "$PY" -c "from sigvlp.ops import _cuda; import sys; r = _cuda.unavailable_reason(); print('CUDA backend:', r or 'available'); sys.exit(1 if r else 0)" 2>&1 | tee -a "$LOG"; then
+  record build PASS
+else
+  record build "FAIL (see logs/build.log; the CUDA backends will be skipped below)"
+fi
+fi
+
+# ----------------------------------------------------------------------------- 3. self-test
+if run_stage selftest 90 "$PY" -m sigvlp.selftest --json "$WORK/selftest.json"; then
+  record selftest "PASS ($(tail -n 1 "$WORK/logs/selftest.log"))"
+else
+  record selftest "FAIL ($(grep -c ' FAIL ' "$WORK/logs/selftest.log") failing lines; $(tail -n 1 "$WORK/logs/selftest.log"))"
+fi
+cp "$WORK/logs/selftest.log" "$OUT_DIR/selftest.txt" 2>/dev/null
+
+# ----------------------------------------------------------------------------- 4. GPU tests
+TIMEOUT_OPT=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT=(--timeout=90)
+mapfile -t GPU_TESTS < <(grep -l 'mark.gpu' tests/test_*.py)
+run_stage gpu_tests 150 "$PY" -m pytest -p no:cacheprovider -q -m gpu -rfE "${TIMEOUT_OPT[@]}" \
+  --junitxml="$WORK/gpu_tests.xml" "${GPU_TESTS[@]}"
+res="$("$PY" benches/_bench.py junit "$WORK/gpu_tests.xml")"
+[[ "$res" == "passed 0,"* ]] && (( ! FORCE_CPU )) && res="FAIL: every GPU test was skipped ($res)"
+record gpu_tests "$res"
+
+# ----------------------------------------------------------------------------- 5. benches
+declare -A BENCH_CAP=([bench_flops_vs_slices]=70 [bench_attention]=100 [bench_rope]=25 [bench_sigmoid_loss]=45
+                      [bench_muon]=45 [bench_model]=50 [bench_eval]=30 [bench_data]=40)
+declare -A DONE=()
+for f in benches/bench_flops_vs_slices.py benches/bench_attention.py benches/bench_rope.py \
+         benches/bench_sigmoid_loss.py benches/bench_muon.py $(ls benches/bench_*.py | sort); do
+  name=$(basename "$f" .py)
+  [[ -n "${DONE[$name]:-}" || ! -f "$f" ]] && continue
+  DONE[$name]=1
+  if (( $(left) < 35 )); then record "$name" "NOT RUN (budget spent)"; continue; fi
+  KOPT=(); [[ -n "$BENCH_K" ]] && KOPT=(-k "$BENCH_K")
+  run_stage "$name" "${BENCH_CAP[$name]:-40}" "$PY" -m pytest -p no:cacheprovider -q --bench-mode=$BENCH_MODE \
+    --bench-out="$WORK/results/$name" --junitxml="$WORK/results/$name.xml" "${TIMEOUT_OPT[@]}" "${KOPT[@]}" "$f"
+  rc=$?
+  res="$("$PY" benches/_bench.py junit "$WORK/results/$name.xml")"
+  (( rc == 124 || rc == 137 )) && res="FAIL: timed out at its cap (the rows measured before are kept in results.csv)"
+  record "$name" "$res"
+done
+
+# ----------------------------------------------------------------------------- 6. summary
+"$PY" benches/_bench.py merge "$OUT_DIR/results.csv" "$WORK"/results/*/results.csv >> "$LOG" 2>&1
+for f in flops_vs_slices.png flops_vs_slices.csv; do
+  cp "$WORK/results/bench_flops_vs_slices/$f" "$OUT_DIR/" 2>/dev/null
+done
+{
+  echo "sigvlp gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - START )) s"
+  "$PY" -c "import torch; print(torch.cuda.get_device_name(), '| torch', torch.__version__, end=' | ')
+import triton; print('triton', triton.__version__)" 2>/dev/null
+  echo
+  for s in "${STATUS[@]}"; do printf '  %-24s %s\n' "${s%%|*}" "${s#*|}"; done
+  echo
+  "$PY" benches/_bench.py ratios "$OUT_DIR/results.csv"
+} > "$OUT_DIR/summary.txt" 2>&1
+tar czf "$OUT_DIR/all.tar.gz" -C "$WORK" . 2>/dev/null
+cat "$OUT_DIR/summary.txt" | tee -a "$LOG"
+FAILED=0
+for s in "${STATUS[@]}"; do [[ "${s#*|}" == PASS* || "${s#*|}" == passed* || "${s#*|}" == SKIPPED* ]] || FAILED=1; done
+say "done: $([[ $FAILED == 0 ]] && echo 'everything passed' || echo 'some stages did not pass (see above)')"
+exit $FAILED
