@@ -1,30 +1,36 @@
 """Varlen flash attention with 3D RoPE fused into the Q/K tile loads (Triton, forward + backward).
 
-Layout: q (total_tokens, nheads, head_dim), k/v (total_tokens, nheads_kv, head_dim), last dim
-contiguous, token and head strides arbitrary; sequence b owns tokens cu_seqlens[b]:cu_seqlens[b+1].
+Layout: q (total_q, nheads, head_dim), k/v (total_k, nheads_kv, head_dim), last dim contiguous,
+token and head strides arbitrary. Query sequence b owns q rows cu_q[b]:cu_q[b+1] and attends to
+k/v rows cu_k[b]:cu_k[b+1] (self-attention: cu_k is cu_q). Causal masks align bottom-right:
+query i sees key j iff j <= i + Lk - Lq (flash-attn >= 2.1); a query that sees no key gets out 0
+and lse -inf.
 
 Work decomposition. Every kernel runs on a grid (blocks over max_seqlen, batch, heads): program
 (i, b, h) handles block i of sequence b for head h and exits at once when the block starts past
-the sequence's length. The lengths are read from cu_seqlens inside the kernel, so a new length
-never recompiles, and one long sequence and many short ones both fill the machine. Token offsets
-are int64 (start of the sequence + local index); local indices are int32.
+the sequence's length. The lengths are read from cu_seqlens inside the kernel, and every
+length-derived integer argument is in do_not_specialize (`LENGTH_ARGS`), so a new length never
+recompiles; one long sequence and many short ones both fill the machine. Token offsets are int64
+(start of the sequence + local index); local indices are int32. Memory safety for any int32
+cu_seqlens / grid values: sequence bounds are clamped into [0, total], table rows into the table.
 
 Rotation. A head vector is split into its rotary pairs: ``x1`` holds the first element of every
 pair, ``x2`` the second (halves (i, i + D/2) or interleaved (2i, 2i + 1), exactly as rope3d).
-Q K^T = Q1 K1^T + Q2 K2^T, so each tile is loaded as two half tiles, rotated in fp32 in
-registers (cos/sin from ``rotary_cos_sin`` in kernels/rope.py, angles from the token's position:
-the grid (t, h, w) decoded from its index with ``grid_decode``, or the positions tensor) and fed
-to two dots of depth D/2. No rotated q or k is ever written; the backward rotates again and applies
-the transposed rotation to dQ and dK before storing them.
+Q K^T = Q1 K1^T + Q2 K2^T, so each tile is loaded as two half tiles, rotated in fp32 in registers
+and fed to two dots of depth D/2. No sin/cos is evaluated in these kernels: the launcher fills
+per-call cos/sin tables once (`rotary_tables` in kernels/rope.py, the same angle code as rope3d,
+so the fused result equals rope3d + unrotated attention): for grid_thw one (max_seqlen, D/2) table
+indexed by the token's t, h or w per pair; for positions one row per token. No rotated q or k is
+ever written; the backward rotates again and applies the transposed rotation to dQ and dK.
 
-Forward: FlashAttention-2 online softmax in base 2, saves lse (nheads, total_tokens), natural log.
+Forward: FlashAttention-2 online softmax in base 2, saves lse (nheads, total_q), natural log.
 Backward: (1) delta = rowsum(dO * O) - dlse; (2) a dK/dV kernel per key block (and KV head: the
 group's query heads are looped inside, so GQA needs no atomics); (3) a dQ kernel per query block.
 dQ uses NO atomics: it is recomputed in its own pass over the key blocks (two extra GEMMs per
 tile pair, about 7 instead of 5), which makes the backward deterministic, needs no fp32 dQ
 accumulator buffer nor its zeroing, and lets the autotuner rerun kernels freely.
 
-Masking: each loop over the other operand's blocks runs in two parts, the interior blocks with no
+Masking: each loop over the other operand's blocks runs in parts, the interior blocks with no
 mask at all and the boundary blocks (sequence end, causal diagonal) with the mask, so the common
 case pays nothing for varlen or causality. Causal query blocks are scheduled last-first (they
 carry the most keys).
@@ -34,15 +40,21 @@ candidate tiles are pruned per head_dim class from an sm_90 compile survey (ptxa
 stack), not yet from H200 timings. Under TRITON_INTERPRET=1 a fixed small config is used.
 """
 
-
+import torch
 import triton
 import triton.language as tl
 
-from sigvlp.kernels.rope import grid_decode, log2_theta_parts, pair_columns, rotary_cos_sin
+from . import interpreter
+from .rope import grid_index, pair_columns, rotary_tables
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
-_LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
+
+#: Integer arguments derived from lengths (token totals, table rows, the lse stride = total_q):
+#: never specialised, or a total divisible by 16 (or equal to 1) would compile new variants.
+#: group and the sections are fixed by the model but kept out too (1 is specialised otherwise).
+LENGTH_ARGS = ["stride_lse_h", "total_q", "total_k", "rows_q", "rows_k", "group", "n_t", "n_h"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -56,24 +68,54 @@ def _pair_index(HALF: tl.constexpr, HALF_PAD: tl.constexpr, INTERLEAVED: tl.cons
 
 
 @triton.jit
-def _tile_cos_sin(idx, valid, seq_start, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
-                  USE_POSITIONS: tl.constexpr):
-    """cos/sin (len(idx), len(pairs)) for local token indices idx of the sequence starting at seq_start."""
-    if USE_POSITIONS:
-        tok = seq_start + tl.where(valid, idx, 0).to(tl.int64)
-        pos_t = tl.load(pos_ptr + tok * 3 + 0, mask=valid, other=0.0)
-        pos_h = tl.load(pos_ptr + tok * 3 + 1, mask=valid, other=0.0)
-        pos_w = tl.load(pos_ptr + tok * 3 + 2, mask=valid, other=0.0)
-    else:
-        pos_t, pos_h, pos_w = grid_decode(idx, H, W)
-    return rotary_cos_sin(pos_t, pos_h, pos_w, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo)
+def _seq_bounds(cu_ptr, b, total):
+    """(start, length) of sequence b, clamped into [0, total]: memory-safe for any cu values."""
+    start = tl.load(cu_ptr + b).to(tl.int64)
+    end = tl.load(cu_ptr + b + 1).to(tl.int64)
+    start = tl.minimum(tl.maximum(start, 0), total)
+    end = tl.minimum(tl.maximum(end, start), total)
+    return start, (end - start).to(tl.int32)
 
 
 @triton.jit
-def _load_pairs(rows_ptr, valid, first, second, pmask, seq_start, idx, H, W, pos_ptr, pairs,
-                n_t, n_h, n_w, log2_theta, log2_theta_lo,
-                ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, EVEN: tl.constexpr,
-                PAIRS_EXACT: tl.constexpr):
+def _grid_hw(grid_ptr, b, ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr):
+    if ROTATE and not USE_POSITIONS:
+        H = tl.load(grid_ptr + b * 3 + 1)
+        W = tl.load(grid_ptr + b * 3 + 2)
+    else:
+        H = 1
+        W = 1
+    return H, W
+
+
+@triton.jit
+def _cos_sin(cos_ptr, sin_ptr, idx, seq_start, H, W, pairs, pmask, n_t, n_h, rows,
+             HALF: tl.constexpr, USE_POSITIONS: tl.constexpr, PAIRS_EXACT: tl.constexpr):
+    """cos/sin (len(idx), len(pairs)) fp32 of local tokens idx, looked up in the per-call tables
+    (rows x HALF): by token row for positions, by the pair's axis coordinate for grid_thw."""
+    if USE_POSITIONS:
+        row = seq_start + idx.to(tl.int64)
+        row = tl.minimum(tl.maximum(row, 0), rows - 1)
+        offs = row[:, None] * HALF + pairs[None, :]
+    else:
+        t, h, w = grid_index(idx, H, W)
+        p = pairs[None, :]
+        row = tl.where(p < n_t, t[:, None], tl.where(p < n_t + n_h, h[:, None], w[:, None]))
+        row = tl.minimum(tl.maximum(row, 0), rows - 1)
+        offs = row.to(tl.int64) * HALF + p
+    if PAIRS_EXACT:
+        cos = tl.load(cos_ptr + offs)
+        sin = tl.load(sin_ptr + offs)
+    else:
+        cos = tl.load(cos_ptr + offs, mask=pmask[None, :], other=1.0)
+        sin = tl.load(sin_ptr + offs, mask=pmask[None, :], other=0.0)
+    return cos, sin
+
+
+@triton.jit
+def _load_pairs(rows_ptr, valid, first, second, pmask, pairs, idx, seq_start, H, W, cos_ptr, sin_ptr,
+                n_t, n_h, tab_rows, HALF: tl.constexpr, ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr,
+                EVEN: tl.constexpr, PAIRS_EXACT: tl.constexpr):
     """Load the two halves of a (rows, pairs) tile and rotate them: x1, x2 in the input dtype."""
     if EVEN and PAIRS_EXACT:  # interior tile, no padded pairs: no mask at all
         x1 = tl.load(rows_ptr + first[None, :])
@@ -86,8 +128,8 @@ def _load_pairs(rows_ptr, valid, first, second, pmask, seq_start, idx, H, W, pos
         x1 = tl.load(rows_ptr + first[None, :], mask=mask, other=0.0)
         x2 = tl.load(rows_ptr + second[None, :], mask=mask, other=0.0)
     if ROTATE:
-        cos, sin = _tile_cos_sin(idx, valid, seq_start, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
-                                 USE_POSITIONS)
+        cos, sin = _cos_sin(cos_ptr, sin_ptr, idx, seq_start, H, W, pairs, pmask, n_t, n_h, tab_rows,
+                            HALF=HALF, USE_POSITIONS=USE_POSITIONS, PAIRS_EXACT=PAIRS_EXACT)
         a = x1.to(tl.float32)
         b = x2.to(tl.float32)
         x1 = (a * cos - b * sin).to(x1.dtype)
@@ -96,15 +138,16 @@ def _load_pairs(rows_ptr, valid, first, second, pmask, seq_start, idx, H, W, pos
 
 
 @triton.jit
-def _store_pairs_unrotated(rows_ptr, valid, first, second, pmask, g1, g2, seq_start, idx, H, W, pos_ptr, pairs,
-                           n_t, n_h, n_w, log2_theta, log2_theta_lo, ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr):
+def _store_pairs_unrotated(rows_ptr, valid, first, second, pmask, pairs, g1, g2, idx, seq_start, H, W,
+                           cos_ptr, sin_ptr, n_t, n_h, tab_rows, HALF: tl.constexpr, ROTATE: tl.constexpr,
+                           USE_POSITIONS: tl.constexpr, PAIRS_EXACT: tl.constexpr):
     """Store a gradient given in rotated coordinates after the transposed (inverse) rotation.
 
-    cos/sin are recomputed here rather than kept from the tile's load: holding them across the
-    main loop would cost registers for the whole kernel."""
+    cos/sin are looked up again here rather than kept from the tile's load: holding them across
+    the main loop would cost registers for the whole kernel."""
     if ROTATE:
-        cos, sin = _tile_cos_sin(idx, valid, seq_start, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
-                                 USE_POSITIONS)
+        cos, sin = _cos_sin(cos_ptr, sin_ptr, idx, seq_start, H, W, pairs, pmask, n_t, n_h, tab_rows,
+                            HALF=HALF, USE_POSITIONS=USE_POSITIONS, PAIRS_EXACT=PAIRS_EXACT)
         a = g1 * cos + g2 * sin
         b = g2 * cos - g1 * sin
     else:
@@ -116,43 +159,58 @@ def _store_pairs_unrotated(rows_ptr, valid, first, second, pmask, g1, g2, seq_st
 
 
 @triton.jit
-def _seq_info(cu_ptr, grid_ptr, b, ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr):
-    start = tl.load(cu_ptr + b).to(tl.int64)
-    end = tl.load(cu_ptr + b + 1).to(tl.int64)
-    L = (end - start).to(tl.int32)
-    if ROTATE and not USE_POSITIONS:
-        H = tl.load(grid_ptr + b * 3 + 1)
-        W = tl.load(grid_ptr + b * 3 + 2)
+def _load_rows(ptrs, valid, dmask, MASK: tl.constexpr, DIMS_EXACT: tl.constexpr):
+    """A (rows, D_PAD) tile of v or dO: masked on boundary tiles, unmasked inside when D is a power of 2."""
+    if MASK:
+        x = tl.load(ptrs, mask=valid[:, None] & dmask[None, :], other=0.0)
+    elif DIMS_EXACT:
+        x = tl.load(ptrs)
     else:
-        H = 1
-        W = 1
-    return start, L, H, W
+        x = tl.load(ptrs, mask=dmask[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _causal_key_range(start_m, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key ranges of query block start_m: [0, full_end) unmasked, [full_end, end) masked, and the
+    diagonal offset (query i sees key j <= i + offset when causal)."""
+    if CAUSAL:
+        offset = Lk - Lq
+        seen_by_all = tl.maximum(start_m + offset + 1, 0)  # keys [0, this) are visible to every row
+        full_end = tl.minimum((seen_by_all // BLOCK_N) * BLOCK_N, (Lk // BLOCK_N) * BLOCK_N)
+        end = tl.minimum(tl.maximum(start_m + BLOCK_M + offset, 0), Lk)
+    else:
+        offset = 0
+        full_end = (Lk // BLOCK_N) * BLOCK_N
+        end = Lk
+    return full_end, end, offset
 
 
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, lo, hi, L, seq_start, H, W,
-               k_base, v_base, stride_kt, stride_vt, pos_ptr,
-               first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
-               ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, CAUSAL: tl.constexpr,
+def _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, lo, hi, Lk, offset, k_start, Hk, Wk,
+               k_base, v_base, stride_kt, stride_vt, cos_ptr, sin_ptr, tab_rows,
+               first, second, pmask, pairs, dims, dmask, n_t, n_h, qk_scale,
+               HALF: tl.constexpr, ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, CAUSAL: tl.constexpr,
                MASK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < L
-        rows = seq_start + offs_n.to(tl.int64)
-        k1, k2 = _load_pairs(k_base + rows[:, None] * stride_kt, n_valid, first, second, pmask,
-                                     seq_start, offs_n, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
-                                     ROTATE, USE_POSITIONS, not MASK, PAIRS_EXACT)
+        n_valid = offs_n < Lk
+        rows = k_start + offs_n.to(tl.int64)
+        k1, k2 = _load_pairs(k_base + rows[:, None] * stride_kt, n_valid, first, second, pmask, pairs,
+                             idx=offs_n, seq_start=k_start, H=Hk, W=Wk, cos_ptr=cos_ptr, sin_ptr=sin_ptr,
+                             n_t=n_t, n_h=n_h, tab_rows=tab_rows, HALF=HALF, ROTATE=ROTATE,
+                             USE_POSITIONS=USE_POSITIONS, EVEN=not MASK, PAIRS_EXACT=PAIRS_EXACT)
         qk = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         qk = tl.dot(q2, tl.trans(k2), qk, input_precision=DOT_PREC)
         qk = qk * qk_scale
         if MASK:
             keep = n_valid[None, :]
             if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + offset)
             qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASK:
@@ -161,26 +219,20 @@ def _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, lo, hi, L, seq_start, H, W,
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASK:
-            v = tl.load(v_base + rows[:, None] * stride_vt + dims[None, :],
-                        mask=n_valid[:, None] & dmask[None, :], other=0.0)
-        elif DIMS_EXACT:
-            v = tl.load(v_base + rows[:, None] * stride_vt + dims[None, :])
-        else:
-            v = tl.load(v_base + rows[:, None] * stride_vt + dims[None, :], mask=dmask[None, :], other=0.0)
+        v = _load_rows(v_base + rows[:, None] * stride_vt + dims[None, :], n_valid, dmask, MASK, DIMS_EXACT)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["group", "n_t", "n_h", "n_w"])
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def _fwd_kernel(
-    Q, K, V, O, LSE, CU, GRID, POS,
+    Q, K, V, O, LSE, CU_Q, CU_K, GRID_Q, GRID_K, COS_Q, SIN_Q, COS_K, SIN_K,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lse_h,
-    group, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
+    total_q, total_k, rows_q, rows_k, group, n_t, n_h, qk_scale,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
-    PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr,
+    ROTATE: tl.constexpr, USE_POSITIONS_Q: tl.constexpr, USE_POSITIONS_K: tl.constexpr,
+    INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr, PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -188,54 +240,51 @@ def _fwd_kernel(
         pid_m = tl.num_programs(0) - 1 - pid_m
     b = tl.program_id(1)
     h = tl.program_id(2)
-    seq_start, L, H, W = _seq_info(CU, GRID, b, ROTATE, USE_POSITIONS)
+    q_start, Lq = _seq_bounds(CU_Q, b, total_q)
     start_m = pid_m * BLOCK_M
-    if start_m >= L:
+    if start_m >= Lq:
         return
+    k_start, Lk = _seq_bounds(CU_K, b, total_k)
+    Hq, Wq = _grid_hw(GRID_Q, b, ROTATE, USE_POSITIONS_Q)
+    Hk, Wk = _grid_hw(GRID_K, b, ROTATE, USE_POSITIONS_K)
     kh = (h // group).to(tl.int64)
     h64 = h.to(tl.int64)
     pairs, first, second, pmask = _pair_index(HALF, HALF_PAD, INTERLEAVED)
     dims = tl.arange(0, D_PAD)
     dmask = dims < HEAD_DIM
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < L
-    q_rows = seq_start + offs_m.to(tl.int64)
-    q1, q2 = _load_pairs(Q + h64 * stride_qh + q_rows[:, None] * stride_qt, m_valid, first, second, pmask,
-                                 seq_start, offs_m, H, W, POS, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
-                                 ROTATE, USE_POSITIONS, False, PAIRS_EXACT)
+    m_valid = offs_m < Lq
+    q_rows = q_start + offs_m.to(tl.int64)
+    q1, q2 = _load_pairs(Q + h64 * stride_qh + q_rows[:, None] * stride_qt, m_valid, first, second, pmask, pairs,
+                         idx=offs_m, seq_start=q_start, H=Hq, W=Wq, cos_ptr=COS_Q, sin_ptr=SIN_Q, n_t=n_t, n_h=n_h,
+                         tab_rows=rows_q, HALF=HALF, ROTATE=ROTATE, USE_POSITIONS=USE_POSITIONS_Q, EVEN=False,
+                         PAIRS_EXACT=PAIRS_EXACT)
     k_base = K + kh * stride_kh
     v_base = V + kh * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    if CAUSAL:
-        full_end = start_m  # keys before the block: visible to every row (BLOCK_M % BLOCK_N == 0)
-        end = tl.minimum(start_m + BLOCK_M, L)
-    else:
-        full_end = (L // BLOCK_N) * BLOCK_N
-        end = L
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, 0, full_end, L, seq_start, H, W,
-                               k_base, v_base, stride_kt, stride_vt, POS,
-                               first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
-                               ROTATE, USE_POSITIONS, CAUSAL, False, BLOCK_N, DOT_PREC,
-                               PAIRS_EXACT, DIMS_EXACT)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, offs_m, full_end, end, L, seq_start, H, W,
-                               k_base, v_base, stride_kt, stride_vt, POS,
-                               first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
-                               ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_N, DOT_PREC,
-                               PAIRS_EXACT, DIMS_EXACT)
+    full_end, end, offset = _causal_key_range(start_m, Lq, Lk, BLOCK_M, BLOCK_N, CAUSAL)
+    for part in tl.static_range(2):  # interior key blocks unmasked, then the boundary ones masked
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q1, q2, offs_m, lo=0 if part == 0 else full_end, hi=full_end if part == 0 else end,
+            Lk=Lk, offset=offset, k_start=k_start, Hk=Hk, Wk=Wk, k_base=k_base, v_base=v_base,
+            stride_kt=stride_kt, stride_vt=stride_vt, cos_ptr=COS_K, sin_ptr=SIN_K, tab_rows=rows_k,
+            first=first, second=second, pmask=pmask, pairs=pairs, dims=dims, dmask=dmask, n_t=n_t, n_h=n_h,
+            qk_scale=qk_scale, HALF=HALF, ROTATE=ROTATE, USE_POSITIONS=USE_POSITIONS_K, CAUSAL=CAUSAL,
+            MASK=part == 1, BLOCK_N=BLOCK_N, DOT_PREC=DOT_PREC, PAIRS_EXACT=PAIRS_EXACT, DIMS_EXACT=DIMS_EXACT)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     o_ptrs = O + h64 * stride_oh + q_rows[:, None] * stride_ot + dims[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None] & dmask[None, :])
-    lse = (m_i + tl.log2(l_safe)) * _LN2
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)  # no visible key: -inf
     tl.store(LSE + h64 * stride_lse_h + q_rows, lse, mask=m_valid)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
-@triton.jit(do_not_specialize=["total_tokens", "nheads"])
+@triton.jit(do_not_specialize=["total_tokens", "nheads", "stride_dlse_h", "stride_delta_h"])
 def _bwd_preprocess_kernel(
     O, DO, DLSE, DELTA, total_tokens, nheads,
     stride_ot, stride_oh, stride_dot, stride_doh, stride_dlse_h, stride_delta_h,
@@ -257,39 +306,35 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, lo, hi, L, seq_start, H, W,
-                q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, pos_ptr,
-                first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
-                ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, CAUSAL: tl.constexpr,
+def _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, lo, hi, Lq, Lk, offset, q_start, Hq, Wq,
+                q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, cos_ptr, sin_ptr, tab_rows,
+                first, second, pmask, pairs, dims, dmask, n_t, n_h, qk_scale,
+                HALF: tl.constexpr, ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, CAUSAL: tl.constexpr,
                 MASK: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
                 PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < L
-        rows = seq_start + offs_m.to(tl.int64)
-        q1, q2 = _load_pairs(q_base + rows[:, None] * stride_qt, m_valid, first, second, pmask,
-                                     seq_start, offs_m, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
-                                     ROTATE, USE_POSITIONS, not MASK, PAIRS_EXACT)
+        m_valid = offs_m < Lq
+        rows = q_start + offs_m.to(tl.int64)
+        q1, q2 = _load_pairs(q_base + rows[:, None] * stride_qt, m_valid, first, second, pmask, pairs,
+                             idx=offs_m, seq_start=q_start, H=Hq, W=Wq, cos_ptr=cos_ptr, sin_ptr=sin_ptr,
+                             n_t=n_t, n_h=n_h, tab_rows=tab_rows, HALF=HALF, ROTATE=ROTATE,
+                             USE_POSITIONS=USE_POSITIONS, EVEN=not MASK, PAIRS_EXACT=PAIRS_EXACT)
+        do = _load_rows(do_base + rows[:, None] * stride_dot + dims[None, :], m_valid, dmask, MASK, DIMS_EXACT)
         if MASK:
-            do = tl.load(do_base + rows[:, None] * stride_dot + dims[None, :],
-                         mask=m_valid[:, None] & dmask[None, :], other=0.0)
             lse = tl.load(lse_base + rows, mask=m_valid, other=0.0)
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = 0
             delta = tl.load(delta_base + rows, mask=m_valid, other=0.0)
-        elif DIMS_EXACT:
-            do = tl.load(do_base + rows[:, None] * stride_dot + dims[None, :])
-            lse = tl.load(lse_base + rows)
-            delta = tl.load(delta_base + rows)
         else:
-            do = tl.load(do_base + rows[:, None] * stride_dot + dims[None, :], mask=dmask[None, :], other=0.0)
             lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
         qkT = tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
         qkT = tl.dot(k2, tl.trans(q2), qkT, input_precision=DOT_PREC)
-        pT = tl.exp2(qkT * qk_scale - lse[None, :] * 1.4426950408889634)
+        pT = tl.exp2(qkT * qk_scale - lse[None, :] * _LOG2E)
         if MASK:
-            keep = m_valid[None, :] & (offs_n[:, None] < L)
+            keep = m_valid[None, :] & (offs_n[:, None] < Lk)
             if CAUSAL:
-                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+                keep = keep & (offs_m[None, :] + offset >= offs_n[:, None])
             pT = tl.where(keep, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -299,105 +344,109 @@ def _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, lo, hi, L, seq_start, H, W,
     return dk1, dk2, dv
 
 
-@triton.jit(do_not_specialize=["group", "n_t", "n_h", "n_w"])
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU, GRID, POS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, GRID_Q, GRID_K, COS_Q, SIN_Q, COS_K, SIN_K,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h,
-    group, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale, sm_scale,
+    total_q, total_k, rows_q, rows_k, group, n_t, n_h, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
-    PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr,
+    ROTATE: tl.constexpr, USE_POSITIONS_Q: tl.constexpr, USE_POSITIONS_K: tl.constexpr,
+    INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr, PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV for one key block of one sequence and one KV head (its query heads looped inside)."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     kh = tl.program_id(2).to(tl.int64)
-    seq_start, L, H, W = _seq_info(CU, GRID, b, ROTATE, USE_POSITIONS)
+    k_start, Lk = _seq_bounds(CU_K, b, total_k)
     start_n = pid_n * BLOCK_N
-    if start_n >= L:
+    if start_n >= Lk:
         return
+    q_start, Lq = _seq_bounds(CU_Q, b, total_q)
+    Hq, Wq = _grid_hw(GRID_Q, b, ROTATE, USE_POSITIONS_Q)
+    Hk, Wk = _grid_hw(GRID_K, b, ROTATE, USE_POSITIONS_K)
     pairs, first, second, pmask = _pair_index(HALF, HALF_PAD, INTERLEAVED)
     dims = tl.arange(0, D_PAD)
     dmask = dims < HEAD_DIM
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < L
-    k_rows = seq_start + offs_n.to(tl.int64)
-    k1, k2 = _load_pairs(K + kh * stride_kh + k_rows[:, None] * stride_kt, n_valid, first, second, pmask,
-                                   seq_start, offs_n, H, W, POS, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
-                                   ROTATE, USE_POSITIONS, False, PAIRS_EXACT)
+    n_valid = offs_n < Lk
+    k_rows = k_start + offs_n.to(tl.int64)
+    k1, k2 = _load_pairs(K + kh * stride_kh + k_rows[:, None] * stride_kt, n_valid, first, second, pmask, pairs,
+                         idx=offs_n, seq_start=k_start, H=Hk, W=Wk, cos_ptr=COS_K, sin_ptr=SIN_K, n_t=n_t, n_h=n_h,
+                         tab_rows=rows_k, HALF=HALF, ROTATE=ROTATE, USE_POSITIONS=USE_POSITIONS_K, EVEN=False,
+                         PAIRS_EXACT=PAIRS_EXACT)
     v = tl.load(V + kh * stride_vh + k_rows[:, None] * stride_vt + dims[None, :],
                 mask=n_valid[:, None] & dmask[None, :], other=0.0)
     dk1 = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    full_end = (L // BLOCK_M) * BLOCK_M  # query blocks before this are entirely inside the sequence
+    full_end = (Lq // BLOCK_M) * BLOCK_M  # query blocks before this are entirely inside the sequence
     if CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M
-        diag_end = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, L)
+        offset = Lk - Lq
+        first_q = tl.maximum(start_n - offset, 0)  # the first query that sees a key of this block
+        lo = tl.minimum((first_q // BLOCK_M) * BLOCK_M, Lq)
+        all_q = tl.maximum(start_n + BLOCK_N - 1 - offset, 0)  # queries from here see every key
+        diag_end = tl.maximum(tl.minimum(tl.cdiv(all_q, BLOCK_M) * BLOCK_M, Lq), lo)
         tail = tl.maximum(diag_end, full_end)
     else:
+        offset = 0
         lo = 0
         diag_end = 0
         tail = full_end
     for g in range(group):
         h = kh * group + g
-        q_base = Q + h * stride_qh
-        do_base = DO + h * stride_doh
-        lse_base = LSE + h * stride_lse_h
-        delta_base = DELTA + h * stride_lse_h
-        if CAUSAL:  # query blocks on the diagonal
-            dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, lo, diag_end, L, seq_start, H, W,
-                                       q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, POS,
-                                       first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo,
-                                       qk_scale, ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_M, DOT_PREC,
-                                   PAIRS_EXACT, DIMS_EXACT)
-        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, diag_end, full_end, L, seq_start, H, W,
-                                   q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, POS,
-                                   first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo,
-                                   qk_scale, ROTATE, USE_POSITIONS, CAUSAL, False, BLOCK_M, DOT_PREC,
-                                   PAIRS_EXACT, DIMS_EXACT)
-        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, offs_n, tail, L, L, seq_start, H, W,
-                                   q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, POS,
-                                   first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo,
-                                   qk_scale, ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_M, DOT_PREC,
-                                   PAIRS_EXACT, DIMS_EXACT)
-    _store_pairs_unrotated(DK + kh * stride_dkh + k_rows[:, None] * stride_dkt, n_valid, first, second, pmask,
-                           dk1 * sm_scale, dk2 * sm_scale, seq_start, offs_n, H, W, POS, pairs,
-                           n_t, n_h, n_w, log2_theta, log2_theta_lo, ROTATE, USE_POSITIONS)
+        for part in tl.static_range(3):  # diagonal query blocks (masked), interior, sequence end (masked)
+            if part == 0:
+                part_lo = lo
+                part_hi = diag_end
+            elif part == 1:
+                part_lo = diag_end
+                part_hi = full_end
+            else:
+                part_lo = tail
+                part_hi = Lq
+            if CAUSAL or part > 0:
+                dk1, dk2, dv = _dkdv_inner(
+                    dk1, dk2, dv, k1, k2, v, offs_n, lo=part_lo, hi=part_hi, Lq=Lq, Lk=Lk, offset=offset,
+                    q_start=q_start, Hq=Hq, Wq=Wq, q_base=Q + h * stride_qh, do_base=DO + h * stride_doh,
+                    lse_base=LSE + h * stride_lse_h, delta_base=DELTA + h * stride_lse_h, stride_qt=stride_qt,
+                    stride_dot=stride_dot, cos_ptr=COS_Q, sin_ptr=SIN_Q, tab_rows=rows_q, first=first,
+                    second=second, pmask=pmask, pairs=pairs, dims=dims, dmask=dmask, n_t=n_t, n_h=n_h,
+                    qk_scale=qk_scale, HALF=HALF, ROTATE=ROTATE, USE_POSITIONS=USE_POSITIONS_Q, CAUSAL=CAUSAL,
+                    MASK=part != 1, BLOCK_M=BLOCK_M, DOT_PREC=DOT_PREC, PAIRS_EXACT=PAIRS_EXACT,
+                    DIMS_EXACT=DIMS_EXACT)
+    _store_pairs_unrotated(DK + kh * stride_dkh + k_rows[:, None] * stride_dkt, n_valid, first, second, pmask, pairs,
+                           dk1 * sm_scale, dk2 * sm_scale, idx=offs_n, seq_start=k_start, H=Hk, W=Wk, cos_ptr=COS_K,
+                           sin_ptr=SIN_K, n_t=n_t, n_h=n_h, tab_rows=rows_k, HALF=HALF, ROTATE=ROTATE,
+                           USE_POSITIONS=USE_POSITIONS_K, PAIRS_EXACT=PAIRS_EXACT)
     tl.store(DV + kh * stride_dvh + k_rows[:, None] * stride_dvt + dims[None, :], dv.to(DV.dtype.element_ty),
              mask=n_valid[:, None] & dmask[None, :])
 
 
 @triton.jit
-def _dq_inner(dq1, dq2, q1, q2, do, lse, delta, offs_m, lo, hi, L, seq_start, H, W,
-              k_base, v_base, stride_kt, stride_vt, pos_ptr,
-              first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
-              ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, CAUSAL: tl.constexpr,
+def _dq_inner(dq1, dq2, q1, q2, do, lse, delta, offs_m, lo, hi, Lk, offset, k_start, Hk, Wk,
+              k_base, v_base, stride_kt, stride_vt, cos_ptr, sin_ptr, tab_rows,
+              first, second, pmask, pairs, dims, dmask, n_t, n_h, qk_scale,
+              HALF: tl.constexpr, ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, CAUSAL: tl.constexpr,
               MASK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
               PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < L
-        rows = seq_start + offs_n.to(tl.int64)
-        k1, k2 = _load_pairs(k_base + rows[:, None] * stride_kt, n_valid, first, second, pmask,
-                                     seq_start, offs_n, H, W, pos_ptr, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
-                                     ROTATE, USE_POSITIONS, not MASK, PAIRS_EXACT)
-        if MASK:
-            v = tl.load(v_base + rows[:, None] * stride_vt + dims[None, :],
-                        mask=n_valid[:, None] & dmask[None, :], other=0.0)
-        elif DIMS_EXACT:
-            v = tl.load(v_base + rows[:, None] * stride_vt + dims[None, :])
-        else:
-            v = tl.load(v_base + rows[:, None] * stride_vt + dims[None, :], mask=dmask[None, :], other=0.0)
+        n_valid = offs_n < Lk
+        rows = k_start + offs_n.to(tl.int64)
+        k1, k2 = _load_pairs(k_base + rows[:, None] * stride_kt, n_valid, first, second, pmask, pairs,
+                             idx=offs_n, seq_start=k_start, H=Hk, W=Wk, cos_ptr=cos_ptr, sin_ptr=sin_ptr,
+                             n_t=n_t, n_h=n_h, tab_rows=tab_rows, HALF=HALF, ROTATE=ROTATE,
+                             USE_POSITIONS=USE_POSITIONS, EVEN=not MASK, PAIRS_EXACT=PAIRS_EXACT)
+        v = _load_rows(v_base + rows[:, None] * stride_vt + dims[None, :], n_valid, dmask, MASK, DIMS_EXACT)
         qk = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         qk = tl.dot(q2, tl.trans(k2), qk, input_precision=DOT_PREC)
         p = tl.exp2(qk * qk_scale - lse[:, None])
         if MASK:
             keep = n_valid[None, :]
             if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + offset)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = (p * (dp - delta[:, None])).to(k1.dtype)
@@ -406,15 +455,15 @@ def _dq_inner(dq1, dq2, q1, q2, do, lse, delta, offs_m, lo, hi, L, seq_start, H,
     return dq1, dq2
 
 
-@triton.jit(do_not_specialize=["group", "n_t", "n_h", "n_w"])
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU, GRID, POS,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, GRID_Q, GRID_K, COS_Q, SIN_Q, COS_K, SIN_K,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lse_h,
-    group, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale, sm_scale,
+    total_q, total_k, rows_q, rows_k, group, n_t, n_h, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    ROTATE: tl.constexpr, USE_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr,
-    PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr,
+    ROTATE: tl.constexpr, USE_POSITIONS_Q: tl.constexpr, USE_POSITIONS_K: tl.constexpr,
+    INTERLEAVED: tl.constexpr, CAUSAL: tl.constexpr, PAIRS_EXACT: tl.constexpr, DIMS_EXACT: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ for one query block of one sequence and head: its own pass over the key blocks, no atomics."""
@@ -423,47 +472,49 @@ def _bwd_dq_kernel(
         pid_m = tl.num_programs(0) - 1 - pid_m
     b = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
-    seq_start, L, H, W = _seq_info(CU, GRID, b, ROTATE, USE_POSITIONS)
+    q_start, Lq = _seq_bounds(CU_Q, b, total_q)
     start_m = pid_m * BLOCK_M
-    if start_m >= L:
+    if start_m >= Lq:
         return
+    k_start, Lk = _seq_bounds(CU_K, b, total_k)
+    Hq, Wq = _grid_hw(GRID_Q, b, ROTATE, USE_POSITIONS_Q)
+    Hk, Wk = _grid_hw(GRID_K, b, ROTATE, USE_POSITIONS_K)
     kh = h // group
     pairs, first, second, pmask = _pair_index(HALF, HALF_PAD, INTERLEAVED)
     dims = tl.arange(0, D_PAD)
     dmask = dims < HEAD_DIM
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < L
-    q_rows = seq_start + offs_m.to(tl.int64)
-    q1, q2 = _load_pairs(Q + h * stride_qh + q_rows[:, None] * stride_qt, m_valid, first, second, pmask,
-                                   seq_start, offs_m, H, W, POS, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo,
-                                   ROTATE, USE_POSITIONS, False, PAIRS_EXACT)
+    m_valid = offs_m < Lq
+    q_rows = q_start + offs_m.to(tl.int64)
+    q1, q2 = _load_pairs(Q + h * stride_qh + q_rows[:, None] * stride_qt, m_valid, first, second, pmask, pairs,
+                         idx=offs_m, seq_start=q_start, H=Hq, W=Wq, cos_ptr=COS_Q, sin_ptr=SIN_Q, n_t=n_t, n_h=n_h,
+                         tab_rows=rows_q, HALF=HALF, ROTATE=ROTATE, USE_POSITIONS=USE_POSITIONS_Q, EVEN=False,
+                         PAIRS_EXACT=PAIRS_EXACT)
     do = tl.load(DO + h * stride_doh + q_rows[:, None] * stride_dot + dims[None, :],
                  mask=m_valid[:, None] & dmask[None, :], other=0.0)
-    lse = tl.load(LSE + h * stride_lse_h + q_rows, mask=m_valid, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + h * stride_lse_h + q_rows, mask=m_valid, other=0.0)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * _LOG2E  # rows that see no key: P = 0
     delta = tl.load(DELTA + h * stride_lse_h + q_rows, mask=m_valid, other=0.0)
     dq1 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
     dq2 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
-    if CAUSAL:
-        full_end = start_m
-        end = tl.minimum(start_m + BLOCK_M, L)
-    else:
-        full_end = (L // BLOCK_N) * BLOCK_N
-        end = L
-    k_base = K + kh * stride_kh
-    v_base = V + kh * stride_vh
-    dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse, delta, offs_m, 0, full_end, L, seq_start, H, W,
-                         k_base, v_base, stride_kt, stride_vt, POS,
-                         first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
-                         ROTATE, USE_POSITIONS, CAUSAL, False, BLOCK_N, DOT_PREC,
-                               PAIRS_EXACT, DIMS_EXACT)
-    dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse, delta, offs_m, full_end, end, L, seq_start, H, W,
-                         k_base, v_base, stride_kt, stride_vt, POS,
-                         first, second, pmask, pairs, dims, dmask, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale,
-                         ROTATE, USE_POSITIONS, CAUSAL, True, BLOCK_N, DOT_PREC,
-                               PAIRS_EXACT, DIMS_EXACT)
-    _store_pairs_unrotated(DQ + h * stride_dqh + q_rows[:, None] * stride_dqt, m_valid, first, second, pmask,
-                           dq1 * sm_scale, dq2 * sm_scale, seq_start, offs_m, H, W, POS, pairs,
-                           n_t, n_h, n_w, log2_theta, log2_theta_lo, ROTATE, USE_POSITIONS)
+    full_end, end, offset = _causal_key_range(start_m, Lq, Lk, BLOCK_M, BLOCK_N, CAUSAL)
+    for part in tl.static_range(2):  # interior key blocks unmasked, then the boundary ones masked
+        dq1, dq2 = _dq_inner(
+            dq1, dq2, q1, q2, do, lse, delta, offs_m, lo=0 if part == 0 else full_end,
+            hi=full_end if part == 0 else end, Lk=Lk, offset=offset, k_start=k_start, Hk=Hk, Wk=Wk,
+            k_base=K + kh * stride_kh, v_base=V + kh * stride_vh, stride_kt=stride_kt, stride_vt=stride_vt,
+            cos_ptr=COS_K, sin_ptr=SIN_K, tab_rows=rows_k, first=first, second=second, pmask=pmask, pairs=pairs,
+            dims=dims, dmask=dmask, n_t=n_t, n_h=n_h, qk_scale=qk_scale, HALF=HALF, ROTATE=ROTATE,
+            USE_POSITIONS=USE_POSITIONS_K, CAUSAL=CAUSAL, MASK=part == 1, BLOCK_N=BLOCK_N, DOT_PREC=DOT_PREC,
+            PAIRS_EXACT=PAIRS_EXACT, DIMS_EXACT=DIMS_EXACT)
+    _store_pairs_unrotated(DQ + h * stride_dqh + q_rows[:, None] * stride_dqt, m_valid, first, second, pmask, pairs,
+                           dq1 * sm_scale, dq2 * sm_scale, idx=offs_m, seq_start=q_start, H=Hq, W=Wq, cos_ptr=COS_Q,
+                           sin_ptr=SIN_Q, n_t=n_t, n_h=n_h, tab_rows=rows_q, HALF=HALF, ROTATE=ROTATE,
+                           USE_POSITIONS=USE_POSITIONS_Q, PAIRS_EXACT=PAIRS_EXACT)
+
+
+#: kernels compiled by the static checks (tests/_attention_ttir.py)
+STATIC_CHECK_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
 
 
 # ----------------------------------------------------------------------------- launch
@@ -494,8 +545,7 @@ def _pruner(tags):
 
 
 # Keys: head_dim, causal and the rotation mode (and, added by Triton, the dtypes): never lengths.
-# BLOCK_M % BLOCK_N == 0 in fwd and dq (the causal split assumes it). In dkdv BLOCK_N is the key
-# block a program owns and BLOCK_M the query block it loops over.
+# In dkdv BLOCK_N is the key block a program owns and BLOCK_M the query block it loops over.
 _KEY = ["HEAD_DIM", "CAUSAL", "ROTATE", "INTERLEAVED", "DOT_PREC"]
 _FWD = _config_table(
     small=[(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
@@ -524,90 +574,129 @@ _dq_tuned = triton.autotune(_DQ[0], key=_KEY, prune_configs_by={"early_config_pr
 INTERPRETER_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 
-def _interpreter() -> bool:
-    import os
+def _arg_names(kernel):
+    fn = kernel
+    while not hasattr(fn, "arg_names"):
+        fn = fn.fn
+    return fn.arg_names
 
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+def _positional(kernel, named: dict) -> list:
+    """The launch arguments in the kernel's order, from a dict keyed by parameter name (so a
+    swapped argument cannot pass silently); constexprs and autotuned blocks stay keywords."""
+    names = [n for n in _arg_names(kernel) if n in named]
+    unknown = set(named) - set(names)
+    if unknown:
+        raise TypeError(f"{getattr(kernel, '__name__', kernel)}: unknown launch arguments {sorted(unknown)}")
+    return [named[n] for n in names]
 
 
-def _common(q, k, grid_thw, positions, sections, theta, interleaved, softmax_scale, causal):
+def _launch(tuned, raw, which, grid_fn, named, meta):
+    if interpreter():
+        bm, bn = INTERPRETER_BLOCKS[which]
+        raw[grid_fn({"BLOCK_M": bm, "BLOCK_N": bn})](*_positional(raw, named), **meta, BLOCK_M=bm, BLOCK_N=bn)
+    else:
+        tuned[grid_fn](*_positional(raw, named), **meta)
+
+
+def _tables(q, *, max_q, max_k, grid_q, pos_q, grid_k, pos_k, sections, theta):
+    """Per-call cos/sin tables of both sides: (cos_q, sin_q, rows_q, cos_k, sin_k, rows_k).
+
+    grid_thw sides share one (max(max_q, max_k), D/2) table of axis coordinates; a positions side
+    gets one row per token (shared by q and k when they are the same tensor: self-attention)."""
+    if grid_q is None and pos_q is None:
+        return q, q, 1, q, q, 1  # no rotation: never read
+    kw = dict(head_dim=q.shape[-1], sections=sections, theta=theta, device=q.device)
+    grid_rows = max(max_q, max_k, 1)
+    grid_table = None
+
+    def side(pos):
+        nonlocal grid_table
+        if pos is not None:
+            return (*rotary_tables(pos.shape[0], positions=pos, **kw), max(pos.shape[0], 1))
+        if grid_table is None:
+            grid_table = (*rotary_tables(grid_rows, **kw), grid_rows)
+        return grid_table
+
+    q_side = side(pos_q)
+    k_side = q_side if pos_k is not None and pos_k is pos_q else side(pos_k)
+    return (*q_side, *k_side)
+
+
+def _common(q, k, *, cu_q, cu_k, max_q, max_k, grid_q, pos_q, grid_k, pos_k, sections, theta, interleaved,
+            softmax_scale, causal):
+    """Constexprs (meta) and the shared launch arguments of the fwd / dkdv / dq kernels."""
     head_dim = q.shape[-1]
     half = head_dim // 2
-    rotate = grid_thw is not None or positions is not None
+    rotate = grid_q is not None or pos_q is not None
     meta = dict(
         HEAD_DIM=head_dim, HALF=half, HALF_PAD=max(16, triton.next_power_of_2(half)),
-        D_PAD=triton.next_power_of_2(head_dim), ROTATE=rotate, USE_POSITIONS=positions is not None,
-        INTERLEAVED=bool(interleaved), CAUSAL=bool(causal),
-        DOT_PREC="ieee" if q.dtype == _fp32() else "tf32",
+        D_PAD=triton.next_power_of_2(head_dim), ROTATE=rotate, USE_POSITIONS_Q=pos_q is not None,
+        USE_POSITIONS_K=pos_k is not None, INTERLEAVED=bool(interleaved), CAUSAL=bool(causal),
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
     )
     meta["PAIRS_EXACT"] = meta["HALF_PAD"] == half
     meta["DIMS_EXACT"] = meta["D_PAD"] == head_dim
-    scalars = (q.shape[1] // k.shape[1], int(sections[0]), int(sections[1]), int(sections[2]),
-               *log2_theta_parts(theta), float(softmax_scale) * _LOG2E)
-    return meta, scalars
-
-
-def _fp32():
-    import torch
-
-    return torch.float32
-
-
-def _launch(tuned, raw, which, grid_fn, args, meta):
-    if _interpreter():
-        bm, bn = INTERPRETER_BLOCKS[which]
-        raw[grid_fn({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)
-    else:
-        tuned[grid_fn](*args, **meta)
+    cos_q, sin_q, rows_q, cos_k, sin_k, rows_k = _tables(q, max_q=max_q, max_k=max_k, grid_q=grid_q, pos_q=pos_q,
+                                                         grid_k=grid_k, pos_k=pos_k, sections=sections, theta=theta)
+    named = dict(
+        CU_Q=cu_q, CU_K=cu_k, GRID_Q=grid_q if grid_q is not None else cu_q,
+        GRID_K=grid_k if grid_k is not None else cu_k, COS_Q=cos_q, SIN_Q=sin_q, COS_K=cos_k, SIN_K=sin_k,
+        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+        total_q=q.shape[0], total_k=k.shape[0], rows_q=rows_q, rows_k=rows_k, group=q.shape[1] // k.shape[1],
+        n_t=int(sections[0]), n_h=int(sections[1]), qk_scale=float(softmax_scale) * 1.4426950408889634,
+    )
+    return meta, named
 
 
 def forward(q, k, v, out, lse, *, cu_q, cu_k, max_q, max_k, grid_q, pos_q, grid_k, pos_k, sections, theta,
             interleaved, softmax_scale, causal):
-    """out (total, nheads, head_dim) and lse (nheads, total) fp32 of the fused attention; inputs validated."""
-    cu_seqlens, max_seqlen, grid_thw, positions = cu_q, max_q, grid_q, pos_q
-    total, nheads, _ = q.shape
-    if total == 0 or max_seqlen == 0:
+    """out (total_q, nheads, head_dim) and lse (nheads, total_q) fp32 of the fused attention.
+
+    Shapes/dtypes validated by the caller; index values may be anything (reads are clamped).
+    Host-side work: Python ints only (shapes, max_q/max_k), no device-to-host copy."""
+    total_q, nheads, _ = q.shape
+    if total_q == 0 or max_q == 0:
         return
-    batch = cu_seqlens.shape[0] - 1
-    meta, (group, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale) = _common(
-        q, k, grid_thw, positions, sections, theta, interleaved, softmax_scale, causal)
-    args = (q, k, v, out, lse, cu_seqlens, grid_thw if grid_thw is not None else cu_seqlens,
-            positions if positions is not None else q,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0),
-            group, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale)
-    _launch(_fwd_tuned, _fwd_kernel, "fwd",
-            lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), batch, nheads), args, meta)
+    batch = cu_q.shape[0] - 1
+    meta, named = _common(q, k, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, grid_q=grid_q, pos_q=pos_q,
+                          grid_k=grid_k, pos_k=pos_k, sections=sections, theta=theta, interleaved=interleaved,
+                          softmax_scale=softmax_scale, causal=causal)
+    named.update(Q=q, K=k, V=v, O=out, LSE=lse, stride_vt=v.stride(0), stride_vh=v.stride(1),
+                 stride_ot=out.stride(0), stride_oh=out.stride(1), stride_lse_h=lse.stride(0))
+    _launch(_fwd_tuned, _fwd_kernel, "fwd", lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), batch, nheads), named,
+            meta)
 
 
 def backward(do, dlse, q, k, v, out, lse, delta, dq, dk, dv, *, cu_q, cu_k, max_q, max_k, grid_q, pos_q, grid_k,
              pos_k, sections, theta, interleaved, softmax_scale, causal):
-    """dq, dk, dv of the fused attention (delta: an fp32 (nheads, total) scratch buffer); inputs validated."""
-    cu_seqlens, max_seqlen, grid_thw, positions = cu_q, max_q, grid_q, pos_q
-    total, nheads, head_dim = q.shape
-    if total == 0 or max_seqlen == 0:
+    """dq, dk, dv of the fused attention (delta: an fp32 (nheads, total_q) scratch buffer).
+
+    Shapes/dtypes validated by the caller; index values may be anything (reads are clamped)."""
+    total_q, nheads, head_dim = q.shape
+    total_k, nheads_kv, _ = k.shape
+    if total_q == 0 or max_q == 0:  # no query: nothing flows to k and v
+        dk.zero_()
+        dv.zero_()
         return
-    batch = cu_seqlens.shape[0] - 1
-    nheads_kv = k.shape[1]
-    meta, (group, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale) = _common(
-        q, k, grid_thw, positions, sections, theta, interleaved, softmax_scale, causal)
-    block = 64 if not _interpreter() else 32
-    _bwd_preprocess_kernel[(triton.cdiv(total, block), nheads)](
-        out, do, dlse if dlse is not None else lse, delta, total, nheads,
-        out.stride(0), out.stride(1), do.stride(0), do.stride(1),
-        dlse.stride(0) if dlse is not None else 0, delta.stride(0),
+    batch = cu_q.shape[0] - 1
+    meta, named = _common(q, k, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, grid_q=grid_q, pos_q=pos_q,
+                          grid_k=grid_k, pos_k=pos_k, sections=sections, theta=theta, interleaved=interleaved,
+                          softmax_scale=softmax_scale, causal=causal)
+    block = 32 if interpreter() else 64
+    _bwd_preprocess_kernel[(triton.cdiv(total_q, block), nheads)](
+        *_positional(_bwd_preprocess_kernel, dict(
+            O=out, DO=do, DLSE=dlse if dlse is not None else lse, DELTA=delta, total_tokens=total_q, nheads=nheads,
+            stride_ot=out.stride(0), stride_oh=out.stride(1), stride_dot=do.stride(0), stride_doh=do.stride(1),
+            stride_dlse_h=dlse.stride(0) if dlse is not None else 0, stride_delta_h=delta.stride(0))),
         HEAD_DIM=head_dim, D_PAD=meta["D_PAD"], HAS_DLSE=dlse is not None, BLOCK=block,
     )
-    grid_arg = grid_thw if grid_thw is not None else cu_seqlens
-    pos_arg = positions if positions is not None else q
-    scalars = (group, n_t, n_h, n_w, log2_theta, log2_theta_lo, qk_scale, float(softmax_scale))
-    _launch(_dkdv_tuned, _bwd_dkdv_kernel, "dkdv",
-            lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), batch, nheads_kv),
-            (q, k, v, do, lse, delta, dk, dv, cu_seqlens, grid_arg, pos_arg,
-             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *scalars), meta)
-    _launch(_dq_tuned, _bwd_dq_kernel, "dq",
-            lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), batch, nheads),
-            (q, k, v, do, lse, delta, dq, cu_seqlens, grid_arg, pos_arg,
-             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-             dq.stride(0), dq.stride(1), lse.stride(0), *scalars), meta)
+    named.update(Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, stride_vt=v.stride(0), stride_vh=v.stride(1),
+                 stride_dot=do.stride(0), stride_doh=do.stride(1), stride_lse_h=lse.stride(0),
+                 sm_scale=float(softmax_scale))
+    if total_k > 0 and max_k > 0:
+        _launch(_dkdv_tuned, _bwd_dkdv_kernel, "dkdv", lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), batch, nheads_kv),
+                dict(named, DK=dk, DV=dv, stride_dkt=dk.stride(0), stride_dkh=dk.stride(1), stride_dvt=dv.stride(0),
+                     stride_dvh=dv.stride(1)), meta)
+    _launch(_dq_tuned, _bwd_dq_kernel, "dq", lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), batch, nheads),
+            dict(named, DQ=dq, stride_dqt=dq.stride(0), stride_dqh=dq.stride(1)), meta)

@@ -2,7 +2,9 @@
 
 The jit helpers here (token positions from cu_seqlens and a (T, H, W) grid, per-pair angles
 and their cos/sin) are shared with the fused attention kernel, so both rotate identically.
-Angles are computed in fp32 from the positions at run time; there are no cos/sin tables.
+rope3d computes the angles in fp32 from the positions at run time, once per token. The attention
+kernels never evaluate sin/cos: `rotary_tables` fills per-call cos/sin tables with the same
+`rotary_cos_sin` code (bitwise the values rope3d uses) and the kernels look them up.
 """
 
 import triton
@@ -46,18 +48,25 @@ def grid_positions(cu_seqlens_ptr, grid_thw_ptr, tokens, batch, search_steps):
 
 
 @triton.jit
-def grid_decode(n, H, W):
-    """(t, h, w) float32 of token n (index within its sequence) in a t-major grid of H x W planes.
+def grid_index(n, H, W):
+    """(t, h, w) integers of token n (index within its sequence) in a t-major grid of H x W planes.
 
     Shared with the fused attention kernel, which knows each tile's sequence (and its H, W)
-    and so skips the search in ``grid_positions``.
+    and so skips the search in ``grid_positions``. Safe for any H, W (empty or garbage grids).
     """
-    # Guard the division for masked-out lanes whose grid may be empty.
     H = tl.maximum(H, 1)
     W = tl.maximum(W, 1)
-    t = n // (H * W)
+    HW = tl.maximum(H * W, 1)
+    t = n // HW
     h = (n // W) % H
     w = n % W
+    return t, h, w
+
+
+@triton.jit
+def grid_decode(n, H, W):
+    """(t, h, w) float32 of token n in a t-major grid of H x W planes (see grid_index)."""
+    t, h, w = grid_index(n, H, W)
     return t.to(tl.float32), h.to(tl.float32), w.to(tl.float32)
 
 
@@ -152,6 +161,63 @@ def rope3d_kernel(
         rb = b * cos + a * sin
         tl.store(oh + first[None, :], ra.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(oh + second[None, :], rb.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Rows are a length (max_seqlen or total_tokens): never specialised on.
+@triton.jit(do_not_specialize=["rows"])
+def rotary_table_kernel(
+    pos_ptr, cos_ptr, sin_ptr, rows, n_t, n_h, n_w, log2_theta, log2_theta_lo,
+    HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, USE_POSITIONS: tl.constexpr,
+):
+    """cos/sin tables (rows, HALF) fp32 for the attention kernels, by `rotary_cos_sin`.
+
+    USE_POSITIONS: row r is token r of the positions tensor (rows, 3). Otherwise row r holds
+    every pair at axis coordinate r: a token at grid (t, h, w) reads pair p from row t, h or w
+    (the axis p belongs to), so one (max_seqlen, HALF) table serves every grid of a batch.
+    """
+    pid = tl.program_id(0)
+    r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    valid = r < rows
+    if USE_POSITIONS:
+        safe = tl.where(valid, r, 0)
+        pos_t = tl.load(pos_ptr + safe * 3 + 0)
+        pos_h = tl.load(pos_ptr + safe * 3 + 1)
+        pos_w = tl.load(pos_ptr + safe * 3 + 2)
+    else:
+        pos_t = r.to(tl.float32)
+        pos_h = pos_t
+        pos_w = pos_t
+    pairs = tl.arange(0, BLOCK_P)
+    cos, sin = rotary_cos_sin(pos_t, pos_h, pos_w, pairs, n_t, n_h, n_w, log2_theta, log2_theta_lo)
+    mask = valid[:, None] & (pairs[None, :] < HALF)
+    offs = r[:, None] * HALF + pairs[None, :]
+    tl.store(cos_ptr + offs, cos, mask=mask)
+    tl.store(sin_ptr + offs, sin, mask=mask)
+
+
+def rotary_tables(rows, *, head_dim, sections, theta, positions=None, device=None):
+    """(cos, sin), each (max(rows, 1), head_dim / 2) fp32: per-token rows when positions (rows, 3)
+    is given, else per-coordinate rows (see rotary_table_kernel). Arguments already validated."""
+    import torch
+
+    half = head_dim // 2
+    rows = max(int(rows), 1)
+    device = positions.device if positions is not None else device
+    cos = torch.empty(rows, half, dtype=torch.float32, device=device)
+    sin = torch.empty(rows, half, dtype=torch.float32, device=device)
+    if positions is not None and positions.shape[0] == 0:
+        cos.fill_(1.0)
+        sin.zero_()
+        return cos, sin
+    block_p = triton.next_power_of_2(half)
+    block_r = max(1, min(128, 4096 // block_p))
+    log2_theta, log2_theta_lo = log2_theta_parts(theta)
+    rotary_table_kernel[(triton.cdiv(rows, block_r),)](
+        pos_ptr=positions if positions is not None else cos, cos_ptr=cos, sin_ptr=sin, rows=rows,
+        n_t=sections[0], n_h=sections[1], n_w=sections[2], log2_theta=log2_theta, log2_theta_lo=log2_theta_lo,
+        HALF=half, BLOCK_R=block_r, BLOCK_P=block_p, USE_POSITIONS=positions is not None,
+    )
+    return cos, sin
 
 
 def log2_theta_parts(theta: float) -> tuple[float, float]:

@@ -205,7 +205,7 @@ def _triton_limits(head_dim: int, cross: bool = False, **_):
     return None
 
 
-_TRITON_CROSS = False
+_TRITON_CROSS = True
 
 BACKENDS = BackendSet("rope_attention_varlen", [
     Backend("triton", _run_triton, limits=_triton_limits),
