@@ -17,6 +17,8 @@ import torch
 from sigvlp.ops import BackendError, newton_schulz, newton_schulz_reference
 from sigvlp.optim import KELLER, POLAR_EXPRESS, POLAR_EXPRESS_NORM, POLAR_EXPRESS_RAW
 
+from _no_sync import HostReadError, forbid_host_reads, no_cuda_sync, two_gpus
+
 ns_module = importlib.import_module("sigvlp.ops.newton_schulz")
 HAS_CUDA = torch.cuda.is_available()
 CPU_BACKENDS = ["torch", "triton"]  # triton runs in the interpreter without a GPU
@@ -391,6 +393,44 @@ def test_batch_beyond_grid_limit(device, backend, monkeypatch):
         G = _random((8, 2, 16), seed=22)
     out = newton_schulz(G, steps=2, backend=backend, precision="fp32")
     assert _max_err(out, _exact(G, 2)) < 1e-5
+
+
+# ----------------------------------------------------------------------------- host syncs, devices
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fast_path_reads_nothing_back(backend):
+    """The op calls no Tensor.item / tolist / cpu / __bool__ / nonzero...: nothing read back."""
+    G = _random((3, 20, 36), seed=30)
+    with forbid_host_reads():
+        out = newton_schulz(G, backend=backend)
+        zero = newton_schulz(torch.zeros(2, 8, 8), steps=0, backend=backend)
+    assert _max_err(out, _exact(G)) < 1e-4 and torch.equal(zero, torch.zeros(2, 8, 8))
+    with forbid_host_reads(), pytest.raises(HostReadError):  # control: the guard does catch reads
+        bool(newton_schulz(G, backend=backend).isfinite().all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_no_host_sync(backend):
+    G = _random((4, 200, 333), seed=31).cuda()
+    newton_schulz(G, backend=backend)  # warm-up: compilation
+    with no_cuda_sync():
+        out = newton_schulz(G, backend=backend, precision="fp32")
+    assert _max_err(out, _exact(G)) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not two_gpus(), reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_runs_on_the_tensors_device(backend):
+    """A matrix on cuda:1 while cuda:0 is current: the kernels run on cuda:1 (device guard)."""
+    G = _random((4, 200, 333), seed=32)
+    expected = newton_schulz(G.to("cuda:0"), backend=backend).cpu()
+    with torch.cuda.device(0):
+        out = newton_schulz(G.to("cuda:1"), backend=backend)
+        assert torch.cuda.current_device() == 0
+    assert out.device == torch.device("cuda:1") and torch.equal(out.cpu(), expected)
 
 
 def test_precision_option():

@@ -13,6 +13,7 @@ import sigvlp.ops as ops
 from sigvlp.ops import BackendError, default_sections, rope3d, rope3d_reference
 from sigvlp.ops.rope import grid_positions
 
+from _no_sync import HostReadError, forbid_host_reads, gpu_validation_policy, no_cuda_sync, two_gpus
 from _varlen import EDGE_LENGTHS, cu_seqlens_of, grids_of, sequence_slices
 
 HAS_CUDA = torch.cuda.is_available()
@@ -344,9 +345,79 @@ def test_gpu_backends(backend, dtype, interleaved):
 
 @pytest.mark.gpu
 def test_gpu_auto_prefers_cuda_and_gradients():
+    """auto runs a GPU kernel backend; its gradient is the inverse rotation of the fp64 oracle at
+    bf16's precision floor (not the same backend's own inverse)."""
     x, cu, grid = _inputs([129, 63], nheads=4, head_dim=128, dtype=torch.bfloat16, device="cuda")
     assert ops.OPS["rope3d"].select(None, device=x.device, dtype=x.dtype).name in ("cuda", "triton")
     xr = x.clone().requires_grad_(True)
     g = torch.randn_like(x)
     (rope3d(xr, cu, grid) * g).sum().backward()
-    torch.testing.assert_close(xr.grad, rope3d(g, cu, grid, inverse=True))
+    _assert_at_precision_floor(xr.grad, g, cu, grid, inverse=True)
+
+
+# ----------------------------------------------------------------------------- host syncs, devices
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fast_path_reads_nothing_back(backend, monkeypatch):
+    """With the GPU's validation policy (no value checks unless asked), forward and backward call
+    no Tensor.item / tolist / cpu / __bool__ / __int__ / nonzero...; validate=True does (control)."""
+    gpu_validation_policy(monkeypatch)
+    x, cu, grid = _inputs([40, 1, 0, 23], nheads=2, head_dim=32)
+    positions = torch.rand(64, 3) * 50
+    g = torch.randn_like(x)
+    xr = x.clone().requires_grad_(True)
+    with forbid_host_reads():
+        y = rope3d(xr, cu, grid, backend=backend)
+        y.backward(g)
+        yp = rope3d(x, cu, positions=positions, interleaved=True, backend=backend)
+    torch.testing.assert_close(y, rope3d(x, cu, grid, backend=backend), rtol=0, atol=0)
+    torch.testing.assert_close(xr.grad, rope3d(g, cu, grid, inverse=True, backend=backend), rtol=0, atol=0)
+    torch.testing.assert_close(yp, rope3d(x, cu, positions=positions, interleaved=True, backend=backend))
+    with forbid_host_reads(), pytest.raises(HostReadError):
+        rope3d(x, cu, grid, backend=backend, validate=True)
+    monkeypatch.setenv("SIGVLP_VALIDATE", "1")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        rope3d(x, torch.tensor([0, 40, 41, 41, 60], dtype=torch.int32), grid, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_bad_index_values_unvalidated_stay_in_bounds(backend, monkeypatch):
+    """Unchecked garbage cu_seqlens / grid_thw (any int32) give wrong numbers, never a bad access:
+    the kernel's reads stay inside its buffers (an out-of-bounds load crashes the interpreter)."""
+    gpu_validation_policy(monkeypatch)
+    x, _, _ = _inputs([20, 12], nheads=2, head_dim=16)
+    for cu, grid in (([0, 2**31 - 1, -5], [[1, 2, 3], [-7, 0, 2**31 - 1]]),
+                     ([-(2**31), 7, 3], [[0, 0, 0], [2**30, 2**30, -1]])):
+        y = rope3d(x, torch.tensor(cu, dtype=torch.int32), torch.tensor(grid, dtype=torch.int32), backend=backend)
+        assert y.shape == x.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_no_host_sync(backend):
+    x, cu, grid = _inputs([300, 1, 0, 1000], nheads=4, head_dim=64, dtype=torch.bfloat16, device="cuda")
+    xr = x.clone().requires_grad_(True)
+    rope3d(xr, cu, grid, backend=backend).sum().backward()  # warm-up: compilation
+    xr.grad = None
+    g = torch.randn_like(x)
+    with no_cuda_sync():
+        rope3d(xr, cu, grid, backend=backend).backward(g)
+    _assert_at_precision_floor(xr.grad, g, cu, grid, inverse=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not two_gpus(), reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_runs_on_the_tensors_device(backend):
+    """Tensors on cuda:1 while cuda:0 is current: the kernel runs on cuda:1 (device guard)."""
+    x, cu, grid = _inputs([300, 77], nheads=4, head_dim=64, dtype=torch.bfloat16, device="cuda:0")
+    expected = rope3d(x, cu, grid, backend=backend).cpu()
+    with torch.cuda.device(0):
+        x1 = x.to("cuda:1").requires_grad_(True)
+        y1 = rope3d(x1, cu.to("cuda:1"), grid.to("cuda:1"), backend=backend)
+        y1.sum().backward()
+        assert torch.cuda.current_device() == 0
+    torch.cuda.synchronize(1)
+    assert y1.device == torch.device("cuda:1") and torch.equal(y1.cpu(), expected)
+    assert x1.grad.device == torch.device("cuda:1")

@@ -15,6 +15,8 @@ import sigvlp.ops as ops
 from sigvlp.ops import BackendError, sigmoid_loss
 from sigvlp.ops.sigmoid_loss import _pass_torch, sigmoid_loss_dense, sigmoid_loss_reference
 
+from _no_sync import HostReadError, forbid_host_reads, no_cuda_sync, two_gpus
+
 HAS_CUDA = torch.cuda.is_available()
 CPU_BACKENDS = ["torch", "triton"]  # triton runs in the interpreter without a GPU
 
@@ -214,6 +216,46 @@ def test_reference_block_rows_follow_the_budget(n, m, d):
     budget = min(max((n + m) * d, sl.REFERENCE_MIN_BLOCK_BYTES), sl.REFERENCE_MAX_BLOCK_BYTES)
     assert rows == 1 or rows * m * sl._BYTES_PER_PAIR <= budget
     assert rows == n or (rows + 1) * m * sl._BYTES_PER_PAIR > budget  # as large as the budget allows
+
+
+# ----------------------------------------------------------------------------- host syncs, devices
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("ids", [None, 5])
+def test_fast_path_reads_nothing_back(backend, ids):
+    """Forward and backward (single process) call no Tensor.item / tolist / cpu / __bool__ /
+    nonzero...: nothing of the loss is read back to the host."""
+    x, y, t, b, ii, ti = _inputs(37, 37, 32, ids=ids, seed=3)
+    with forbid_host_reads():
+        got = _loss_and_grads(_op(backend), x, y, t, b, ii, ti)
+    _assert_at_precision_floor(got, x, y, t, b, ii, ti)
+    with forbid_host_reads(), pytest.raises(HostReadError):  # control: the guard does catch reads
+        sigmoid_loss(x, y, t, b, backend=backend).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_no_host_sync(backend):
+    x, y, t, b, ii, ti = _inputs(300, 257, 256, ids=13, dtype=torch.bfloat16, device="cuda")
+    _loss_and_grads(_op(backend), x, y, t, b, ii, ti)  # warm-up: compilation
+    with no_cuda_sync():
+        got = _loss_and_grads(_op(backend), x, y, t, b, ii, ti)
+    _assert_at_precision_floor(got, x, y, t, b, ii, ti)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not two_gpus(), reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_runs_on_the_tensors_device(backend):
+    """Tensors on cuda:1 while cuda:0 is current: the kernels run on cuda:1 (device guard)."""
+    x, y, t, b, ii, ti = _inputs(300, 257, 256, ids=13, dtype=torch.bfloat16, device="cuda:0")
+    expected = _loss_and_grads(_op(backend), x, y, t, b, ii, ti)
+    with torch.cuda.device(0):
+        got = _loss_and_grads(_op(backend), *(v.to("cuda:1") for v in (x, y, t, b, ii, ti)))
+        assert torch.cuda.current_device() == 0
+    for g, e in zip(got, expected):
+        assert g.device == torch.device("cuda:1") and torch.equal(g.cpu(), e.cpu())
 
 
 # ----------------------------------------------------------------------------- registration
