@@ -316,3 +316,77 @@ def test_bf16_autocast_outputs_fp32():
     # bf16 rounding (eps 2**-8 = 3.9e-3) through two layers: about one eps observed, bound at four
     for got, want in ((out.image_emb, ref.image_emb), (out.text_emb, ref.text_emb)):
         assert (got - want).abs().max() < 4 * 2.0 ** -8
+
+
+# ----------------------------------------------------------------------------- fp64 oracle of both towers
+
+
+def _rope64(x, pos, sections, theta):
+    """Independent 3D RoPE (rotate-half pairs (i, i + d/2); pair j of an axis with n pairs turns by
+    pos * theta ** (-j / n); t, h, w sections in that order, the rest unrotated), fp64."""
+    half = x.shape[-1] // 2
+    ang = [pos[:, a : a + 1] * theta ** (-torch.arange(n, dtype=torch.float64) / n) for a, n in enumerate(sections)]
+    ang.append(torch.zeros(x.shape[0], half - sum(sections), dtype=torch.float64))
+    ang = torch.cat(ang, 1)[:, None, :]
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+
+def _tower64(tower, x, pos, sections, theta):
+    for blk in tower.blocks:
+        heads, d = blk.attn.heads, blk.attn.head_dim
+        h = blk.norm1(x)
+        q, k, v = blk.attn.qkv(h).view(len(x), 3, heads, d).unbind(1)
+        q, k = _rope64(q, pos, sections, theta), _rope64(k, pos, sections, theta)
+        p = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d), dim=-1)
+        x = x + blk.attn.proj(torch.einsum("hqk,khd->qhd", p, v).reshape(len(x), -1))
+        x = x + blk.mlp(blk.norm2(x))
+    return tower.norm(x)
+
+
+def _map64(pool, x):
+    h, d = pool.heads, pool.head_dim
+    q = pool.q(pool.probe).view(h, 1, d)
+    k, v = pool.kv(x).view(len(x), 2, h, d).unbind(1)
+    a = torch.softmax(q @ k.permute(1, 2, 0) / math.sqrt(d), dim=-1) @ v.transpose(0, 1)
+    o = pool.proj(a.reshape(-1))
+    return o + pool.mlp(pool.norm(o))
+
+
+@pytest.mark.parametrize("pool,text_pool", [("map", "last"), ("mean", "map")])
+def test_towers_match_fp64_oracle(pool, text_pool):
+    """Both towers (fp32, packed, through the op) against a per-sequence fp64 re-implementation with its
+    own 3D RoPE: volume positions (t, h, w) from the t-major grid (non-square in-plane grid, so h and w
+    are told apart), text positions (n, 0, 0) with all rotary pairs on t and theta 1000."""
+    import copy
+
+    model = _model(seed=2, pool=pool, text_pool=text_pool)
+    ref = copy.deepcopy(model).double()
+    cfg = model.config
+    rng = np.random.default_rng(7)
+    vols = [rng.uniform(-1, 1, (d, 32, 48)).astype(np.float32) for d in (12, 5)]
+    texts = ["pleural effusion.", "a much longer text, about the heart and the lungs."]
+    b = volume_batch(vols, cfg.patch_size)
+    b.update(model.tokenize(texts))
+    with torch.no_grad():
+        out = model(b)
+        cu = b["cu_seqlens"].tolist()
+        sec3 = (4, 6, 6)  # default_sections(32): 16 pairs, 2:3:3 with the remainder to t
+        for i, (T, H, W) in enumerate(b["grid_thw"].tolist()):
+            n = torch.arange(T * H * W)
+            pos = torch.stack([n // (H * W), (n // W) % H, n % W], 1).double()
+            x = ref.visual.patch_embed(b["patches"][cu[i] : cu[i + 1]].double())
+            tok = _tower64(ref.visual, x, pos, sec3, cfg.rope_theta)
+            torch.testing.assert_close(out.tokens[cu[i] : cu[i + 1]].double(), tok, atol=2e-5, rtol=1e-5)
+            pooled = _map64(ref.visual.pool, tok) if pool == "map" else tok.mean(0)
+            emb = F.normalize(ref.visual.head(pooled), dim=-1)
+            torch.testing.assert_close(out.image_emb[i].double(), emb, atol=2e-6, rtol=1e-5)
+        tcu = b["text_cu_seqlens"].tolist()
+        for i in range(len(texts)):
+            ids = b["text_ids"][tcu[i] : tcu[i + 1]]
+            pos = torch.stack([torch.arange(len(ids)), torch.zeros(len(ids)), torch.zeros(len(ids))], 1).double()
+            x = _tower64(ref.text, ref.text.token_embedding(ids), pos, (16, 0, 0), 1000.0)
+            pooled = _map64(ref.text.pool, x) if text_pool == "map" else x[-1]
+            emb = F.normalize(ref.text.head(pooled), dim=-1)
+            torch.testing.assert_close(out.text_emb[i].double(), emb, atol=2e-6, rtol=1e-5)
