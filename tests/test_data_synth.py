@@ -197,3 +197,110 @@ def test_import_boundaries():
     subprocess.run([sys.executable, "-c", code], check=True)
     code = "import sys, sigvlp.data.synth; assert 'torch' not in sys.modules, 'synth imports torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- make_phantom steps
+# sha256 (first 20 hex) of make_phantom's output (hu, labels, findings, text, geometry) recorded
+# before make_phantom was split into named steps: the split must not change any phantom.
+PHANTOM_DIGESTS = {
+    (0, None): "bf7c65a49330389434cd",
+    (1, None): "d7ff8dc6dfff8a9ea34a",
+    (2, "all"): "a8f0dee3f7fb28f80a4f",
+    (3, "none"): "544a24dad423efb1873a",
+    (7, "three"): "3d335b0150d89b8debde",
+}
+
+
+def _phantom_digest(p):
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(p.hu.tobytes())
+    h.update(str(p.hu.shape).encode())
+    h.update(p.labels.tobytes())
+    rest = {"findings": p.findings, "sentences": p.organ_sentences, "impression": p.impression, "clinical": p.clinical,
+            "technique": p.technique, "patient": p.patient, "spacing": p.spacing, "origin": p.origin}
+    h.update(json.dumps(rest, sort_keys=True, default=float).encode())
+    return h.hexdigest()[:20]
+
+
+def test_phantom_output_is_unchanged_by_the_step_split():
+    forced = {None: None, "all": list(DRAWN), "none": [],
+              "three": ["Pleural effusion", "Medical material", "Hiatal hernia"]}
+    for (seed, which), want in PHANTOM_DIGESTS.items():
+        assert _phantom_digest(make_phantom(seed, TINY, findings=forced[which])) == want, (seed, which)
+
+
+def test_make_phantom_is_built_from_named_steps():
+    import inspect
+
+    from sigvlp.data import synth
+
+    assert sorted(synth._ABNORMALITY_STEPS) == sorted(DRAWN)  # one named step per abnormality
+    for name in ("_geometry", "_body_wall", "_abdomen", "_lungs", "_heart", "_skeleton", "_vessels_airway",
+                 "_noise_and_quantise", "_report"):
+        assert callable(getattr(synth, name))
+    assert len(inspect.getsource(synth.make_phantom).splitlines()) < 40
+
+
+# ----------------------------------------------------------------------------- CLI errors
+@pytest.mark.parametrize("args, option", [
+    (["--n-train", "-1"], "--n-train"),
+    (["--n-valid", "x"], "--n-valid"),
+    (["--size", "100", "50"], "--size"),
+    (["--slices", "0", "5"], "--slices"),
+    (["--workers", "-2"], "--workers"),
+])
+def test_bad_synth_options_are_one_line_usage_errors(tmp_path, capsys, args, option):
+    from sigvlp.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["synth", "--out", str(tmp_path / "o"), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("sigvlp synth: error: argument " + option), last
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_pointing_at_a_file_is_a_usage_error(tmp_path, capsys):
+    from sigvlp.cli import main
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main(["synth", "--out", str(f)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and last == f"sigvlp synth: error: argument --out: {f} exists and is not a folder"
+
+
+def test_rerun_into_a_used_folder_needs_overwrite_which_removes_old_volumes(tmp_path, capsys):
+    from sigvlp.cli import main
+
+    out = tmp_path / "o"
+    base = ["synth", "--out", str(out), "--preset", "tiny", "--workers", "1", "--n-valid", "1"]
+    assert main(base + ["--n-train", "3"]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(base + ["--n-train", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("sigvlp synth: error: argument --out:") and "--overwrite" in err[-1]
+    assert len(list((out / "dataset" / "train").rglob("*.nii.gz"))) == 3  # untouched
+    assert main(base + ["--n-train", "1", "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / "dataset" / "train").rglob("*.nii.gz")) == ["train_1_a_1.nii.gz"]
+    assert len(list((out / "masks").rglob("*.nii.gz"))) == 2 and (out / "notes.txt").read_text() == "mine"
+    from sigvlp.data.ctrate import CTRateDataset
+
+    ds = CTRateDataset(out, "train")
+    assert len(ds) == 1 and not ds.scan.skipped  # no volumes without rows
+
+
+def test_synth_help_shows_defaults(capsys):
+    from sigvlp.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("--n-train N_TRAIN training volumes (default: 200)", "(default: 50)", "(default: small)",
+                 "--overwrite"):
+        assert text in out, text

@@ -48,6 +48,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -222,25 +223,28 @@ def sample_findings(seed: int, config: SynthConfig = SynthConfig()) -> set[str]:
     return set() if normal else {k for k, v in draws.items() if v}
 
 
-def make_phantom(seed: int = 0, config: SynthConfig = SynthConfig(), *, findings: Optional[Sequence[str]] = None,
-                 anatomy_seed: Optional[int] = None) -> Phantom:
-    """One synthetic chest CT. findings: force exactly these abnormalities (names from DRAWN)
-    instead of drawing them; the anatomy, geometry and noise depend only on the seed, so the
-    same seed with and without a finding differs only by that finding."""
-    seed = int(seed if anatomy_seed is None else anatomy_seed)
-    rng = np.random.default_rng([seed, 1])  # anatomy and geometry
-    lrng = np.random.default_rng([seed, 3])  # lesion placement
-    trng = np.random.default_rng([seed, 4])  # wording
+class _Scene(SimpleNamespace):
+    """What the drawing steps of make_phantom share: random generators, geometry, the HU and
+    label arrays being painted, and the stated findings."""
 
-    if findings is None:
-        present = sample_findings(seed, config)
-    else:
-        present = set(findings)
-        if present - set(DRAWN):
-            raise ValueError(f"findings: {sorted(present - set(DRAWN))} are not drawn by the phantoms; drawn: {list(DRAWN)}")
-    big_heart = "Cardiomegaly" in present
+    def set(self, **values):
+        self.__dict__.update(values)
 
-    # --- geometry -----------------------------------------------------------------
+
+def _lung_points(sc: _Scene, lobes=None, tries=50):
+    """Up to `tries` random lung voxels (world (z, y, x) mm, lobe label), of `lobes` or any lobe."""
+    labels, lung_mask, lrng, shape, g = sc.labels, sc.lung_mask, sc.lrng, sc.shape, sc.g
+    cand = np.flatnonzero(np.isin(labels, lobes) if lobes is not None else lung_mask)
+    if cand.size == 0:
+        return None
+    for _ in range(tries):
+        idx = np.unravel_index(int(cand[lrng.integers(cand.size)]), shape)
+        yield tuple(ax[i] for ax, i in zip(g.axes, idx)), int(labels[idx])
+
+
+def _geometry(sc: _Scene) -> None:
+    """Body size, field of view, slice count and spacing; the empty (air) grid."""
+    rng, config = sc.rng, sc.config
     a = rng.uniform(140, 175)  # body half-width (mm)
     b = rng.uniform(0.62, 0.75) * a  # body half-depth
     fat = rng.uniform(8, 28)
@@ -269,8 +273,15 @@ def make_phantom(seed: int = 0, config: SynthConfig = SynthConfig(), *, findings
 
     # Lesions smaller than a voxel would vanish: every drawn radius is at least this.
     min_r = 0.75 * max(spacing)
+    sc.set(a=a, b=b, fat=fat, wall=wall, ac=ac, bc=bc, yc=yc, apex=apex, z_top=z_top, z_bot=z_bot, sz=sz, n_xy=n_xy,
+           sxy=sxy, y_shift=y_shift, shape=shape, spacing=spacing, origin=origin, g=g, hu=hu, labels=labels,
+           min_r=min_r)
 
-    # --- body wall (2-D outlines broadcast along z) ---------------------------------
+
+def _body_wall(sc: _Scene) -> None:
+    """Subcutaneous fat, chest-wall muscle and the thoracic cavity (2-D outlines along z)."""
+    g, a, b, yc, ac, bc, fat, hu, y_shift = sc.g, sc.a, sc.b, sc.yc, sc.ac, sc.bc, sc.fat, sc.hu, sc.y_shift
+    n_xy, sxy, shape = sc.n_xy, sc.sxy, sc.shape
     x2, y2 = g.x[0], g.y[0]  # (1, nx), (ny, 1)
     e_body = (x2 / a) ** 2 + ((y2 - yc) / b) ** 2
     e_cav = np.sqrt((x2 / ac) ** 2 + ((y2 - yc) / bc) ** 2)
@@ -282,8 +293,12 @@ def make_phantom(seed: int = 0, config: SynthConfig = SynthConfig(), *, findings
     hu[:, cavity2] = HU["fat"]  # mediastinal / abdominal fat; organs are drawn over it
     fov_circle = x2 ** 2 + (y2 - y_shift) ** 2 <= ((n_xy - 1) / 2 * sxy) ** 2
     cavity = np.broadcast_to(cavity2, shape)
+    sc.set(x2=x2, y2=y2, e_cav=e_cav, cavity=cavity, fov_circle=fov_circle)
 
-    # --- diaphragm and abdomen -----------------------------------------------------
+
+def _abdomen(sc: _Scene) -> None:
+    """Diaphragm domes, liver, spleen, stomach with its gas bubble, kidneys."""
+    rng, ac, bc, yc, g, cavity, hu, labels = sc.rng, sc.ac, sc.bc, sc.yc, sc.g, sc.cavity, sc.hu, sc.labels
     dome_r, dome_l = 0.0, -rng.uniform(10, 20)
     xs = 0.45 * ac
     bowl = 70 * (((g.x - np.where(g.x > 0, xs, -xs)) / ac) ** 2 + ((g.y - yc) / bc) ** 2)
@@ -304,8 +319,13 @@ def make_phantom(seed: int = 0, config: SynthConfig = SynthConfig(), *, findings
     for side, tid in ((1, TS_IDS["kidney_right"]), (-1, TS_IDS["kidney_left"])):
         sl, m = g.ellipsoid((dome_r - 120, yc - 0.62 * bc, side * 0.42 * ac), (55, 0.22 * bc, 0.17 * ac))
         _paint(hu, labels, sl, m, HU["kidney"], tid, where=below)
+    sc.set(dome_r=dome_r, dome_l=dome_l, z_diaph=z_diaph, st_c=st_c, st_r=st_r)
 
-    # --- lungs and lobes -----------------------------------------------------------
+
+def _lungs(sc: _Scene) -> None:
+    """Lungs with their five lobes above the diaphragm."""
+    rng, yc, bc, g, z_diaph, cavity, apex = sc.rng, sc.yc, sc.bc, sc.g, sc.z_diaph, sc.cavity, sc.apex
+    e_cav, hu, shape, labels = sc.e_cav, sc.hu, sc.shape, sc.labels
     spine_r = rng.uniform(16, 19)
     spine_y = yc - bc + spine_r + 2
     med_half = rng.uniform(18, 26)
@@ -322,8 +342,14 @@ def make_phantom(seed: int = 0, config: SynthConfig = SynthConfig(), *, findings
                     np.where(fissure > z_fis - 10, 10, 11)).astype(np.uint8)
     labels[lung] = np.broadcast_to(lobe, shape)[lung]
     above_diaph = g.z >= z_diaph
+    sc.set(spine_r=spine_r, spine_y=spine_y, above_diaph=above_diaph)
 
-    # --- heart, pericardial effusion ------------------------------------------------
+
+def _heart(sc: _Scene) -> None:
+    """Heart (enlarged with cardiomegaly), pericardial effusion when present."""
+    rng, big_heart, present, bc, ac, dome_l, yc = sc.rng, sc.big_heart, sc.present, sc.bc, sc.ac, sc.dome_l, sc.yc
+    spacing, g, hu, labels, above_diaph, cavity = sc.spacing, sc.g, sc.hu, sc.labels, sc.above_diaph, sc.cavity
+    pe_t = None
     h_scale = rng.uniform(1.32, 1.45) if big_heart else rng.uniform(0.92, 1.05)
     h_r = (48 * h_scale, 0.42 * bc * h_scale, 0.44 * ac * h_scale)
     h_c = (dome_l + 0.8 * h_r[0], yc + 0.28 * bc, -0.12 * ac)
@@ -338,8 +364,14 @@ def make_phantom(seed: int = 0, config: SynthConfig = SynthConfig(), *, findings
     sl, m = g.ellipsoid(h_c, tuple(0.72 * r for r in h_r))
     _paint(hu, labels, sl, m, HU["blood"], None, where=above_diaph)
     heart_width = 2 * h_r[2]
+    sc.set(h_r=h_r, h_c=h_c, heart_width=heart_width, pe_t=pe_t)
 
-    # --- spine, ribs, sternum ------------------------------------------------------
+
+def _skeleton(sc: _Scene) -> None:
+    """Vertebrae with discs and spinal canal, ribs, sternum."""
+    apex, spine_y, spine_r, z_bot, z_top, g, hu = sc.apex, sc.spine_y, sc.spine_r, sc.z_bot, sc.z_top, sc.g, sc.hu
+    labels, x2, y2, yc, e_cav, wall, ac, bc = sc.labels, sc.x2, sc.y2, sc.yc, sc.e_cav, sc.wall, sc.ac, sc.bc
+    sxy, sz, dome_r = sc.sxy, sc.sz, sc.dome_r
     level_h = 24.0
     n_levels = 14  # T1..T12, L1, L2
     level_top = apex + 12
@@ -387,7 +419,12 @@ def make_phantom(seed: int = 0, config: SynthConfig = SynthConfig(), *, findings
     if sl is not None:
         _paint(hu, labels, sl, np.ones(tuple(s.stop - s.start for s in sl), bool), HU["sternum"], TS_IDS["sternum"])
 
-    # --- great vessels, airway, esophagus --------------------------------------------
+
+def _vessels_airway(sc: _Scene) -> None:
+    """Aorta (ascending, arch, descending), esophagus, trachea and main bronchi."""
+    rng, apex, h_c, yc, bc, ac, spine_r = sc.rng, sc.apex, sc.h_c, sc.yc, sc.bc, sc.ac, sc.spine_r
+    spine_y, z_bot, z_top, dome_l, st_c, g, hu = sc.spine_y, sc.z_bot, sc.z_top, sc.dome_l, sc.st_c, sc.g, sc.hu
+    labels = sc.labels
     z_carina = apex - rng.uniform(70, 85)
     z_arch = z_carina + rng.uniform(10, 20)
     asc = (h_c[0], yc + 0.18 * bc, 0.1 * ac)
@@ -405,128 +442,218 @@ def make_phantom(seed: int = 0, config: SynthConfig = SynthConfig(), *, findings
     _tube(g, hu, labels, [(z_top + 5, tr_y, 0), (z_carina, tr_y, 0)], 7.5, HU["air"], None)
     for side in (1, -1):  # main bronchi: air lumen, labelled by what they pass through
         _tube(g, hu, labels, [(z_carina, tr_y, 0), (z_carina - 30, tr_y - 10, side * 45)], 5.5, HU["air"], None)
+    sc.set(z_arch=z_arch, desc_x=desc_x, desc_y=desc_y, r_ao=r_ao, eso_y=eso_y)
 
-    # --- abnormalities ----------------------------------------------------------------
-    stated: dict[str, dict] = {}
-    lung_mask = (labels >= 10) & (labels <= 14)
 
-    def lung_point(lobes=None, tries=50):
-        cand = np.flatnonzero(np.isin(labels, lobes) if lobes is not None else lung_mask)
-        if cand.size == 0:
-            return None
-        for _ in range(tries):
-            idx = np.unravel_index(int(cand[lrng.integers(cand.size)]), shape)
-            yield tuple(ax[i] for ax, i in zip(g.axes, idx)), int(labels[idx])
-
-    if "Lung nodule" in present:
-        nodules = []
-        for _ in range(int(lrng.integers(1, 4))):
-            r = max(lrng.uniform(2.5, 8.0), min_r)
-            for c, lab in lung_point() or ():
-                sl, m = g.ellipsoid(c, (r, r, r))
-                inside = lung_mask[sl][m]
-                if inside.size and inside.mean() > 0.8:
-                    _paint(hu, labels, sl, m, HU["consolidation"] + lrng.uniform(-10, 10), None, where=lung_mask)
-                    nodules.append({"diameter_mm": round(2 * r), "lobe": LOBE_NAMES[lab], "center": c})
-                    break
-        if nodules:
-            stated["Lung nodule"] = {"nodules": nodules}
-    if "Emphysema" in present:
-        n = int(lrng.integers(40, 90))
-        upper = np.isin(labels, (10, 12))
-        for c, _lab in list(lung_point((10, 12), tries=n) or ())[:n]:
-            r = max(lrng.uniform(5, 12), min_r)
+def _lung_nodule(sc: _Scene) -> None:
+    """Lung nodule: drawn into the image and stated."""
+    lrng, g, hu, labels, lung_mask, min_r, stated = sc.lrng, sc.g, sc.hu, sc.labels, sc.lung_mask, sc.min_r, sc.stated
+    nodules = []
+    for _ in range(int(lrng.integers(1, 4))):
+        r = max(lrng.uniform(2.5, 8.0), min_r)
+        for c, lab in _lung_points(sc) or ():
             sl, m = g.ellipsoid(c, (r, r, r))
-            _paint(hu, labels, sl, m, HU["emphysema"], None, where=upper)
-        stated["Emphysema"] = {}
-    if "Lung opacity" in present:
-        for c, lab in lung_point() or ():
-            r = (lrng.uniform(15, 35), lrng.uniform(15, 30), lrng.uniform(15, 30))
-            sl, m = g.ellipsoid(c, tuple(max(ri, 2 * min_r) for ri in r))
-            _paint(hu, labels, sl, m, HU["ggo"], None, where=lung_mask & (labels == lab))
-            stated["Lung opacity"] = {"lobe": LOBE_NAMES[lab]}
-            break
-    if "Consolidation" in present:
-        for c, lab in lung_point((11, 14)) or ():
-            r = (lrng.uniform(20, 40), lrng.uniform(15, 30), lrng.uniform(15, 30))
-            sl, m = g.ellipsoid(c, tuple(max(ri, 2 * min_r) for ri in r))
-            _paint(hu, labels, sl, m, HU["consolidation"], None, where=labels == lab)
-            stated["Consolidation"] = {"lobe": LOBE_NAMES[lab]}
-            break
-    if "Atelectasis" in present:
-        lab = int(lrng.choice([11, 14]))
-        t = max(lrng.uniform(6, 12), 1.2 * sz)
-        band = (labels == lab) & (g.z < z_diaph + t) & (g.y < yc)
-        hu[band] = HU["consolidation"] - 5
-        stated["Atelectasis"] = {"lobe": LOBE_NAMES[lab]}
-    if "Pleural effusion" in present:
-        side = lrng.choice(["right", "left", "bilateral"], p=[0.4, 0.2, 0.4])
-        depth = max(lrng.uniform(15, 45), 2 * max(sxy, sz))
-        sides = {"right": [1], "left": [-1], "bilateral": [1, -1]}[side]
-        for s in sides:
-            this = lung_mask & ((g.x > 0) if s > 0 else (g.x < 0))
-            ys = np.nonzero(this.any(axis=(0, 2)))[0]
-            if ys.size:
-                y_back = g.axes[1][ys[0]]
-                hu[this & (g.y < y_back + depth)] = HU["fluid"]
-        stated["Pleural effusion"] = {"side": str(side), "depth_mm": round(depth)}
-    if "Cardiomegaly" in present:
-        stated["Cardiomegaly"] = {"ctr": round(heart_width / (2 * ac), 2)}
-    if "Pericardial effusion" in present:
-        stated["Pericardial effusion"] = {"thickness_mm": round(pe_t)}
-    if "Arterial wall calcification" in present:
-        desc = labels == TS_IDS["aorta"]
-        for _ in range(int(lrng.integers(2, 6))):
-            t = lrng.uniform(0, 1)
-            zc = z_arch - t * (z_arch - max(z_bot, dome_l - 40))
-            ang = lrng.uniform(0, 2 * math.pi)
-            c = (zc, desc_y + r_ao * math.sin(ang) * 0.85, desc_x + r_ao * math.cos(ang) * 0.85)
-            r = max(lrng.uniform(2, 4), min_r)
-            sl, m = g.ellipsoid(c, (r, r, r))
-            _paint(hu, labels, sl, m, HU["calcium"] + lrng.uniform(-200, 200), None, where=desc)
-        stated["Arterial wall calcification"] = {}
-    if "Coronary artery wall calcification" in present:
-        heart = labels == TS_IDS["heart"]
-        for _ in range(int(lrng.integers(1, 4))):
-            ang = lrng.uniform(0.2, 1.4)  # anterior-superior surface: coronary territory
-            c = (h_c[0] + 0.5 * h_r[0], h_c[1] + 0.85 * h_r[1] * math.sin(ang), h_c[2] + 0.85 * h_r[2] * math.cos(ang))
-            r = max(lrng.uniform(2, 3.5), min_r)
-            sl, m = g.ellipsoid(c, (r, r, r))
-            _paint(hu, labels, sl, m, HU["calcium"] - 100 + lrng.uniform(-100, 200), None, where=heart)
-        stated["Coronary artery wall calcification"] = {}
-    if "Hiatal hernia" in present:
-        r = (max(lrng.uniform(18, 28), 2 * sz), max(lrng.uniform(14, 22), 2 * sxy), max(lrng.uniform(14, 22), 2 * sxy))
-        c = (dome_l + 0.8 * r[0], eso_y + 4, -12)
-        sl, m = g.ellipsoid(c, r)
-        free = cavity & ~np.isin(labels, (TS_IDS["aorta"], TS_IDS["heart"], *VERTEBRA_IDS.values()))
-        _paint(hu, labels, sl, m, HU["stomach"], TS_IDS["stomach"], where=free)
-        sl, m = g.ellipsoid((c[0] + 0.4 * r[0], c[1], c[2]), tuple(0.5 * ri for ri in r))
-        _paint(hu, labels, sl, m, HU["air"], None, where=free)
-        stated["Hiatal hernia"] = {"size_mm": round(2 * r[0])}
-    if "Medical material" in present:
-        box_c = (h_c[0] + 90, yc + b - fat / 2 - 3, -0.5 * a)  # left anterior chest wall
-        sl = g.box((box_c[0] - 20, box_c[1] - max(4, sxy), box_c[2] - 25), (box_c[0] + 20, box_c[1] + max(4, sxy), box_c[2] + 25))
-        if sl is not None:
-            _paint(hu, labels, sl, np.ones(tuple(s.stop - s.start for s in sl), bool), HU["metal"], None)
-        _tube(g, hu, labels, [box_c, (h_c[0] + 0.9 * h_r[0], h_c[1], h_c[2] + 0.3 * h_r[2]), (h_c[0], h_c[1], h_c[2] + 0.4 * h_r[2])],
-              max(1.5, 0.55 * max(spacing)), HU["metal"] - 500, None, where=labels != TS_IDS["aorta"])
-        stated["Medical material"] = {"device": "pacemaker"}
+            inside = lung_mask[sl][m]
+            if inside.size and inside.mean() > 0.8:
+                _paint(hu, labels, sl, m, HU["consolidation"] + lrng.uniform(-10, 10), None, where=lung_mask)
+                nodules.append({"diameter_mm": round(2 * r), "lobe": LOBE_NAMES[lab], "center": c})
+                break
+    if nodules:
+        stated["Lung nodule"] = {"nodules": nodules}
 
-    # --- noise, FOV, quantisation ---------------------------------------------------------
+
+def _emphysema(sc: _Scene) -> None:
+    """Emphysema: drawn into the image and stated."""
+    lrng, g, hu, labels, min_r, stated = sc.lrng, sc.g, sc.hu, sc.labels, sc.min_r, sc.stated
+    n = int(lrng.integers(40, 90))
+    upper = np.isin(labels, (10, 12))
+    for c, _lab in list(_lung_points(sc, (10, 12), tries=n) or ())[:n]:
+        r = max(lrng.uniform(5, 12), min_r)
+        sl, m = g.ellipsoid(c, (r, r, r))
+        _paint(hu, labels, sl, m, HU["emphysema"], None, where=upper)
+    stated["Emphysema"] = {}
+
+
+def _lung_opacity(sc: _Scene) -> None:
+    """Lung opacity: drawn into the image and stated."""
+    lrng, g, hu, labels, lung_mask, min_r, stated = sc.lrng, sc.g, sc.hu, sc.labels, sc.lung_mask, sc.min_r, sc.stated
+    for c, lab in _lung_points(sc) or ():
+        r = (lrng.uniform(15, 35), lrng.uniform(15, 30), lrng.uniform(15, 30))
+        sl, m = g.ellipsoid(c, tuple(max(ri, 2 * min_r) for ri in r))
+        _paint(hu, labels, sl, m, HU["ggo"], None, where=lung_mask & (labels == lab))
+        stated["Lung opacity"] = {"lobe": LOBE_NAMES[lab]}
+        break
+
+
+def _consolidation(sc: _Scene) -> None:
+    """Consolidation: drawn into the image and stated."""
+    lrng, g, hu, labels, min_r, stated = sc.lrng, sc.g, sc.hu, sc.labels, sc.min_r, sc.stated
+    for c, lab in _lung_points(sc, (11, 14)) or ():
+        r = (lrng.uniform(20, 40), lrng.uniform(15, 30), lrng.uniform(15, 30))
+        sl, m = g.ellipsoid(c, tuple(max(ri, 2 * min_r) for ri in r))
+        _paint(hu, labels, sl, m, HU["consolidation"], None, where=labels == lab)
+        stated["Consolidation"] = {"lobe": LOBE_NAMES[lab]}
+        break
+
+
+def _atelectasis(sc: _Scene) -> None:
+    """Atelectasis: drawn into the image and stated."""
+    lrng, g, hu, labels, sz, z_diaph, yc = sc.lrng, sc.g, sc.hu, sc.labels, sc.sz, sc.z_diaph, sc.yc
+    stated = sc.stated
+    lab = int(lrng.choice([11, 14]))
+    t = max(lrng.uniform(6, 12), 1.2 * sz)
+    band = (labels == lab) & (g.z < z_diaph + t) & (g.y < yc)
+    hu[band] = HU["consolidation"] - 5
+    stated["Atelectasis"] = {"lobe": LOBE_NAMES[lab]}
+
+
+def _pleural_effusion(sc: _Scene) -> None:
+    """Pleural effusion: drawn into the image and stated."""
+    lrng, g, hu, lung_mask, sxy, sz, stated = sc.lrng, sc.g, sc.hu, sc.lung_mask, sc.sxy, sc.sz, sc.stated
+    side = lrng.choice(["right", "left", "bilateral"], p=[0.4, 0.2, 0.4])
+    depth = max(lrng.uniform(15, 45), 2 * max(sxy, sz))
+    sides = {"right": [1], "left": [-1], "bilateral": [1, -1]}[side]
+    for s in sides:
+        this = lung_mask & ((g.x > 0) if s > 0 else (g.x < 0))
+        ys = np.nonzero(this.any(axis=(0, 2)))[0]
+        if ys.size:
+            y_back = g.axes[1][ys[0]]
+            hu[this & (g.y < y_back + depth)] = HU["fluid"]
+    stated["Pleural effusion"] = {"side": str(side), "depth_mm": round(depth)}
+
+
+def _cardiomegaly(sc: _Scene) -> None:
+    """Cardiomegaly: drawn into the image and stated."""
+    heart_width, ac, stated = sc.heart_width, sc.ac, sc.stated
+    stated["Cardiomegaly"] = {"ctr": round(heart_width / (2 * ac), 2)}
+
+
+def _pericardial_effusion(sc: _Scene) -> None:
+    """Pericardial effusion: drawn into the image and stated."""
+    pe_t, stated = sc.pe_t, sc.stated
+    stated["Pericardial effusion"] = {"thickness_mm": round(pe_t)}
+
+
+def _arterial_wall_calcification(sc: _Scene) -> None:
+    """Arterial wall calcification: drawn into the image and stated."""
+    lrng, g, hu, labels, z_arch, z_bot, dome_l = sc.lrng, sc.g, sc.hu, sc.labels, sc.z_arch, sc.z_bot, sc.dome_l
+    desc_x, desc_y, r_ao, min_r, stated = sc.desc_x, sc.desc_y, sc.r_ao, sc.min_r, sc.stated
+    desc = labels == TS_IDS["aorta"]
+    for _ in range(int(lrng.integers(2, 6))):
+        t = lrng.uniform(0, 1)
+        zc = z_arch - t * (z_arch - max(z_bot, dome_l - 40))
+        ang = lrng.uniform(0, 2 * math.pi)
+        c = (zc, desc_y + r_ao * math.sin(ang) * 0.85, desc_x + r_ao * math.cos(ang) * 0.85)
+        r = max(lrng.uniform(2, 4), min_r)
+        sl, m = g.ellipsoid(c, (r, r, r))
+        _paint(hu, labels, sl, m, HU["calcium"] + lrng.uniform(-200, 200), None, where=desc)
+    stated["Arterial wall calcification"] = {}
+
+
+def _coronary_artery_wall_calcification(sc: _Scene) -> None:
+    """Coronary artery wall calcification: drawn into the image and stated."""
+    lrng, g, hu, labels, h_c, h_r, min_r = sc.lrng, sc.g, sc.hu, sc.labels, sc.h_c, sc.h_r, sc.min_r
+    stated = sc.stated
+    heart = labels == TS_IDS["heart"]
+    for _ in range(int(lrng.integers(1, 4))):
+        ang = lrng.uniform(0.2, 1.4)  # anterior-superior surface: coronary territory
+        c = (h_c[0] + 0.5 * h_r[0], h_c[1] + 0.85 * h_r[1] * math.sin(ang), h_c[2] + 0.85 * h_r[2] * math.cos(ang))
+        r = max(lrng.uniform(2, 3.5), min_r)
+        sl, m = g.ellipsoid(c, (r, r, r))
+        _paint(hu, labels, sl, m, HU["calcium"] - 100 + lrng.uniform(-100, 200), None, where=heart)
+    stated["Coronary artery wall calcification"] = {}
+
+
+def _hiatal_hernia(sc: _Scene) -> None:
+    """Hiatal hernia: drawn into the image and stated."""
+    lrng, g, hu, labels, sz, sxy, dome_l, eso_y = sc.lrng, sc.g, sc.hu, sc.labels, sc.sz, sc.sxy, sc.dome_l, sc.eso_y
+    cavity, stated = sc.cavity, sc.stated
+    r = (max(lrng.uniform(18, 28), 2 * sz), max(lrng.uniform(14, 22), 2 * sxy), max(lrng.uniform(14, 22), 2 * sxy))
+    c = (dome_l + 0.8 * r[0], eso_y + 4, -12)
+    sl, m = g.ellipsoid(c, r)
+    free = cavity & ~np.isin(labels, (TS_IDS["aorta"], TS_IDS["heart"], *VERTEBRA_IDS.values()))
+    _paint(hu, labels, sl, m, HU["stomach"], TS_IDS["stomach"], where=free)
+    sl, m = g.ellipsoid((c[0] + 0.4 * r[0], c[1], c[2]), tuple(0.5 * ri for ri in r))
+    _paint(hu, labels, sl, m, HU["air"], None, where=free)
+    stated["Hiatal hernia"] = {"size_mm": round(2 * r[0])}
+
+
+def _medical_material(sc: _Scene) -> None:
+    """Medical material: drawn into the image and stated."""
+    g, hu, labels, h_c, h_r, yc, a, b, fat = sc.g, sc.hu, sc.labels, sc.h_c, sc.h_r, sc.yc, sc.a, sc.b, sc.fat
+    sxy, spacing, stated = sc.sxy, sc.spacing, sc.stated
+    box_c = (h_c[0] + 90, yc + b - fat / 2 - 3, -0.5 * a)  # left anterior chest wall
+    sl = g.box((box_c[0] - 20, box_c[1] - max(4, sxy), box_c[2] - 25), (box_c[0] + 20, box_c[1] + max(4, sxy), box_c[2] + 25))
+    if sl is not None:
+        _paint(hu, labels, sl, np.ones(tuple(s.stop - s.start for s in sl), bool), HU["metal"], None)
+    _tube(g, hu, labels, [box_c, (h_c[0] + 0.9 * h_r[0], h_c[1], h_c[2] + 0.3 * h_r[2]), (h_c[0], h_c[1], h_c[2] + 0.4 * h_r[2])],
+          max(1.5, 0.55 * max(spacing)), HU["metal"] - 500, None, where=labels != TS_IDS["aorta"])
+    stated["Medical material"] = {"device": "pacemaker"}
+
+
+def _noise_and_quantise(sc: _Scene) -> np.ndarray:
+    """Gaussian noise, -1024 outside the reconstruction circle, int16 HU."""
+    seed, config, shape, hu, fov_circle = sc.seed, sc.config, sc.shape, sc.hu, sc.fov_circle
     noise_rng = np.random.default_rng([seed, 5])
     hu += noise_rng.standard_normal(shape, dtype=np.float32) * np.float32(config.noise_hu)
     hu[:, ~fov_circle] = -1024.0
     hu_i16 = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    return hu_i16
 
+
+def _report(sc: _Scene, hu_i16: np.ndarray) -> Phantom:
+    """The Phantom: image, labels, geometry, organ sentences, impression, clinical and patient fields."""
+    rng, trng, stated, labels, spacing, origin, sz = sc.rng, sc.trng, sc.stated, sc.labels, sc.spacing, sc.origin, sc.sz
     sentences, impression = _write_text(stated, labels, trng)
     age = int(rng.integers(25, 90))
-    phantom = Phantom(
+    return Phantom(
         hu=hu_i16, labels=labels, spacing=spacing, origin=origin, findings=stated,
         organ_sentences=sentences, impression=impression, clinical=str(trng.choice(CLINICAL)),
         technique=f"Non-contrast chest CT was obtained in the axial plane with {sz:g} mm slice thickness.",
         patient={"PatientSex": str(rng.choice(["M", "F"])), "PatientAge": f"{age:03d}Y",
                  "Manufacturer": str(rng.choice(["SIEMENS", "PHILIPS", "GE MEDICAL SYSTEMS", "TOSHIBA"]))})
-    return phantom
+
+
+# In drawing order (the lesion generator's draws follow it).
+_ABNORMALITY_STEPS = {
+    "Lung nodule": _lung_nodule,
+    "Emphysema": _emphysema,
+    "Lung opacity": _lung_opacity,
+    "Consolidation": _consolidation,
+    "Atelectasis": _atelectasis,
+    "Pleural effusion": _pleural_effusion,
+    "Cardiomegaly": _cardiomegaly,
+    "Pericardial effusion": _pericardial_effusion,
+    "Arterial wall calcification": _arterial_wall_calcification,
+    "Coronary artery wall calcification": _coronary_artery_wall_calcification,
+    "Hiatal hernia": _hiatal_hernia,
+    "Medical material": _medical_material,
+}
+
+
+def make_phantom(seed: int = 0, config: SynthConfig = SynthConfig(), *, findings: Optional[Sequence[str]] = None,
+                 anatomy_seed: Optional[int] = None) -> Phantom:
+    """One synthetic chest CT. findings: force exactly these abnormalities (names from DRAWN)
+    instead of drawing them; the anatomy, geometry and noise depend only on the seed, so the
+    same seed with and without a finding differs only by that finding."""
+    seed = int(seed if anatomy_seed is None else anatomy_seed)
+    if findings is None:
+        present = sample_findings(seed, config)
+    else:
+        present = set(findings)
+        if present - set(DRAWN):
+            raise ValueError(f"findings: {sorted(present - set(DRAWN))} are not drawn by the phantoms; drawn: {list(DRAWN)}")
+    sc = _Scene(seed=seed, config=config, present=present, big_heart="Cardiomegaly" in present,
+                rng=np.random.default_rng([seed, 1]),  # anatomy and geometry
+                lrng=np.random.default_rng([seed, 3]),  # lesion placement
+                trng=np.random.default_rng([seed, 4]))  # wording
+    for step in (_geometry, _body_wall, _abdomen, _lungs, _heart, _skeleton, _vessels_airway):
+        step(sc)
+    sc.set(stated={}, lung_mask=(sc.labels >= 10) & (sc.labels <= 14))
+    for name, step in _ABNORMALITY_STEPS.items():
+        if name in present:
+            step(sc)
+    return _report(sc, _noise_and_quantise(sc))
 
 
 def _write_text(stated: dict, labels: np.ndarray, rng) -> tuple[dict[str, list[str]], str]:
@@ -648,12 +775,37 @@ def _write_csv(path: Path, columns, rows):
         w.writerows(rows)
 
 
+#: What write_dataset writes under its folder (and removes first with overwrite=True).
+WRITTEN = ("dataset", "masks", "findings", "synth.json")
+
+
+def clear_previous(out: Path) -> None:
+    """Remove what a previous write_dataset wrote under `out` (WRITTEN), nothing else."""
+    import shutil
+
+    for name in WRITTEN:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
 def write_dataset(out, n_train: int = 200, n_valid: int = 50, seed: int = 0, config: SynthConfig = SynthConfig(),
-                  workers: int = 0, progress: bool = False) -> Path:
-    """Write a complete CT-RATE-style phantom dataset under `out` (see the module docstring)."""
+                  workers: int = 0, progress: bool = False, *, overwrite: bool = False) -> Path:
+    """Write a complete CT-RATE-style phantom dataset under `out` (see the module docstring).
+    A non-empty `out` is refused (FileExistsError: old volumes would sit beside the new CSVs)
+    unless overwrite=True, which first removes what a previous run wrote (WRITTEN)."""
     if n_train < 0 or n_valid < 0:
         raise ValueError(f"n_train and n_valid must be >= 0, got {n_train}, {n_valid}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out}: folder is not empty; pass overwrite=True (--overwrite) to replace "
+                                  f"what a previous run wrote")
+        clear_previous(out)
     workers = workers or min(os.cpu_count() or 1, 8)
     csv_split = {"train": "train", "valid": "validation"}
     for split, n in (("train", n_train), ("valid", n_valid)):
@@ -706,31 +858,84 @@ def ensure_default_dataset(path=None, *, n_train: int = DEFAULT_DATASET["n_train
             pass
     if marker.exists():
         marker.unlink()  # written last: a half-written dataset never looks complete
-    return write_dataset(path, n_train, n_valid, seed, config, workers=workers)
+    return write_dataset(path, n_train, n_valid, seed, config, workers=workers, overwrite=True)
 
 
 # ------------------------------------------------------------------------------ CLI
+def _int_at_least(low: int):
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _out_folder(text: str) -> str:
+    import argparse
+
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return text
+
+
+def _range_action(low: int):
+    """argparse action for MIN MAX pairs: low <= MIN <= MAX, else a one-line usage error."""
+    import argparse
+
+    class Range(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            lo, hi = values
+            if lo < low or hi < lo:
+                parser.error(f"argument {option_string}: expected MIN MAX with {low} <= MIN <= MAX, got {lo} {hi}")
+            setattr(namespace, self.dest, (lo, hi))
+
+    return Range
+
+
 def add_arguments(parser):
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--n-train", type=int, default=200)
-    parser.add_argument("--n-valid", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
+    import argparse
+
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.add_argument("--out", required=True, type=_out_folder, default=argparse.SUPPRESS,
+                        help="output folder (must be empty or absent, unless --overwrite)")
+    parser.add_argument("--n-train", type=_int_at_least(0), default=200, help="training volumes")
+    parser.add_argument("--n-valid", type=_int_at_least(0), default=50, help="validation volumes")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed")
     parser.add_argument("--preset", default="small", choices=sorted(SYNTH_PRESETS),
                         help="size preset (small: 64-96 px in-plane, 60-400 slices)")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("MIN", "MAX"), help="in-plane matrix range")
-    parser.add_argument("--slices", type=int, nargs=2, metavar=("MIN", "MAX"), help="slice-count range")
-    parser.add_argument("--workers", type=int, default=0, help="processes (0: one per core)")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("MIN", "MAX"), action=_range_action(16),
+                        default=argparse.SUPPRESS, help="in-plane matrix range (default: the preset's)")
+    parser.add_argument("--slices", type=int, nargs=2, metavar=("MIN", "MAX"), action=_range_action(1),
+                        default=argparse.SUPPRESS, help="slice-count range (default: the preset's)")
+    parser.add_argument("--workers", type=_int_at_least(0), default=0, help="processes (0: one per core)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out, first removing what a previous run wrote there")
 
 
 def run(args) -> int:
+    import sys
     import time
 
     config = SYNTH_PRESETS[args.preset]
-    if args.size:
+    if getattr(args, "size", None):
         config = dataclasses.replace(config, size=tuple(args.size))
-    if args.slices:
+    if getattr(args, "slices", None):
         config = dataclasses.replace(config, slices=tuple(args.slices))
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        print(f"sigvlp synth: error: argument --out: {out} is not empty; pass --overwrite to replace what a "
+              f"previous run wrote there", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    out = write_dataset(args.out, args.n_train, args.n_valid, args.seed, config, workers=args.workers, progress=True)
+    out = write_dataset(out, args.n_train, args.n_valid, args.seed, config, workers=args.workers, progress=True,
+                        overwrite=args.overwrite)
     print(f"wrote {args.n_train} + {args.n_valid} phantoms to {out} in {time.perf_counter() - t0:.1f} s")
     return 0
