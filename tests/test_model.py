@@ -354,14 +354,18 @@ def _map64(pool, x):
     return o + pool.mlp(pool.norm(o))
 
 
-@pytest.mark.parametrize("pool,text_pool", [("map", "last"), ("mean", "map")])
-def test_towers_match_fp64_oracle(pool, text_pool):
+@pytest.mark.parametrize("pool,text_pool,backend", [("map", "last", None), ("mean", "map", None),
+                                                    ("map", "map", "triton")])
+def test_towers_match_fp64_oracle(pool, text_pool, backend):
     """Both towers (fp32, packed, through the op) against a per-sequence fp64 re-implementation with its
     own 3D RoPE: volume positions (t, h, w) from the t-major grid (non-square in-plane grid, so h and w
-    are told apart), text positions (n, 0, 0) with all rotary pairs on t and theta 1000."""
+    are told apart), text positions (n, 0, 0) with all rotary pairs on t and theta 1000. backend
+    "triton": the Triton kernels (interpreted on the CPU), self and cross (MAP) forms."""
     import copy
 
-    model = _model(seed=2, pool=pool, text_pool=text_pool)
+    if backend == "triton":
+        pytest.importorskip("triton")
+    model = _model(seed=2, pool=pool, text_pool=text_pool, attn_backend=backend)
     ref = copy.deepcopy(model).double()
     cfg = model.config
     rng = np.random.default_rng(7)

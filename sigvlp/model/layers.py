@@ -84,9 +84,7 @@ class MAPPool(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_dim: int, eps: float, backend: Optional[str]):
         super().__init__()
-        self.heads, self.head_dim = heads, width // heads
-        # The Triton kernels do not serve the cross form yet: "triton" falls back to auto for the pool.
-        self.backend = None if backend == "triton" else backend
+        self.heads, self.head_dim, self.backend = heads, width // heads, backend
         self.probe = nn.Parameter(torch.empty(width))  # 1-D: an AdamW parameter for split_params
         self.q = nn.Linear(width, width)
         self.kv = nn.Linear(width, 2 * width)
