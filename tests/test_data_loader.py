@@ -226,3 +226,17 @@ def test_copy_of_masks_tree_with_a_missing_mask_skips_only_that_volume(root, tmp
     (ds_root / "masks" / volume_relpath("valid_1_a_1.nii.gz")).unlink()
     ds = CTRateDataset(ds_root, "valid")
     assert [r.name for r in ds.records] == ["valid_2_a_1.nii.gz"] and len(ds.scan.skipped) == 1
+
+
+def test_readme_data_example_is_short_and_uses_the_one_call():
+    """The README's Data example (run by tests/test_readme.py) stays within six lines."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("\n## Data\n"):]
+    section = section[: section.index("\n## ", 5)]
+    blocks = re.findall(r"^```python\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
+    assert blocks, "README Data section lost its example"
+    lines = [ln for ln in blocks[0].splitlines() if ln.strip()]
+    assert len(lines) <= 6 and any("make_loader(ds" in ln for ln in lines)
