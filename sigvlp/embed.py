@@ -26,7 +26,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-__all__ = ["add_arguments", "run", "find_inputs", "load_dicom_series", "load_any", "embed_inputs"]
+__all__ = ["add_arguments", "run", "find_inputs", "load_dicom_series", "load_any", "embed_inputs",
+           "resolve_checkpoint"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -167,6 +168,20 @@ def load_dicom_series(folder):
     return Volume(hu=hu, spacing=spacing, affine=affine_zyx, path=str(folder))
 
 
+def resolve_checkpoint(ckpt) -> Path:
+    """A save_pretrained folder (has config.json), or a training run folder: its latest
+    checkpoints/step_NNNNNNNN that has a config.json."""
+    p = Path(ckpt)
+    if (p / "config.json").is_file():
+        return p
+    steps = sorted(d for d in (p / "checkpoints").glob("step_*") if (d / "config.json").is_file()) \
+        if (p / "checkpoints").is_dir() else []
+    if steps:
+        return steps[-1]
+    raise FileNotFoundError(f"--ckpt: {p} holds no config.json (a SigVLP.save_pretrained folder) and no "
+                            f"checkpoints/step_* with one (a training run folder)")
+
+
 def load_any(kind: str, path):
     """("nifti", file) or ("dicom", folder) -> Volume."""
     if kind == "nifti":
@@ -235,7 +250,8 @@ def embed_inputs(model, inputs: list[tuple[str, str]], *, tokens: bool = True, p
 def add_arguments(parser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="NIfTI files, folders of them, or DICOM series folders")
-    parser.add_argument("--ckpt", required=True, help="a SigVLP.save_pretrained folder")
+    parser.add_argument("--ckpt", required=True,
+                        help="a SigVLP.save_pretrained folder, or a training run folder (its latest checkpoint)")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU); default fp32")
@@ -257,7 +273,8 @@ def run(args) -> int:
     if not out_path.name.endswith(".safetensors"):
         raise ValueError(f"--out: expected a .safetensors file name, got {args.out!r}")
     overrides = {"attn_backend": args.backend} if getattr(args, "backend", None) else {}
-    model = SigVLP.from_pretrained(args.ckpt, map_location=device, **overrides)
+    ckpt = resolve_checkpoint(args.ckpt)
+    model = SigVLP.from_pretrained(ckpt, map_location=device, **overrides)
     inputs = find_inputs(args.inputs)
     tensors, names, skipped = embed_inputs(model, inputs, tokens=not args.no_tokens, progress=not args.quiet,
                                            autocast_dtype=torch.bfloat16 if args.bf16 else None)
@@ -265,7 +282,7 @@ def run(args) -> int:
         print(f"sigvlp embed: nothing embedded ({len(skipped)} input(s) skipped); {out_path} not written",
               file=sys.stderr)
         return 2
-    meta = {"inputs": json.dumps(names), "skipped": json.dumps(skipped), "checkpoint": str(args.ckpt),
+    meta = {"inputs": json.dumps(names), "skipped": json.dumps(skipped), "checkpoint": str(ckpt),
             "config": json.dumps(model.config.to_dict())}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")

@@ -180,6 +180,20 @@ def test_nothing_readable_and_no_tokens(tmp_path, ckpt, phantom):
     assert rc == 0 and "tokens" not in t and t["pooled"].shape == (1, 64)
 
 
+def test_run_folder_checkpoint(tmp_path, ckpt, phantom):
+    """--ckpt may be a training run folder: its latest checkpoints/step_* is used."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    for step in (10, 200):
+        shutil.copytree(ckpt, run_dir / "checkpoints" / f"step_{step:08d}")
+    save_nifti(phantom, tmp_path / "a.nii.gz", "RAS")
+    rc, t, meta = _embed(run_dir, tmp_path / "e.safetensors", tmp_path / "a.nii.gz")
+    assert rc == 0 and meta["checkpoint"].endswith("step_00000200")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        _embed(tmp_path / "empty", tmp_path / "f.safetensors", tmp_path / "a.nii.gz")
+
+
 def test_find_inputs(tmp_path):
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "x.dcm").write_bytes(b"")
