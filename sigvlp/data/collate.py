@@ -17,7 +17,8 @@ Batch layout (``collate_chunks`` returns a dict of these):
   j are a positive pair iff image_pair_ids[i] == text_pair_ids[j]. A non-empty text's id is a
   62-bit hash of the text (>= 0), so identical texts share an id in this batch and on every other
   rank (global negatives). An empty text (a chunk without findings) is never a positive of any
-  other chunk: it gets a unique negative id, -(1 + the sample's "uid", or its batch index).
+  other chunk: it gets a unique negative id, EMPTY_TEXT_ID_BASE (-2**62) + the sample's "uid" (or
+  its batch index), far from the small negative values kernels use for padding rows.
 - ``empty_texts``: int, how many chunks of the batch had an empty text.
 - ``names``, ``organs``, ``z_ranges``, ``texts``: per-chunk bookkeeping (lists).
 
@@ -103,6 +104,9 @@ def patchify(chunk, patch: tuple[int, int, int]) -> tuple[torch.Tensor, tuple[in
     return tokens, grid
 
 
+EMPTY_TEXT_ID_BASE = -(1 << 62)
+
+
 def text_pair_id(text: str) -> int:
     """A 62-bit non-negative id of a non-empty text, equal on every process (blake2b)."""
     import hashlib
@@ -111,15 +115,18 @@ def text_pair_id(text: str) -> int:
 
 
 def pair_ids(texts: Sequence[str], uids: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """(len(texts),) int64: equal non-empty texts get equal ids (text_pair_id); an empty text gets
-    -(1 + uid) (uids default to the positions), so it is nobody's positive but its own chunk's."""
+    """(len(texts),) int64: equal non-empty texts get equal ids (text_pair_id, >= 0); an empty text
+    gets EMPTY_TEXT_ID_BASE + uid (uids: non-negative, default the positions), so it is nobody's
+    positive but its own chunk's."""
     if uids is None:
         uids = range(len(texts))
     out = []
     for t, u in zip(texts, uids):
         if not isinstance(t, str):
             raise TypeError(f"texts must be str, got {type(t).__name__}")
-        out.append(text_pair_id(t) if t else -1 - int(u))
+        if not t and not 0 <= int(u) < (1 << 62):
+            raise ValueError(f"uids must lie in [0, 2**62), got {u}")
+        out.append(text_pair_id(t) if t else EMPTY_TEXT_ID_BASE + int(u))
     return torch.tensor(out, dtype=torch.int64)
 
 
