@@ -4,20 +4,45 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 # name -> (module, help). The module provides add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
-    "info": ("sigvlp.info", "versions, CUDA build and backend availability"),
+    "demo": ("sigvlp.train.demo", "the main job: phantoms, train the tiny model on the CPU, zero-shot on "
+                                  "held-out phantoms (no network, no GPU)"),
+    "train": ("sigvlp.train.cli", "train SigVLP on a CT-RATE-layout folder (torchrun for several processes)"),
+    "embed": ("sigvlp.embed", "pooled and token embeddings of NIfTI files or DICOM series"),
+    "eval": ("sigvlp.eval", "zero-shot, organ, retrieval and probe evaluation of a checkpoint"),
     "synth": ("sigvlp.data.synth", "write a synthetic chest-CT phantom dataset in the CT-RATE layout"),
+    "info": ("sigvlp.info", "versions, CUDA build and backend availability"),
+}
+# Subcommands whose module may not exist yet: the parser says where they come from.
+PLACEHOLDERS = {
+    "eval": "evaluation arrives with the evaluation issue (sigvlp.eval is not installed)",
+    "embed": "embedding arrives with the model issue (sigvlp.embed is not installed)",
 }
 
 
+def _available(module_name: str) -> bool:
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from sigvlp import __version__
+
     parser = argparse.ArgumentParser(prog="sigvlp", description="SigVLP: CT volume-language pretraining")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"sigvlp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, help=help_text)
+        if not _available(module_name):
+            sp = sub.add_parser(name, help=f"(not available) {PLACEHOLDERS.get(name, help_text)}")
+            sp.set_defaults(_module=None, _placeholder=PLACEHOLDERS.get(name, f"{module_name} is not installed"))
+            continue
+        sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.set_defaults(_module=module_name)
         module = importlib.import_module(module_name)
         if hasattr(module, "add_arguments"):
@@ -27,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args._module is None:
+        print(f"sigvlp {args.command}: {args._placeholder}", file=sys.stderr)
+        return 2
     module = importlib.import_module(args._module)
     if hasattr(module, "run"):
         return int(module.run(args) or 0)

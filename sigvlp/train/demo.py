@@ -1,0 +1,247 @@
+"""``sigvlp demo``: the main job on one CPU, no network, no GPU.
+
+1. Phantom data (sigvlp.data.synth.ensure_default_dataset, generated once and reused): a
+   training set and a held-out set drawn with its own seed (never seen in training).
+2. Trains the "tiny" preset (with the demo's overrides, ``DEMO_MODEL``) for ``DEMO_TRAIN.steps``
+   steps with the demo recipe (``DEMO_TRAIN``).
+3. Zero-shot on the held-out volumes: CT-CLIP's prompts "{label} is present." / "{label} is not
+   present.", two-way softmax per volume, AUROC per abnormality; organ presence on held-out
+   chunks with "The {organ} is visible." / "The {organ} is not visible.". Only labels (organs)
+   with at least MIN_COUNT positives and MIN_COUNT negatives are scored.
+4. Prints a table and writes OUT/demo_metrics.json.
+
+The scoring lives in one function, ``score_zero_shot`` (to be replaced by sigvlp.eval).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+__all__ = ["DEMO_DATA", "DEMO_MODEL", "DEMO_TRAIN", "MIN_COUNT", "run_demo", "score_zero_shot"]
+
+#: phantom sets: training, and held-out (own seed, "valid" split, never trained on)
+DEMO_DATA = {"train": {"n_train": 200, "n_valid": 0, "seed": 0, "preset": "small"},
+             "heldout": {"n_train": 0, "n_valid": 120, "seed": 20261130, "preset": "small"},
+             "heldout_chunks_per_volume": 3}
+#: SigVLPConfig overrides of the "tiny" preset used by the demo
+DEMO_MODEL: dict = {}
+#: TrainConfig values of the demo recipe
+DEMO_TRAIN = dict(model="tiny", steps=300, warmup_steps=30, lr=0.02, adamw_lr=2e-3, token_budget=4096,
+                  chunks_per_volume=2, min_slices=8, max_slices=128, num_workers=1, prompt_weight=1.0,
+                  ckpt_every=100, keep_last=1, log_every=5, seed=0)
+MIN_COUNT = 5
+
+
+def _dataset_dirs(data_dir: Optional[str]) -> tuple[Path, Path]:
+    from sigvlp.data.synth import default_dataset_dir
+
+    base = Path(data_dir) if data_dir else default_dataset_dir().parent
+    return base / "phantoms-demo-train", base / "phantoms-demo-heldout"
+
+
+def _auroc(y: np.ndarray, s: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s))
+
+
+def _two_way(img: "torch.Tensor", pos: "torch.Tensor", neg: "torch.Tensor", scale, bias) -> np.ndarray:
+    """P(positive prompt) by a softmax over the pair's logits (t <x, y> + b; b cancels)."""
+    import torch
+
+    logits = torch.stack([img @ pos, img @ neg], dim=1) * scale + bias
+    return torch.softmax(logits, dim=1)[:, 0].cpu().numpy()
+
+
+def _embed(model, arrays: Sequence[np.ndarray], patch, batch_tokens: int = 16384):
+    import torch
+
+    from sigvlp.model import volume_batch
+
+    out = []
+    i = 0
+    pt, ph, pw = patch
+    while i < len(arrays):
+        j, used = i, 0
+        while j < len(arrays):
+            n = -(-arrays[j].shape[0] // pt) * (arrays[j].shape[1] // ph) * (arrays[j].shape[2] // pw)
+            if j > i and used + n > batch_tokens:
+                break
+            used += n
+            j += 1
+        b = volume_batch([np.asarray(a, dtype=np.float32) for a in arrays[i:j]], patch)
+        with torch.no_grad():
+            emb, _ = model.encode_volume(b["patches"], b["cu_seqlens"], b["max_seqlen"], b["grid_thw"])
+        out.append(emb.float())
+        i = j
+    return torch.cat(out)
+
+
+def score_zero_shot(checkpoint, heldout_root, *, cache_root=None, chunks_per_volume: int = 3, seed: int = 0,
+                    min_count: int = MIN_COUNT) -> dict:
+    """Zero-shot scores of a checkpoint on a held-out CT-RATE-layout folder (split "valid").
+
+    Returns {"zero_shot": {label: {"auroc", "positives", "negatives"}}, "organ_presence": {...},
+    "zero_shot_mean_auroc", "organ_presence_mean_auroc", "volumes", "chunks", "skipped": {...}}.
+    Labels / organs with fewer than min_count positives or negatives are listed under skipped.
+    """
+    import torch
+
+    from sigvlp.data import CTRateDataset, PreprocessCache, preset
+    from sigvlp.data.chunks import ChunkSampler, organs_in_chunk
+    from sigvlp.data.organs import ORGANS
+    from sigvlp.model import SigVLP
+    from sigvlp.train.prompts import abnormality_prompts, organ_prompts
+
+    model = SigVLP.from_pretrained(checkpoint, map_location="cpu").eval()
+    cfg = model.config
+    root = Path(heldout_root)
+    ds = CTRateDataset(root, "valid", masks_dir=root / "masks")
+    cache = PreprocessCache(Path(cache_root) if cache_root else root / ".sigvlp_cache", preset(cfg.preprocess))
+    if hasattr(ds, "cached"):
+        entries = ds.cached(cache)
+    else:
+        from sigvlp.data import build_cache
+
+        entries, _ = build_cache(ds, cache)
+    patch = tuple(cfg.patch_size)
+    volumes = [cv.read().astype(np.float32) for _, cv in entries]
+    # chunks for organ presence: seeded draws with the model's chunk preset
+    chunk_cfg = cfg.chunk_config()
+    sampler = ChunkSampler(chunk_cfg)
+    rng = np.random.default_rng(seed)
+    chunks, chunk_organs = [], []
+    for (_, cv), vol in zip(entries, volumes):
+        for _ in range(chunks_per_volume):
+            z0, z1 = sampler.sample(vol.shape[0], rng)
+            chunks.append(vol[z0:z1])
+            chunk_organs.append(set(organs_in_chunk(cv.organ_profile, z0, z1, chunk_cfg)))
+    with torch.no_grad():
+        vol_emb = _embed(model, volumes, patch)
+        chunk_emb = _embed(model, chunks, patch)
+        scale = model.log_logit_scale.float().exp()
+        bias = model.logit_bias.float()
+        labels = sorted({k for rec, _ in entries for k in (rec.labels or {})},
+                        key=lambda k: list((entries[0][0].labels or {}).keys()).index(k))
+        out = {"zero_shot": {}, "organ_presence": {}, "skipped": {"zero_shot": {}, "organ_presence": {}}}
+        for label in labels:
+            y = np.array([int((rec.labels or {}).get(label, 0)) for rec, _ in entries])
+            pos, neg = int(y.sum()), int(len(y) - y.sum())
+            if pos < min_count or neg < min_count:
+                out["skipped"]["zero_shot"][label] = {"positives": pos, "negatives": neg}
+                continue
+            t = model.encode_texts(list(abnormality_prompts(label))).float()
+            s = _two_way(vol_emb, t[0], t[1], scale, bias)
+            out["zero_shot"][label] = {"auroc": _auroc(y, s), "positives": pos, "negatives": neg}
+        for organ in ORGANS:
+            y = np.array([int(organ in o) for o in chunk_organs])
+            pos, neg = int(y.sum()), int(len(y) - y.sum())
+            if pos < min_count or neg < min_count:
+                out["skipped"]["organ_presence"][organ] = {"positives": pos, "negatives": neg}
+                continue
+            t = model.encode_texts(list(organ_prompts(organ))).float()
+            s = _two_way(chunk_emb, t[0], t[1], scale, bias)
+            out["organ_presence"][organ] = {"auroc": _auroc(y, s), "positives": pos, "negatives": neg}
+    for key in ("zero_shot", "organ_presence"):
+        vals = [v["auroc"] for v in out[key].values()]
+        out[f"{key}_mean_auroc"] = float(np.mean(vals)) if vals else float("nan")
+    out["volumes"] = len(entries)
+    out["chunks"] = len(chunks)
+    return out
+
+
+def format_table(result: dict) -> str:
+    lines = []
+    for key, title in (("zero_shot", "zero-shot abnormality (held-out volumes)"),
+                       ("organ_presence", "organ presence (held-out chunks)")):
+        rows = result[key]
+        width = max([len(k) for k in rows] + [10])
+        lines.append(f"\n{title}")
+        lines.append(f"  {'label'.ljust(width)}  AUROC   pos   neg")
+        for k, v in rows.items():
+            lines.append(f"  {k.ljust(width)}  {v['auroc']:.3f}  {v['positives']:4d}  {v['negatives']:4d}")
+        lines.append(f"  {'mean'.ljust(width)}  {result[f'{key}_mean_auroc']:.3f}")
+        skipped = result["skipped"][key]
+        if skipped:
+            lines.append(f"  not scored (< {MIN_COUNT} positives or negatives): "
+                         + ", ".join(f"{k} ({v['positives']}/{v['negatives']})" for k, v in skipped.items()))
+    return "\n".join(lines)
+
+
+def run_demo(out="sigvlp-demo", *, data_dir=None, steps: Optional[int] = None, threads: Optional[int] = None,
+             progress: bool = True) -> dict:
+    """The whole demo; returns the dict written to OUT/demo_metrics.json."""
+    import shutil
+
+    import torch
+
+    from sigvlp.data.synth import ensure_default_dataset
+    from sigvlp.train.config import TrainConfig
+    from sigvlp.train.trainer import train
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_dir, heldout_dir = _dataset_dirs(data_dir)
+    print(f"phantoms: {train_dir} (training), {heldout_dir} (held out)", flush=True)
+    d = DEMO_DATA
+    ensure_default_dataset(train_dir, **d["train"])
+    ensure_default_dataset(heldout_dir, **d["heldout"])
+    t_data = time.perf_counter() - t0
+    run_dir = out / "run"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # the demo always trains from scratch
+    values = dict(DEMO_TRAIN, data=str(train_dir), out=str(run_dir), model_overrides=dict(DEMO_MODEL),
+                  progress=progress, threads=threads or min(os.cpu_count() or 1, 2))
+    if steps is not None:
+        values["steps"] = int(steps)
+        values["warmup_steps"] = min(values["warmup_steps"], max(int(steps) // 10, 1))
+    config = TrainConfig(**values)
+    summary = train(config)
+    t_train = time.perf_counter() - t0 - t_data
+    ckpt = summary["checkpoint"]
+    result = score_zero_shot(ckpt, heldout_dir, chunks_per_volume=d["heldout_chunks_per_volume"])
+    seconds = time.perf_counter() - t0
+    metrics = {
+        "zero_shot_mean_auroc": result["zero_shot_mean_auroc"],
+        "organ_presence_mean_auroc": result["organ_presence_mean_auroc"],
+        "per_label": {k: v["auroc"] for k, v in result["zero_shot"].items()},
+        "per_organ": {k: v["auroc"] for k, v in result["organ_presence"].items()},
+        "counts": {k: {"positives": v["positives"], "negatives": v["negatives"]}
+                   for k, v in {**result["zero_shot"], **result["organ_presence"]}.items()},
+        "skipped": result["skipped"],
+        "heldout_volumes": result["volumes"], "heldout_chunks": result["chunks"],
+        "seconds": seconds, "seconds_data": t_data, "seconds_train": t_train,
+        "checkpoint": ckpt, "train_data": str(train_dir), "heldout_data": str(heldout_dir),
+        "final_loss": summary.get("loss"), "steps": summary.get("step"),
+        "config": config.to_dict(), "torch_threads": torch.get_num_threads(),
+    }
+    (out / "demo_metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(format_table(result))
+    print(f"\nzero-shot mean AUROC {metrics['zero_shot_mean_auroc']:.3f} over {len(metrics['per_label'])} abnormalities, "
+          f"organ presence mean AUROC {metrics['organ_presence_mean_auroc']:.3f} over {len(metrics['per_organ'])} organs")
+    print(f"{seconds:.0f} s (data {t_data:.0f} s, training {t_train:.0f} s); checkpoint {ckpt}; "
+          f"metrics {out / 'demo_metrics.json'}")
+    return metrics
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="sigvlp-demo", help="output folder (default ./sigvlp-demo)")
+    parser.add_argument("--data-dir", default=None,
+                        help="where the phantom sets live (default: next to sigvlp.data's default dataset, "
+                             "~/.cache/sigvlp or $SIGVLP_CACHE)")
+    parser.add_argument("--steps", type=int, default=None, help=f"training steps (default {DEMO_TRAIN['steps']})")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(cores, 2))")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run(args) -> int:
+    run_demo(args.out, data_dir=args.data_dir, steps=args.steps, threads=args.threads, progress=args.progress)
+    return 0

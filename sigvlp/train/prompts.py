@@ -1,0 +1,116 @@
+"""CT-CLIP style statements as extra text pairs ("prompt supervision", as CT-CLIP's VocabFine).
+
+Zero-shot scoring (CT-CLIP) compares an image with "{label} is present." and "{label} is not
+present."; a text tower trained from scratch on report sentences has never read a sentence of
+that form. With ``TrainConfig.prompt_weight > 0`` every training batch adds, per topic, the pair
+of statements (present / not present) as two extra texts, and a sigmoid loss per topic whose
+pair ids say which of the two is true for each chunk:
+
+- an abnormality topic (a label of the labels CSV with at least one positive volume): true
+  "present" when the chunk's volume has the label and the chunk holds one of the label's
+  organs (``LABEL_ORGANS``; labels without an organ count for every chunk);
+- an organ topic ("The {organ} is visible." / "... is not visible."): true "visible" when the
+  organ is in the chunk (the organ z-profile rule of sigvlp.data.chunks).
+
+Each topic's loss is ``sigvlp.ops.sigmoid_loss`` of the batch's images against the topic's two
+texts, image id = the index of the true statement; every image-statement pair is labelled
+correctly (the pair-id form cannot express "true for several images and several texts" in
+one call, one call per topic can). The statements and their scores are what the demo's
+zero-shot evaluation uses, so the demo's numbers measure prompt-level classification of unseen
+volumes by the trained towers.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+__all__ = ["ABNORMALITY_PROMPTS", "ORGAN_PROMPTS", "LABEL_ORGANS", "PromptTopics", "abnormality_prompts",
+           "organ_prompts"]
+
+#: CT-CLIP's zero-shot prompt pair (positive first)
+ABNORMALITY_PROMPTS = ("{label} is present.", "{label} is not present.")
+#: organ presence prompt pair (positive first)
+ORGAN_PROMPTS = ("The {organ} is visible.", "The {organ} is not visible.")
+
+_LUNG = ("lung",)
+#: CT-RATE label -> organs (sigvlp.data.organs.ORGANS) a chunk must hold to show it; None: any chunk
+LABEL_ORGANS: dict[str, Optional[tuple[str, ...]]] = {
+    "Medical material": None,
+    "Arterial wall calcification": ("aorta",),
+    "Cardiomegaly": ("heart",),
+    "Pericardial effusion": ("heart",),
+    "Coronary artery wall calcification": ("heart",),
+    "Hiatal hernia": ("esophagus", "stomach"),
+    "Lymphadenopathy": None,
+    "Emphysema": _LUNG,
+    "Atelectasis": _LUNG,
+    "Lung nodule": _LUNG,
+    "Lung opacity": _LUNG,
+    "Pulmonary fibrotic sequela": _LUNG,
+    "Pleural effusion": _LUNG,
+    "Mosaic attenuation pattern": _LUNG,
+    "Peribronchial thickening": _LUNG,
+    "Consolidation": _LUNG,
+    "Bronchiectasis": _LUNG,
+    "Interlobular septal thickening": _LUNG,
+}
+
+
+def abnormality_prompts(label: str, templates: Sequence[str] = ABNORMALITY_PROMPTS) -> tuple[str, str]:
+    return templates[0].format(label=label), templates[1].format(label=label)
+
+
+def organ_prompts(organ: str, templates: Sequence[str] = ORGAN_PROMPTS) -> tuple[str, str]:
+    return templates[0].format(organ=organ), templates[1].format(organ=organ)
+
+
+class PromptTopics:
+    """The topics of prompt supervision and each chunk's truth for them.
+
+    labels: VolumeName -> {label: 0/1} (the labels CSV); labels: the abnormality topics; organs:
+    the organ topics.
+    """
+
+    def __init__(self, volume_labels: Mapping[str, Mapping[str, int]], labels: Sequence[str],
+                 organs: Sequence[str]):
+        self.volume_labels = dict(volume_labels)
+        self.labels = list(labels)
+        self.organs = list(organs)
+        self.texts: list[str] = []
+        for label in self.labels:
+            self.texts.extend(abnormality_prompts(label))
+        for organ in self.organs:
+            self.texts.extend(organ_prompts(organ))
+
+    @classmethod
+    def from_records(cls, records, organs: Sequence[str]) -> "PromptTopics":
+        """Topics from dataset records (CTRateRecord: name, labels): every label with at least one
+        positive volume, and the given organs."""
+        volume_labels = {r.name: dict(r.labels or {}) for r in records}
+        seen: dict[str, int] = {}
+        for lab in volume_labels.values():
+            for k, v in lab.items():
+                seen[k] = max(seen.get(k, 0), int(v))
+        labels = [k for k in LABEL_ORGANS if seen.get(k)] + [k for k in seen if seen[k] and k not in LABEL_ORGANS]
+        return cls(volume_labels, labels, organs)
+
+    @property
+    def num_topics(self) -> int:
+        return len(self.labels) + len(self.organs)
+
+    def truth(self, names: Sequence[str], chunk_organs: Sequence[Sequence[str]]) -> torch.Tensor:
+        """(num_topics, B) int64: 1 where the topic's positive statement is true for the chunk."""
+        out = torch.zeros(self.num_topics, len(names), dtype=torch.int64)
+        for j, (name, organs) in enumerate(zip(names, chunk_organs)):
+            organs = set(organs)
+            lab = self.volume_labels.get(name)
+            if lab is None:
+                raise KeyError(f"prompt supervision: no labels for volume {name!r}")
+            for i, label in enumerate(self.labels):
+                need = LABEL_ORGANS.get(label)
+                out[i, j] = int(bool(lab.get(label, 0)) and (need is None or bool(organs.intersection(need))))
+            for i, organ in enumerate(self.organs, start=len(self.labels)):
+                out[i, j] = int(organ in organs)
+        return out
