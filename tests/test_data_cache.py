@@ -272,3 +272,38 @@ def test_peak_memory_of_load_and_preprocess_512x512x400(tmp_path):
     ratio = peak_extra("cache", ct, mask, tmp_path / "cache")
     print(f"PreprocessCache.get (volume + mask): peak extra {ratio:.2f}x the int16 volume")
     assert ratio <= 2.5, f"cache build (volume + mask) peak extra {ratio:.2f}x the int16 volume"
+
+
+# ----------------------------------------------------------------------------- per-volume failures
+def test_build_cache_counts_memory_errors_and_any_failure(tmp_path_factory, tmp_path, monkeypatch):
+    from sigvlp.data.ctrate import build_cache
+
+    ds = CTRateDataset(tiny_dataset(tmp_path_factory), "train")
+    real_get = PreprocessCache.get
+    failures = {"train_2_a_1": MemoryError(), "train_4_a_1": RuntimeError("cuda? no: a bug")}
+
+    def flaky(self, path, *args, **kw):
+        for key, exc in failures.items():
+            if key in str(path):
+                raise exc
+        return real_get(self, path, *args, **kw)
+
+    monkeypatch.setattr(PreprocessCache, "get", flaky)
+    entries, report = build_cache(ds, PreprocessCache(tmp_path / "c", preset("tiny")))
+    assert len(entries) == 4 and len(report.skipped) == 2
+    reasons = dict(report.skipped)
+    mem = next(r for p, r in reasons.items() if "train_2_a_1" in p)
+    bug = next(r for p, r in reasons.items() if "train_4_a_1" in p)
+    assert "train_2_a_1" in mem and "MemoryError" in mem
+    assert "train_4_a_1" in bug and "RuntimeError: cuda? no: a bug" in bug
+    assert "4 of 6 volumes usable, 2 skipped" in report.summary()
+
+
+def test_a_killed_worker_fails_only_its_own_volume():
+    from _data_helpers import die_on_odd
+    from sigvlp.data.ctrate import _run_pool
+
+    jobs = [(0, "a.nii.gz"), (1, "b.nii.gz"), (2, "c.nii.gz")]
+    results = _run_pool(jobs, 2, fn=die_on_odd)
+    assert results[0] == (True, "a.nii.gz") and results[2] == (True, "c.nii.gz")
+    assert results[1][0] is False and "b.nii.gz: the worker process died" in results[1][1]

@@ -323,18 +323,19 @@ def build_cache(dataset: CTRateDataset, cache, *, on_error: Optional[str] = None
     return entries, report
 
 
-def _run_pool(jobs, workers):
-    """_cache_one over jobs in `workers` spawned processes. A job whose process dies takes the
-    pool down with it: the unfinished jobs are then rerun one process each, so only the job that
-    kills its own process is reported as failed."""
+def _run_pool(jobs, workers, fn=None):
+    """fn (default _cache_one: job -> (ok, value)) over jobs in `workers` spawned processes. A job
+    whose process dies takes the pool down with it: the unfinished jobs are then rerun one process
+    each, so only the job that kills its own process is reported as failed, (False, message)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
+    fn = fn or _cache_one
     results = [None] * len(jobs)
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-        futures = [ex.submit(_cache_one, j) for j in jobs]
+        futures = [ex.submit(fn, j) for j in jobs]
         for i, f in enumerate(futures):
             try:
                 results[i] = f.result()
@@ -344,7 +345,7 @@ def _run_pool(jobs, workers):
         if r is None:
             try:
                 with ProcessPoolExecutor(1, mp_context=ctx) as ex:
-                    results[i] = ex.submit(_cache_one, jobs[i]).result()
+                    results[i] = ex.submit(fn, jobs[i]).result()
             except BrokenProcessPool:
                 results[i] = (False, f"{jobs[i][1]}: the worker process died (killed by the system, out of memory?)")
     return results
