@@ -4,7 +4,7 @@ The slice axis is resampled to a target spacing but never cropped or padded to a
 in-plane either the whole field of view is resized to size x size ("resize") or resampled to
 a spacing and centre-cropped/padded to size x size ("spacing"). HU are clipped to a window and
 scaled to [-1, 1]. ``preprocess_array`` works in blocks of output slices, so its temporaries are
-bounded (about 32 MB of source slices in float32) whatever the depth.
+bounded (min(32 MB, a quarter of the input)) whatever the depth.
 
 Cache: one safetensors file per volume, under a directory named by a hash of the config and
 CACHE_FORMAT (a changed config or format never sees old entries). Each file holds ``image``
@@ -118,7 +118,7 @@ def inplane_size(y: int, x: int, sy: float, sx: float, config: PreprocessConfig)
 def preprocess_array(hu: np.ndarray, spacing, config: PreprocessConfig, *, out_dtype=np.float32) -> np.ndarray:
     """(z, y, x) HU (any real dtype) and (z, y, x) spacing in mm -> (z', size, size) array of
     out_dtype in [-1, 1], z' = output_depth(z, spacing[0], config). Block by block along z:
-    extra memory is the output plus about 32 MB."""
+    extra memory is the output plus min(32 MB, a quarter of the input) of temporaries."""
     import torch
     import torch.nn.functional as F
 
@@ -131,8 +131,11 @@ def preprocess_array(hu: np.ndarray, spacing, config: PreprocessConfig, *, out_d
     depth = output_depth(z, sz, config)
     lo, hi, w = _z_plan(z, depth)
     out = np.empty((depth, config.size, config.size), dtype=out_dtype)
-    per_out = max(1.0, z / depth)
-    block = max(1, int((32 * 2 ** 20) // (4 * y * x * per_out)))
+    # Output slices per block: source slab (float32, before and after the in-plane resize) plus
+    # the two gathered slabs of the z interpolation stay within min(32 MB, a quarter of the input).
+    budget = min(32 * 2 ** 20, max(4 * 2 ** 20, hu.nbytes // 4))
+    per_out = max(1.0, z / depth) * 4 * (y * x + hw[0] * hw[1]) + 8 * hw[0] * hw[1]
+    block = max(1, int(budget // per_out))
     for j0 in range(0, depth, block):
         j1 = min(depth, j0 + block)
         s0, s1 = int(lo[j0]), int(hi[j1 - 1]) + 1
