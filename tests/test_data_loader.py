@@ -240,3 +240,12 @@ def test_readme_data_example_is_short_and_uses_the_one_call():
     assert blocks, "README Data section lost its example"
     lines = [ln for ln in blocks[0].splitlines() if ln.strip()]
     assert len(lines) <= 6 and any("make_loader(ds" in ln for ln in lines)
+
+
+def test_auto_masks_ignore_a_masks_root_without_this_split(root, tmp_path):
+    ds_root = tmp_path / "ds"
+    shutil.copytree(root / "dataset", ds_root / "dataset")
+    shutil.copytree(root / "masks" / "train", ds_root / "masks" / "train")  # only train was segmented
+    assert CTRateDataset(ds_root, "train").masks_dir == ds_root / "masks"
+    valid = CTRateDataset(ds_root, "valid")
+    assert valid.masks_dir is None and len(valid) == 2 and not valid.scan.skipped

@@ -16,7 +16,7 @@ under masks_dir by the same relative path as the volume, or flat by VolumeName. 
 ``dataset`` folder, its sibling ``masks``; ``None`` means no masks. A masks_dir one level too
 deep (``masks/train``, holding ``train_<pid>`` folders) is refused with the parent to pass
 instead, and a masks_dir where no volume has a mask is an error, not a silent skip of every
-volume. The findings bank (``findings="auto"``: ``*findings*.jsonl|json`` named for the split
+volume ("auto" only picks a masks root that holds the split). The findings bank (``findings="auto"``: ``*findings*.jsonl|json`` named for the split
 under ROOT) is described in sigvlp.data.chunks.
 
 ``already_hu`` (None: decide per volume, see sigvlp.data.volume) is passed to every load: True
@@ -179,7 +179,9 @@ class CTRateDataset:
             cands = [self.root / "masks", self.root / "dataset" / "masks"]
             if self.root.name == "dataset":
                 cands.append(self.root.parent / "masks")
-            return next((c for c in cands if c.is_dir()), None)
+            # A masks root counts when it holds this split (a folder, or flat <split>_* files).
+            return next((c for c in cands if c.is_dir() and (
+                (c / self.split).is_dir() or any(c.glob(f"{self.split}_*.nii*")))), None)
         masks_dir = Path(masks_dir)
         if not masks_dir.is_dir():
             raise FileNotFoundError(f"{masks_dir}: no such masks folder")
