@@ -444,7 +444,7 @@ def _read_into(img, path) -> Optional[np.ndarray]:
     from nibabel.openers import ImageOpener
 
     proxy = img.dataobj
-    if not isinstance(proxy, ArrayProxy) or not os.fspath(path).endswith(".gz"):
+    if not isinstance(proxy, ArrayProxy) or not os.fspath(path).endswith(".nii.gz"):
         return None
     dtype = np.dtype(proxy.dtype)
     arr = np.empty(proxy.shape, dtype=dtype, order=proxy.order)
