@@ -201,3 +201,105 @@ def test_rope_attention_varlen_throughput(benchmark, bench_report, full_mode, ca
         case=case, head_dim=head_dim, mode=mode, provider=provider, dtype=str(dtype).removeprefix("torch."),
         ms=seconds * 1e3, TFLOPs=tflops, peak_MiB=peak, **ratios,
     )
+
+
+# ----------------------------------------------------------------------------- cross form
+
+# (query lengths, key lengths) per sequence. "map": MAP pooling, one probe query per CT chunk,
+# no rotation; "cross-1/4": q rotated by its grid against four times as many keys (positions).
+CROSS_FULL = {
+    "map-16x(1k..16k)": ([1] * 16, [1024, 2048, 4096, 8192, 16384, 1024, 3072, 5120] * 2),
+    "cross-1/4": ([256, 512, 1024, 2048], [1024, 2048, 4096, 8192]),
+}
+CROSS_QUICK = {"map-tiny": ([1, 1, 1], [64, 200, 17]), "cross-tiny": ([16, 8], [64, 40])}
+
+
+def _cross_case(lengths_q, lengths_k, head_dim, dtype, rotate):
+    nheads = (2048 if HAS_CUDA else 128) // head_dim
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def rnd(n):
+        return torch.randn(n, nheads, head_dim, device=DEVICE, dtype=dtype, generator=g).requires_grad_()
+
+    def cu(lengths):
+        c = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        c[1:] = torch.tensor(lengths).cumsum(0)
+        return c.to(DEVICE)
+
+    q, k, v = rnd(sum(lengths_q)), rnd(sum(lengths_k)), rnd(sum(lengths_k))
+    kw = dict(cu_seqlens_k=cu(lengths_k), max_seqlen_k=max(lengths_k))
+    if rotate:
+        kw["grid_thw"] = torch.tensor([[n, 1, 1] for n in lengths_q], dtype=torch.int32, device=DEVICE)
+        kw["positions_k"] = torch.rand(k.shape[0], 3, device=DEVICE, generator=g) * 64
+    return (q, k, v), cu(lengths_q), kw
+
+
+def _cross_fn(provider, leaves, cu_q, kw, lengths_q, lengths_k):
+    """Cross attention without rotation for the baselines (rotation is sigvlp-only here: the
+    "map" cases have none, so the comparison is like for like there)."""
+    q, k, v = leaves
+    max_q, max_k = max(lengths_q), max(lengths_k)
+    cu_k = kw["cu_seqlens_k"]
+    if provider in ("sigvlp", "torch"):
+        backend = "triton" if provider == "sigvlp" else "torch"
+        return lambda: rope_attention_varlen(q, k, v, cu_q, max_q, backend=backend, **kw)
+    if provider == "varlen_attn":
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            return None
+        return lambda: varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k)
+    if provider == "flash_attn":
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            return None
+        return lambda: flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
+    if provider == "sdpa_padded_mask":  # what a MultiheadAttention pooling head does: pad keys, mask
+        b = len(lengths_k)
+        keep = torch.arange(max_k, device=q.device)[None, :] < torch.tensor(lengths_k, device=q.device)[:, None]
+        index = torch.cat([torch.arange(n, device=q.device) + i * max_k for i, n in enumerate(lengths_k)])
+        q_index = torch.cat([torch.arange(n, device=q.device) + i * max_q for i, n in enumerate(lengths_q)])
+
+        def pad(x, n, idx):
+            out = x.new_zeros(b * n, *x.shape[1:])
+            return out.index_copy(0, idx, x).view(b, n, *x.shape[1:]).transpose(1, 2)
+
+        def run():
+            o = F.scaled_dot_product_attention(pad(q, max_q, q_index), pad(k, max_k, index), pad(v, max_k, index),
+                                               attn_mask=keep[:, None, None, :])
+            return o.transpose(1, 2).reshape(b * max_q, *q.shape[1:]).index_select(0, q_index)
+        return run
+    raise ValueError(provider)
+
+
+CROSS_BASELINES = ("sdpa_padded_mask", "varlen_attn", "flash_attn")
+
+
+@pytest.mark.parametrize("provider", list(CROSS_BASELINES) + ["sigvlp"] if HAS_CUDA else ["torch"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("case", list(CROSS_FULL) + list(CROSS_QUICK))
+def test_rope_attention_varlen_cross_throughput(bench, case, mode, provider):
+    cases = CROSS_FULL if bench.full else CROSS_QUICK
+    if case not in cases:
+        pytest.skip("size not in this mode")
+    lengths_q, lengths_k = cases[case]
+    rotate = not case.startswith("map")
+    if rotate and provider in CROSS_BASELINES:
+        pytest.skip("baselines have no rotation: compared on the unrotated (map) cases only")
+    head_dim = 64
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    leaves, cu_q, kw = _cross_case(lengths_q, lengths_k, head_dim, dtype, rotate)
+    attn = _cross_fn(provider, leaves, cu_q, kw, lengths_q, lengths_k)
+    if attn is None:
+        pytest.skip(f"{provider} is not installed")
+    out = attn()
+    dout = torch.randn_like(out)
+    fn = attn if mode == "fwd" else (lambda: torch.autograd.grad(attn(), leaves, dout))
+    flops = 4.0 * sum(a * b for a, b in zip(lengths_q, lengths_k)) * leaves[0].shape[1] * head_dim
+    flops *= {"fwd": 1.0, "fwd+bwd": 3.5}[mode]
+    peak = bench.peak_memory(fn)
+    bench.time(fn, rounds=2)
+    bench.record(op=f"rope_attention_varlen cross {mode}", provider=provider, dtype=dtype,
+                 shape=f"{case} heads={leaves[0].shape[1]} d={head_dim}", flops=flops, peak_bytes=peak,
+                 baseline=None if provider in CROSS_BASELINES else ("sdpa_padded_mask" if bench.cuda else None))
