@@ -343,7 +343,7 @@ def test_triton_fused_rotation_is_rope3d_at_large_positions():
 # (causal then leaves most rows with no visible key), lengths straddling the block sizes.
 CROSS_Q = (0, 1, 63, 65, 129, 1, 65, 3)
 CROSS_K = (65, 129, 0, 1, 63, 1, 65, 40)
-CROSS_BACKENDS = ["torch", "triton"] if ops.attention._TRITON_CROSS else ["torch"]
+CROSS_BACKENDS = ["torch", "triton"]
 
 
 _CROSS_CASES = [("grid", "grid", False), ("grid", "positions", True), ("positions", "positions", False),

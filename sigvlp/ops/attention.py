@@ -197,15 +197,10 @@ def _run_triton_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, seq, theta, 
                               theta=theta, interleaved=interleaved, softmax_scale=scale, causal=causal)
 
 
-def _triton_limits(head_dim: int, cross: bool = False, **_):
+def _triton_limits(head_dim: int, **_):
     if head_dim not in SUPPORTED_HEAD_DIMS:
         return f"head_dim {head_dim} not supported (supports {SUPPORTED_HEAD_DIMS})"
-    if cross and not _TRITON_CROSS:
-        return "the cross form (cu_seqlens_k given) is not implemented in the Triton kernels yet"
     return None
-
-
-_TRITON_CROSS = True
 
 BACKENDS = BackendSet("rope_attention_varlen", [
     Backend("triton", _run_triton, limits=_triton_limits),
