@@ -17,7 +17,10 @@ artery wall calcification, hiatal hernia and medical material (pacemaker with le
 Scans vary in slices (about 60..400), z spacing (0.75..5 mm), in-plane size and spacing, and
 file orientation (RAS or LPS affine). Files are int16 with scl_slope 1 / scl_inter -1024 in
 the header (stored value = HU + 1024); masks are uint8 TotalSegmentator ids. Everything is a
-pure function of (seed, index, config).
+pure function of (seed, index, config). ``make_phantom`` runs named steps over a shared scene
+(_geometry, _body_wall, _abdomen, _lungs, _heart, _skeleton, _vessels_airway, one step per
+abnormality in ``_ABNORMALITY_STEPS``, _noise_and_quantise, _report); their random draws come in a
+fixed order, so a seed always gives the same phantom (tests hold digests of a few).
 
 Output (``write_dataset``)::
 
