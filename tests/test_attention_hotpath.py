@@ -212,3 +212,35 @@ def test_new_lengths_change_only_unspecialised_arguments(monkeypatch, mode):
             assert changed, f"{name}: the test's lengths changed no argument"
             assert changed <= set(lists[name]), f"{name}: {sorted(changed - set(lists[name]))} specialised"
     assert first["_fwd_kernel"][0]["total_q"] % 16 == 0 and launches["_fwd_kernel"][0]["total_q"] % 16 != 0
+
+
+# ----------------------------------------------------------------------------- 1. memory safety
+
+
+def _padded(x, margin=64):
+    """x as a view in the middle of a NaN-filled buffer: a read outside x's rows shows up as NaN."""
+    buf = torch.full((x.shape[0] + 2 * margin, *x.shape[1:]), float("nan"), dtype=x.dtype, device=x.device)
+    buf[margin : margin + x.shape[0]] = x
+    return buf[margin : margin + x.shape[0]]
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_garbage_index_values_never_read_outside_the_inputs(monkeypatch, cross):
+    """Unvalidated bad cu_seqlens / grid values (negative, decreasing, past the end, huge) give
+    wrong numbers but every read stays inside q, k, v (sentinel NaN around them never leaks)."""
+    from sigvlp.ops import _backend
+
+    monkeypatch.setattr(attention_op, "validation_enabled", lambda validate, device: validate)
+    monkeypatch.setattr(_backend, "_output_hook", lambda t: t.zero_())  # unwritten rows stay 0
+    q, k, v = (_padded(x).requires_grad_() for x in _inputs([20], [13] if cross else None))
+    cu = torch.tensor([-7, 5, 3, 2 ** 31 - 1, 12], dtype=torch.int32, device=DEV)
+    grid = torch.tensor([[2 ** 30, 2 ** 30, 7], [-3, 0, 5], [1, -1, 2 ** 31 - 1], [0, 0, 0]], dtype=torch.int32,
+                        device=DEV)
+    kw = dict(grid_thw=grid, causal=True, backend="triton", return_lse=True)
+    if cross:
+        kw.update(cu_seqlens_k=torch.tensor([3, -1, 2 ** 31 - 1, 40, 0], dtype=torch.int32, device=DEV),
+                  max_seqlen_k=9, grid_thw_k=grid.flip(0).contiguous())
+    out, lse = rope_attention_varlen(q, k, v, cu, 16, **kw)
+    (out.sum() + lse.masked_fill(torch.isinf(lse), 0).sum()).backward()
+    for name, t in (("out", out), ("lse", lse), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        assert not torch.isnan(t).any(), f"{name}: NaN read from outside the inputs"
