@@ -468,12 +468,12 @@ class Bench:
     def record(self, *, op: str, provider: str, shape="", dtype=None, timing: Timing | None = None,
                seconds: float | None = None, flops: float | None = None, bytes: float | None = None,
                peak_bytes: float | None = None, baseline: str | None = None, **extra) -> dict:
-        """Add one row. timing defaults to this test's last `time` result (or give seconds=).
+        """Add one row. timing defaults to this test's last `time` (or `timed`) result, or give seconds=.
         flops / bytes: work of one call (-> TFLOP/s, GB/s); baseline: the provider this row is
         compared with (same op, shape, dtype, mode); extra: anything else (goes to the CSV's
         `extra` column as JSON)."""
         if timing is None and seconds is None:
-            timing = self.last
+            timing = self.last or _LAST_TIMING[0]  # this test's bench.time(...) or timed(...)
         return self._results.add(op=op, provider=provider, shape=shape, dtype=dtype, timing=timing,
                                  seconds=seconds, flops=flops, bytes=bytes, peak_bytes=peak_bytes,
                                  baseline=baseline, test=self._request.node.nodeid, **extra)
