@@ -518,7 +518,8 @@ KEY_RATIOS = (
     ("newton_schulz: ours vs torch.optim.Muon's NS", "newton_schulz", ("triton", "cuda"), "torch_muon"),
     ("Muon step: ours vs torch.optim.Muon", "Muon", ("sigvlp", "sigvlp-triton", "sigvlp-cuda"), "torch.optim.Muon"),
     ("sigmoid loss: ours vs dense", "sigmoid_loss", ("triton", "cuda"), "dense"),
-    ("model step: fused vs unfused", "model", None, "unfused"),
+    ("model training step: ours vs unfused (rope3d + varlen attention, dense loss, torch Muon)", "train step", None,
+     "unfused"),
 )
 
 
