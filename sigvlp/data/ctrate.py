@@ -325,31 +325,55 @@ def build_cache(dataset: CTRateDataset, cache, *, on_error: Optional[str] = None
     return entries, report
 
 
+def _tracked(args):
+    """Run fn(job) after leaving a marker that job i started (read back when a pool breaks)."""
+    fn, i, job, marks = args
+    open(os.path.join(marks, str(i)), "w").close()
+    return fn(job)
+
+
 def _run_pool(jobs, workers, fn=None):
     """fn (default _cache_one: job -> (ok, value)) over jobs in `workers` spawned processes. A job
-    whose process dies takes the pool down with it: the unfinished jobs are then rerun one process
-    each, so only the job that kills its own process is reported as failed, (False, message)."""
+    whose process dies (e.g. the out-of-memory killer) takes the pool down with it; the jobs that
+    had started and not finished are then the suspects: each is rerun alone in its own process
+    (the one that dies again is reported as failed, (False, message)), the rest go to a fresh pool.
+    Each broken pool costs at most `workers` single-process reruns."""
     import multiprocessing as mp
+    import tempfile
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
     fn = fn or _cache_one
     results = [None] * len(jobs)
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-        futures = [ex.submit(fn, j) for j in jobs]
-        for i, f in enumerate(futures):
-            try:
-                results[i] = f.result()
-            except BrokenProcessPool:
-                pass
-    for i, r in enumerate(results):
-        if r is None:
-            try:
-                with ProcessPoolExecutor(1, mp_context=ctx) as ex:
-                    results[i] = ex.submit(fn, jobs[i]).result()
-            except BrokenProcessPool:
-                results[i] = (False, f"{jobs[i][1]}: the worker process died (killed by the system, out of memory?)")
+
+    def alone(i):
+        try:
+            with ProcessPoolExecutor(1, mp_context=ctx) as ex:
+                results[i] = ex.submit(fn, jobs[i]).result()
+        except BrokenProcessPool:
+            results[i] = (False, f"{jobs[i][1]}: the worker process died (killed by the system, out of memory?)")
+
+    pending = list(range(len(jobs)))
+    while pending:
+        with tempfile.TemporaryDirectory() as marks:
+            with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+                futures = {i: ex.submit(_tracked, (fn, i, jobs[i], marks)) for i in pending}
+                for i, f in futures.items():
+                    try:
+                        results[i] = f.result()
+                    except BrokenProcessPool:
+                        pass
+            started = {int(n) for n in os.listdir(marks)}
+        suspects = [i for i in pending if results[i] is None and i in started]
+        for i in suspects:
+            alone(i)
+        left = [i for i in pending if results[i] is None]
+        if left and not suspects:  # broken before any job started: no progress to be had in a pool
+            for i in left:
+                alone(i)
+            left = []
+        pending = left
     return results
 
 
