@@ -97,7 +97,10 @@ def pytest_terminal_summary(terminalreporter, config):
     out = results.write()
     terminalreporter.section(f"sigvlp benchmarks ({_bench.mode()} mode, {results.env()['device']})")
     terminalreporter.write_line(results.summary())
-    terminalreporter.write_line(f"results: {out}/results.csv (+ results.json, pytest-benchmark.json, plot_*.png)")
+    import importlib.util
+
+    plots = "plot_*.png" if importlib.util.find_spec("matplotlib") else "no plots: matplotlib is not installed"
+    terminalreporter.write_line(f"results: {out}/results.csv (+ results.json, pytest-benchmark.json, {plots})")
 
 
 def pytest_unconfigure(config):
