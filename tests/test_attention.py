@@ -1,5 +1,8 @@
 """rope_attention_varlen: backends against an fp64 oracle (forward, lse, dq/dk/dv), varlen edge
-cases, op registration (opcheck, torch.compile), input validation, and GPU-only checks.
+cases, the cross form (cu_seqlens_k: other key lengths, MAP pooling, bottom-right causal, rows with
+no key), op registration (opcheck, torch.compile), input validation, and GPU-only checks. GPU
+hot-path properties checked on the CPU (host reads, TTIR, specialisation) are in
+tests/test_attention_hotpath.py.
 
 Tolerances come from the precision floor: a backend's max error vs the fp64 oracle may be at most
 ~2x that of the same math done by torch at the input's precision (rope3d_reference + SDPA).
@@ -466,9 +469,13 @@ def test_opcheck_backward_op():
 def test_torch_compile_fullgraph(backend):
     q, k, v, cu, grid, _ = _inputs([9, 0, 30], nheads=4, nheads_kv=2, head_dim=32)
 
+    cu_probe = torch.arange(4, dtype=torch.int32)
+
     def f(q, k, v):
         out, lse = rope_attention_varlen(q, k, v, cu, 30, grid, causal=True, return_lse=True, backend=backend)
-        return out.sum() + (out * out).sum() + lse.sum()
+        # and the cross form, as MAP pooling: one query per sequence (sequence 1 has no keys)
+        pooled = rope_attention_varlen(q[:3], k, v, cu_probe, 1, cu_seqlens_k=cu, max_seqlen_k=30, backend=backend)
+        return out.sum() + (out * out).sum() + lse.sum() + (pooled * pooled).sum()
 
     compiled = torch.compile(f, fullgraph=True)
     eager_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
