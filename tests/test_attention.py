@@ -223,7 +223,7 @@ def test_relative_position_property():
 
 def test_auto_backend_on_cpu_is_torch_and_op_is_registered():
     assert "rope_attention_varlen" in ops.OPS
-    assert ops.OPS["rope_attention_varlen"].names == ("triton", "torch")
+    assert ops.OPS["rope_attention_varlen"].names == ("triton", "cuda", "torch")
     q, k, v, cu, grid, _ = _inputs([5, 3])
     torch.testing.assert_close(rope_attention_varlen(q, k, v, cu, 5, grid),
                                rope_attention_varlen(q, k, v, cu, 5, grid, backend="torch"))
@@ -524,7 +524,7 @@ def _bad_cases():
         "theta": ((q, k, v, cu, 6, grid), {"theta": 0.5}, ValueError, "theta"),
         "softmax_scale": ((q, k, v, cu, 6), {"softmax_scale": -1.0}, ValueError, "softmax_scale"),
         "causal not bool": ((q, k, v, cu, 6), {"causal": 1}, TypeError, "causal"),
-        "backend": ((q, k, v, cu, 6), {"backend": "cuda"}, ValueError, "backend"),
+        "backend": ((q, k, v, cu, 6), {"backend": "flash"}, ValueError, "backend"),
     }
 
 

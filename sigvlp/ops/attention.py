@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from sigvlp.ops import _checks
+from sigvlp.ops import _attention_cuda, _checks
 from sigvlp.ops._backend import Backend, BackendSet, empty_output, resolve_request, validation_enabled
 from sigvlp.ops.rope import _resolve_sections, rope3d_reference
 
@@ -204,9 +204,10 @@ def _triton_limits(head_dim: int, **_):
 
 BACKENDS = BackendSet("rope_attention_varlen", [
     Backend("triton", _run_triton, limits=_triton_limits),
+    Backend("cuda", _attention_cuda.forward, dtypes=_attention_cuda.DTYPES, limits=_attention_cuda.limits),
     Backend("torch", _run_torch),
 ])
-_BACKWARD = {"triton": _run_triton_backward, "torch": _run_torch_backward}
+_BACKWARD = {"triton": _run_triton_backward, "cuda": _attention_cuda.backward, "torch": _run_torch_backward}
 
 
 # ----------------------------------------------------------------------------- torch ops
@@ -348,7 +349,7 @@ def rope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     k by grid_thw_k (int32 (batch, 3)) / positions_k (float32 (total_k, 3)); both sides or neither.
     causal: bottom-right aligned (query i sees key j <= i + Lk - Lq); rows that see no key give 0
     (lse -inf). Returns out (q's shape and dtype), or (out, lse) with lse (nheads, total_q) fp32
-    when return_lse. backend: None/"auto", "torch" or "triton".
+    when return_lse. backend: None/"auto", "torch", "triton" or "cuda" (fp16/bf16 only).
     validate: also check cu_seqlens/max_seqlen/grid values on CUDA tensors (a device-to-host copy;
     CPU tensors are always checked; SIGVLP_VALIDATE=1 turns it on everywhere). Bad values raise
     ValueError naming the argument; unchecked bad values give wrong numbers, never bad accesses.
