@@ -8,9 +8,18 @@ Full mode (GPU): N in {4k, 16k, 65k}, D in {512, 1024}, bf16. Quick CPU mode: N 
 D 256, fp32, reference vs dense only. Peak memory is measured: torch.cuda.max_memory_allocated on
 GPU; on CPU the allocator's timeline recorded by torch.profiler (profile_memory=True), replayed to
 find the peak of live bytes allocated during the call. Reported, never asserted.
+
+CPU peak RSS (`test_sigmoid_loss_cpu_peak_rss`): the torch backend's forward + backward at N = M =
+8192, D = 256, fp32 against the dense formula's, each in a fresh process (ru_maxrss after the call
+minus before it, after a small warm-up call that loads the libraries). Also a script:
+`python benches/bench_sigmoid_loss.py --rss dense|torch N D` prints the extra MiB.
 """
 
 from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -128,3 +137,50 @@ def test_sigmoid_loss_fwd_bwd(benchmark, bench_report, full_mode, provider, n, d
         speedup_vs_dense=None if not base_s else base_s / seconds,
         mem_pct_of_dense=None if not base_peak else 100.0 * peak / base_peak,
     )
+
+
+# ----------------------------------------------------------------------------- CPU peak RSS
+
+
+def _rss_extra_mib(provider: str, n: int, d: int) -> float:
+    """Extra peak RSS (MiB) of one fp32 forward + backward, measured in a fresh process."""
+    result = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--rss", provider, str(n), str(d)],
+                            capture_output=True, text=True, timeout=900, check=True)
+    return float(result.stdout.split()[-1])
+
+
+def _rss_main(provider: str, n: int, d: int) -> None:
+    import resource
+
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(True)
+    y = F.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_(True)
+    t = torch.tensor(10.0, requires_grad=True)
+    b = torch.tensor(-10.0, requires_grad=True)
+    fn = sigmoid_loss_dense if provider == "dense" else (lambda *a: sigmoid_loss(*a, backend=provider))
+    small = [v[:64].detach().clone().requires_grad_(True) for v in (x, y)]
+    fn(*small, t, b).backward()  # warm-up: libraries and thread pools loaded before measuring
+    t.grad = b.grad = None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn(x, y, t, b).backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) / 1024.0)  # ru_maxrss is in KiB on Linux
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU memory measurement (GPU memory is in test_sigmoid_loss_fwd_bwd)")
+def test_sigmoid_loss_cpu_peak_rss(bench):
+    n, d = 8192, 256
+    dense = _rss_extra_mib("dense", n, d)
+    ours = _rss_extra_mib("torch", n, d)
+    shape = f"N=M={n} D={d} fwd+bwd, fresh process ru_maxrss"
+    bench.record(op="sigmoid_loss_cpu_rss", provider="dense", shape=shape, dtype=torch.float32,
+                 peak_bytes=dense * 2**20)
+    bench.record(op="sigmoid_loss_cpu_rss", provider="torch", shape=shape, dtype=torch.float32,
+                 peak_bytes=ours * 2**20, baseline="dense", pct_of_dense=100.0 * ours / dense)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--rss":
+        _rss_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        sys.exit("usage: python benches/bench_sigmoid_loss.py --rss dense|torch N D")

@@ -44,6 +44,25 @@ def shared_memory_limit(device) -> int:
     return _optin_limit(device.index)
 
 
+@functools.lru_cache(maxsize=None)
+def _arch(index: int) -> int:
+    import torch  # noqa: PLC0415
+
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def arch(device) -> int:
+    """Compute capability of `device` as an int (90 for sm_90); 0 for non-CUDA devices."""
+    if device.type != "cuda":
+        return 0
+    if device.index is None:
+        import torch  # noqa: PLC0415
+
+        return _arch(torch.cuda.current_device())
+    return _arch(device.index)
+
+
 def pick_config(candidates, estimate, limit: int):
     """The first of `candidates` (ordered by preference) whose estimated shared memory
     `estimate(candidate)` fits `limit`; the last (smallest) candidate if none does."""

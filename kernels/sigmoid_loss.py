@@ -150,27 +150,36 @@ CHUNKED_CONFIGS = ((64, 64, 64, 3), (64, 64, 32, 2), (32, 32, 32, 2))
 _MARGIN = 4096  # bytes of slack on top of the measured tile formula
 
 
-def full_d_shared_bytes(block_m: int, block_n: int, block_k: int, stages: int, elem: int) -> int:
-    """Shared memory of the resident-A kernel: the A block, (stages - 1) B tiles in flight and
-    the G tile's layout conversion (measured formula, tests/test_launch_limits.py), plus slack."""
-    return elem * (block_m * block_k + (stages - 1) * block_n * block_k + block_m * block_n) + _MARGIN
+def _buffers(stages: int, elem: int, sm: int) -> int:
+    """Pipelined copies of each streamed tile: `stages` for 16-bit dots on sm_90 (wgmma
+    operands), `stages - 1` otherwise (measured, tests/test_launch_limits.py)."""
+    return stages if (sm >= 90 and elem == 2) else max(stages - 1, 1)
 
 
-def chunked_shared_bytes(block_m: int, block_n: int, block_k: int, stages: int, elem: int) -> int:
-    """Shared memory of the chunked-D kernel: (stages - 1) A and B chunks in flight, plus slack."""
-    return elem * max(stages - 1, 1) * (block_m + block_n) * block_k + elem * block_m * block_n + _MARGIN
+def full_d_shared_bytes(block_m: int, block_n: int, block_k: int, stages: int, elem: int, sm: int) -> int:
+    """Upper bound of the resident-A kernel's shared memory: the A block, the pipelined B tiles and
+    the G tile's layout conversion, plus slack."""
+    buffers = _buffers(stages, elem, sm)
+    return elem * (block_m * block_k + buffers * block_n * block_k + block_m * block_n) + _MARGIN
 
 
-def choose_config(d: int, elem: int, limit: int) -> dict:
+def chunked_shared_bytes(block_m: int, block_n: int, block_k: int, stages: int, elem: int, sm: int) -> int:
+    """Upper bound of the chunked-D kernel's shared memory: pipelined A and B chunks, the G tile."""
+    buffers = _buffers(stages, elem, sm)
+    return elem * (buffers * (block_m + block_n) * block_k + block_m * block_n) + _MARGIN
+
+
+def choose_config(d: int, elem: int, limit: int, sm: int = 80) -> dict:
     """The launch configuration for embedding dim d, element size elem (bytes), within `limit`
-    bytes of shared memory per program: resident A when D <= MAX_FULL_D and a tiling fits."""
+    bytes of shared memory per program on compute capability `sm` (90 for sm_90): resident A
+    when D <= MAX_FULL_D and a tiling fits, else D in chunks."""
     if d <= MAX_FULL_D:
         block_k = max(16, triton.next_power_of_2(d))
         for bm, bn, stages in FULL_D_CONFIGS:
-            if full_d_shared_bytes(bm, bn, block_k, stages, elem) <= limit:
+            if full_d_shared_bytes(bm, bn, block_k, stages, elem, sm) <= limit:
                 return dict(FULL_D=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, num_stages=stages,
                             num_warps=8 if block_k >= 256 and bm >= 64 else 4)
-    cfg = _device.pick_config(CHUNKED_CONFIGS, lambda c: chunked_shared_bytes(*c, elem), limit)
+    cfg = _device.pick_config(CHUNKED_CONFIGS, lambda c: chunked_shared_bytes(*c, elem, sm), limit)
     bm, bn, bk, stages = cfg
     return dict(FULL_D=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=4)
 
@@ -187,7 +196,7 @@ def sigmoid_loss_pass(a, b, scale, bias, a_ids, b_ids, inv_norm, da):
 
     na, d = a.shape
     nb = b.shape[0]
-    cfg = choose_config(d, a.element_size(), _device.shared_memory_limit(a.device))
+    cfg = choose_config(d, a.element_size(), _device.shared_memory_limit(a.device), _device.arch(a.device))
     full_d = cfg.pop("FULL_D")
     grid = (triton.cdiv(na, cfg["BLOCK_M"]),)
     partials = torch.empty(grid[0], 3, dtype=torch.float32, device=a.device)

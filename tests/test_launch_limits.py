@@ -1,0 +1,90 @@
+"""Triton launches within every target's limits, and no recompilation for new lengths: checked on
+the CPU by compiling, without a GPU, what each op's launcher chooses (tests/_launch_survey.py).
+
+- Shared memory: each op is run through its public API with backend="triton"; every kernel launch
+  (for autotuned kernels: every config left after the kernel's own pruning, since the autotuner may
+  pick any of them) is compiled for sm_80, sm_86, sm_89 and sm_90 with the launcher seeing that
+  target's opt-in shared-memory limit, and the compiled size must fit the limit. A config over
+  the limit fails at launch with out-of-resources on that GPU.
+- Specialisation: each op runs at several batch sizes and total lengths (multiples of 16 or not,
+  and 1); per kernel and configuration, Triton's binder must give one specialisation key, so the
+  first batch of a new size never compiles a new variant. The control (the same launches with no
+  argument exempt from specialisation) gives several keys, so the check can fail.
+
+The survey runs in a subprocess (it needs Triton's JIT, not the interpreter the tests use) and
+compiles with Triton's on-disk cache, so reruns are fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+HERE = pathlib.Path(__file__).resolve().parent
+SURVEY = HERE / "_launch_survey.py"
+TARGETS = (80, 86, 89, 90)
+OWN_OPS = ("rope3d", "sigmoid_loss", "newton_schulz")
+ALL_OPS = OWN_OPS + ("rope_attention_varlen",)
+
+pytest.importorskip("triton")
+from sigvlp.kernels._device import SHARED_MEMORY_LIMITS  # noqa: E402
+
+
+def _survey(*args, timeout=1800):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(SURVEY), *args], capture_output=True, text=True, env=env,
+                            timeout=timeout, cwd=HERE.parent)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def _table(rows):
+    return "\n".join(f"{r['target']} {r['kernel']:28} {json.dumps(r['config'])} {r['dtypes']}: "
+                     f"{r['shared']} / {r['limit']} B" for r in rows)
+
+
+@pytest.mark.parametrize("op", OWN_OPS)
+def test_launch_configs_fit_shared_memory_of_every_target(op):
+    rows = _survey("--targets", ",".join(map(str, TARGETS)), "--ops", op)
+    print(_table(rows))
+    assert {r["target"] for r in rows} == {f"sm_{t}" for t in TARGETS}, "a target compiled nothing"
+    assert not any(r["autotuned"] for r in rows)  # one chosen config per launch: it must fit
+    over = [r for r in rows if r["shared"] > r["limit"]]
+    assert not over, "over the shared-memory limit:\n" + _table(over)
+
+
+@pytest.mark.slow
+def test_attention_autotuner_has_a_fitting_config_on_every_target():
+    """rope_attention_varlen is autotuned: Triton's autotuner drops a config that raises
+    out-of-resources, so each (kernel, head_dim, dtype) needs at least one candidate that fits each
+    target; the others are listed. sm_80 and sm_89 compile like sm_86 (the same mma.sync code path:
+    equal sizes for equal configs, as the other ops' rows show), so sm_86's sizes are checked
+    against the limits of all three."""
+    rows = _survey("--targets", "86,90", "--ops", "rope_attention_varlen")
+    groups = {}
+    for r in rows:
+        family = (80, 86, 89) if r["target"] == "sm_86" else (90,)
+        for sm in family:
+            limit = SHARED_MEMORY_LIMITS[sm]
+            key = (sm, r["kernel"], r["config"].get("HEAD_DIM"), tuple(r["dtypes"]))
+            groups.setdefault(key, []).append(r["shared"] <= limit)
+    print(_table(rows))
+    print("over the limit (dropped by the autotuner at run time):\n" +
+          _table([r for r in rows if r["shared"] > r["limit"]]))
+    empty = [key for key, fits in groups.items() if not any(fits)]
+    assert not empty, f"no candidate fits: {empty}"
+
+
+def test_no_specialisation_on_lengths():
+    rows = _survey("--keys", "--ops", ",".join(ALL_OPS))
+    assert {r["op"] for r in rows} == set(ALL_OPS)
+    for r in rows:
+        assert r["n_keys"] == 1, f"{r['op']} {r['kernel']} {r['config']}: {r['n_keys']} variants over lengths"
+    # The control: without the do_not_specialize exemptions these launches do compile new variants.
+    for op in ("rope3d", "sigmoid_loss"):
+        assert any(r["n_keys_without_exemptions"] > 1 for r in rows if r["op"] == op), op
