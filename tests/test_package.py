@@ -98,6 +98,29 @@ def test_poisoned_outputs_under_tests():
     assert "environ" not in source and "fill" not in source and "POISON" not in inspect.getsource(_backend)
 
 
+def test_every_kernel_backend_is_device_guarded():
+    """Every non-torch backend of every op runs under its tensors' device (sigvlp.ops._backend)."""
+    import sigvlp.ops as ops
+
+    for op, backends in ops.OPS.items():
+        for name, backend in backends.backends.items():
+            if name != "torch":
+                assert hasattr(backend.run, "unguarded"), (op, name)
+
+
+def test_validation_policy(monkeypatch):
+    from sigvlp.ops._backend import validation_enabled
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.delenv("SIGVLP_VALIDATE", raising=False)
+    assert validation_enabled(False, cpu) and validation_enabled(True, cpu)  # CPU: always (free)
+    assert not validation_enabled(False, cuda) and validation_enabled(True, cuda)
+    monkeypatch.setenv("SIGVLP_VALIDATE", "1")
+    assert validation_enabled(False, cuda)
+    with pytest.raises(TypeError, match="^validate:"):
+        validation_enabled(1, cpu)
+
+
 def test_cmake_configures_without_cuda_compiler(tmp_path):
     """Without nvcc the build still configures, says CUDA kernels were skipped, and records why."""
     cmake = shutil.which("cmake")

@@ -33,7 +33,6 @@ from sigvlp.ops.sigmoid_loss import _sigmoid_loss_op, _text_grad_op
 __all__ = ["ring_loss", "distributed_inputs"]
 
 
-
 class _GatherRows(torch.autograd.Function):
     """All ranks' rows concatenated in rank order (sizes may differ); backward all-reduces the
     gradient and returns this rank's slice (the sum of every rank's contribution to it)."""
