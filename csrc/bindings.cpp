@@ -1,35 +1,155 @@
-// nanobind module sigvlp._cuda: thin wrappers over the C++ launchers in launchers.h.
-// Tensors arrive as raw device pointers (uintptr_t) with explicit shapes and strides, so the
-// module never sees a torch type; sigvlp/ops validates every argument before calling here.
+// nanobind module sigvlp._cuda (and, compiled against csrc/emu, sigvlp._cuda_emu): thin wrappers
+// over the C++ launchers in launchers.h. Tensors arrive as raw device pointers (uintptr_t) with
+// explicit shapes and strides, so the module never sees a torch type; sigvlp/ops validates every
+// argument before calling here.
+//
+// Each launcher's Args struct is described once, as a list of (keyword, member) fields; one
+// generic binding turns the call's keyword arguments into the struct (pointers from integers,
+// DType from its code), and refuses missing or unknown keywords by name.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "launchers.h"
+
+#ifdef SIGVLP_EMU
+#include "emu/sigvlp_emu.h"
+#endif
+
+#ifndef SIGVLP_MODULE_NAME
+#define SIGVLP_MODULE_NAME _cuda
+#endif
+#define SIGVLP_STR2(x) #x
+#define SIGVLP_STR(x) SIGVLP_STR2(x)
 
 namespace nb = nanobind;
 using namespace nb::literals;
 
 namespace {
 
+const std::string kModule = "sigvlp." SIGVLP_STR(SIGVLP_MODULE_NAME);
+
 void check(int code, const char* what) {
   if (code != 0) {
-    throw std::runtime_error(std::string("sigvlp._cuda.") + what + ": " + sigvlp::error_string(code));
+    std::string message = kModule + "." + what + ": " + sigvlp::error_string(code);
+#ifdef SIGVLP_EMU
+    const std::string detail = sigvlp_emu::last_error_message();
+    if (!detail.empty()) message += " (" + detail + ")";
+    sigvlp_emu::set_last_error(0, "");
+#endif
+    throw std::runtime_error(message);
   }
 }
 
-template <typename T>
-T* ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
+// A struct member bound to a keyword argument.
+template <typename S, typename M>
+struct Field {
+  const char* name;
+  M S::*member;
+};
+template <typename S, typename M>
+constexpr Field<S, M> field(const char* name, M S::*member) {
+  return {name, member};
+}
+// A host float array (a Python sequence of floats) whose length is checked against another
+// field: the struct gets a pointer into storage owned by the call.
+template <typename S>
+struct HostFloats {
+  const char* name;
+  const float* S::*member;
+  int32_t S::*count_member;
+  int per_count;
+};
+
+template <typename M>
+M convert(const char* fn, const char* name, nb::handle value) {
+  try {
+    if constexpr (std::is_pointer<M>::value) {
+      return reinterpret_cast<M>(nb::cast<uintptr_t>(value));
+    } else if constexpr (std::is_same<M, sigvlp::DType>::value) {
+      const int code = nb::cast<int>(value);
+      if (code < 0 || code > 2) throw std::invalid_argument("bad dtype code");
+      return static_cast<sigvlp::DType>(code);
+    } else {
+      return nb::cast<M>(value);
+    }
+  } catch (const std::exception&) {
+    throw nb::type_error((kModule + "." + fn + ": argument " + name + " has the wrong type").c_str());
+  }
+}
+
+template <typename S>
+struct Filler {
+  const char* fn;
+  nb::kwargs& kwargs;
+  S& args;
+  std::vector<float>& host_floats;
+  size_t used = 0;
+
+  nb::handle take(const char* name) {
+    if (!kwargs.contains(name)) {
+      throw nb::type_error((kModule + "." + fn + ": missing keyword argument " + name).c_str());
+    }
+    ++used;
+    return kwargs[name];
+  }
+  template <typename M>
+  void operator()(const Field<S, M>& f) {
+    args.*(f.member) = convert<M>(fn, f.name, take(f.name));
+  }
+  void operator()(const HostFloats<S>& f) {
+    nb::handle seq = take(f.name);
+    for (nb::handle v : seq) host_floats.push_back(nb::cast<float>(v));
+    args.*(f.member) = host_floats.data();
+  }
+  void finish(const HostFloats<S>& f) {
+    const int32_t count = args.*(f.count_member);
+    if (count < 0 || host_floats.size() != static_cast<size_t>(count) * f.per_count) {
+      throw std::invalid_argument(kModule + "." + fn + ": " + f.name + " must hold " + std::to_string(f.per_count) +
+                                  " floats per step");
+    }
+  }
+  template <typename M>
+  void finish(const Field<S, M>&) {}
+};
+
+template <typename S, typename... F>
+void bind_launcher(nb::module_& m, const char* name, int (*launcher)(const S&), const char* doc, F... fields) {
+  std::string sig_doc = std::string(doc) + "\n\nKeyword arguments:";
+  ((sig_doc += std::string(" ") + fields.name), ...);
+  m.def(
+      name,
+      [name, launcher, fields...](nb::kwargs kwargs) {
+        S args{};
+        std::vector<float> host_floats;
+        Filler<S> fill{name, kwargs, args, host_floats};
+        (fill(fields), ...);
+        (fill.finish(fields), ...);
+        if (fill.used != nb::len(kwargs)) {
+          for (auto item : kwargs) {
+            const std::string key = nb::cast<std::string>(item.first);
+            bool known = false;
+            ((known = known || key == fields.name), ...);
+            if (!known) throw nb::type_error((kModule + "." + name + ": unexpected keyword argument " + key).c_str());
+          }
+        }
+        check(launcher(args), name);
+      },
+      sig_doc.c_str());
 }
 
 }  // namespace
 
-NB_MODULE(_cuda, m) {
+NB_MODULE(SIGVLP_MODULE_NAME, m) {
+  using sigvlp::NewtonSchulzArgs;
+  using sigvlp::Rope3dArgs;
+  using sigvlp::SigmoidLossPassArgs;
   m.doc() = "sigvlp CUDA kernels (no libtorch dependency; called from sigvlp.ops)";
   m.def("device_count", &sigvlp::device_count);
   m.def("runtime_version", &sigvlp::runtime_version);
@@ -40,104 +160,64 @@ NB_MODULE(_cuda, m) {
     return code == 0 ? std::string() : std::string(sigvlp::error_string(code));
   }, "device"_a, "Empty string when this module has a kernel image for the device, else the reason.");
 
-  m.def(
-      "rope3d",
-      [](uintptr_t x, uintptr_t out, int dtype, int64_t total_tokens, int64_t nheads, int64_t head_dim,
-         int64_t x_stride_token, int64_t x_stride_head, int64_t out_stride_token, int64_t out_stride_head,
-         uintptr_t cu_seqlens, int64_t batch, uintptr_t grid_thw, uintptr_t positions, double log2_theta, int n_t,
-         int n_h, int n_w, bool interleaved, bool inverse, uintptr_t stream) {
-        sigvlp::Rope3dArgs a{};
-        a.x = ptr<const void>(x);
-        a.out = ptr<void>(out);
-        a.dtype = static_cast<sigvlp::DType>(dtype);
-        a.total_tokens = total_tokens;
-        a.nheads = nheads;
-        a.head_dim = head_dim;
-        a.x_stride_token = x_stride_token;
-        a.x_stride_head = x_stride_head;
-        a.out_stride_token = out_stride_token;
-        a.out_stride_head = out_stride_head;
-        a.cu_seqlens = ptr<const int32_t>(cu_seqlens);
-        a.batch = batch;
-        a.grid_thw = ptr<const int32_t>(grid_thw);
-        a.positions = ptr<const float>(positions);
-        a.log2_theta = log2_theta;
-        a.n_t = n_t;
-        a.n_h = n_h;
-        a.n_w = n_w;
-        a.interleaved = interleaved;
-        a.inverse = inverse;
-        a.stream = ptr<void>(stream);
-        check(sigvlp::rope3d(a), "rope3d");
-      },
-      "x"_a, "out"_a, "dtype"_a, "total_tokens"_a, "nheads"_a, "head_dim"_a, "x_stride_token"_a,
-      "x_stride_head"_a, "out_stride_token"_a, "out_stride_head"_a, "cu_seqlens"_a, "batch"_a, "grid_thw"_a,
-      "positions"_a, "log2_theta"_a, "n_t"_a, "n_h"_a, "n_w"_a, "interleaved"_a, "inverse"_a, "stream"_a);
+  bind_launcher<Rope3dArgs>(
+      m, "rope3d", &sigvlp::rope3d, "3D RoPE over varlen packed sequences (csrc/rope.cu).",
+      field("x", &Rope3dArgs::x), field("out", &Rope3dArgs::out), field("dtype", &Rope3dArgs::dtype),
+      field("total_tokens", &Rope3dArgs::total_tokens), field("nheads", &Rope3dArgs::nheads),
+      field("head_dim", &Rope3dArgs::head_dim), field("x_stride_token", &Rope3dArgs::x_stride_token),
+      field("x_stride_head", &Rope3dArgs::x_stride_head), field("out_stride_token", &Rope3dArgs::out_stride_token),
+      field("out_stride_head", &Rope3dArgs::out_stride_head), field("cu_seqlens", &Rope3dArgs::cu_seqlens),
+      field("batch", &Rope3dArgs::batch), field("grid_thw", &Rope3dArgs::grid_thw),
+      field("positions", &Rope3dArgs::positions), field("log2_theta", &Rope3dArgs::log2_theta),
+      field("n_t", &Rope3dArgs::n_t), field("n_h", &Rope3dArgs::n_h), field("n_w", &Rope3dArgs::n_w),
+      field("interleaved", &Rope3dArgs::interleaved), field("inverse", &Rope3dArgs::inverse),
+      field("stream", &Rope3dArgs::stream));
   // ---- sigmoid_loss (csrc/sigmoid_loss.cu) ----
-  m.def(
-      "sigmoid_loss_pass",
-      [](uintptr_t a, uintptr_t b, uintptr_t da, uintptr_t workspace, int64_t workspace_ld, uintptr_t partials,
-         uintptr_t a_ids, uintptr_t b_ids, uintptr_t scale, uintptr_t bias, int dtype, int64_t na, int64_t nb,
-         int64_t d, int64_t a_stride, int64_t b_stride, int64_t da_stride, float inv_norm, uintptr_t stream) {
-        sigvlp::SigmoidLossPassArgs p{};
-        p.a = ptr<const void>(a);
-        p.b = ptr<const void>(b);
-        p.da = ptr<void>(da);
-        p.workspace = ptr<float>(workspace);
-        p.workspace_ld = workspace_ld;
-        p.partials = ptr<float>(partials);
-        p.a_ids = ptr<const int64_t>(a_ids);
-        p.b_ids = ptr<const int64_t>(b_ids);
-        p.scale = ptr<const float>(scale);
-        p.bias = ptr<const float>(bias);
-        p.dtype = static_cast<sigvlp::DType>(dtype);
-        p.na = na;
-        p.nb = nb;
-        p.d = d;
-        p.a_stride = a_stride;
-        p.b_stride = b_stride;
-        p.da_stride = da_stride;
-        p.inv_norm = inv_norm;
-        p.stream = ptr<void>(stream);
-        check(sigvlp::sigmoid_loss_pass(p), "sigmoid_loss_pass");
-      },
-      "a"_a, "b"_a, "da"_a, "workspace"_a, "workspace_ld"_a, "partials"_a, "a_ids"_a, "b_ids"_a, "scale"_a,
-      "bias"_a, "dtype"_a, "na"_a, "nb"_a, "d"_a, "a_stride"_a, "b_stride"_a, "da_stride"_a, "inv_norm"_a,
-      "stream"_a);
+  bind_launcher<SigmoidLossPassArgs>(
+      m, "sigmoid_loss_pass", &sigvlp::sigmoid_loss_pass, "One blockwise sigmoid-loss pass (csrc/sigmoid_loss.cu).",
+      field("a", &SigmoidLossPassArgs::a), field("b", &SigmoidLossPassArgs::b), field("da", &SigmoidLossPassArgs::da),
+      field("workspace", &SigmoidLossPassArgs::workspace), field("workspace_ld", &SigmoidLossPassArgs::workspace_ld),
+      field("partials", &SigmoidLossPassArgs::partials), field("a_ids", &SigmoidLossPassArgs::a_ids),
+      field("b_ids", &SigmoidLossPassArgs::b_ids), field("scale", &SigmoidLossPassArgs::scale),
+      field("bias", &SigmoidLossPassArgs::bias), field("dtype", &SigmoidLossPassArgs::dtype),
+      field("na", &SigmoidLossPassArgs::na), field("nb", &SigmoidLossPassArgs::nb), field("d", &SigmoidLossPassArgs::d),
+      field("a_stride", &SigmoidLossPassArgs::a_stride), field("b_stride", &SigmoidLossPassArgs::b_stride),
+      field("da_stride", &SigmoidLossPassArgs::da_stride), field("inv_norm", &SigmoidLossPassArgs::inv_norm),
+      field("stream", &SigmoidLossPassArgs::stream));
   // ---- end sigmoid_loss ----
   // ---- newton_schulz (csrc/newton_schulz.cu) ----
-  m.def(
-      "newton_schulz",
-      [](uintptr_t x, uintptr_t out, int dtype, int64_t batch, int64_t rows, int64_t cols, int64_t out_stride_batch,
-         int64_t out_stride_row, int64_t out_stride_col, uintptr_t inv_norm, nb::list coefficients, int steps,
-         uintptr_t gram, uintptr_t poly, uintptr_t scratch0, uintptr_t scratch1, uintptr_t stream) {
-        if (steps < 0 || nb::len(coefficients) != static_cast<size_t>(3 * steps)) {
-          throw std::invalid_argument("sigvlp._cuda.newton_schulz: coefficients must hold 3 * steps floats");
-        }
-        std::vector<float> coeffs(3 * static_cast<size_t>(steps));
-        for (size_t i = 0; i < nb::len(coefficients); ++i) coeffs[i] = nb::cast<float>(coefficients[i]);
-        sigvlp::NewtonSchulzArgs a{};
-        a.x = ptr<const void>(x);
-        a.out = ptr<void>(out);
-        a.dtype = static_cast<sigvlp::DType>(dtype);
-        a.batch = batch;
-        a.rows = rows;
-        a.cols = cols;
-        a.out_stride_batch = out_stride_batch;
-        a.out_stride_row = out_stride_row;
-        a.out_stride_col = out_stride_col;
-        a.inv_norm = ptr<const float>(inv_norm);
-        a.coefficients = coeffs.data();
-        a.steps = steps;
-        a.gram = ptr<void>(gram);
-        a.poly = ptr<void>(poly);
-        a.scratch0 = ptr<void>(scratch0);
-        a.scratch1 = ptr<void>(scratch1);
-        a.stream = ptr<void>(stream);
-        check(sigvlp::newton_schulz(a), "newton_schulz");
-      },
-      "x"_a, "out"_a, "dtype"_a, "batch"_a, "rows"_a, "cols"_a, "out_stride_batch"_a, "out_stride_row"_a,
-      "out_stride_col"_a, "inv_norm"_a, "coefficients"_a, "steps"_a, "gram"_a, "poly"_a, "scratch0"_a,
-      "scratch1"_a, "stream"_a);
+  bind_launcher<NewtonSchulzArgs>(
+      m, "newton_schulz", &sigvlp::newton_schulz, "Batched Newton-Schulz iterations (csrc/newton_schulz.cu).",
+      field("x", &NewtonSchulzArgs::x), field("out", &NewtonSchulzArgs::out), field("dtype", &NewtonSchulzArgs::dtype),
+      field("batch", &NewtonSchulzArgs::batch), field("rows", &NewtonSchulzArgs::rows),
+      field("cols", &NewtonSchulzArgs::cols), field("out_stride_batch", &NewtonSchulzArgs::out_stride_batch),
+      field("out_stride_row", &NewtonSchulzArgs::out_stride_row),
+      field("out_stride_col", &NewtonSchulzArgs::out_stride_col), field("inv_norm", &NewtonSchulzArgs::inv_norm),
+      field("steps", &NewtonSchulzArgs::steps),
+      HostFloats<NewtonSchulzArgs>{"coefficients", &NewtonSchulzArgs::coefficients, &NewtonSchulzArgs::steps, 3},
+      field("gram", &NewtonSchulzArgs::gram), field("poly", &NewtonSchulzArgs::poly),
+      field("scratch0", &NewtonSchulzArgs::scratch0), field("scratch1", &NewtonSchulzArgs::scratch1),
+      field("stream", &NewtonSchulzArgs::stream));
   // ---- end newton_schulz ----
+
+#ifdef SIGVLP_EMU
+  // ---- emulation controls (sigvlp._cuda_emu only) ----
+  m.attr("emulated") = true;
+  m.def("sanitizer", []() { return std::string(sigvlp_emu::sanitizer()); });
+  m.def("schedule", []() { return std::string(sigvlp_emu::schedule_name()); });
+  m.def("set_schedule", [](const std::string& spec) {
+    if (!sigvlp_emu::set_schedule(spec.c_str()))
+      throw std::invalid_argument("schedule: expected 'forward', 'reversed' or 'shuffle:SEED', got '" + spec + "'");
+  }, "spec"_a);
+  m.def("workers", []() { return sigvlp_emu::config().workers; });
+  m.def("set_workers", [](int n) { sigvlp_emu::config().workers = n < 1 ? 1 : n; }, "n"_a);
+  m.def("max_grid_y", []() { return sigvlp_emu::config().max_grid_y; });
+  m.def("set_max_grid_y", [](int64_t n) {
+    if (n < 1 || n > 65535) throw std::invalid_argument("max_grid_y: expected 1..65535");
+    sigvlp_emu::config().max_grid_y = n;
+  }, "n"_a);
+  m.def("sm_count", []() { return sigvlp_emu::config().sm_count; });
+#else
+  m.attr("emulated") = false;
+#endif
 }

@@ -8,7 +8,29 @@
 
 #include "launchers.h"
 
+// Kernel launch: SIGVLP_LAUNCH(grid, block, dynamic_smem, stream, kernel)(args...). Under nvcc it
+// is the <<<...>>> launch; in the CPU emulation (csrc/emu, SIGVLP_EMU defined) it runs the grid
+// on the emulated SIMT machine. Dynamic shared memory: SIGVLP_EXTERN_SHARED(T, name) declares
+// `name` as T[] (16-byte aligned) in both.
+#ifdef SIGVLP_EMU
+#define SIGVLP_LAUNCH(grid, block, smem, stream, ...) ::sigvlp_emu::launch(grid, block, smem, stream, __VA_ARGS__)
+#define SIGVLP_EXTERN_SHARED(T, name) T* name = static_cast<T*>(::sigvlp_emu::current().dynamic_smem)
+#else
+#define SIGVLP_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define SIGVLP_EXTERN_SHARED(T, name) extern __shared__ __align__(16) T name[]
+#endif
+
 namespace sigvlp {
+
+// Largest gridDim.y (and .z) a launch may use: the hardware's 65535, lowered in the emulation
+// (SIGVLP_EMU_MAX_GRID_Y / sigvlp._cuda_emu.set_max_grid_y) so tests reach the chunking paths.
+inline int64_t max_grid_y() {
+#ifdef SIGVLP_EMU
+  return ::sigvlp_emu::config().max_grid_y;
+#else
+  return 65535;
+#endif
+}
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }

@@ -8,7 +8,7 @@
 //   gemm_kernel   X' = s (a X + B X)  one GEMM whose epilogue adds a X and writes X' (any strides)
 // s = 1 / max(||X||_F, eps) per matrix on the first step (the normalisation folded into the
 // first products' epilogues), 1 afterwards. Operands are T (bf16, fp16: WMMA m16n16k16; fp32:
-// 3xTF32 WMMA, close to fp32), accumulation is fp32, intermediates A, B, X are stored as T.
+// split-TF32 WMMA, close to fp32), accumulation is fp32, intermediates A, B, X are stored as T.
 // Tiles come from csrc/mma_tile.cuh (shared with sigmoid_loss.cu). grid = (tiles, matrices);
 // all offsets are int64.
 #include "common.cuh"
@@ -21,7 +21,6 @@ constexpr int kTile = 64;       // CTA tile (rows and columns)
 constexpr int kTileK = 32;      // K slice per shared-memory stage
 constexpr int kThreads = 128;   // 4 warps, 2 x 2, each a 32 x 32 warp tile
 constexpr int kLdC = kTile + 4; // fp32 staging row length (multiple of 4 for WMMA stores)
-constexpr int64_t kMaxGridY = 65535;
 
 // (i, j), j <= i, of the t-th tile of a lower triangle in row-major order: t = i (i + 1) / 2 + j.
 __device__ __forceinline__ void triangle_tile(int64_t t, int64_t& i, int64_t& j) {
@@ -39,9 +38,9 @@ __global__ void __launch_bounds__(kThreads) syrk_kernel(const T* __restrict__ x,
                                                         const T* __restrict__ c_in, float alpha, float beta,
                                                         const float* __restrict__ scale) {
   constexpr int kLdS = kTileK + mma::kSkew<T>;
-  __shared__ alignas(128) T s_a[kTile * kLdS];
-  __shared__ alignas(128) T s_b[kTile * kLdS];
-  __shared__ alignas(128) float s_c[kTile * kLdC];
+  __shared__ __align__(128) T s_a[kTile * kLdS];
+  __shared__ __align__(128) T s_b[kTile * kLdS];
+  __shared__ __align__(128) float s_c[kTile * kLdC];
 
   const int64_t b = blockIdx.y;
   int64_t ti, tj;
@@ -100,9 +99,9 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const T* __restrict__ bm
                                                         const float* __restrict__ scale) {
   constexpr int kLdA = kTileK + mma::kSkew<T>;
   constexpr int kLdB = kTile + mma::kSkew<T>;
-  __shared__ alignas(128) T s_a[kTile * kLdA];
-  __shared__ alignas(128) T s_b[kTileK * kLdB];
-  __shared__ alignas(128) float s_c[kTile * kLdC];
+  __shared__ __align__(128) T s_a[kTile * kLdA];
+  __shared__ __align__(128) T s_b[kTileK * kLdB];
+  __shared__ __align__(128) float s_c[kTile * kLdC];
 
   const int64_t b = blockIdx.y;
   const int64_t m0 = (static_cast<int64_t>(blockIdx.x) / tiles_n) * kTile;
@@ -166,12 +165,13 @@ int run(const NewtonSchulzArgs& a) {
   const int64_t tiles_n = ceil_div(q, kTile);
   const int64_t n_gemm = tiles * tiles_n;
   if (n_tri > 0x7fffffff || n_gemm > 0x7fffffff) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const int64_t max_grid = max_grid_y();  // matrices per launch (gridDim.y)
 
   if (a.steps == 0) {
-    for (int64_t b0 = 0; b0 < a.batch; b0 += kMaxGridY) {
-      const int64_t nb = a.batch - b0 < kMaxGridY ? a.batch - b0 : kMaxGridY;
+    for (int64_t b0 = 0; b0 < a.batch; b0 += max_grid) {
+      const int64_t nb = a.batch - b0 < max_grid ? a.batch - b0 : max_grid;
       const int64_t blocks = ceil_div(p * q, 256) < 1024 ? ceil_div(p * q, 256) : 1024;
-      scale_kernel<T><<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(nb)), 256, 0, stream>>>(
+      SIGVLP_LAUNCH(dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(nb)), 256, 0, stream, scale_kernel<T>)(
           x + b0 * p * q, out + b0 * a.out_stride_batch, a.out_stride_batch, a.out_stride_row, a.out_stride_col, p,
           q, a.inv_norm + b0);
     }
@@ -187,17 +187,17 @@ int run(const NewtonSchulzArgs& a) {
     const int64_t sr = last ? a.out_stride_row : q;
     const int64_t sc = last ? a.out_stride_col : 1;
     const float* scale = step == 0 ? a.inv_norm : nullptr;
-    for (int64_t b0 = 0; b0 < a.batch; b0 += kMaxGridY) {
-      const int64_t nb = a.batch - b0 < kMaxGridY ? a.batch - b0 : kMaxGridY;
+    for (int64_t b0 = 0; b0 < a.batch; b0 += max_grid) {
+      const int64_t nb = a.batch - b0 < max_grid ? a.batch - b0 : max_grid;
       const dim3 tri(static_cast<unsigned>(n_tri), static_cast<unsigned>(nb));
       const dim3 full(static_cast<unsigned>(n_gemm), static_cast<unsigned>(nb));
       const float* sc0 = scale != nullptr ? scale + b0 : nullptr;
-      syrk_kernel<T><<<tri, kThreads, 0, stream>>>(src + b0 * p * q, p * q, q, p, q, gram + b0 * p * p, nullptr,
-                                                   1.f, 0.f, sc0);
-      syrk_kernel<T><<<tri, kThreads, 0, stream>>>(gram + b0 * p * p, p * p, p, p, p, poly + b0 * p * p,
-                                                   gram + b0 * p * p, cc, cb, nullptr);
-      gemm_kernel<T><<<full, kThreads, 0, stream>>>(poly + b0 * p * p, src + b0 * p * q, dst + b0 * sb, sb, sr, sc,
-                                                    p, q, tiles_n, ca, sc0);
+      SIGVLP_LAUNCH(tri, kThreads, 0, stream, syrk_kernel<T>)(src + b0 * p * q, p * q, q, p, q, gram + b0 * p * p,
+                                                              nullptr, 1.f, 0.f, sc0);
+      SIGVLP_LAUNCH(tri, kThreads, 0, stream, syrk_kernel<T>)(gram + b0 * p * p, p * p, p, p, p, poly + b0 * p * p,
+                                                              gram + b0 * p * p, cc, cb, nullptr);
+      SIGVLP_LAUNCH(full, kThreads, 0, stream, gemm_kernel<T>)(poly + b0 * p * p, src + b0 * p * q, dst + b0 * sb, sb,
+                                                               sr, sc, p, q, tiles_n, ca, sc0);
     }
     src = dst;
   }

@@ -11,7 +11,7 @@
 // sums (fixed-order block reduction); the host sums the partials in a fixed order.
 // Row pass: A = X, B = Y (loss, dX, dt, db). Column pass: A = Y, B = X, ids swapped (dY).
 // Never stores anything of size Na x Nb. FLOPs per pass: 4 Na Nb D (2 without the gradient).
-// fp32 inputs run on TF32 tensor cores with the 3xTF32 split (about fp32 accuracy).
+// fp32 inputs run on TF32 tensor cores with the hi/lo TF32 split of mma_tile.cuh (about fp32 accuracy).
 #include "common.cuh"
 #include "mma_tile.cuh"
 
@@ -41,7 +41,7 @@ struct Layout {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sigmoid_loss_pass_kernel(SigmoidLossPassArgs p) {
   using L = Layout<T>;
-  __shared__ alignas(128) unsigned char smem[L::kBytes];
+  __shared__ __align__(128) unsigned char smem[L::kBytes];
   __shared__ int64_t s_aid[kBlock];
   __shared__ float scratch[kThreads / 32];
 
@@ -148,7 +148,8 @@ int launch(const SigmoidLossPassArgs& p) {
   const int64_t blocks = (p.na + kBlock - 1) / kBlock;
   if (blocks == 0) return 0;
   if (blocks > 0x7fffffff) return static_cast<int>(cudaErrorInvalidValue);
-  sigmoid_loss_pass_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
+  SIGVLP_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, static_cast<cudaStream_t>(p.stream),
+                sigmoid_loss_pass_kernel<T>)(p);
   return static_cast<int>(cudaGetLastError());
 }
 

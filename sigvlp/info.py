@@ -33,8 +33,17 @@ def collect() -> dict:
         "nvcc": build.get("nvcc"),
         "archs": build.get("archs", []),
     }
+    info["cuda_module"]["emu_built"] = bool(build.get("emu_built"))
+    info["cuda_emulation"] = None
     mod = _cuda.module()
-    if mod is not None:
+    if _cuda.emulated():
+        info["cuda_emulation"] = {
+            "module": getattr(mod, "__name__", None),
+            "schedule": mod.schedule() if mod is not None else None,
+            "workers": mod.workers() if mod is not None else None,
+            "reason": _cuda.module_unavailable_reason(),
+        }
+    elif mod is not None:
         info["cuda_module"]["compiled_arch_list"] = mod.compiled_arch_list()
         info["cuda_module"]["cuda_runtime"] = mod.runtime_version()
     info["backends"] = {name: _backend.unavailable_reason(name) for name in _backend.BACKEND_NAMES}
@@ -56,9 +65,21 @@ def report(info: dict) -> str:
                      + (f" (__CUDA_ARCH_LIST__ {cm.get('compiled_arch_list')})" if cm.get("compiled_arch_list") else ""))
     else:
         lines.append(f"CUDA module: not built ({cm['reason']})")
+    emu = info.get("cuda_emulation")
+    if emu is not None:
+        if emu["reason"]:
+            lines.append(f"CUDA emulation: on (SIGVLP_CUDA_EMULATE=1) but unavailable: {emu['reason']}")
+        else:
+            lines.append(f"CUDA emulation: on (SIGVLP_CUDA_EMULATE=1): 'cuda' runs csrc/ on CPU tensors through "
+                         f"{emu['module']} (schedule {emu['schedule']}, {emu['workers']} worker(s))")
+    else:
+        lines.append("CUDA emulation: off (SIGVLP_CUDA_EMULATE=1 runs csrc/ on the CPU; module "
+                     f"{'built' if cm.get('emu_built') else 'not built'})")
     lines.append("backends:")
     for name, reason in info["backends"].items():
         note = " (Triton interpreter on CPU)" if name == "triton" and info["triton_interpreter"] else ""
+        if name == "cuda" and info.get("cuda_emulation"):
+            note = " (emulated on the CPU, CPU tensors only)"
         lines.append(f"  {name:7s} {'available' + note if reason is None else 'unavailable: ' + reason}")
     lines.append("ops:")
     for op, names in info["ops"].items():

@@ -180,8 +180,8 @@ class BackendSet:
             return backend
         refusals = []
         for backend in self.backends.values():
-            if backend.name == "triton" and device.type == "cpu":
-                continue  # the interpreter is for tests, never an automatic choice
+            if backend.name in ("triton", "cuda") and device.type == "cpu":
+                continue  # the interpreter / CUDA emulation are for tests, never an automatic choice
             reason = backend.refusal(device, dtype, **facts)
             if reason is None:
                 return backend

@@ -2,15 +2,24 @@
 
 The module has no torch dependency: tensors are passed as data pointers plus shapes and
 strides. Nothing here touches a GPU at import time.
+
+With ``SIGVLP_CUDA_EMULATE=1`` in the environment (read once, at the first use of the CUDA
+backend; set it before importing sigvlp, like TRITON_INTERPRET=1), the "cuda" backend is served
+by ``sigvlp._cuda_emu`` instead: the same csrc/ kernels and launchers compiled for the CPU against
+a SIMT emulation (csrc/emu). It runs on CPU tensors only (and refuses CUDA tensors); it is a test
+mode, slow, and never chosen by backend="auto" on CPU tensors.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 from importlib import resources
 
 import torch
+
+EMULATE_ENV_VAR = "SIGVLP_CUDA_EMULATE"
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -27,7 +36,21 @@ def build_info() -> dict:
 
 
 @functools.lru_cache(maxsize=None)
+def emulated() -> bool:
+    """True when SIGVLP_CUDA_EMULATE=1: the "cuda" backend runs csrc/ on the CPU emulation."""
+    return os.environ.get(EMULATE_ENV_VAR, "0").strip() not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
 def _load():
+    if emulated():
+        try:
+            from sigvlp import _cuda_emu  # noqa: PLC0415
+        except ImportError as exc:
+            built = build_info().get("emu_built")
+            why = f"import failed: {exc}" if built else "the package was built without it (no host C++ compiler?)"
+            return None, f"{EMULATE_ENV_VAR}=1 but the CUDA emulation module sigvlp._cuda_emu is missing: {why}"
+        return _cuda_emu, None
     try:
         from sigvlp import _cuda  # noqa: PLC0415
     except ImportError as exc:
@@ -64,6 +87,10 @@ def unavailable_reason(device: torch.device | None = None) -> str | None:
     reason = module_unavailable_reason()
     if reason:
         return reason
+    if emulated():
+        if device is not None and device.type != "cpu":
+            return f"{EMULATE_ENV_VAR}=1: the emulated CUDA backend runs on CPU tensors, got a {device.type} tensor"
+        return None
     if device is not None and device.type != "cuda":
         return f"the CUDA backend runs on CUDA tensors, got a {device.type} tensor"
     if not torch.cuda.is_available():
@@ -77,6 +104,8 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 
 def stream_ptr(device: torch.device) -> int:
+    if device.type == "cpu":
+        return 0  # the emulation runs synchronously on the calling thread
     return torch.cuda.current_stream(device).cuda_stream
 
 
