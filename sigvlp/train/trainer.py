@@ -62,7 +62,8 @@ def _distributed_env() -> tuple[int, int, int]:
 
 
 def resolve_data_paths(config: TrainConfig) -> dict:
-    """The dataset folder, masks folder and findings bank of a config; clear errors when absent."""
+    """The dataset folder of a config, checked, with its masks and findings options (explicit
+    paths, else "auto": sigvlp.data finds them under the dataset root)."""
     if config.data is None:
         raise ValueError("data: no dataset folder given (--data DIR, or `data:` in the config file); "
                          "`sigvlp synth --out DIR` writes a phantom dataset in the CT-RATE layout")
@@ -71,14 +72,15 @@ def resolve_data_paths(config: TrainConfig) -> dict:
         raise FileNotFoundError(f"data: no such dataset folder {root} (expected the CT-RATE layout: "
                                 f"dataset/{config.split}/..., radiology_text_reports/, ...; "
                                 "`sigvlp synth --out DIR` writes one)")
-    masks = Path(config.masks) if config.masks else (root / "masks" if (root / "masks").is_dir() else None)
-    if masks is not None and not masks.is_dir():
-        raise FileNotFoundError(f"masks: no such folder {masks}")
-    findings = Path(config.findings) if config.findings else root / "findings" / f"{config.split}_findings.jsonl"
-    if config.findings and not findings.is_file():
-        raise FileNotFoundError(f"findings: no such findings bank {findings}")
-    if not findings.is_file():
-        findings = None
+    masks, findings = "auto", "auto"
+    if config.masks:
+        masks = Path(config.masks).expanduser()
+        if not masks.is_dir():
+            raise FileNotFoundError(f"masks: no such folder {masks}")
+    if config.findings:
+        findings = Path(config.findings).expanduser()
+        if not findings.is_file():
+            raise FileNotFoundError(f"findings: no such findings bank {findings}")
     return {"root": root, "masks": masks, "findings": findings}
 
 
@@ -215,14 +217,18 @@ class Trainer:
                                                     **chunk_over)
         else:
             self.chunk_config = self.model_config.chunk_config(**chunk_over)
-        ds = CTRateDataset(paths["root"], cfg.split, masks_dir=paths["masks"],
-                           findings=str(paths["findings"]) if paths["findings"] else None)
+        ds = CTRateDataset(paths["root"], cfg.split, masks_dir=paths["masks"], findings=paths["findings"])
         if len(ds) == 0:
             raise ValueError(f"data: no usable {cfg.split!r} volumes under {paths['root']}\n{ds.scan.summary()}")
         if ds.scan.skipped:
             self.log(ds.scan.summary())
-        cache_root = cfg.cache or os.environ.get("SIGVLP_CACHE") or str(paths["root"] / ".sigvlp_cache")
-        cache = PreprocessCache(Path(cache_root), preset(pp_name))
+        if cfg.cache:
+            cache_root = Path(cfg.cache)
+        else:
+            from sigvlp.data.loader import default_cache_root
+
+            cache_root = default_cache_root(paths["root"])
+        cache = PreprocessCache(cache_root, preset(pp_name))
         # Rank 0 preprocesses; the others wait and then read the cache.
         if self.distributed and not self.is_main:
             dist.barrier()
@@ -261,7 +267,7 @@ class Trainer:
     @staticmethod
     def _cached(ds, cache):
         if hasattr(ds, "cached"):
-            return ds.cached(cache)
+            return ds.cached(cache, workers=min(os.cpu_count() or 1, 4) if len(ds) > 8 else 0)
         from sigvlp.data import build_cache
 
         entries, _ = build_cache(ds, cache)
@@ -347,10 +353,14 @@ class Trainer:
         from sigvlp.ops import sigmoid_loss
 
         text_ids = torch.tensor([0, 1], device=self.device)
+        # Bias 0, not the model's (about -10, set by the many negatives of the main loss): the
+        # false statement is pushed away as hard as the true one is pulled (the two-way softmax
+        # of zero-shot scoring does not see the bias).
+        zero = torch.zeros_like(bias)
         total = img.new_zeros(())
         for k in range(truth.shape[0]):
             ids = 1 - truth[k]  # 0: "present" is true, 1: "not present" is true
-            total = total + sigmoid_loss(img, ptxt[2 * k:2 * k + 2], scale, bias, image_ids=ids, text_ids=text_ids,
+            total = total + sigmoid_loss(img, ptxt[2 * k:2 * k + 2], scale, zero, image_ids=ids, text_ids=text_ids,
                                          backend=self.config.backend)
         total = total / truth.shape[0]
         if self.distributed:  # per-rank mean -> share of the global mean (DDP averages gradients)

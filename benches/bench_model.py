@@ -1,0 +1,148 @@
+"""SigVLP training-step throughput (tokens/s, slices/s) and peak memory at several chunk depths.
+
+One step = forward of both towers on a packed varlen batch of chunks (about TOKEN_BUDGET image
+tokens), sigmoid loss with pair ids, backward, optimizer step. Providers:
+- unfused (the baseline): rope3d on q and k + varlen attention (FA2 through torch's varlen_attn on
+  a GPU, per-sequence matmuls otherwise; bench_flops_vs_slices.unfused_attention), the dense
+  sigmoid loss (N x M logits materialised), torch.optim.Muon for the hidden 2-D weights + AdamW;
+- sigvlp: our ops on their default backends (fused 3D-RoPE varlen attention, blockwise sigmoid
+  loss, sigvlp.optim.MuonWithAdamW with batched Newton-Schulz);
+- sigvlp-torch: the same model with every sigvlp op on its torch backend (the CPU path).
+Full mode (GPU): the "base" preset, 256 x 256 in-plane (16 x 16 patches), chunks of 32..256
+slices, bf16 autocast. Quick mode (CPU): "tiny", 64 x 64, chunks of 8 and 32 slices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+import _bench
+from bench_flops_vs_slices import attention_as, unfused_attention
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# baseline first; on the CPU every sigvlp op already runs its torch backend: no separate row
+PROVIDERS = ("unfused", "sigvlp", "sigvlp-torch") if HAS_CUDA else ("unfused", "sigvlp")
+FULL = {"preset": "base", "inplane": 256, "depths": (32, 64, 128, 256), "token_budget": 32768}
+QUICK = {"preset": "tiny", "inplane": 64, "depths": (8, 32), "token_budget": 512}
+TEXTS = ["Lung nodule in the right upper lobe.", "Cardiomegaly. Pericardial effusion.", "No abnormality.",
+         "Bilateral pleural effusion with atelectasis.", "Emphysema in both upper lobes."]
+
+
+def _setup():
+    return FULL if _bench.full() else QUICK
+
+
+def _batch(depth: int, cfg, setup) -> dict:
+    from sigvlp.data.collate import collate_chunks
+
+    pt, ph, pw = cfg.patch_size
+    n_plane = (setup["inplane"] // ph) * (setup["inplane"] // pw)
+    per_chunk = (depth // pt) * n_plane
+    n = max(2, setup["token_budget"] // per_chunk)
+    g = torch.Generator().manual_seed(depth)
+    samples = [{"image": (torch.rand(depth, setup["inplane"], setup["inplane"], generator=g) * 2 - 1).numpy(),
+                "text": TEXTS[i % len(TEXTS)], "uid": i} for i in range(n)]
+    b = collate_chunks(samples, patch=cfg.patch_size, max_text_tokens=cfg.max_text_tokens)
+    for k in ("patches", "cu_seqlens", "grid_thw", "text_ids", "text_cu_seqlens", "image_pair_ids", "text_pair_ids"):
+        b[k] = b[k].to(DEVICE)
+    return b
+
+
+def _optimizer(model, provider):
+    from sigvlp.optim import MuonWithAdamW, split_params
+
+    groups = split_params(model)
+    if provider != "unfused":
+        return MuonWithAdamW(groups, lr=0.02, adamw_lr=1e-3, backend="torch" if provider == "sigvlp-torch" else None)
+    muon = [p for g in groups if g["use_muon"] for _, p in g["params"]]
+    rest = [p for g in groups if not g["use_muon"] for _, p in g["params"]]
+    muon_cls = getattr(torch.optim, "Muon", None)
+    if muon_cls is None or any(p.dim() != 2 for p in muon):
+        pytest.skip("torch.optim.Muon is unavailable (torch < 2.9) or a Muon weight is not 2-D")
+    opts = [muon_cls(muon, lr=0.02), torch.optim.AdamW(rest, lr=1e-3)]
+
+    class Both:
+        def step(self):
+            for o in opts:
+                o.step()
+
+        def zero_grad(self, set_to_none=True):
+            for o in opts:
+                o.zero_grad(set_to_none=set_to_none)
+    return Both()
+
+
+_MODELS: dict = {}
+
+
+def _model(preset):
+    from sigvlp.model import SigVLP, SigVLPConfig
+
+    if preset not in _MODELS:
+        _MODELS.clear()
+        torch.manual_seed(0)
+        _MODELS[preset] = SigVLP(SigVLPConfig.preset(preset)).to(DEVICE)
+    return _MODELS[preset]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free():
+    yield
+    _MODELS.clear()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("depth", _setup()["depths"])
+def test_training_step(bench, depth, provider):
+    from sigvlp.ops import sigmoid_loss
+    from sigvlp.ops.sigmoid_loss import sigmoid_loss_dense
+
+    setup = _setup()
+    model = _model(setup["preset"])
+    cfg = model.config
+    batch = _batch(depth, cfg, setup)
+    opt = _optimizer(model, provider)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if HAS_CUDA else contextlib.nullcontext()
+    attention = attention_as(unfused_attention) if provider == "unfused" else contextlib.nullcontext()
+    backend_env = {"SIGVLP_BACKEND": "torch"} if provider == "sigvlp-torch" else {}
+
+    def step():
+        with autocast:
+            out = model(batch)
+        args = (out.image_emb.float(), out.text_emb.float(), out.logit_scale, out.logit_bias)
+        ids = dict(image_ids=batch["image_pair_ids"], text_ids=batch["text_pair_ids"])
+        loss = sigmoid_loss_dense(*args, **ids) if provider == "unfused" else sigmoid_loss(
+            *args, **ids, backend="torch" if provider == "sigvlp-torch" else None)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    old = {k: os.environ.get(k) for k in backend_env}
+    os.environ.update(backend_env)
+    try:
+        with attention:
+            try:
+                peak = bench.peak_memory(step)
+                timing = bench.time(step, rounds=3)
+            except torch.OutOfMemoryError:
+                pytest.skip("out of memory")
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    tokens = int(batch["patches"].shape[0])
+    chunks = int(batch["cu_seqlens"].numel()) - 1
+    slices = chunks * depth
+    bench.record(op=f"train step {setup['preset']}", provider=provider,
+                 shape=f"{chunks}x{depth}x{setup['inplane']}x{setup['inplane']}",
+                 dtype=torch.bfloat16 if HAS_CUDA else torch.float32, timing=timing, peak_bytes=peak,
+                 baseline="unfused" if provider != "unfused" else None, tokens=tokens, chunks=chunks,
+                 tokens_per_s=tokens / timing.median, slices_per_s=slices / timing.median)
