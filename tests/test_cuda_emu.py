@@ -83,10 +83,13 @@ def test_info_reports_the_emulation():
 # ----------------------------------------------------------------------------- sanitizer builds
 
 
-@pytest.mark.parametrize("kind, schedule", [("tsan", "forward"), ("tsan", "shuffle:5"), ("asan", "reversed")])
-def test_every_kernel_is_clean_under_the_sanitizers(kind, schedule):
+@pytest.mark.parametrize("kind, schedule, workers", [("tsan", "forward", 1), ("tsan", "shuffle:5", 2),
+                                                     ("asan", "reversed", 1)])
+def test_every_kernel_is_clean_under_the_sanitizers(kind, schedule, workers):
+    """Two workers: blocks on different OS threads never synchronise, so blocks that write the
+    same memory (overlapping tiles, a mirrored store) would race under TSan too."""
     exe = emu_build.executable(kind, ROOT / "tests" / "emu" / "driver.cpp", with_kernels=True)
-    proc = emu_build.run(kind, exe, schedule)
+    proc = emu_build.run(kind, exe, schedule, workers=workers)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-8000:]
     sanitizer = {"tsan": "thread", "asan": "address"}[kind]
@@ -100,6 +103,7 @@ def test_every_kernel_is_clean_under_the_sanitizers(kind, schedule):
 CASES = [
     # variant, build kind, args, what the broken build must show
     ("missing_syncthreads.cu", "tsan", [], r"WARNING: ThreadSanitizer: data race"),
+    ("blocks_overlap.cu", "tsan", [], r"WARNING: ThreadSanitizer: data race"),
     ("store_past_end.cu", "asan", ["global"], r"ERROR: AddressSanitizer: heap-buffer-overflow"),
     # (UBSan's bounds check sees this one first; ASan reports it as a global-buffer-overflow)
     ("store_past_end.cu", "asan", ["shared"],
@@ -110,14 +114,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("variant, kind, args, caught", CASES,
-                         ids=["no-syncthreads", "store-past-end-global", "store-past-end-shared",
+                         ids=["no-syncthreads", "blocks-overlap", "store-past-end-global", "store-past-end-shared",
                               "fragment-order", "int32-overflow"])
 def test_the_harness_catches_a_broken_kernel(variant, kind, args, caught):
     fixed = emu_build.executable(kind, VARIANTS / variant, with_kernels=False, defines=["SIGVLP_VARIANT_FIXED"])
-    proc = emu_build.run(kind, fixed, *args)
+    proc = emu_build.run(kind, fixed, *args, workers=2 if kind == "tsan" else 1)
     assert proc.returncode == 0 and "mismatches: 0" in proc.stdout, proc.stdout + proc.stderr[-4000:]
     broken = emu_build.executable(kind, VARIANTS / variant, with_kernels=False)
-    proc = emu_build.run(kind, broken, *args)
+    proc = emu_build.run(kind, broken, *args, workers=2 if kind == "tsan" else 1)
     assert proc.returncode != 0, proc.stdout + proc.stderr[-4000:]
     assert re.search(caught, proc.stdout + proc.stderr), proc.stdout + proc.stderr[-4000:]
 

@@ -128,6 +128,6 @@ def executable(kind: str, main_source: pathlib.Path, with_kernels: bool, defines
     return exe
 
 
-def run(kind: str, exe: pathlib.Path, *args, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, **ENV[kind]}
+def run(kind: str, exe: pathlib.Path, *args, timeout: float = 600, workers: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, **ENV[kind], "SIGVLP_EMU_WORKERS": str(workers)}
     return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
