@@ -199,6 +199,53 @@ NB_MODULE(SIGVLP_MODULE_NAME, m) {
       field("scratch0", &NewtonSchulzArgs::scratch0), field("scratch1", &NewtonSchulzArgs::scratch1),
       field("stream", &NewtonSchulzArgs::stream));
   // ---- end newton_schulz ----
+  // ---- attention (csrc/attention.cu) ----
+  using sigvlp::AttentionArgs;
+  using sigvlp::AttentionTablesArgs;
+  bind_launcher<AttentionTablesArgs>(
+      m, "attention_rotary_tables", &sigvlp::attention_rotary_tables,
+      "Per-call cos/sin tables of the fused attention (csrc/attention.cu).",
+      field("cos", &AttentionTablesArgs::cos), field("sin", &AttentionTablesArgs::sin),
+      field("rows", &AttentionTablesArgs::rows), field("head_dim", &AttentionTablesArgs::head_dim),
+      field("positions", &AttentionTablesArgs::positions), field("log2_theta", &AttentionTablesArgs::log2_theta),
+      field("n_t", &AttentionTablesArgs::n_t), field("n_h", &AttentionTablesArgs::n_h),
+      field("n_w", &AttentionTablesArgs::n_w), field("stream", &AttentionTablesArgs::stream));
+#define SIGVLP_ATTENTION_FIELDS                                                                                     \
+  field("dtype", &AttentionArgs::dtype), field("q", &AttentionArgs::q), field("k", &AttentionArgs::k),             \
+      field("v", &AttentionArgs::v), field("out", &AttentionArgs::out), field("lse", &AttentionArgs::lse),         \
+      field("dout", &AttentionArgs::dout), field("dlse", &AttentionArgs::dlse), field("delta", &AttentionArgs::delta), \
+      field("dq", &AttentionArgs::dq), field("dk", &AttentionArgs::dk), field("dv", &AttentionArgs::dv),           \
+      field("total_q", &AttentionArgs::total_q), field("total_k", &AttentionArgs::total_k),                         \
+      field("nheads", &AttentionArgs::nheads), field("nheads_kv", &AttentionArgs::nheads_kv),                       \
+      field("head_dim", &AttentionArgs::head_dim), field("batch", &AttentionArgs::batch),                           \
+      field("max_q", &AttentionArgs::max_q), field("max_k", &AttentionArgs::max_k),                                 \
+      field("q_stride_token", &AttentionArgs::q_stride_token), field("q_stride_head", &AttentionArgs::q_stride_head), \
+      field("k_stride_token", &AttentionArgs::k_stride_token), field("k_stride_head", &AttentionArgs::k_stride_head), \
+      field("v_stride_token", &AttentionArgs::v_stride_token), field("v_stride_head", &AttentionArgs::v_stride_head), \
+      field("out_stride_token", &AttentionArgs::out_stride_token),                                                  \
+      field("out_stride_head", &AttentionArgs::out_stride_head),                                                    \
+      field("dout_stride_token", &AttentionArgs::dout_stride_token),                                                \
+      field("dout_stride_head", &AttentionArgs::dout_stride_head),                                                  \
+      field("dq_stride_token", &AttentionArgs::dq_stride_token), field("dq_stride_head", &AttentionArgs::dq_stride_head), \
+      field("dk_stride_token", &AttentionArgs::dk_stride_token), field("dk_stride_head", &AttentionArgs::dk_stride_head), \
+      field("dv_stride_token", &AttentionArgs::dv_stride_token), field("dv_stride_head", &AttentionArgs::dv_stride_head), \
+      field("lse_stride_head", &AttentionArgs::lse_stride_head),                                                    \
+      field("dlse_stride_head", &AttentionArgs::dlse_stride_head), field("cu_q", &AttentionArgs::cu_q),             \
+      field("cu_k", &AttentionArgs::cu_k), field("grid_q", &AttentionArgs::grid_q), field("grid_k", &AttentionArgs::grid_k), \
+      field("cos_q", &AttentionArgs::cos_q), field("sin_q", &AttentionArgs::sin_q), field("cos_k", &AttentionArgs::cos_k), \
+      field("sin_k", &AttentionArgs::sin_k), field("rows_q", &AttentionArgs::rows_q), field("rows_k", &AttentionArgs::rows_k), \
+      field("rotate", &AttentionArgs::rotate), field("positions_q", &AttentionArgs::positions_q),                   \
+      field("positions_k", &AttentionArgs::positions_k), field("interleaved", &AttentionArgs::interleaved),         \
+      field("causal", &AttentionArgs::causal), field("n_t", &AttentionArgs::n_t), field("n_h", &AttentionArgs::n_h), \
+      field("softmax_scale", &AttentionArgs::softmax_scale), field("stream", &AttentionArgs::stream)
+  bind_launcher<AttentionArgs>(m, "attention_forward", &sigvlp::attention_forward,
+                               "Fused 3D-RoPE varlen flash attention, forward (csrc/attention.cu).",
+                               SIGVLP_ATTENTION_FIELDS);
+  bind_launcher<AttentionArgs>(m, "attention_backward", &sigvlp::attention_backward,
+                               "Fused 3D-RoPE varlen flash attention, backward (csrc/attention.cu).",
+                               SIGVLP_ATTENTION_FIELDS);
+#undef SIGVLP_ATTENTION_FIELDS
+  // ---- end attention ----
 
 #ifdef SIGVLP_EMU
   // ---- emulation controls (sigvlp._cuda_emu only) ----

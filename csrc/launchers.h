@@ -92,4 +92,62 @@ struct NewtonSchulzArgs {
 int newton_schulz(const NewtonSchulzArgs& args);
 // ---- end newton_schulz -----------------------------------------------------------------------
 
+// ---- attention (csrc/attention.cu) -----------------------------------------------------------
+// Per-call rotary tables of the fused attention: cos/sin (rows, head_dim / 2) fp32, angles by
+// rope3d's code (pos * theta^(-j / n_a), sincosf). positions == nullptr: row r is the grid
+// coordinate r (every axis); else row r is token r's position (positions (rows, 3) fp32).
+struct AttentionTablesArgs {
+  float* cos;
+  float* sin;
+  int64_t rows;
+  int64_t head_dim;
+  const float* positions;
+  double log2_theta;
+  int32_t n_t, n_h, n_w;
+  void* stream;
+};
+
+// Varlen flash attention with 3D RoPE fused into the q/k tile loads (fp16/bf16). q (total_q,
+// nheads, D), k/v (total_k, nheads_kv, D), last dim contiguous, token/head strides in elements.
+// Forward writes out and lse (nheads, total_q) fp32 (row stride lse_stride_head). Backward reads
+// dout, dlse (or nullptr) and lse, uses delta (nheads, total_q) fp32 scratch with lse's strides,
+// and writes dq, dk, dv. Tables from attention_rotary_tables (rows_q/rows_k rows).
+struct AttentionArgs {
+  DType dtype;
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;
+  const void* dout;
+  const float* dlse;
+  float* delta;
+  void* dq;
+  void* dk;
+  void* dv;
+  int64_t total_q, total_k, nheads, nheads_kv, head_dim, batch, max_q, max_k;
+  int64_t q_stride_token, q_stride_head, k_stride_token, k_stride_head, v_stride_token, v_stride_head;
+  int64_t out_stride_token, out_stride_head, dout_stride_token, dout_stride_head;
+  int64_t dq_stride_token, dq_stride_head, dk_stride_token, dk_stride_head, dv_stride_token, dv_stride_head;
+  int64_t lse_stride_head, dlse_stride_head;
+  const int32_t* cu_q;     // (batch + 1,)
+  const int32_t* cu_k;     // (batch + 1,)
+  const int32_t* grid_q;   // (batch, 3) or nullptr
+  const int32_t* grid_k;   // (batch, 3) or nullptr
+  const float* cos_q;
+  const float* sin_q;
+  const float* cos_k;
+  const float* sin_k;
+  int64_t rows_q, rows_k;  // table rows
+  bool rotate, positions_q, positions_k, interleaved, causal;
+  int32_t n_t, n_h;
+  float softmax_scale;
+  void* stream;
+};
+
+int attention_rotary_tables(const AttentionTablesArgs& args);
+int attention_forward(const AttentionArgs& args);
+int attention_backward(const AttentionArgs& args);
+// ---- end attention ---------------------------------------------------------------------------
+
 }  // namespace sigvlp
