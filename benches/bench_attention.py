@@ -8,7 +8,8 @@ Providers (baselines first):
 - rope3d+flash_attn / rope3d+xformers: the same pipeline with flash_attn_varlen_func or xformers'
   BlockDiagonalMask, when installed;
 - rope3d+flex: rope3d, then FlexAttention with a document mask (RoPE is not a score_mod);
-- sigvlp: the fused Triton kernel (rotation inside, nothing rotated stored).
+- sigvlp: the fused Triton kernel (rotation inside, nothing rotated stored);
+- sigvlp_cuda: the fused CUDA C++ kernel (csrc/attention.cu), also compared with sigvlp (Triton).
 On CPU (quick mode) only the torch reference backend runs, on tiny sizes, so the file stays exercised.
 Numbers are reported, never asserted.
 """
@@ -36,7 +37,7 @@ BASELINES = ("sdpa_padded", "rope3d+varlen_attn", "rope3d+flash_attn", "rope3d+x
 
 
 def _providers():
-    return list(BASELINES) + ["sigvlp"] if HAS_CUDA else ["torch"]
+    return list(BASELINES) + ["sigvlp", "sigvlp_cuda"] if HAS_CUDA else ["torch"]
 
 
 def _case(lengths, head_dim, dtype):
@@ -67,8 +68,8 @@ def _varlen_attn(q, k, v, cu, max_len):
 def _attention_fn(provider, q, k, v, cu, grid, lengths):
     """A callable computing the attention output from leaf tensors q, k, v (None: unavailable)."""
     max_len = max(lengths)
-    if provider in ("sigvlp", "torch"):
-        backend = "triton" if provider == "sigvlp" else "torch"
+    if provider in ("sigvlp", "sigvlp_cuda", "torch"):
+        backend = {"sigvlp": "triton", "sigvlp_cuda": "cuda", "torch": "torch"}[provider]
         return lambda: rope_attention_varlen(q, k, v, cu, max_len, grid, backend=backend)
 
     def rotated():
@@ -191,8 +192,8 @@ def test_rope_attention_varlen_throughput(benchmark, bench_report, full_mode, ca
     key = ("attention", case, head_dim, mode)
     bench_report.baselines[key + (provider,)] = tflops
     ratios = {}
-    if provider in ("sigvlp", "torch"):
-        for base in BASELINES:
+    if provider in ("sigvlp", "sigvlp_cuda", "torch"):
+        for base in BASELINES + (("sigvlp",) if provider == "sigvlp_cuda" else ()):
             ratio = bench_report.ratio(tflops, key + (base,))
             if ratio is not None:
                 ratios[f"x_vs_{base}"] = ratio
