@@ -37,14 +37,16 @@ carry the most keys).
 
 Tuning: triton.autotune keyed on head_dim, causal, rotation mode and dtype (never lengths); the
 candidate tiles are pruned per head_dim class from an sm_90 compile survey (ptxas registers and
-stack), not yet from H200 timings. Under TRITON_INTERPRET=1 a fixed small config is used.
+stack), not yet from H200 timings, and by the device's shared memory (`_smem_estimate`: the
+rotation-table tiles are pipelined with k/v, so they count per stage). Under TRITON_INTERPRET=1 a
+fixed small config is used.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from . import interpreter
+from . import _device, interpreter
 from .rope import grid_index, pair_columns, rotary_tables
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
@@ -529,8 +531,31 @@ def _config_table(**classes):
     return configs, tags
 
 
-def _pruner(tags):
-    """Keep only the configs of the input's class, so first-call tuning compiles a few configs.
+def _smem_estimate(which, cfg, *, head_dim, elt, rotate, arch):
+    """Upper bound (bytes) of the shared memory a config compiles to, from the tiles the inner
+    loop pipelines (k/q halves, v/dO, and the two fp32 rotation-table tiles of block x head_dim/2)
+    and the operand tiles held across it. Calibrated on compiled sizes (tests/test_launch_limits.py
+    compiles every surviving config for sm_80/86/89/90): sm_90 keeps num_stages buffers of the
+    loop tiles; sm_8x keeps num_stages - 1, plus some scratch."""
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    d_pad = triton.next_power_of_2(head_dim)
+    half_pad = max(16, triton.next_power_of_2(head_dim // 2))
+    loop = bm if which == "dkdv" else bn  # rows of the tiles loaded in the inner loop
+    tiles = loop * (2 * half_pad + d_pad) * elt + (2 * loop * half_pad * 4 if rotate else 0)
+    if which == "dkdv":
+        tiles += loop * 8  # lse, delta
+        held = 2 * bn * d_pad * elt  # k, v
+    else:
+        held = bm * d_pad * elt * (2 if which == "dq" else 1)  # q (and dO)
+    if arch >= 90 or arch == 0:
+        return cfg.num_stages * tiles + held
+    return (cfg.num_stages - 1) * tiles + held + _device.SCRATCH_BYTES
+
+
+def _pruner(which, tags):
+    """Keep the configs of the input's class that fit the device's shared memory, so first-call
+    tuning compiles a few configs and none fails with out-of-resources (the smallest of the class
+    when none fits).
 
     The classes come from compiling every candidate for sm_90 and reading ptxas's register/stack
     use (no GPU measurement yet): at head_dim 128 only 8-warp or small tiles stay near 255 regs.
@@ -540,33 +565,41 @@ def _pruner(tags):
             tag = "fp32"
         else:
             tag = "small" if kwargs["HEAD_DIM"] <= 64 else "large"
-        return [c for c, t in zip(configs, tags) if t == tag] or configs[-1:]
+        mine = [c for c, t in zip(configs, tags) if t == tag] or list(configs)
+        q = named_args["Q"]
+        limit = _device.shared_memory_limit(q.device)
+        arch = _device.arch(q.device)
+        size = {id(c): _smem_estimate(which, c, head_dim=kwargs["HEAD_DIM"], elt=q.element_size(),
+                                      rotate=kwargs["ROTATE"], arch=arch) for c in mine}
+        fits = [c for c in mine if size[id(c)] <= limit]
+        return fits or [min(mine, key=lambda c: size[id(c)])]
     return prune
 
 
 # Keys: head_dim, causal and the rotation mode (and, added by Triton, the dtypes): never lengths.
 # In dkdv BLOCK_N is the key block a program owns and BLOCK_M the query block it loops over.
+# The last configs of each class are small fallbacks for 99 KiB devices (sm_86 / sm_89).
 _KEY = ["HEAD_DIM", "CAUSAL", "ROTATE", "INTERLEAVED", "DOT_PREC"]
 _FWD = _config_table(
-    small=[(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-    large=[(128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 3)],
-    fp32=[(64, 32, 4, 2), (32, 32, 4, 2)],
+    small=[(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
+    large=[(128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2)],
+    fp32=[(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)],
 )
 _DKDV = _config_table(
-    small=[(32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
-    large=[(32, 64, 8, 3), (64, 64, 8, 2)],
-    fp32=[(32, 64, 4, 2), (32, 32, 4, 2)],
+    small=[(32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)],
+    large=[(32, 64, 8, 3), (64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
+    fp32=[(32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
 )
 _DQ = _config_table(
-    small=[(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
-    large=[(128, 32, 8, 3), (64, 32, 4, 3)],
-    fp32=[(64, 32, 4, 2), (32, 32, 4, 2)],
+    small=[(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)],
+    large=[(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
+    fp32=[(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)],
 )
-_fwd_tuned = triton.autotune(_FWD[0], key=_KEY, prune_configs_by={"early_config_prune": _pruner(_FWD[1])})(
+_fwd_tuned = triton.autotune(_FWD[0], key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd", _FWD[1])})(
     _fwd_kernel)
-_dkdv_tuned = triton.autotune(_DKDV[0], key=_KEY, prune_configs_by={"early_config_prune": _pruner(_DKDV[1])})(
+_dkdv_tuned = triton.autotune(_DKDV[0], key=_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv", _DKDV[1])})(
     _bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_DQ[0], key=_KEY, prune_configs_by={"early_config_prune": _pruner(_DQ[1])})(
+_dq_tuned = triton.autotune(_DQ[0], key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq", _DQ[1])})(
     _bwd_dq_kernel)
 
 # Under TRITON_INTERPRET=1 (CPU tests) one small fixed config: the interpreter runs every program

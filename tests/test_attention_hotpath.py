@@ -244,3 +244,30 @@ def test_garbage_index_values_never_read_outside_the_inputs(monkeypatch, cross):
     (out.sum() + lse.masked_fill(torch.isinf(lse), 0).sum()).backward()
     for name, t in (("out", out), ("lse", lse), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
         assert not torch.isnan(t).any(), f"{name}: NaN read from outside the inputs"
+
+
+# ----------------------------------------------------------------------------- 5. launch configs
+
+
+@pytest.mark.parametrize("arch,limit", [(80, 166912), (86, 101376), (90, 232448)])
+def test_autotune_pruning_keeps_configs_within_shared_memory(monkeypatch, arch, limit):
+    """For every head_dim, dtype and rotation mode, each kernel's pruner keeps at least one config
+    and only configs whose shared-memory bound fits the device (compiled sizes are checked against
+    the limits by tests/test_launch_limits.py)."""
+    from sigvlp.kernels import _device
+    from sigvlp.kernels import attention as kern
+
+    monkeypatch.setattr(_device, "shared_memory_limit", lambda device: limit)
+    monkeypatch.setattr(_device, "arch", lambda device: arch)
+    for which, tuned in (("fwd", kern._fwd_tuned), ("dkdv", kern._dkdv_tuned), ("dq", kern._dq_tuned)):
+        prune = tuned.early_config_prune
+        for head_dim in kern.SUPPORTED_HEAD_DIMS:
+            for dtype, prec in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "ieee")):
+                for rotate in (False, True):
+                    q = torch.empty(1, 1, head_dim, dtype=dtype)
+                    kept = prune(tuned.configs, {"Q": q}, HEAD_DIM=head_dim, DOT_PREC=prec, ROTATE=rotate)
+                    assert kept, (which, head_dim, dtype, rotate)
+                    for cfg in kept:
+                        size = kern._smem_estimate(which, cfg, head_dim=head_dim, elt=q.element_size(),
+                                                   rotate=rotate, arch=arch)
+                        assert size <= limit, (which, head_dim, dtype, rotate, cfg, size)
