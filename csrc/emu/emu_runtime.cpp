@@ -238,7 +238,8 @@ void switch_to_main(Fiber* f, bool exiting) {
 #endif
   ctx_switch(f->ctx, w.main_ctx);
 #ifdef SIGVLP_EMU_ASAN
-  __sanitizer_finish_switch_fiber(f->asan_fake, nullptr, nullptr);
+  // Resumed, possibly from another launch's OS thread: record that thread's stack.
+  __sanitizer_finish_switch_fiber(f->asan_fake, &tl_worker->main_stack_bottom, &tl_worker->main_stack_size);
 #endif
   (void)exiting;
 }
@@ -384,9 +385,14 @@ void run_block(Worker& w, Block& b, dim3 grid, dim3 block_dim, uint3 bidx, void*
   tsan_acquire(&w.done_tok);
 }
 
-void worker_loop(int worker, int workers, dim3 grid, dim3 block, size_t smem, const std::function<void()>* body,
-                 std::string* error) {
-  Worker w;
+// Worker states (fibers and their stacks) live for the whole process and are reused by every
+// launch: launches are serialised (g_launch_mutex), and worker i of a launch runs on state i.
+std::mutex g_launch_mutex;
+std::vector<Worker*> g_workers;
+
+void worker_loop(Worker* state, int worker, int workers, dim3 grid, dim3 block, size_t smem,
+                 const std::function<void()>* body, std::string* error) {
+  Worker& w = *state;
   tl_worker = &w;
 #ifdef SIGVLP_EMU_TSAN
   w.main_fiber = __tsan_get_current_fiber();
@@ -492,13 +498,19 @@ int run_grid(dim3 grid, dim3 block, size_t dynamic_smem, const std::function<voi
   }
   const uint64_t total = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   const int workers = static_cast<int>(std::min<uint64_t>(std::max(1, g_config.workers), total));
+  if (tl_worker != nullptr) {
+    set_last_error(cudaErrorLaunchFailure, "kernel launch from inside a kernel (dynamic parallelism) is not emulated");
+    return cudaErrorLaunchFailure;
+  }
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  while (static_cast<int>(g_workers.size()) < workers) g_workers.push_back(new Worker());
   std::vector<std::string> errors(workers);
-  if (workers == 1 && tl_worker == nullptr) {
-    worker_loop(0, 1, grid, block, dynamic_smem, &body, &errors[0]);
+  if (workers == 1) {
+    worker_loop(g_workers[0], 0, 1, grid, block, dynamic_smem, &body, &errors[0]);
   } else {
     std::vector<std::thread> pool;
     for (int i = 0; i < workers; ++i)
-      pool.emplace_back(worker_loop, i, workers, grid, block, dynamic_smem, &body, &errors[i]);
+      pool.emplace_back(worker_loop, g_workers[i], i, workers, grid, block, dynamic_smem, &body, &errors[i]);
     for (auto& t : pool) t.join();
   }
   for (const auto& e : errors) {

@@ -130,4 +130,11 @@ def executable(kind: str, main_source: pathlib.Path, with_kernels: bool, defines
 
 def run(kind: str, exe: pathlib.Path, *args, timeout: float = 600, workers: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, **ENV[kind], "SIGVLP_EMU_WORKERS": str(workers)}
-    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    cmd = [str(exe), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if kind == "tsan" and "unexpected memory mapping" in proc.stderr and shutil.which("setarch"):
+        # Older TSan runtimes cannot map their shadow under the newest kernels' address-space
+        # randomisation: rerun without it (setarch -R), as the TSan documentation advises.
+        proc = subprocess.run(["setarch", os.uname().machine, "-R", *cmd], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    return proc
