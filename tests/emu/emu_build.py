@@ -19,7 +19,7 @@ import subprocess
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 CACHE = ROOT / "build" / "emu-tests"
-KERNEL_SOURCES = ("rope.cu", "newton_schulz.cu", "sigmoid_loss.cu", "runtime.cu")
+KERNEL_SOURCES = tuple(sorted(p.name for p in CSRC.glob("*.cu")))  # every op family (+ runtime.cu)
 
 SANITIZE = {
     "tsan": ["-fsanitize=thread"],
@@ -57,7 +57,7 @@ def _compiler_id() -> str:
 def _digest(kind: str, extra_files=()) -> str:
     h = hashlib.sha256()
     h.update(_compiler_id().encode())
-    h.update(repr((SANITIZE[kind], RUNTIME_FLAGS[kind], EXTRA[kind])).encode())
+    h.update(repr((SANITIZE[kind], RUNTIME_FLAGS[kind], EXTRA[kind], KERNEL_SOURCES)).encode())
     files = sorted(p for p in CSRC.rglob("*") if p.is_file() and p.suffix in (".cu", ".cuh", ".h", ".cpp"))
     for p in [*files, *map(pathlib.Path, extra_files)]:
         h.update(str(p.relative_to(ROOT)).encode())
@@ -86,10 +86,12 @@ def _build_dir(out: pathlib.Path, jobs_for) -> None:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     _compile_all(jobs_for(tmp))
-    if out.exists():
-        shutil.rmtree(tmp)
-    else:
+    if out.exists():  # an incomplete or concurrent build: replace it
+        shutil.rmtree(out, ignore_errors=True)
+    try:
         tmp.rename(out)
+    except OSError:  # another process renamed its identical build in first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def runtime_object(kind: str) -> pathlib.Path:
