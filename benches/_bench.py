@@ -513,7 +513,8 @@ def legacy_row(table: str, columns: dict, test: str = "") -> dict:
 
 #: (title, op substring, providers (None: any but the baseline), baseline provider (substring match))
 KEY_RATIOS = (
-    ("attention: sigvlp fused vs rope3d + varlen attention", "attention", ("sigvlp",), "rope3d+varlen_attn"),
+    ("attention: sigvlp fused (Triton, CUDA) vs rope3d + varlen attention", "attention", ("sigvlp", "sigvlp_cuda"),
+     "rope3d+varlen_attn"),
     ("encoder forward: sigvlp vs rope3d + varlen attention", "encoder forward", ("sigvlp",), "rope3d+varlen_attn"),
     ("newton_schulz: ours vs torch.optim.Muon's NS", "newton_schulz", ("triton", "cuda"), "torch_muon"),
     ("Muon step: ours vs torch.optim.Muon", "Muon", ("sigvlp", "sigvlp-triton", "sigvlp-cuda"), "torch.optim.Muon"),
