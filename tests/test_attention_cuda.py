@@ -5,7 +5,8 @@ Without a GPU the kernels run on CPU tensors under the SIMT emulation (sigvlp._c
 for this module only): every path on small shapes (edge lengths 0, 1, 63, 65, 127, 129; GQA/MQA;
 causal; grid_thw, positions or no rotation; interleaved; lse and its gradient; the cross form;
 NaN-poisoned outputs by the conftest hook; grid chunking past a lowered gridDim.y limit). With a GPU
-the `gpu` tests run the same checks at large sizes. The ptxas survey (registers, spills, shared
+the `gpu` tests run the same checks at large sizes. tests/attention_emu_driver.cpp runs every launcher
+path under ThreadSanitizer and AddressSanitizer + UBSan builds of the emulation. The ptxas survey (registers, spills, shared
 memory per kernel for sm_80 and sm_90a) compiles csrc/attention.cu with nvcc when it is present:
 
     python tests/test_attention_cuda.py      # prints the survey table
@@ -166,6 +167,29 @@ def test_emulated_no_tokens(emu):
     out = rope_attention_varlen(q, k, v, cu, 0, backend="cuda")
     out.sum().backward()
     assert out.shape == q.shape and k.grad.shape == k.shape
+
+
+# ----------------------------------------------------------------------------- sanitizers
+
+
+@pytest.mark.parametrize("kind,schedule,cases", [("tsan", "shuffle:5", "valid"), ("asan", "reversed", "all")])
+def test_emulated_sanitizers_report_nothing(kind, schedule, cases):
+    """tests/attention_emu_driver.cpp (every launcher path, exactly sized NaN-poisoned buffers) under
+    ThreadSanitizer (block threads as fibers: a missing barrier is a race) and AddressSanitizer +
+    UBSan, the latter also with garbage cu_seqlens / grid / max_seqlen values (memory safety)."""
+    sys.path.insert(0, str(ROOT / "tests" / "emu"))
+    import emu_build  # noqa: PLC0415
+
+    try:
+        emu_build.compiler()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    exe = emu_build.executable(kind, ROOT / "tests" / "attention_emu_driver.cpp", with_kernels=False)
+    proc = emu_build.run(kind, exe, schedule, cases, workers=2 if kind == "tsan" else 1)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    calls = re.search(r"attention driver: (\d+) launcher calls, 0 failures", out)
+    assert calls and int(calls.group(1)) >= 18, out[-2000:]
 
 
 # ----------------------------------------------------------------------------- GPU

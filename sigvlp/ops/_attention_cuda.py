@@ -14,7 +14,7 @@ import math
 import torch
 
 from sigvlp.ops import _cuda
-from sigvlp.ops._backend import empty_output
+from sigvlp.ops._backend import device_guard, empty_output
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -89,7 +89,13 @@ def forward(q, k, v, out, lse, seq, theta, sections, interleaved, scale, causal)
 
 
 def backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, seq, theta, sections, interleaved, scale, causal):
-    """Writes dq, dk, dv (deterministic: no atomics). dlse (nheads, total_q) fp32 or None."""
+    """Writes dq, dk, dv (deterministic: no atomics). dlse (nheads, total_q) fp32 or None.
+    Runs under q's device (the op's backward calls it unguarded)."""
+    with device_guard(q.device):
+        _backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, seq, theta, sections, interleaved, scale, causal)
+
+
+def _backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, seq, theta, sections, interleaved, scale, causal):
     if q.shape[0] == 0 or seq["max_q"] == 0:  # no query: nothing flows to k and v
         dk.zero_()
         dv.zero_()
