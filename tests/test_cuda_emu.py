@@ -9,8 +9,9 @@
   through every launcher path (tests/emu/driver.cpp), with the threads of a block in forward,
   reversed and shuffled orders: no race, no out-of-bounds access, no undefined behaviour.
 - The harness catches what it is for: deliberately broken kernels in tests/emu_variants (a
-  removed __syncthreads, a store one row past the end of global or shared memory, a fragment
-  layout assumption, an int32 offset overflow), each next to its fixed twin that passes.
+  removed __syncthreads, blocks writing the same rows, a store one row past the end of global or
+  shared memory, a fragment layout assumption, an int32 offset overflow, a full-mask shuffle in a
+  divergent branch), each next to its fixed twin that passes.
 - Static + dynamic shared memory of every kernel fits every target's limits (issue 14 #5).
 """
 
@@ -110,12 +111,13 @@ CASES = [
      r"ERROR: AddressSanitizer: global-buffer-overflow|runtime error: index 256 out of bounds for type 'float \[256\]'"),
     ("fragment_order.cu", "tsan", [], r"mismatches: [1-9]"),
     ("int32_offset_overflow.cu", "asan", [], r"runtime error: signed integer overflow"),
+    ("warp_divergence.cu", "tsan", [], r"launch failed: .*(exited while its warp waits in __shfl_xor_sync|deadlock)"),
 ]
 
 
 @pytest.mark.parametrize("variant, kind, args, caught", CASES,
                          ids=["no-syncthreads", "blocks-overlap", "store-past-end-global", "store-past-end-shared",
-                              "fragment-order", "int32-overflow"])
+                              "fragment-order", "int32-overflow", "warp-divergence"])
 def test_the_harness_catches_a_broken_kernel(variant, kind, args, caught):
     fixed = emu_build.executable(kind, VARIANTS / variant, with_kernels=False, defines=["SIGVLP_VARIANT_FIXED"])
     proc = emu_build.run(kind, fixed, *args, workers=2 if kind == "tsan" else 1)

@@ -248,6 +248,8 @@ void yield_current() { switch_to_main(current_fiber(), false); }
 
 void fail_block(Block& b, const std::string& message) {
   if (b.error.empty()) b.error = message;
+  // The worker reads (and frees) the message after the block: order it after this fiber.
+  tsan_release(&tl_worker->done_tok);
 }
 
 // A thread exited: release a block barrier that now has every live thread.
