@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include <mma.h>
+
 #include "cuda_bf16.h"
 #include "cuda_fp16.h"
 #include "emu/sigvlp_emu.h"
@@ -201,6 +203,49 @@ void sl(DType t, int64_t na, int64_t nb, int64_t d, bool ids, bool grad) {
     std::free(v);
 }
 
+// ---- the emulated number formats ----
+float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+// Every half / bf16 value converts to float and back unchanged; every midpoint between two
+// neighbours rounds to the even one (round to nearest even, as __float2half_rn /
+// __float2bfloat16_rn); values past the largest finite half go to infinity.
+void number_formats() {
+  for (uint32_t h = 0; h < 0x7c00; ++h) {  // non-negative finite halves
+    __half x;
+    x.__x = static_cast<unsigned short>(h);
+    const float f = __half2float(x);
+    if (__float2half_rn(f).__x != h || __float2half_rn(-f).__x != (h | 0x8000u)) fail("half round trip");
+    if (h + 1 < 0x7c00) {
+      __half y;
+      y.__x = static_cast<unsigned short>(h + 1);
+      const float mid = 0.5f * (f + __half2float(y));  // exact in fp32
+      if (__float2half_rn(mid).__x != ((h & 1u) ? h + 1 : h)) fail("half ties to even");
+    }
+  }
+  if (__float2half_rn(65520.f).__x != 0x7c00u || __float2half_rn(65519.f).__x != 0x7bffu) fail("half overflow");
+  for (uint32_t h = 0; h < 0x7f80; ++h) {  // non-negative finite bf16
+    __nv_bfloat16 x;
+    x.__x = static_cast<unsigned short>(h);
+    const float f = __bfloat162float(x);
+    if (__float2bfloat16_rn(f).__x != h) fail("bf16 round trip");
+    const float mid = bits_to_float((h << 16) | 0x8000u);
+    if (h + 1 < 0x7f80 && __float2bfloat16_rn(mid).__x != ((h & 1u) ? h + 1 : h)) fail("bf16 ties to even");
+  }
+  // TF32 (cvt.rna.tf32.f32): 10 mantissa bits, nearest, ties away from zero.
+  namespace wmma = nvcuda::wmma;
+  const float one = 1.f, ulp = std::ldexp(1.f, -10);
+  if (wmma::__float_to_tf32(one + 0.5f * ulp) != one + ulp) fail("tf32 tie away (up)");
+  if (wmma::__float_to_tf32(-(one + 0.5f * ulp)) != -(one + ulp)) fail("tf32 tie away (down)");
+  if (wmma::__float_to_tf32(one + 1.5f * ulp) != one + 2 * ulp) fail("tf32 tie away from an odd neighbour");
+  if (wmma::__float_to_tf32(one + 0.5f * ulp - std::ldexp(1.f, -23)) != one) fail("tf32 below the tie");
+  if (wmma::__float_to_tf32(bits_to_float(0x00001000u)) != bits_to_float(0x00002000u)) fail("tf32 subnormal tie");
+  ++runs;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -208,6 +253,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "unknown schedule %s\n", argv[1]);
     return 2;
   }
+  number_formats();
   const DType types[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
   for (DType t : types) {
     for (bool inter : {false, true})
