@@ -6,9 +6,11 @@ that form. With ``TrainConfig.prompt_weight > 0`` every training batch adds, per
 of statements (present / not present) as two extra texts, and a sigmoid loss per topic whose
 pair ids say which of the two is true for each chunk:
 
-- an abnormality topic (a label of the labels CSV with at least one positive volume): true
-  "present" when the chunk's volume has the label and the chunk holds one of the label's
-  organs (``LABEL_ORGANS``; labels without an organ count for every chunk);
+- an abnormality topic (a label of the labels CSV with at least one positive volume): "not
+  present" is true for every chunk of a volume without the label and for a chunk without the
+  label's organs (``LABEL_ORGANS``; labels without an organ may be in any chunk); "present" is
+  true for a chunk of a labelled volume covering at least ``min_coverage`` of its slices (a
+  smaller chunk may miss the lesion: unknown, left out of that topic);
 - an organ topic ("The {organ} is visible." / "... is not visible."): true "visible" when the
   organ is in the chunk (the organ z-profile rule of sigvlp.data.chunks).
 
@@ -74,8 +76,9 @@ class PromptTopics:
     """
 
     def __init__(self, volume_labels: Mapping[str, Mapping[str, int]], labels: Sequence[str],
-                 organs: Sequence[str]):
+                 organs: Sequence[str], min_coverage: float = 0.8):
         self.volume_labels = dict(volume_labels)
+        self.min_coverage = float(min_coverage)
         self.labels = list(labels)
         self.organs = list(organs)
         self.texts: list[str] = []
@@ -85,7 +88,7 @@ class PromptTopics:
             self.texts.extend(organ_prompts(organ))
 
     @classmethod
-    def from_records(cls, records, organs: Sequence[str]) -> "PromptTopics":
+    def from_records(cls, records, organs: Sequence[str], min_coverage: float = 0.8) -> "PromptTopics":
         """Topics from dataset records (CTRateRecord: name, labels): every label with at least one
         positive volume, and the given organs."""
         volume_labels = {r.name: dict(r.labels or {}) for r in records}
@@ -94,23 +97,34 @@ class PromptTopics:
             for k, v in lab.items():
                 seen[k] = max(seen.get(k, 0), int(v))
         labels = [k for k in LABEL_ORGANS if seen.get(k)] + [k for k in seen if seen[k] and k not in LABEL_ORGANS]
-        return cls(volume_labels, labels, organs)
+        return cls(volume_labels, labels, organs, min_coverage)
 
     @property
     def num_topics(self) -> int:
         return len(self.labels) + len(self.organs)
 
-    def truth(self, names: Sequence[str], chunk_organs: Sequence[Sequence[str]]) -> torch.Tensor:
-        """(num_topics, B) int64: 1 where the topic's positive statement is true for the chunk."""
+    def truth(self, names: Sequence[str], chunk_organs: Sequence[Sequence[str]],
+              coverage: Optional[Sequence[float]] = None) -> torch.Tensor:
+        """(num_topics, B) int64: 1 where the topic's positive statement is true for the chunk, 0
+        where the negative one is, -1 where unknown (left out of that topic's loss).
+
+        An abnormality is absent from every chunk of a volume without the label, and from a chunk
+        without the label's organs; a labelled volume's chunk shows it only when it covers at
+        least ``min_coverage`` of the volume's slices (coverage: per chunk, chunk slices / volume
+        slices; None: every chunk counts as showing it). Organ truth is exact (the masks)."""
         out = torch.zeros(self.num_topics, len(names), dtype=torch.int64)
         for j, (name, organs) in enumerate(zip(names, chunk_organs)):
             organs = set(organs)
             lab = self.volume_labels.get(name)
             if lab is None:
                 raise KeyError(f"prompt supervision: no labels for volume {name!r}")
+            whole = coverage is None or coverage[j] >= self.min_coverage
             for i, label in enumerate(self.labels):
                 need = LABEL_ORGANS.get(label)
-                out[i, j] = int(bool(lab.get(label, 0)) and (need is None or bool(organs.intersection(need))))
+                if not lab.get(label, 0) or (need is not None and not organs.intersection(need)):
+                    out[i, j] = 0
+                else:
+                    out[i, j] = 1 if whole else -1
             for i, organ in enumerate(self.organs, start=len(self.labels)):
                 out[i, j] = int(organ in organs)
         return out

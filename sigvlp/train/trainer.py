@@ -232,7 +232,7 @@ class Trainer:
         # Rank 0 preprocesses; the others wait and then read the cache.
         if self.distributed and not self.is_main:
             dist.barrier()
-        entries = self._cached(ds, cache)
+        entries = self._cached(ds, cache, cfg.num_workers)
         if self.distributed and self.is_main:
             dist.barrier()
         if not entries:
@@ -260,14 +260,16 @@ class Trainer:
             present = [ORGANS[i] for i in range(len(ORGANS))
                        if any(cv.organ_profile is not None and cv.organ_profile[i].sum() > 0 for _, cv in entries)]
             self.prompts = PromptTopics.from_records([rec for rec, _ in entries], present)
+            self._depths = {rec.name: int(cv.shape[0]) for rec, cv in entries}
             self.log(f"prompt supervision: {len(self.prompts.labels)} abnormalities, {len(self.prompts.organs)} organs "
                      f"(weight {cfg.prompt_weight})")
             self._prompt_batch = None
 
     @staticmethod
-    def _cached(ds, cache):
+    def _cached(ds, cache, num_workers: int = 0):
         if hasattr(ds, "cached"):
-            return ds.cached(cache, workers=min(os.cpu_count() or 1, 4) if len(ds) > 8 else 0)
+            # num_workers > 1: that many processes preprocess (spawned: a script needs a main guard)
+            return ds.cached(cache, workers=num_workers if num_workers > 1 and len(ds) > 8 else 0)
         from sigvlp.data import build_cache
 
         entries, _ = build_cache(ds, cache)
@@ -328,7 +330,8 @@ class Trainer:
         extra = 0
         truth = None
         if self.prompts is not None:
-            truth = self.prompts.truth(batch["names"], batch["organs"])
+            cover = [(z1 - z0) / self._depths.get(nm, z1 - z0) for nm, (z0, z1) in zip(batch["names"], batch["z_ranges"])]
+            truth = self.prompts.truth(batch["names"], batch["organs"], cover)
             batch, extra = self._with_prompts(batch)
         batch = self._to_device(batch)
         ctx = contextlib.nullcontext() if (sync or not self.distributed) else self.net.no_sync()
@@ -344,7 +347,7 @@ class Trainer:
             loss = main
             prompt = torch.zeros((), device=self.device)
             if extra:
-                prompt = self._prompt_loss(img, txt[n_txt:], scale, bias, truth.to(self.device), n_img)
+                prompt = self._prompt_loss(img, txt[n_txt:], scale, bias, truth, n_img)
                 loss = main + cfg.prompt_weight * prompt
             (loss / cfg.grad_accum).backward()
         return main.detach(), prompt.detach()
@@ -358,10 +361,17 @@ class Trainer:
         # of zero-shot scoring does not see the bias).
         zero = torch.zeros_like(bias)
         total = img.new_zeros(())
+        known = truth >= 0  # truth is on the host (built from the batch's bookkeeping)
         for k in range(truth.shape[0]):
-            ids = 1 - truth[k]  # 0: "present" is true, 1: "not present" is true
-            total = total + sigmoid_loss(img, ptxt[2 * k:2 * k + 2], scale, zero, image_ids=ids, text_ids=text_ids,
-                                         backend=self.config.backend)
+            rows = known[k]
+            if not bool(rows.any()):
+                continue
+            t = truth[k][rows]
+            x = img if bool(rows.all()) else img[rows.nonzero()[:, 0].to(img.device)]
+            ids = (1 - t).to(img.device)  # 0: "present" is true, 1: "not present" is true
+            # sigmoid_loss averages over its rows: weight by the share of the batch it covers
+            total = total + sigmoid_loss(x, ptxt[2 * k:2 * k + 2], scale, zero, image_ids=ids, text_ids=text_ids,
+                                         backend=self.config.backend) * (x.shape[0] / n_img)
         total = total / truth.shape[0]
         if self.distributed:  # per-rank mean -> share of the global mean (DDP averages gradients)
             n = torch.tensor(float(n_img), device=self.device)
