@@ -699,3 +699,30 @@ def test_gpu_matches_varlen_attn_and_flash_attn_on_rotated_inputs():
         else:
             ref = fn(qr, kr, v, cu, cu, 2048, 2048, causal=True)
         assert _err(out, exact) <= 2 * _err(ref, exact) + slack, name
+
+
+@pytest.mark.gpu
+def test_gpu_second_device_forward_and_backward():
+    """Tensors on cuda:1 while cuda:0 is current: every launch (tables, forward, backward) runs on
+    the tensors' device and gives what the same call gives on cuda:0."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        q, k, v, cu, grid, _ = _inputs([100, 33], nheads=4, nheads_kv=2, dtype=torch.bfloat16, device=device)
+        kq, kv, cu_k, _, pos_k = _cross_inputs([7, 90], 2, 64, torch.bfloat16, device, 0)
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        with torch.cuda.device(0):
+            out = rope_attention_varlen(*leaves, cu, 100, grid, causal=True)
+            pooled = rope_attention_varlen(q, kq, kv, cu, 100, cu_seqlens_k=cu_k, max_seqlen_k=90,
+                                           positions=grid_positions_of(cu, grid), positions_k=pos_k)
+            (out.float().sum() + pooled.float().sum()).backward()
+        results.append([t.detach().cpu() for t in (out, pooled, *[x.grad for x in leaves])])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def grid_positions_of(cu, grid):
+    from sigvlp.ops.rope import grid_positions
+
+    return grid_positions(cu, grid, int(cu[-1]))

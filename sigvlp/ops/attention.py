@@ -32,7 +32,8 @@ from typing import Optional, Sequence
 import torch
 
 from sigvlp.ops import _attention_cuda, _checks
-from sigvlp.ops._backend import Backend, BackendSet, empty_output, resolve_request, validation_enabled
+from sigvlp.ops._backend import (Backend, BackendSet, device_guard, empty_output, resolve_request,
+                                 validation_enabled)
 from sigvlp.ops.rope import _resolve_sections, rope3d_reference
 
 __all__ = ["rope_attention_varlen", "rope_attention_varlen_reference", "SUPPORTED_HEAD_DIMS"]
@@ -280,8 +281,9 @@ def _attention_backward_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: 
     dk = empty_output(k.shape, k.dtype, k.device)
     dv = empty_output(v.shape, v.dtype, v.device)
     seq = _seq_dict(cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, grid_thw, positions, grid_thw_k, positions_k)
-    _BACKWARD[impl.name](dout, _contig(dlse), q, k, v, out, lse.contiguous(), dq, dk, dv, seq, theta,
-                         tuple(sections), interleaved, softmax_scale, causal)
+    with device_guard(q.device):  # as Backend.run is for the forward: launches on q's device
+        _BACKWARD[impl.name](dout, _contig(dlse), q, k, v, out, lse.contiguous(), dq, dk, dv, seq, theta,
+                             tuple(sections), interleaved, softmax_scale, causal)
     return dq, dk, dv
 
 
