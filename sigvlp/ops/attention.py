@@ -293,9 +293,6 @@ def _(dout, dlse, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max_s
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_N_TENSOR_META = 6  # cu_seqlens, cu_seqlens_k, grid_thw, positions, grid_thw_k, positions_k
-
-
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, grid_q, pos_q, grid_k, pos_k, theta, sections, interleaved, scale, causal,
      cross, _validate, backend) = inputs
