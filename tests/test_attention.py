@@ -84,6 +84,8 @@ def _oracle(q, k, v, cu, *, cu_k=None, grid_thw=None, positions=None, grid_thw_k
         lse = torch.logsumexp(s.masked_fill(~seen[:, None], 0.0), -1).masked_fill(~seen, float("-inf"))
         if low_precision and n_q == n_k:
             o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=scale)
+        elif low_precision and n_k and bool(seen.all()):
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=~hidden, scale=scale)
         else:
             p = torch.exp(s - lse.masked_fill(~seen, 0.0)[..., None])
             o = p.to(lp) @ vb
