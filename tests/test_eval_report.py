@@ -9,9 +9,9 @@ pytest.importorskip("sklearn", reason="the eval extra (scikit-learn) is not inst
 pytest.importorskip("matplotlib", reason="the eval extra (matplotlib) is not installed")
 
 from sigvlp.eval.report import SCHEMA, format_table, validate_report, write_report  # noqa: E402
-from sigvlp.eval.sections import (depth_sweep_point, dice_counts, fit_linear_probe, fit_segmentation_probe,  # noqa: E402
-                                  organ_section, pair_probability, predict_voxels, retrieval_section,
-                                  segmentation_section, zero_shot_section)
+from sigvlp.eval.sections import (depth_sweep_point, dice_counts, fit_linear_probe,  # noqa: E402
+                                  fit_segmentation_probe, organ_section, pair_probability, predict_voxels,
+                                  retrieval_section, segmentation_section, zero_shot_section)
 
 LABELS = ["Cardiomegaly", "Emphysema", "Lung nodule", "Rare"]
 ORGANS = ["lung", "heart", "liver"]
@@ -23,7 +23,7 @@ def _unit(x):
 
 def test_pair_probability_is_the_two_way_softmax():
     rng = np.random.default_rng(0)
-    img, pos, neg = _unit(rng.standard_normal((5, 8))), _unit(rng.standard_normal((3, 8))), _unit(rng.standard_normal((3, 8)))
+    img, pos, neg = (_unit(rng.standard_normal(shape)) for shape in ((5, 8), (3, 8), (3, 8)))
     p = pair_probability(img, pos, neg, logit_scale=10.0, logit_bias=-10.0)
     lp, ln = 10 * img @ pos.T - 10, 10 * img @ neg.T - 10
     ref = np.exp(lp) / (np.exp(lp) + np.exp(ln))

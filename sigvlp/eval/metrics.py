@@ -292,12 +292,16 @@ def retrieval_metrics(sim, positives, ks: Sequence[int] = (1, 5, 10, 50)) -> dic
 def dice_scores(pred, target, n_classes: int, *, ignore: Sequence[int] = (0,)) -> np.ndarray:
     """Dice 2|P & G| / (|P| + |G|) per class of two integer label maps of equal shape; NaN for a
     class absent from both (and for ignored classes). Returns (n_classes,) float64."""
-    p = np.asarray(pred).reshape(-1)
-    g = np.asarray(target).reshape(-1)
-    if np.asarray(pred).shape != np.asarray(target).shape:
-        raise ValueError(f"pred, target: expected equal shapes, got {np.asarray(pred).shape} and {np.asarray(target).shape}")
-    inter = np.bincount(g[p == g], minlength=n_classes)[:n_classes].astype(np.float64)
-    size = (np.bincount(p, minlength=n_classes)[:n_classes] + np.bincount(g, minlength=n_classes)[:n_classes]).astype(np.float64)
+    pa, ga = np.asarray(pred), np.asarray(target)
+    if pa.shape != ga.shape:
+        raise ValueError(f"pred, target: expected equal shapes, got {pa.shape} and {ga.shape}")
+    p, g = pa.reshape(-1), ga.reshape(-1)
+
+    def count(x):
+        return np.bincount(x, minlength=n_classes)[:n_classes].astype(np.float64)
+
+    inter = count(g[p == g])
+    size = count(p) + count(g)
     with np.errstate(invalid="ignore", divide="ignore"):
         d = np.where(size > 0, 2 * inter / size, np.nan)
     d[list(ignore)] = np.nan

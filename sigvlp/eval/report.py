@@ -51,7 +51,7 @@ def _num(x, where: str):
 
 
 def _skipped(section) -> bool:
-    return set(section) == {"skipped"}
+    return isinstance(section, dict) and set(section) == {"skipped"}
 
 
 def validate_report(report: dict) -> dict:
@@ -104,7 +104,8 @@ def validate_report(report: dict) -> dict:
     if not _skipped(sweep):
         _need(sweep, ("points",), "depth_sweep")
         for i, p in enumerate(sweep["points"]):
-            _need(p, ("slices", "tokens", "encoder_flops", "mean_auroc", "mean_f1_weighted"), f"depth_sweep.points[{i}]")
+            _need(p, ("slices", "tokens", "encoder_flops", "mean_auroc", "mean_f1_weighted"),
+                  f"depth_sweep.points[{i}]")
     return report
 
 
@@ -197,6 +198,8 @@ def format_table(report: dict) -> str:
         lines.append("Retrieval")
         rows = []
         for name, m in ret.items():
+            if not isinstance(m, dict):
+                continue
             if _skipped(m):
                 rows.append([name, "skipped: " + m["skipped"], "", "", "", "", ""])
                 continue

@@ -77,13 +77,22 @@ def fit_linear_probe(x_train, y_train, x_test, *, seed: int = 0, c: float = 1.0)
     x_test = np.asarray(x_test, dtype=np.float64)
     y_train = np.asarray(y_train)
     out = np.full((x_test.shape[0], y_train.shape[1]), np.nan)
-    for j in range(y_train.shape[1]):
-        if len(np.unique(y_train[:, j])) < 2:
-            continue
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
-        clf.fit(x_train, y_train[:, j])
-        out[:, j] = clf.predict_proba(x_test)[:, 1]
+    with _one_blas_thread():
+        for j in range(y_train.shape[1]):
+            if len(np.unique(y_train[:, j])) < 2:
+                continue
+            clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
+            clf.fit(x_train, y_train[:, j])
+            out[:, j] = clf.predict_proba(x_test)[:, 1]
     return out
+
+
+def _one_blas_thread():
+    """BLAS on one thread for the small scikit-learn fits: next to torch's own thread pool,
+    multi-threaded BLAS oversubscribes the cores (measured 7x slower on 2 busy cores)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def organ_section(y_true, zs_scores, names: Sequence[str], prompts: Sequence[str], *, probe_train=None,
@@ -94,11 +103,6 @@ def organ_section(y_true, zs_scores, names: Sequence[str], prompts: Sequence[str
     chunks' labels (an organ needs both classes there too)."""
     y = np.asarray(y_true)
     kept, skipped = select_labels(y, list(names), min_positives, min_negatives)
-    if probe_train is not None:
-        kept_train, skipped_train = select_labels(np.asarray(probe_train), list(names), 1, 1)
-        for n, why in skipped_train.items():
-            skipped.setdefault(n, f"train chunks: {why}")
-        kept = [j for j in kept if j in kept_train]
     if not kept:
         raise ValueError(f"no organ has >= {min_positives} positive and >= {min_negatives} negative chunks: {skipped}")
     used = [names[j] for j in kept]
@@ -108,10 +112,16 @@ def organ_section(y_true, zs_scores, names: Sequence[str], prompts: Sequence[str
     zs["threshold_rule"] = "CT-CLIP grid rule per organ"
     out["zero_shot"] = zs
     if probe_scores is not None:
-        lp = _organ_block(y[:, kept], np.asarray(probe_scores)[:, kept], used, [0.5] * len(kept))
-        lp["threshold_rule"] = "probability > 0.5"
-        lp["n_train"] = int(np.asarray(probe_train).shape[0]) if probe_train is not None else None
-        out["linear_probe"] = lp
+        probe_scores = np.asarray(probe_scores)
+        fitted = [j for j in kept if np.isfinite(probe_scores[:, j]).all()]  # both classes among train chunks
+        if fitted:
+            lp = _organ_block(y[:, fitted], probe_scores[:, fitted], [names[j] for j in fitted], [0.5] * len(fitted))
+            lp["threshold_rule"] = "probability > 0.5"
+            lp["n_train"] = int(np.asarray(probe_train).shape[0]) if probe_train is not None else None
+            lp["not_fitted"] = [names[j] for j in kept if j not in fitted]
+            out["linear_probe"] = lp
+        else:
+            out["linear_probe"] = {"skipped": "no organ has both classes among the train chunks"}
     else:
         out["linear_probe"] = {"skipped": "no train split embeddings"}
     return out
@@ -146,7 +156,7 @@ def retrieval_section(vol_emb, report_emb, report_texts: Sequence[str], chunk_em
 
 
 # ----------------------------------------------------------------------------- segmentation probe
-def fit_segmentation_probe(features, labels, *, n_classes: int, seed: int = 0, max_tokens: int = 50000,
+def fit_segmentation_probe(features, labels, *, n_classes: int, seed: int = 0, max_tokens: int = 20000,
                            c: float = 1.0):
     """Multinomial logistic regression from token features (N, width) to patch organ labels
     (N,) in [0, n_classes) (0 = background); at most max_tokens tokens, drawn with the seed.
@@ -164,8 +174,9 @@ def fit_segmentation_probe(features, labels, *, n_classes: int, seed: int = 0, m
     if x.shape[0] > max_tokens:
         idx = np.random.default_rng(seed).choice(x.shape[0], max_tokens, replace=False)
         x, y = x[idx], y[idx]
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=500, random_state=seed))
-    clf.fit(x, y)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=300, random_state=seed))
+    with _one_blas_thread():
+        clf.fit(x, y)
     return clf
 
 
@@ -178,7 +189,8 @@ def predict_voxels(probe, features, grid_thw: Sequence[int], patch: Sequence[int
 
     t, h, w = (int(g) for g in grid_thw)
     proba = np.zeros((t * h * w, n_classes), dtype=np.float32)
-    proba[:, probe.classes_] = probe.predict_proba(np.asarray(features, dtype=np.float32))
+    with _one_blas_thread():
+        proba[:, probe.classes_] = probe.predict_proba(np.asarray(features, dtype=np.float32))
     x = torch.from_numpy(proba.reshape(t, h, w, n_classes)).permute(3, 0, 1, 2)[None]
     size = (t * patch[0], h * patch[1], w * patch[2])
     up = F.interpolate(x, size=size, mode="trilinear", align_corners=False)[0]
