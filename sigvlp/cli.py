@@ -13,13 +13,13 @@ SUBCOMMANDS = {
                                   "held-out phantoms (no network, no GPU)"),
     "train": ("sigvlp.train.cli", "train SigVLP on a CT-RATE-layout folder (torchrun for several processes)"),
     "embed": ("sigvlp.embed", "pooled and token embeddings of NIfTI files or DICOM series"),
-    "eval": ("sigvlp.eval", "zero-shot, organ, retrieval and probe evaluation of a checkpoint"),
+    "eval": ("sigvlp.eval", "evaluate a checkpoint: zero-shot (CT-CLIP protocol), organs, retrieval, probes, "
+                            "depth sweep; JSON report and plots"),
     "synth": ("sigvlp.data.synth", "write a synthetic chest-CT phantom dataset in the CT-RATE layout"),
     "info": ("sigvlp.info", "versions, CUDA build and backend availability"),
 }
 # Subcommands whose module may not exist yet: the parser says where they come from.
 PLACEHOLDERS = {
-    "eval": "evaluation arrives with the evaluation issue (sigvlp.eval is not installed)",
     "embed": "embedding arrives with the model issue (sigvlp.embed is not installed)",
 }
 
