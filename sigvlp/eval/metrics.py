@@ -126,7 +126,7 @@ def detection_metrics(y_true, y_score, threshold: float) -> dict:
 def select_labels(y_true: np.ndarray, names: Sequence[str], min_positives: int = 1,
                   min_negatives: int = 1) -> tuple[list[int], dict[str, str]]:
     """Columns of y_true (N, L) with at least min_positives ones and min_negatives zeros.
-    Returns (kept column indices, {skipped name: reason})."""
+    Returns (kept column indices, {skipped name: {"positives", "negatives", "reason"}})."""
     y = np.asarray(y_true)
     if y.ndim != 2 or y.shape[1] != len(names):
         raise ValueError(f"y_true: expected shape (N, {len(names)}), got {y.shape}")
@@ -135,7 +135,8 @@ def select_labels(y_true: np.ndarray, names: Sequence[str], min_positives: int =
         pos = int(y[:, j].sum())
         neg = int(y.shape[0] - pos)
         if pos < min_positives or neg < min_negatives:
-            skipped[name] = f"{pos} positives / {neg} negatives (need >= {min_positives} / >= {min_negatives})"
+            skipped[name] = {"positives": pos, "negatives": neg,
+                             "reason": f"needs >= {min_positives} positives and >= {min_negatives} negatives"}
         else:
             kept.append(j)
     return kept, skipped
@@ -147,7 +148,8 @@ def multilabel_metrics(y_true, y_score, names: Sequence[str], *, min_positives: 
 
     y_true (N, L) 0/1, y_score (N, L). Returns {"per_label": {name: metrics + n_pos, n_neg},
     "mean": {auroc, f1_weighted, accuracy, precision}, "labels_used": [...],
-    "labels_skipped": {name: reason}}. ValueError when no label qualifies.
+    "labels_skipped": {name: {"positives", "negatives", "reason"}}}. ValueError when no label
+    qualifies.
     """
     y = np.asarray(y_true)
     s = np.asarray(y_score, dtype=np.float64)

@@ -176,7 +176,9 @@ def format_table(report: dict) -> str:
                      _f(mean["f1_weighted"]), _f(mean["accuracy"]), _f(mean["precision"]), ""])
         lines += _table(["label", "pos", "neg", "AUROC", "95% CI", "F1(w)", "acc", "prec", "thr"], rows)
         if zs.get("labels_skipped"):
-            lines.append(f"labels not scored: {', '.join(f'{k} ({v})' for k, v in zs['labels_skipped'].items())}")
+            lines.append(f"labels not scored (< {report.get('config', {}).get('min_positives', '?')} positives or "
+                         "negatives): " + ", ".join(f"{k} ({v['positives']}/{v['negatives']})"
+                                                    for k, v in zs["labels_skipped"].items()))
     org = report.get("organs", {})
     if org and not _skipped(org):
         lines.append("")
