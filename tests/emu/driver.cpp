@@ -203,6 +203,90 @@ void sl(DType t, int64_t na, int64_t nb, int64_t d, bool ids, bool grad) {
     std::free(v);
 }
 
+// ---- fused attention (csrc/attention.cu): forward and backward, grid rotation, GQA ----
+void attention(DType t, int64_t head_dim, bool causal, const std::vector<int32_t>& lengths) {
+  const int64_t nheads = 4, nheads_kv = 2, batch = static_cast<int64_t>(lengths.size());
+  std::vector<int32_t> cu(1, 0), grid;
+  int64_t max_len = 0;
+  for (int32_t n : lengths) {
+    cu.push_back(cu.back() + n);
+    max_len = std::max<int64_t>(max_len, n);
+    grid.insert(grid.end(), {n ? n : 0, 1, 1});  // (T, 1, 1): T = n
+  }
+  const int64_t total = cu.back(), half = head_dim / 2;
+  const int32_t n_t = static_cast<int32_t>(half / 4), n_h = static_cast<int32_t>(3 * half / 8),
+                n_w = static_cast<int32_t>(half - half / 4 - 3 * half / 8);
+  Buf q(total * nheads * head_dim, t), k(total * nheads_kv * head_dim, t), v(total * nheads_kv * head_dim, t);
+  Buf out(total * nheads * head_dim, t, 1.f, true), dout(total * nheads * head_dim, t);
+  Buf dq(total * nheads * head_dim, t, 1.f, true), dk(total * nheads_kv * head_dim, t, 1.f, true),
+      dv(total * nheads_kv * head_dim, t, 1.f, true);
+  Buf lse(nheads * total, DType::kFloat32, 1.f, true), delta(nheads * total, DType::kFloat32, 1.f, true);
+  const int64_t rows = std::max<int64_t>(max_len, 1);
+  Buf cos(rows * half, DType::kFloat32, 1.f, true), sin(rows * half, DType::kFloat32, 1.f, true);
+  int32_t* cu_buf = static_cast<int32_t*>(std::malloc(cu.size() * 4));
+  int32_t* grid_buf = static_cast<int32_t*>(std::malloc(grid.size() * 4));
+  std::memcpy(cu_buf, cu.data(), cu.size() * 4);
+  std::memcpy(grid_buf, grid.data(), grid.size() * 4);
+  const std::string what = std::string("attention ") + name(t) + " D " + std::to_string(head_dim) +
+                           (causal ? " causal" : "");
+
+  sigvlp::AttentionTablesArgs ta{};
+  ta.cos = static_cast<float*>(cos.p);
+  ta.sin = static_cast<float*>(sin.p);
+  ta.rows = rows;
+  ta.head_dim = head_dim;
+  ta.positions = nullptr;
+  ta.log2_theta = std::log2(10000.0);
+  ta.n_t = n_t;
+  ta.n_h = n_h;
+  ta.n_w = n_w;
+  check(sigvlp::attention_rotary_tables(ta), what + " tables");
+
+  sigvlp::AttentionArgs a{};
+  a.dtype = t;
+  a.q = q.p;
+  a.k = k.p;
+  a.v = v.p;
+  a.out = out.p;
+  a.lse = static_cast<float*>(lse.p);
+  a.total_q = a.total_k = total;
+  a.nheads = nheads;
+  a.nheads_kv = nheads_kv;
+  a.head_dim = head_dim;
+  a.batch = batch;
+  a.max_q = a.max_k = max_len;
+  a.q_stride_token = a.out_stride_token = a.dout_stride_token = a.dq_stride_token = nheads * head_dim;
+  a.k_stride_token = a.v_stride_token = a.dk_stride_token = a.dv_stride_token = nheads_kv * head_dim;
+  a.q_stride_head = a.k_stride_head = a.v_stride_head = a.out_stride_head = a.dout_stride_head = head_dim;
+  a.dq_stride_head = a.dk_stride_head = a.dv_stride_head = head_dim;
+  a.lse_stride_head = total;
+  a.cu_q = a.cu_k = cu_buf;
+  a.grid_q = a.grid_k = grid_buf;
+  a.cos_q = a.cos_k = static_cast<float*>(cos.p);
+  a.sin_q = a.sin_k = static_cast<float*>(sin.p);
+  a.rows_q = a.rows_k = rows;
+  a.rotate = true;
+  a.causal = causal;
+  a.n_t = n_t;
+  a.n_h = n_h;
+  a.softmax_scale = 1.f / std::sqrt(static_cast<float>(head_dim));
+  check(sigvlp::attention_forward(a), what + " forward");
+  if (!out.finite(total * nheads, head_dim, head_dim, 1, 1, 0)) fail(what + ": unwritten outputs");
+  a.dout = dout.p;
+  a.dlse = nullptr;
+  a.delta = static_cast<float*>(delta.p);
+  a.dq = dq.p;
+  a.dk = dk.p;
+  a.dv = dv.p;
+  check(sigvlp::attention_backward(a), what + " backward");
+  if (!dq.finite(total * nheads, head_dim, head_dim, 1, 1, 0) ||
+      !dk.finite(total * nheads_kv, head_dim, head_dim, 1, 1, 0) ||
+      !dv.finite(total * nheads_kv, head_dim, head_dim, 1, 1, 0))
+    fail(what + ": unwritten gradients");
+  std::free(cu_buf);
+  std::free(grid_buf);
+}
+
 // ---- the emulated number formats ----
 float bits_to_float(uint32_t b) {
   float f;
@@ -279,6 +363,10 @@ int main(int argc, char** argv) {
     sl(t, 64, 64, 32, false, true);
     sl(t, 5, 3, 16, true, false);
     sl(t, 129, 65, 100, false, false);
+  }
+  for (DType t : {DType::kFloat16, DType::kBFloat16}) {
+    attention(t, 64, false, {5, 40, 0, 17});
+    attention(t, 32, true, {70, 3});
   }
   std::printf("driver: %d launcher calls, %d failures, schedule %s, sanitizer '%s'\n", runs, failures,
               sigvlp_emu::schedule_name(), sigvlp_emu::sanitizer());
