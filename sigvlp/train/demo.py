@@ -10,7 +10,8 @@
    with at least MIN_COUNT positives and MIN_COUNT negatives are scored.
 4. Prints a table and writes OUT/demo_metrics.json.
 
-The scoring lives in one function, ``score_zero_shot`` (to be replaced by sigvlp.eval).
+The scoring lives in one function, ``score_zero_shot``, which runs the evaluation suite
+(sigvlp.eval); its full report and plots go to OUT/eval/.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -46,115 +47,38 @@ def _dataset_dirs(data_dir: Optional[str]) -> tuple[Path, Path]:
     return base / "phantoms-demo-train", base / "phantoms-demo-heldout"
 
 
-def _auroc(y: np.ndarray, s: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, s))
-
-
-def _two_way(img: "torch.Tensor", pos: "torch.Tensor", neg: "torch.Tensor", scale, bias) -> np.ndarray:
-    """P(positive prompt) by a softmax over the pair's logits (t <x, y> + b; b cancels)."""
-    import torch
-
-    logits = torch.stack([img @ pos, img @ neg], dim=1) * scale + bias
-    return torch.softmax(logits, dim=1)[:, 0].cpu().numpy()
-
-
-def _embed(model, arrays: Sequence[np.ndarray], patch, batch_tokens: int = 16384):
-    import torch
-
-    from sigvlp.model import volume_batch
-
-    out = []
-    i = 0
-    pt, ph, pw = patch
-    while i < len(arrays):
-        j, used = i, 0
-        while j < len(arrays):
-            n = -(-arrays[j].shape[0] // pt) * (arrays[j].shape[1] // ph) * (arrays[j].shape[2] // pw)
-            if j > i and used + n > batch_tokens:
-                break
-            used += n
-            j += 1
-        b = volume_batch([np.asarray(a, dtype=np.float32) for a in arrays[i:j]], patch)
-        with torch.no_grad():
-            emb, _ = model.encode_volume(b["patches"], b["cu_seqlens"], b["max_seqlen"], b["grid_thw"])
-        out.append(emb.float())
-        i = j
-    return torch.cat(out)
-
-
 def score_zero_shot(checkpoint, heldout_root, *, cache_root=None, chunks_per_volume: int = 3, seed: int = 0,
-                    min_count: int = MIN_COUNT) -> dict:
-    """Zero-shot scores of a checkpoint on a held-out CT-RATE-layout folder (split "valid").
+                    min_count: int = MIN_COUNT, out=None) -> dict:
+    """Zero-shot scores of a checkpoint on a held-out CT-RATE-layout folder (split "valid"), by the
+    evaluation suite (sigvlp.eval: CT-CLIP's protocol, bootstrap CIs, organ presence per chunk,
+    retrieval, embedding map; report.json and plots written to `out` when given).
 
     Returns {"zero_shot": {label: {"auroc", "positives", "negatives"}}, "organ_presence": {...},
-    "zero_shot_mean_auroc", "organ_presence_mean_auroc", "volumes", "chunks", "skipped": {...}}.
-    Labels / organs with fewer than min_count positives or negatives are listed under skipped.
+    "zero_shot_mean_auroc", "organ_presence_mean_auroc", "volumes", "chunks", "skipped": {...},
+    "report": the suite's report}. Labels / organs with fewer than min_count positives or
+    negatives are listed under skipped.
     """
-    import torch
+    from sigvlp.eval.suite import EvalConfig, evaluate
 
-    from sigvlp.data import CTRateDataset, PreprocessCache, preset
-    from sigvlp.data.chunks import ChunkSampler, organs_in_chunk
-    from sigvlp.data.organs import ORGANS
-    from sigvlp.model import SigVLP
-    from sigvlp.train.prompts import abnormality_prompts, organ_prompts
-
-    model = SigVLP.from_pretrained(checkpoint, map_location="cpu").eval()
-    cfg = model.config
-    root = Path(heldout_root)
-    ds = CTRateDataset(root, "valid", masks_dir=root / "masks")
-    cache = PreprocessCache(Path(cache_root) if cache_root else root / ".sigvlp_cache", preset(cfg.preprocess))
-    if hasattr(ds, "cached"):
-        entries = ds.cached(cache)
-    else:
-        from sigvlp.data import build_cache
-
-        entries, _ = build_cache(ds, cache)
-    patch = tuple(cfg.patch_size)
-    volumes = [cv.read().astype(np.float32) for _, cv in entries]
-    # chunks for organ presence: seeded draws with the model's chunk preset
-    chunk_cfg = cfg.chunk_config()
-    sampler = ChunkSampler(chunk_cfg)
-    rng = np.random.default_rng(seed)
-    chunks, chunk_organs = [], []
-    for (_, cv), vol in zip(entries, volumes):
-        for _ in range(chunks_per_volume):
-            z0, z1 = sampler.sample(vol.shape[0], rng)
-            chunks.append(vol[z0:z1])
-            chunk_organs.append(set(organs_in_chunk(cv.organ_profile, z0, z1, chunk_cfg)))
-    with torch.no_grad():
-        vol_emb = _embed(model, volumes, patch)
-        chunk_emb = _embed(model, chunks, patch)
-        scale = model.log_logit_scale.float().exp()
-        bias = model.logit_bias.float()
-        labels = sorted({k for rec, _ in entries for k in (rec.labels or {})},
-                        key=lambda k: list((entries[0][0].labels or {}).keys()).index(k))
-        out = {"zero_shot": {}, "organ_presence": {}, "skipped": {"zero_shot": {}, "organ_presence": {}}}
-        for label in labels:
-            y = np.array([int((rec.labels or {}).get(label, 0)) for rec, _ in entries])
-            pos, neg = int(y.sum()), int(len(y) - y.sum())
-            if pos < min_count or neg < min_count:
-                out["skipped"]["zero_shot"][label] = {"positives": pos, "negatives": neg}
-                continue
-            t = model.encode_texts(list(abnormality_prompts(label))).float()
-            s = _two_way(vol_emb, t[0], t[1], scale, bias)
-            out["zero_shot"][label] = {"auroc": _auroc(y, s), "positives": pos, "negatives": neg}
-        for organ in ORGANS:
-            y = np.array([int(organ in o) for o in chunk_organs])
-            pos, neg = int(y.sum()), int(len(y) - y.sum())
-            if pos < min_count or neg < min_count:
-                out["skipped"]["organ_presence"][organ] = {"positives": pos, "negatives": neg}
-                continue
-            t = model.encode_texts(list(organ_prompts(organ))).float()
-            s = _two_way(chunk_emb, t[0], t[1], scale, bias)
-            out["organ_presence"][organ] = {"auroc": _auroc(y, s), "positives": pos, "negatives": neg}
-    for key in ("zero_shot", "organ_presence"):
-        vals = [v["auroc"] for v in out[key].values()]
-        out[f"{key}_mean_auroc"] = float(np.mean(vals)) if vals else float("nan")
-    out["volumes"] = len(entries)
-    out["chunks"] = len(chunks)
-    return out
+    config = EvalConfig(split="valid", train_split=None, min_positives=min_count, min_negatives=min_count,
+                        chunks_per_volume=chunks_per_volume, seed=seed, cache=cache_root, progress=False,
+                        sections=("zero_shot", "organs", "retrieval", "embedding_map"))
+    report = evaluate(checkpoint, heldout_root, config, out=out)
+    zs, org = report["zero_shot"], report["organs"]
+    out_dict = {"zero_shot": {}, "organ_presence": {}, "skipped": {"zero_shot": {}, "organ_presence": {}}}
+    for key, per, skipped in (("zero_shot", zs.get("per_label", {}), zs.get("labels_skipped", {})),
+                              ("organ_presence", org.get("zero_shot", {}).get("per_organ", {}),
+                               org.get("organs_skipped", {}))):
+        out_dict[key] = {k: {"auroc": v["auroc"], "positives": v["n_pos"], "negatives": v["n_neg"]}
+                         for k, v in per.items()}
+        out_dict["skipped"][key] = {k: {"positives": v["positives"], "negatives": v["negatives"]}
+                                    for k, v in skipped.items()}
+        vals = [v["auroc"] for v in out_dict[key].values()]
+        out_dict[f"{key}_mean_auroc"] = float(np.mean(vals)) if vals else float("nan")
+    out_dict["volumes"] = report["dataset"]["n_volumes"]
+    out_dict["chunks"] = org.get("n_chunks", 0)
+    out_dict["report"] = report
+    return out_dict
 
 
 def format_table(result: dict) -> str:
@@ -207,7 +131,7 @@ def run_demo(out="sigvlp-demo", *, data_dir=None, steps: Optional[int] = None, t
     summary = train(config)
     t_train = time.perf_counter() - t0 - t_data
     ckpt = summary["checkpoint"]
-    result = score_zero_shot(ckpt, heldout_dir, chunks_per_volume=d["heldout_chunks_per_volume"])
+    result = score_zero_shot(ckpt, heldout_dir, chunks_per_volume=d["heldout_chunks_per_volume"], out=out / "eval")
     seconds = time.perf_counter() - t0
     metrics = {
         "zero_shot_mean_auroc": result["zero_shot_mean_auroc"],
