@@ -20,6 +20,7 @@ SUBCOMMANDS = {
 }
 # Subcommands whose module may not exist yet: the parser says where they come from.
 PLACEHOLDERS = {
+    "eval": "evaluation arrives with the evaluation issue (sigvlp.eval is not installed)",
     "embed": "embedding arrives with the model issue (sigvlp.embed is not installed)",
 }
 
