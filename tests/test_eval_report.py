@@ -124,3 +124,12 @@ def test_plots_written_and_non_empty(tmp_path):
     for p in paths.values():
         data = open(p, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_cli_parser_and_package_import_need_neither_sklearn_nor_matplotlib():
+    import subprocess
+    import sys
+
+    code = ("import argparse, sys, sigvlp.eval as ev, sigvlp.ops; ev.add_arguments(argparse.ArgumentParser()); "
+            "bad = [m for m in ('sklearn', 'matplotlib') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
