@@ -129,19 +129,30 @@ __device__ __forceinline__ Side make_side(const AttentionArgs& a, bool q_side, i
   return s;
 }
 
-// Table row of local token `local`, pair p: its own row (positions) or its t/h/w coordinate.
-__device__ __forceinline__ int64_t table_row(const Side& s, int64_t local, int p, int n_t, int n_h) {
-  int64_t r;
+// Table rows of one token, per axis (all three its own row for positions), clamped into the
+// table: decoded once per row of a tile, then looked up per pair.
+struct RowRows {
+  int32_t t, h, w;  // a table never has 2^31 rows (it would hold 2^31 x head_dim / 2 floats)
+};
+
+__device__ __forceinline__ int32_t clamp_row(int64_t r, int64_t rows) {
+  return static_cast<int32_t>(r < 0 ? 0 : (r >= rows ? rows - 1 : r));
+}
+
+__device__ __forceinline__ RowRows row_rows(const Side& s, int64_t local) {
   if (s.positions) {
-    r = s.start + local;
-  } else if (p < n_t) {
-    r = local / (s.H * s.W);
-  } else if (p < n_t + n_h) {
-    r = (local / s.W) % s.H;
-  } else {
-    r = local % s.W;
+    const int32_t r = clamp_row(s.start + local, s.rows);
+    return {r, r, r};
   }
-  return r < 0 ? 0 : (r >= s.rows ? s.rows - 1 : r);
+  // 32-bit decode: local < 2^31 (lengths come from int32 cu_seqlens), 1 <= H, W < 2^31.
+  const int32_t n = static_cast<int32_t>(local), H = static_cast<int32_t>(s.H), W = static_cast<int32_t>(s.W);
+  const int64_t hw = s.H * s.W;
+  const int32_t t = hw > 2147483647 ? 0 : n / static_cast<int32_t>(hw);
+  return {clamp_row(t, s.rows), clamp_row((n / W) % H, s.rows), clamp_row(n % W, s.rows)};
+}
+
+__device__ __forceinline__ int32_t pair_row(const RowRows& r, int p, int n_t, int n_h) {
+  return p < n_t ? r.t : (p < n_t + n_h ? r.h : r.w);
 }
 
 __device__ __forceinline__ int pair_first(int p, bool interleaved) { return interleaved ? 2 * p : p; }
@@ -150,52 +161,63 @@ __device__ __forceinline__ int pair_second(int p, int half, bool interleaved) {
 }
 
 // Copy a ROWS x D tile (rows past `valid` as 0) of q or k into shared memory, rotated in fp32 by
-// the per-call tables when a.rotate (the expression of rope3d, rounded to T).
+// the per-call tables when a.rotate (the expression of rope3d, rounded to T). THREADS / ROWS
+// threads share a row: the token's table rows are decoded once per row, not per pair.
 template <typename T, int ROWS, int D, int LDT, int THREADS>
 __device__ __forceinline__ void load_rotated(T* __restrict__ s, const T* __restrict__ g, int64_t ldg, int64_t valid,
                                              int64_t local0, const Side& side, const AttentionArgs& a) {
   constexpr int HALF = D / 2;
-  for (int c = static_cast<int>(threadIdx.x); c < ROWS * HALF; c += THREADS) {
-    const int r = c / HALF, p = c % HALF;
-    const int f = pair_first(p, a.interleaved), sc = pair_second(p, HALF, a.interleaved);
-    T x1 = from_float<T>(0.f), x2 = from_float<T>(0.f);
-    if (r < valid) {
-      const T* row = g + static_cast<int64_t>(r) * ldg;
-      x1 = row[f];
-      x2 = row[sc];
-      if (a.rotate) {
-        const int64_t tr = table_row(side, local0 + r, p, a.n_t, a.n_h);
-        const float cs = __ldg(side.cos + tr * HALF + p), sn = __ldg(side.sin + tr * HALF + p);
-        const float e0 = to_float(x1), e1 = to_float(x2);
-        x1 = from_float<T>(e0 * cs - e1 * sn);
-        x2 = from_float<T>(e1 * cs + e0 * sn);
+  constexpr int G = THREADS >= ROWS ? THREADS / ROWS : 1;  // threads per row
+  static_assert(THREADS % ROWS == 0 || ROWS % THREADS == 0, "rows and threads must tile");
+  const int g0 = static_cast<int>(threadIdx.x) % G;
+  for (int r = static_cast<int>(threadIdx.x) / G; r < ROWS; r += THREADS / G) {
+    const bool ok = r < valid;
+    RowRows rr{0, 0, 0};
+    if (ok && a.rotate) rr = row_rows(side, local0 + r);
+    const T* row = g + static_cast<int64_t>(r) * ldg;
+#pragma unroll 2
+    for (int p = g0; p < HALF; p += G) {
+      const int f = pair_first(p, a.interleaved), sc = pair_second(p, HALF, a.interleaved);
+      T x1 = from_float<T>(0.f), x2 = from_float<T>(0.f);
+      if (ok) {
+        x1 = row[f];
+        x2 = row[sc];
+        if (a.rotate) {
+          const int64_t off = static_cast<int64_t>(pair_row(rr, p, a.n_t, a.n_h)) * HALF + p;
+          const float cs = __ldg(side.cos + off), sn = __ldg(side.sin + off);
+          const float e0 = to_float(x1), e1 = to_float(x2);
+          x1 = from_float<T>(e0 * cs - e1 * sn);
+          x2 = from_float<T>(e1 * cs + e0 * sn);
+        }
       }
+      s[r * LDT + f] = x1;
+      s[r * LDT + sc] = x2;
     }
-    s[r * LDT + f] = x1;
-    s[r * LDT + sc] = x2;
   }
 }
 
 // Store 16 rows of a gradient held in rotated coordinates (fp32, shared, row stride ld) after the
-// transposed rotation: rows with local index < valid, lane-parallel within one warp.
+// transposed rotation: rows with local index < valid; one warp, two lanes per row.
 template <typename T, int D>
 __device__ __forceinline__ void store_unrotated(T* __restrict__ g, int64_t ldg, const float* buf, int ld, int64_t valid,
                                                 int64_t local0, const Side& side, const AttentionArgs& a) {
   constexpr int HALF = D / 2;
   const int lane = static_cast<int>(threadIdx.x) & 31;
-  for (int c = lane; c < 16 * HALF; c += 32) {
-    const int r = c / HALF, p = c % HALF;
-    if (r >= valid) continue;
+  const int r = lane >> 1;
+  if (r >= valid) return;
+  RowRows rr{0, 0, 0};
+  if (a.rotate) rr = row_rows(side, local0 + r);
+  T* row = g + static_cast<int64_t>(r) * ldg;
+  for (int p = lane & 1; p < HALF; p += 2) {
     const int f = pair_first(p, a.interleaved), sc = pair_second(p, HALF, a.interleaved);
     float g1 = buf[r * ld + f], g2 = buf[r * ld + sc];
     if (a.rotate) {
-      const int64_t tr = table_row(side, local0 + r, p, a.n_t, a.n_h);
-      const float cs = __ldg(side.cos + tr * HALF + p), sn = __ldg(side.sin + tr * HALF + p);
+      const int64_t off = static_cast<int64_t>(pair_row(rr, p, a.n_t, a.n_h)) * HALF + p;
+      const float cs = __ldg(side.cos + off), sn = __ldg(side.sin + off);
       const float u = g1 * cs + g2 * sn, w = g2 * cs - g1 * sn;
       g1 = u;
       g2 = w;
     }
-    T* row = g + static_cast<int64_t>(r) * ldg;
     row[f] = from_float<T>(g1);
     row[sc] = from_float<T>(g2);
   }
@@ -265,8 +287,10 @@ __global__ void __launch_bounds__(Config<D>::kFwdWarps * 32, 1) attention_fwd_ke
           sL[w16 + r] = 0.f;
         }
         __syncwarp();
-        mma::WarpTile<T, 16, D> o;
-        o.zero();
+        // O in two column halves: the P V product loads half of V's fragments at a time (registers).
+        mma::WarpTile<T, 16, D / 2> o[2];
+        o[0].zero();
+        o[1].zero();
         const int64_t end = a.causal ? min64(max64(m0 + BM + offset, 0), Lk) : Lk;
         const int64_t qi = m0 + w16 + r;
         for (int64_t n0 = 0; n0 < end; n0 += BN) {
@@ -312,8 +336,11 @@ __global__ void __launch_bounds__(Config<D>::kFwdWarps * 32, 1) attention_fwd_ke
             sA[w16 + r] = alpha;
           }
           __syncwarp();
-          mma::scale_rows(o, sA + w16, rows);
-          o.template mma<mma::RowMajor, mma::RowMajor>(pslab, LDP, sV, LDT, BN);
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            mma::scale_rows(o[half], sA + w16, rows);
+            o[half].template mma<mma::RowMajor, mma::RowMajor>(pslab, LDP, sV + half * (D / 2), LDT, BN);
+          }
         }
         // Epilogue: out = O / l, lse = m ln2 + ln l (natural log); rows seeing no key: 0 and -inf.
         const float l = sL[w16 + r];
@@ -325,13 +352,17 @@ __global__ void __launch_bounds__(Config<D>::kFwdWarps * 32, 1) attention_fwd_ke
           }
         }
         __syncwarp();
-        mma::scale_rows(o, sA + w16, rows);
         T* orow0 = out + (q_start + m0 + w16) * a.out_stride_token + h * a.out_stride_head;
         const int64_t valid = Lq - m0 - w16;
         const int64_t ost = a.out_stride_token;
-        mma::for_each(o, slab, [&](int rr, int cc, float val) {
-          if (rr < valid) orow0[rr * ost + cc] = from_float<T>(val);
-        });
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          mma::scale_rows(o[half], sA + w16, rows);
+          T* base = orow0 + half * (D / 2);
+          mma::for_each(o[half], slab, [&](int rr, int cc, float val) {
+            if (rr < valid) base[rr * ost + cc] = from_float<T>(val);
+          });
+        }
       }
     }
   }
