@@ -247,3 +247,38 @@ def test_empty_split_and_missing_folders(data, untrained, tmp_path):
         S.EvalConfig(prompts=("{label} is present.",))
     with pytest.raises(ValueError, match="sections: unknown"):
         S.EvalConfig(sections=("zero_shot", "fun"))
+
+
+def test_embedding_cache_key_follows_the_data(tmp_path):
+    """A changed preprocessed entry (its content-keyed file name) misses the cache."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Entry:  # stands in for a CachedVolume
+        file: str
+        image: np.ndarray
+
+        @property
+        def shape(self):
+            return self.image.shape
+
+        def read(self, z0=0, z1=None):
+            return self.image[z0:z1]
+
+    torch.manual_seed(0)
+    model = SigVLP(SigVLPConfig.preset("tiny")).eval()
+    cfg = S.EvalConfig(cache=str(tmp_path), progress=False)
+    emb = S.Embedder(model, torch.device("cpu"), cfg, "sha")
+    rng = np.random.default_rng(0)
+    vol = rng.uniform(-1, 1, (8, 64, 64)).astype(np.float16)
+
+    def split(name):
+        return S.Split("valid", tmp_path, [(None, Entry(f"/cache/{name}.safetensors", vol))], None, [], None)
+
+    a, _ = emb.cached_encode(split("v1-aaaa"), [(0, 0, 8)], set(), "t")
+    b, _ = emb.cached_encode(split("v1-aaaa"), [(0, 0, 8)], set(), "t")
+    files = sorted((tmp_path / "eval").glob("emb-valid-*.safetensors"))
+    assert len(files) == 1 and np.array_equal(a, b)
+    emb.cached_encode(split("v1-bbbb"), [(0, 0, 8)], set(), "t")  # same volume name, new content key
+    emb.cached_encode(split("v1-aaaa"), [(0, 0, 4)], set(), "t")  # another span plan
+    assert len(sorted((tmp_path / "eval").glob("emb-valid-*.safetensors"))) == 3
