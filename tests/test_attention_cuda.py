@@ -169,6 +169,30 @@ def test_emulated_no_tokens(emu):
     assert out.shape == q.shape and k.grad.shape == k.shape
 
 
+@pytest.mark.parametrize("mode,cross", [("grid", False), ("positions", True)])
+def test_emulated_fast_path_makes_no_host_reads(emu, monkeypatch, mode, cross):
+    """With the GPU's validation policy, forward + backward through the cuda backend (tables,
+    launches) calls none of Tensor.item/tolist/cpu/... (each a device-to-host copy on a GPU)."""
+    import sigvlp.ops.attention as attention_op  # noqa: PLC0415
+    from _no_sync import forbid_host_reads  # noqa: PLC0415
+
+    monkeypatch.setattr(attention_op, "validation_enabled", lambda validate, device: validate)  # as on a GPU
+    lengths, lengths_k = [3, 0, 20], [7, 5, 0]
+    q, k, v, cu, grid, positions = _inputs(lengths, nheads=2, nheads_kv=1, head_dim=32, dtype=torch.float16)
+    kw = dict(grid_thw=grid) if mode == "grid" else dict(positions=positions)
+    if cross:
+        g = torch.Generator().manual_seed(5)
+        k, v = (torch.randn(sum(lengths_k), 1, 32, generator=g).half() for _ in range(2))
+        kw.update(cu_seqlens_k=torch.tensor([0, 7, 12, 12], dtype=torch.int32), max_seqlen_k=7,
+                  positions_k=torch.rand(12, 3, generator=g) * 9)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    with forbid_host_reads():
+        out, lse = rope_attention_varlen(*leaves, cu, max(lengths), causal=True, return_lse=True, backend="cuda",
+                                         **kw)
+        (out.float().square().sum() + lse.masked_fill(torch.isinf(lse), 0).sum()).backward()
+    assert all(x.grad is not None for x in leaves)
+
+
 # ----------------------------------------------------------------------------- sanitizers
 
 
