@@ -370,21 +370,27 @@ __global__ void __launch_bounds__(Config<D>::kFwdWarps * 32, 1) attention_fwd_ke
 
 // ---------------------------------------------------------------------------- backward
 
-// delta[h, t] = rowsum(dO * O) - dlse[h, t]
+// delta[h, t] = rowsum(dO * O) - dlse[h, t]: one warp per (token, head) row, coalesced over D,
+// reduced by a fixed shuffle tree (deterministic).
 template <typename T>
 __global__ void __launch_bounds__(256) attention_delta_kernel(AttentionArgs a) {
   const T* o = static_cast<const T*>(a.out);
   const T* d = static_cast<const T*>(a.dout);
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t warps_per_block = blockDim.x / 32;
   const int64_t n = a.total_q * a.nheads;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t i = blockIdx.x * warps_per_block + threadIdx.x / 32; i < n; i += gridDim.x * warps_per_block) {
     const int64_t t = i / a.nheads, h = i % a.nheads;
     const T* orow = o + t * a.out_stride_token + h * a.out_stride_head;
     const T* drow = d + t * a.dout_stride_token + h * a.dout_stride_head;
     float acc = 0.f;
-    for (int64_t c = 0; c < a.head_dim; ++c) acc += to_float(orow[c]) * to_float(drow[c]);
-    if (a.dlse != nullptr) acc -= a.dlse[h * a.dlse_stride_head + t];
-    a.delta[h * a.lse_stride_head + t] = acc;
+    for (int64_t c = lane; c < a.head_dim; c += 32) acc += to_float(orow[c]) * to_float(drow[c]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) {
+      if (a.dlse != nullptr) acc -= a.dlse[h * a.dlse_stride_head + t];
+      a.delta[h * a.lse_stride_head + t] = acc;
+    }
   }
 }
 
@@ -658,7 +664,7 @@ int forward_for(const AttentionArgs& a) {
 template <typename T, int D>
 int backward_for(const AttentionArgs& a) {
   const auto stream = static_cast<cudaStream_t>(a.stream);
-  SIGVLP_LAUNCH(flat_blocks(a.total_q * a.nheads, 256), 256, 0, stream, attention_delta_kernel<T>)(a);
+  SIGVLP_LAUNCH(flat_blocks(a.total_q * a.nheads * 32, 256), 256, 0, stream, attention_delta_kernel<T>)(a);
   int err = static_cast<int>(cudaGetLastError());
   if (err != 0) return err;
   constexpr int B = 16 * Config<D>::kBwdWarps;
