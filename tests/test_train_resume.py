@@ -1,5 +1,6 @@
-"""`sigvlp train` end to end on a tiny phantom set: the 20-step smoke run, and a run killed with
-SIGKILL mid-training then resumed with --resume gives exactly the uninterrupted run's losses."""
+"""`sigvlp train` end to end on a tiny phantom set (with prompt supervision): the 20-step smoke
+run, and a run killed with SIGKILL mid-training then resumed with --resume gives exactly the
+uninterrupted run's losses."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _cmd(data, cache, out, *extra):
     return [sys.executable, "-m", "sigvlp", "train", "--data", str(data), "--cache", str(cache), "--out", str(out),
             "--model", "tiny", *sets, "--steps", str(STEPS), "--warmup-steps", "3", "--ckpt-every", "4",
             "--keep-last", "2", "--token-budget", "512", "--num-workers", "0", "--threads", "1",
-            "--max-text-tokens", "48", "--no-progress", "--no-tensorboard", *extra]
+            "--max-text-tokens", "48", "--prompt-weight", "1.0", "--no-progress", "--no-tensorboard", *extra]
 
 
 def _env():
@@ -73,6 +74,7 @@ def test_smoke_run_writes_a_complete_run_folder(smoke_run):
     assert saved["steps"] == STEPS and saved["model_overrides"]["width"] == TEST_MODEL["width"]
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["tokens"] > 0 and row["slices"] > 0 and row["tokens_per_s"] > 0
+    assert row["loss_prompt"] > 0 and row["loss"] == row["loss_main"] + row["loss_prompt"]
     assert "checkpoint" in proc.stdout
 
 

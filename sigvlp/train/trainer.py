@@ -361,24 +361,23 @@ class Trainer:
         # of zero-shot scoring does not see the bias).
         zero = torch.zeros_like(bias)
         total = img.new_zeros(())
-        known = truth >= 0  # truth is on the host (built from the batch's bookkeeping)
+        # truth is on the host (built from the batch's bookkeeping). Per topic, the chunks where
+        # "present" is true and those where "not present" is true are two sigmoid_loss calls
+        # weighted equally (balanced: most abnormalities are rare); unknown chunks are left out.
+        parts = 0
         for k in range(truth.shape[0]):
-            rows = known[k]
-            if not bool(rows.any()):
-                continue
-            t = truth[k][rows]
-            x = img if bool(rows.all()) else img[rows.nonzero()[:, 0].to(img.device)]
-            ids = (1 - t).to(img.device)  # 0: "present" is true, 1: "not present" is true
-            # sigmoid_loss averages over its rows: weight by the share of the batch it covers
-            total = total + sigmoid_loss(x, ptxt[2 * k:2 * k + 2], scale, zero, image_ids=ids, text_ids=text_ids,
-                                         backend=self.config.backend) * (x.shape[0] / n_img)
-        total = total / truth.shape[0]
-        if self.distributed:  # per-rank mean -> share of the global mean (DDP averages gradients)
-            n = torch.tensor(float(n_img), device=self.device)
-            n_global = n.clone()
-            dist.all_reduce(n_global)
-            total = total * (self.world * n / n_global)
-        return total
+            for value in (1, 0):
+                rows = truth[k] == value
+                n = int(rows.sum())
+                if n == 0:
+                    continue
+                x = img if n == truth.shape[1] else img[rows.nonzero()[:, 0].to(img.device)]
+                ids = torch.full((n,), 1 - value, dtype=torch.int64, device=img.device)  # 0: "present" is true
+                total = total + 0.5 * sigmoid_loss(x, ptxt[2 * k:2 * k + 2], scale, zero, image_ids=ids,
+                                                   text_ids=text_ids, backend=self.config.backend)
+            parts += 1
+        # Under DDP each rank balances its own chunks and DDP averages the ranks' gradients.
+        return total / max(parts, 1)
 
     def train_step(self, batches: Iterator[dict]) -> dict:
         """One optimizer step over grad_accum micro-batches. Returns host metrics."""
