@@ -41,7 +41,7 @@ def _providers(full):
 
 @pytest.mark.parametrize("provider", _providers(HAS_CUDA))
 @pytest.mark.parametrize("dtype", _dtypes(HAS_CUDA), ids=str)
-def test_rope3d_bandwidth(benchmark, bench_report, full_mode, provider, dtype):
+def test_rope3d_bandwidth(bench, benchmark, bench_report, full_mode, provider, dtype):
     x, cu, grid = _case(full_mode, dtype)
     nbytes = 2 * x.numel() * x.element_size()  # read x, write the result
     benchmark.group = f"rope3d {str(dtype).removeprefix('torch.')}"
@@ -68,11 +68,6 @@ def test_rope3d_bandwidth(benchmark, bench_report, full_mode, provider, dtype):
     if provider in ("copy", "torch"):
         bench_report.baselines[("rope3d", dname, provider)] = gbps
     vs_copy = bench_report.ratio(gbps, ("rope3d", dname, "copy"))
-    vs_torch = bench_report.ratio(gbps, ("rope3d", dname, "torch"))
-    bench_report.add(
-        "rope3d effective bandwidth",
-        dtype=dname, provider=provider, tokens=x.shape[0], heads=x.shape[1], head_dim=x.shape[2],
-        ms=seconds * 1e3, GBps=gbps,
-        pct_of_copy=None if vs_copy is None else 100 * vs_copy,
-        x_vs_torch=vs_torch,
-    )
+    bench.record(op="rope3d", provider=provider, shape="x".join(map(str, x.shape)), dtype=dtype, bytes=nbytes,
+                 baseline=None if provider in ("copy", "torch") else "torch",
+                 pct_of_copy=None if vs_copy is None else 100 * vs_copy)
