@@ -160,7 +160,8 @@ def _cases(full):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", list(FULL_CASES) + list(QUICK_CASES))
-def test_rope_attention_varlen_throughput(benchmark, bench_report, full_mode, case, head_dim, mode, provider):
+def test_rope_attention_varlen_throughput(bench, benchmark, bench_report, full_mode, case, head_dim, mode,
+                                         provider):
     cases = _cases(full_mode)
     if case not in cases:
         pytest.skip("size not in this mode")
@@ -197,11 +198,10 @@ def test_rope_attention_varlen_throughput(benchmark, bench_report, full_mode, ca
             ratio = bench_report.ratio(tflops, key + (base,))
             if ratio is not None:
                 ratios[f"x_vs_{base}"] = ratio
-    bench_report.add(
-        "rope_attention_varlen (TFLOP/s: FA convention; bwd 2.5x, fwd+bwd 3.5x the forward)",
-        case=case, head_dim=head_dim, mode=mode, provider=provider, dtype=str(dtype).removeprefix("torch."),
-        ms=seconds * 1e3, TFLOPs=tflops, peak_MiB=peak, **ratios,
-    )
+    # TFLOP/s: FA convention (bwd 2.5x, fwd+bwd 3.5x the forward); x_vs_*: TFLOP/s ratios
+    bench.record(op=f"rope_attention_varlen {mode}", provider=provider, shape=f"{case} d={head_dim}", dtype=dtype,
+                 flops=flops, peak_bytes=None if peak is None else peak * 2**20,
+                 baseline="rope3d+varlen_attn" if provider in ("sigvlp", "sigvlp_cuda") else None, **ratios)
 
 
 # ----------------------------------------------------------------------------- cross form
