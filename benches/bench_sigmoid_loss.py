@@ -109,7 +109,7 @@ def _peak_bytes(run) -> int:
 
 @pytest.mark.parametrize("provider", _providers(True))
 @pytest.mark.parametrize("n, d", _sizes(False) + _sizes(True), ids=lambda v: str(v))
-def test_sigmoid_loss_fwd_bwd(benchmark, bench_report, full_mode, provider, n, d):
+def test_sigmoid_loss_fwd_bwd(bench, benchmark, bench_report, full_mode, provider, n, d):
     if (n, d) not in _sizes(full_mode) or provider not in _providers(full_mode):
         pytest.skip("not in this mode's sizes")
     dtype = torch.bfloat16 if full_mode else torch.float32
@@ -121,22 +121,16 @@ def test_sigmoid_loss_fwd_bwd(benchmark, bench_report, full_mode, provider, n, d
     except torch.OutOfMemoryError:
         pytest.skip("out of memory")
     benchmark.group = f"sigmoid_loss N={n} D={d}"
-    benchmark.pedantic(run, rounds=5 if full_mode else 2, iterations=1, warmup_rounds=1)
-    seconds = benchmark.stats.stats.median
+    seconds = bench.time(run, rounds=5 if full_mode else 2).median
     key = ("sigmoid_loss", n, d)
     if provider == BASELINE:
         bench_report.baselines[key + ("ms",)] = seconds
         bench_report.baselines[key + ("peak",)] = float(peak)
-    base_s = bench_report.baselines.get(key + ("ms",))
     base_peak = bench_report.baselines.get(key + ("peak",))
     flops = 6.0 * n * n * d  # useful work of fwd+bwd: S, dX, dY (the fused design does 8 N M D)
-    bench_report.add(
-        "sigmoid_loss forward+backward",
-        device=DEVICE, dtype=str(dtype).removeprefix("torch."), N=n, D=d, provider=provider,
-        ms=seconds * 1e3, TFLOPs=flops / seconds / 1e12, peak_MiB=peak / 2**20,
-        speedup_vs_dense=None if not base_s else base_s / seconds,
-        mem_pct_of_dense=None if not base_peak else 100.0 * peak / base_peak,
-    )
+    bench.record(op="sigmoid_loss fwd+bwd", provider=provider, shape=f"N={n} D={d}", dtype=dtype, flops=flops,
+                 peak_bytes=peak, baseline=None if provider == BASELINE else BASELINE,
+                 mem_pct_of_dense=None if not base_peak else 100.0 * peak / base_peak)
 
 
 # ----------------------------------------------------------------------------- CPU peak RSS
