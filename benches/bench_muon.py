@@ -45,7 +45,7 @@ def _shape_id(shape):
 
 @pytest.mark.parametrize("provider", _providers(HAS_CUDA))
 @pytest.mark.parametrize("index", range(5))
-def test_newton_schulz_time(benchmark, bench_report, full_mode, index, provider):
+def test_newton_schulz_time(bench, benchmark, bench_report, full_mode, index, provider):
     shape = (FULL_SHAPES if full_mode else QUICK_SHAPES)[index]
     dtype = torch.bfloat16 if full_mode else torch.float32
     G = torch.randn(shape, device=DEVICE)
@@ -64,16 +64,14 @@ def test_newton_schulz_time(benchmark, bench_report, full_mode, index, provider)
     if provider == "torch_muon":
         bench_report.baselines[key] = 1 / seconds
     speedup = bench_report.ratio(1 / seconds, key)
-    bench_report.add(
-        "newton_schulz, 5 steps (x_vs_torch_muon = torch.optim.Muon's NS time / ours)",
-        shape=_shape_id(shape), provider=provider,
-        dtype="bf16" if provider == "torch_muon" or dtype == torch.bfloat16 else "fp32",
-        ms=seconds * 1e3, TFLOPs=_flops(shape) / seconds / 1e12, x_vs_torch_muon=speedup,
-    )
+    # dtype: the iteration's operands (torch.optim.Muon's NS is bf16); x_vs_torch_muon = its time / ours
+    bench.record(op="newton_schulz 5 steps", provider=provider, shape=_shape_id(shape),
+                 dtype=torch.bfloat16 if provider == "torch_muon" else dtype, flops=_flops(shape),
+                 baseline=None if provider == "torch_muon" else "torch_muon", x_vs_torch_muon=speedup)
 
 
 @pytest.mark.parametrize("n", [32, 64, 128, 256])
-def test_batched_vs_looped(benchmark, bench_report, full_mode, n):
+def test_batched_vs_looped(bench, benchmark, bench_report, full_mode, n):
     """One batched call vs a loop of single calls on 24 n x n matrices (same backend)."""
     if full_mode:
         n *= 4  # 128 .. 1024 on a GPU
@@ -81,10 +79,11 @@ def test_batched_vs_looped(benchmark, bench_report, full_mode, n):
     G = torch.randn(24, n, n, device=DEVICE, dtype=dtype)
     mats = list(G)
     benchmark.group = f"ns batched vs loop {n}"
-    seconds = timed(benchmark, lambda: newton_schulz(G), rounds=10 if full_mode else 3, iterations=3 if full_mode else 1)
+    timed(benchmark, lambda: newton_schulz(G), rounds=10 if full_mode else 3, iterations=3 if full_mode else 1)
     loop = _timed_loop(lambda: [newton_schulz(g) for g in mats], full_mode)
-    bench_report.add("newton_schulz: 24 matrices, one batched call vs a loop (auto backend)",
-                     n=n, batched_ms=seconds * 1e3, loop_ms=loop * 1e3, x_batched=loop / seconds)
+    op, shape = "newton_schulz 24 matrices, batched vs loop (auto backend)", f"24x{n}x{n}"
+    bench.record(op=op, provider="loop", shape=shape, dtype=dtype, seconds=loop)
+    bench.record(op=op, provider="batched", shape=shape, dtype=dtype, baseline="loop")
 
 
 def _timed_loop(fn, full):
@@ -116,7 +115,7 @@ def _vit_params(full):
 
 
 @pytest.mark.parametrize("provider", ["torch.optim.Muon", "sigvlp"] + (["sigvlp-triton", "sigvlp-cuda"] if HAS_CUDA else []))
-def test_muon_step_vit_l(benchmark, bench_report, full_mode, provider):
+def test_muon_step_vit_l(bench, benchmark, bench_report, full_mode, provider):
     params, (blocks, width, mlp) = _vit_params(full_mode)
     benchmark.group = "muon step"
     if provider == "torch.optim.Muon":
@@ -132,7 +131,9 @@ def test_muon_step_vit_l(benchmark, bench_report, full_mode, provider):
     key = ("muon_step",)
     if provider == "torch.optim.Muon":
         bench_report.baselines[key] = 1 / seconds
-    bench_report.add("Muon optimizer step, ViT matrix shapes (x_vs_torch = torch.optim.Muon time / ours)",
-                     model=f"{blocks} blocks, width {width}, mlp {mlp}", params=len(params), provider=provider,
-                     ns_dtype="bf16" if (HAS_CUDA or provider == "torch.optim.Muon") else "fp32",
-                     ms=seconds * 1e3, x_vs_torch=bench_report.ratio(1 / seconds, key))
+    # dtype: the NS operands; x_vs_torch = torch.optim.Muon's step time / ours
+    bench.record(op="Muon optimizer step, ViT matrix shapes", provider=provider,
+                 shape=f"{blocks} blocks w{width} mlp{mlp} ({len(params)} params)",
+                 dtype=torch.bfloat16 if (HAS_CUDA or provider == "torch.optim.Muon") else torch.float32,
+                 baseline=None if provider == "torch.optim.Muon" else "torch.optim.Muon",
+                 x_vs_torch=bench_report.ratio(1 / seconds, key))
