@@ -126,7 +126,7 @@ def run_demo(out="sigvlp-demo", *, data_dir=None, steps: Optional[int] = None, t
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the demo always trains from scratch
     values = dict(DEMO_TRAIN, data=str(train_dir), out=str(run_dir), model_overrides=dict(DEMO_MODEL),
-                  progress=progress, threads=threads or min(os.cpu_count() or 1, 2))
+                  progress=progress, threads=threads or 1)  # the loader worker takes another core
     if steps is not None:
         values["steps"] = int(steps)
         values["warmup_steps"] = min(values["warmup_steps"], max(int(steps) // 10, 1))
@@ -165,7 +165,8 @@ def add_arguments(parser) -> None:
                         help="where the phantom sets live (default: next to sigvlp.data's default dataset, "
                              "~/.cache/sigvlp or $SIGVLP_CACHE)")
     parser.add_argument("--steps", type=int, default=None, help=f"training steps (default {DEMO_TRAIN['steps']})")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(cores, 2))")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for training (default 1; the data loader runs in another process)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
