@@ -196,6 +196,11 @@ def timed(benchmark, fn: Callable, *, rounds: int, iterations: int = 1) -> float
     return timing.median
 
 
+def last_timing() -> Timing | None:
+    """The Timing of the last `timed` call in the current test (None if none)."""
+    return _LAST_TIMING[0]
+
+
 def peak_memory(fn: Callable) -> int | None:
     """Peak bytes allocated on the GPU by fn() beyond what was allocated before (None on CPU)."""
     if not HAS_CUDA:

@@ -19,6 +19,8 @@ from sigvlp.data.preprocess import PreprocessCache, PreprocessConfig, preprocess
 from sigvlp.data.synth import SynthConfig, write_dataset
 from sigvlp.data.volume import load_volume
 
+import _bench
+
 CHUNKS_PER_VOLUME = 4
 TABLE = "data pipeline (chunks from phantom CT volumes)"
 
@@ -45,16 +47,14 @@ def _chunks(image: np.ndarray, sampler: ChunkSampler, rng) -> list[np.ndarray]:
 
 
 def _measure(benchmark, fn, rounds):
-    fn()  # warm-up: imports, page cache
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
-    return benchmark.stats.stats.median
+    return _bench.timed(benchmark, fn, rounds=rounds)  # after one warm-up call (imports, page cache)
 
 
 def _report(bench_report, path, seconds, n_chunks, mb, baseline_key=None):
     chunks_s = n_chunks / seconds
-    bench_report.add(TABLE, path=path, volumes_s=round(n_chunks / CHUNKS_PER_VOLUME / seconds, 2),
-                     chunks_s=round(chunks_s, 1), MB_s=round(mb / seconds, 1),
-                     vs_monai=bench_report.ratio(chunks_s, ("data", "monai")))
+    _bench.RESULTS.add(op=TABLE, provider=path, timing=_bench.last_timing(), bytes=mb * 2**20,
+                       volumes_s=round(n_chunks / CHUNKS_PER_VOLUME / seconds, 2), chunks_s=round(chunks_s, 1),
+                       MB_s=round(mb / seconds, 1), vs_monai=bench_report.ratio(chunks_s, ("data", "monai")))
     return chunks_s
 
 
@@ -132,7 +132,8 @@ def test_ours_from_cache(benchmark, bench_report, corpus):
 
     seconds = _measure(benchmark, run, rounds=10)
     _report(bench_report, "sigvlp from cache (mmap slices)", seconds, len(entries) * CHUNKS_PER_VOLUME, read_mb[0])
-    bench_report.add(TABLE, path="  (cache build, once)", volumes_s=round(len(entries) / build_s, 2))
+    _bench.RESULTS.add(op=TABLE, provider="cache build (once)", shape=f"{len(entries)} volumes",
+                       seconds=build_s, volumes_s=round(len(entries) / build_s, 2))
 
 
 def test_ours_loader_batches(benchmark, bench_report, corpus):
