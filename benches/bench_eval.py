@@ -42,7 +42,7 @@ def _cases(full: bool):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "base"])
-def test_embedding_throughput(benchmark, bench_report, full_mode, preset):
+def test_embedding_throughput(bench, benchmark, bench_report, full_mode, preset):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, n, depth, size = next(c for c in _cases(full_mode) if c[0] == preset)
     torch.manual_seed(0)
@@ -62,8 +62,7 @@ def test_embedding_throughput(benchmark, bench_report, full_mode, preset):
 
         run()  # warm-up: kernels, allocator
         if precision == precisions[-1]:
-            benchmark.pedantic(run, rounds=3 if full_mode else 2, iterations=1, warmup_rounds=0)
-            seconds = benchmark.stats.stats.median
+            seconds = bench.time(run, rounds=3 if full_mode else 2).median
         else:
             import time
 
@@ -72,6 +71,7 @@ def test_embedding_throughput(benchmark, bench_report, full_mode, preset):
             seconds = time.perf_counter() - t0
         pt, ph, pw = model.config.patch_size
         tokens = n * (-(-depth // pt)) * (size // ph) * (size // pw)
-        bench_report.add(TABLE, preset=preset, device=device.type, precision=precision, volumes=n, slices=depth,
-                         inplane=size, tokens=tokens, ms=round(seconds * 1e3, 2), volumes_s=round(n / seconds, 3),
-                         slices_s=round(n * depth / seconds, 1), tokens_s=round(tokens / seconds, 1))
+        bench.record(op=f"eval embedding {preset}", provider=f"encode_volume {precision}",
+                     shape=f"{n}x{depth}x{size}x{size}", timing=bench.last if precision == precisions[-1] else None,
+                     seconds=seconds, tokens=tokens, volumes_s=round(n / seconds, 3),
+                     slices_s=round(n * depth / seconds, 1), tokens_s=round(tokens / seconds, 1))
