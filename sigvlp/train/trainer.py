@@ -118,13 +118,13 @@ class Trainer:
         self.config = config
         self.rank, self.world, local = _distributed_env()
         self.distributed = self.world > 1
-        if self.distributed and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             self.device = torch.device("cuda", local)
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self.device)  # before NCCL initialises
         else:
             self.device = torch.device("cpu")
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if config.threads:
             torch.set_num_threads(config.threads)
         self.group = dist.group.WORLD if self.distributed else None
