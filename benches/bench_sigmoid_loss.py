@@ -170,7 +170,7 @@ def test_sigmoid_loss_cpu_peak_rss(bench):
     bench.record(op="sigmoid_loss_cpu_rss", provider="dense", shape=shape, dtype=torch.float32,
                  peak_bytes=dense * 2**20)
     bench.record(op="sigmoid_loss_cpu_rss", provider="torch", shape=shape, dtype=torch.float32,
-                 peak_bytes=ours * 2**20, baseline="dense", pct_of_dense=100.0 * ours / dense)
+                 peak_bytes=ours * 2**20, baseline="dense", pct_of_dense=100.0 * ours / dense if dense > 0 else None)
 
 
 if __name__ == "__main__":
