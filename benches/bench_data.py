@@ -194,4 +194,5 @@ def test_peak_memory_load_preprocess(bench_report, corpus):
     res = json.loads(out)
     _bench.RESULTS.add(op=MEMORY_TABLE, provider="load_volume + preprocess_array", shape=f"{f.name}",
                        peak_bytes=res["extra"], volume_MB=round(res["int16_bytes"] / 2 ** 20),
-                       output_MB=round(res["output_bytes"] / 2 ** 20), x_int16=round(res["extra"] / res["int16_bytes"], 2))
+                       output_MB=round(res["output_bytes"] / 2 ** 20),
+                       x_int16=round(res["extra"] / res["int16_bytes"], 2))
