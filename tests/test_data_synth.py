@@ -304,3 +304,88 @@ def test_synth_help_shows_defaults(capsys):
     for text in ("--n-train N_TRAIN training volumes (default: 200)", "(default: 50)", "(default: small)",
                  "--overwrite"):
         assert text in out, text
+
+
+def _fake_ctrate(root):
+    """A CT-RATE-like folder that sigvlp synth did not write (no synth.json), with a user notes file."""
+    files = {"dataset/train/train_1/train_1_a/train_1_a_1.nii.gz": b"scan",
+             "dataset/radiology_text_reports/train_reports.csv": b"VolumeName\ntrain_1_a_1.nii.gz\n",
+             "dataset/multi_abnormality_labels/train_predicted_labels.csv": b"VolumeName\n",
+             "masks/train/train_1/train_1_a/train_1_a_1.nii.gz": b"mask",
+             "findings/train_findings.jsonl": b"{}\n",
+             "dataset/my_notes.txt": b"mine"}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def _snapshot(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_deletes_a_folder_synth_did_not_write(tmp_path, capsys):
+    from sigvlp.cli import main
+    from sigvlp.data.synth import write_dataset
+
+    root = tmp_path / "ctrate"
+    files = _fake_ctrate(root)
+    assert main(["synth", "--out", str(root), "--n-train", "1", "--n-valid", "0", "--preset", "tiny",
+                 "--workers", "1", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sigvlp synth: error: argument --out:")
+    assert str(root) in err[0] and "does not look like a sigvlp synth output" in err[0]
+    assert _snapshot(root) == files
+    with pytest.raises(ValueError, match="does not look like a sigvlp synth output") as exc:
+        ensure_default_dataset(root, n_train=1, n_valid=0, preset="tiny", workers=1)
+    assert str(root) in str(exc.value) and _snapshot(root) == files
+    with pytest.raises(ValueError, match="does not look like a sigvlp synth output"):
+        write_dataset(root, 1, 0, config=TINY, workers=1, overwrite=True)
+    assert _snapshot(root) == files
+    (root / "synth.json").write_text("my own notes, not json")  # a synth.json that synth did not write
+    with pytest.raises(ValueError, match="not a marker written by sigvlp synth"):
+        ensure_default_dataset(root, n_train=1, n_valid=0, preset="tiny", workers=1)
+    assert _snapshot(root) == {**files, "synth.json": b"my own notes, not json"}
+
+
+def test_overwrite_deletes_only_the_files_the_previous_run_listed(tmp_path):
+    from sigvlp.cli import main
+
+    out = tmp_path / "o"
+    base = ["synth", "--out", str(out), "--preset", "tiny", "--workers", "1", "--n-valid", "0"]
+    assert main(base + ["--n-train", "2"]) == 0
+    mine = {"dataset/my_notes.txt": b"mine", "masks/train/train_2/extra.txt": b"also mine",
+            "dataset/train/train_9/train_9_a/train_9_a_1.nii.gz": b"my scan"}
+    for rel, data in mine.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    assert main(base + ["--n-train", "1", "--overwrite"]) == 0
+    snap = _snapshot(out)
+    assert {k: snap[k] for k in mine} == mine  # the user's files survive
+    assert not (out / "dataset/train/train_2").exists()  # synth's old volume and its emptied folders are gone
+    assert not (out / "masks/train/train_2/train_2_a").exists()
+    assert sorted(p.name for p in (out / "masks").rglob("*.nii.gz")) == ["train_1_a_1.nii.gz"]
+    assert json.loads((out / "synth.json").read_text())["n_train"] == 1
+
+
+def test_ensure_default_dataset_resumes_an_interrupted_run(tmp_path):
+    d = ensure_default_dataset(tmp_path / "d", n_train=1, n_valid=0, preset="tiny", workers=1)
+    info = json.loads((d / "synth.json").read_text())
+    assert "complete" not in info
+    (d / "synth.json").write_text(json.dumps({**info, "complete": False}))  # as left by a killed run
+    (d / "dataset" / "radiology_text_reports" / "train_reports.csv").unlink()
+    assert ensure_default_dataset(d, n_train=1, n_valid=0, preset="tiny", workers=1) == d
+    assert json.loads((d / "synth.json").read_text()) == info
+    assert (d / "dataset" / "radiology_text_reports" / "train_reports.csv").is_file()
+
+
+def test_dataset_root_that_is_a_file_says_so(tmp_path):
+    from sigvlp.data.ctrate import CTRateDataset
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(FileNotFoundError) as exc:
+        CTRateDataset(f, "train")
+    assert str(exc.value) == f"{f} is a file, expected a dataset folder"
+    with pytest.raises(FileNotFoundError, match="no such dataset folder"):
+        CTRateDataset(tmp_path / "absent", "train")

@@ -138,6 +138,8 @@ class CTRateDataset:
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         self.root = Path(root)
+        if self.root.is_file():
+            raise FileNotFoundError(f"{self.root} is a file, expected a dataset folder")  # CLIs catch this
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such dataset folder")
         self.split = split

@@ -778,27 +778,88 @@ def _write_csv(path: Path, columns, rows):
         w.writerows(rows)
 
 
-#: What write_dataset writes under its folder (and removes first with overwrite=True).
+#: The top-level names write_dataset writes under its folder; synth.json is its marker.
 WRITTEN = ("dataset", "masks", "findings", "synth.json")
+MARKER = "synth.json"
+
+
+def written_files(n_train: int, n_valid: int) -> list[str]:
+    """Relative paths of the files write_dataset(out, n_train, n_valid, ...) writes (marker excluded)."""
+    from sigvlp.data.ctrate import volume_relpath
+
+    files = []
+    for split, csv_split, n in (("train", "train", n_train), ("valid", "validation", n_valid)):
+        for i in range(n):
+            rel = volume_relpath(volume_name(split, i))
+            files += [f"dataset/{rel}", f"masks/{rel}"]
+        files += [f"dataset/radiology_text_reports/{csv_split}_reports.csv",
+                  f"dataset/multi_abnormality_labels/{split}_predicted_labels.csv",
+                  f"dataset/metadata/{csv_split}_metadata.csv", f"findings/{split}_findings.jsonl"]
+    return files
+
+
+def _read_marker(out: Path) -> Optional[dict]:
+    """The parsed synth.json of `out`, or None when absent. ValueError when it is not synth's."""
+    marker = out / MARKER
+    if not marker.is_file() or marker.is_symlink():
+        if marker.exists() or marker.is_symlink():
+            raise ValueError(f"{out}: {MARKER} is not a file written by sigvlp synth; refusing to delete anything")
+        return None
+    try:
+        info = json.loads(marker.read_text())
+        n_train, n_valid = info["n_train"], info["n_valid"]
+        ok = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (n_train, n_valid))
+    except (ValueError, TypeError, KeyError, OSError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{out}: {MARKER} is not a marker written by sigvlp synth (no n_train/n_valid); "
+                         f"refusing to delete anything")
+    return info
+
+
+def check_overwritable(out) -> Optional[dict]:
+    """Raise ValueError unless `out` is absent, empty, or a previous sigvlp synth output (has synth's
+    synth.json marker); return that marker (None when there is none)."""
+    out = Path(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    info = _read_marker(out)
+    if info is None:
+        raise ValueError(f"{out}: folder is not empty and has no {MARKER}: it does not look like a sigvlp synth "
+                         f"output, so nothing is overwritten (use an empty or new folder)")
+    return info
 
 
 def clear_previous(out: Path) -> None:
-    """Remove what a previous write_dataset wrote under `out` (WRITTEN), nothing else."""
-    import shutil
-
-    for name in WRITTEN:
-        p = out / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
+    """Remove the files a previous write_dataset wrote under `out`, as listed by its synth.json
+    marker (n_train/n_valid give the layout), then the folders this leaves empty, then the marker.
+    Nothing else is touched: a folder without the marker raises ValueError (see check_overwritable)."""
+    out = Path(out)
+    info = check_overwritable(out)
+    if info is None:
+        return
+    dirs = set()
+    for rel in written_files(info["n_train"], info["n_valid"]):
+        p = out / rel
+        if p.is_symlink() or p.is_file():
             p.unlink()
+        parent = p.parent
+        while parent != out:
+            dirs.add(parent)
+            parent = parent.parent
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):  # deepest first; only empty ones
+        if d.is_dir() and not d.is_symlink() and not any(d.iterdir()):
+            d.rmdir()
+    (out / MARKER).unlink()
 
 
 def write_dataset(out, n_train: int = 200, n_valid: int = 50, seed: int = 0, config: SynthConfig = SynthConfig(),
                   workers: int = 0, progress: bool = False, *, overwrite: bool = False) -> Path:
     """Write a complete CT-RATE-style phantom dataset under `out` (see the module docstring).
     A non-empty `out` is refused (FileExistsError: old volumes would sit beside the new CSVs)
-    unless overwrite=True, which first removes what a previous run wrote (WRITTEN)."""
+    unless overwrite=True, which first removes the files a previous write_dataset wrote there
+    (those its synth.json marker lists, see clear_previous) and nothing else; a non-empty folder
+    without that marker is never overwritten (ValueError)."""
     if n_train < 0 or n_valid < 0:
         raise ValueError(f"n_train and n_valid must be >= 0, got {n_train}, {n_valid}")
     out = Path(out)
@@ -806,9 +867,15 @@ def write_dataset(out, n_train: int = 200, n_valid: int = 50, seed: int = 0, con
         raise NotADirectoryError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
+            check_overwritable(out)  # a folder that is not synth's output: say so rather than suggest overwrite
             raise FileExistsError(f"{out}: folder is not empty; pass overwrite=True (--overwrite) to replace "
                                   f"what a previous run wrote")
         clear_previous(out)
+    info = {"n_train": n_train, "n_valid": n_valid, "seed": seed, "config": dataclasses.asdict(config)}
+    out.mkdir(parents=True, exist_ok=True)
+    # Marker first (flagged incomplete) so an interrupted run can still be cleared by the next one;
+    # rewritten without the flag at the end, so a half-written dataset never looks complete.
+    (out / MARKER).write_text(json.dumps({**info, "complete": False}, indent=1))
     workers = workers or min(os.cpu_count() or 1, 8)
     csv_split = {"train": "train", "valid": "validation"}
     for split, n in (("train", n_train), ("valid", n_valid)):
@@ -830,8 +897,7 @@ def write_dataset(out, n_train: int = 200, n_valid: int = 50, seed: int = 0, con
         with open(out / "findings" / f"{split}_findings.jsonl", "w", encoding="utf-8") as f:
             for entry in banks:
                 f.write(json.dumps(entry) + "\n")
-    info = {"n_train": n_train, "n_valid": n_valid, "seed": seed, "config": dataclasses.asdict(config)}
-    (out / "synth.json").write_text(json.dumps(info, indent=1))
+    (out / MARKER).write_text(json.dumps(info, indent=1))
     return out
 
 
@@ -848,19 +914,14 @@ def ensure_default_dataset(path=None, *, n_train: int = DEFAULT_DATASET["n_train
                            preset: str = DEFAULT_DATASET["preset"], workers: int = 0) -> Path:
     """The embedded default dataset: generated once (deterministically) under `path`
     (default ~/.cache/sigvlp/phantoms, or $SIGVLP_CACHE/phantoms) and reused while its
-    parameters match."""
+    parameters match. It only ever replaces its own output: a non-empty `path` without synth's
+    synth.json marker raises ValueError and nothing is deleted."""
     path = Path(path) if path is not None else default_dataset_dir()
     config = SYNTH_PRESETS[preset]
     want = {"n_train": n_train, "n_valid": n_valid, "seed": seed, "config": dataclasses.asdict(config)}
-    marker = path / "synth.json"
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()) == json.loads(json.dumps(want)):
-                return path
-        except ValueError:
-            pass
-    if marker.exists():
-        marker.unlink()  # written last: a half-written dataset never looks complete
+    info = check_overwritable(path)  # ValueError for a folder synth did not write
+    if info is not None and info == json.loads(json.dumps(want)):  # an incomplete run has "complete": False
+        return path
     return write_dataset(path, n_train, n_valid, seed, config, workers=workers, overwrite=True)
 
 
@@ -920,7 +981,8 @@ def add_arguments(parser):
                         default=argparse.SUPPRESS, help="slice-count range (default: the preset's)")
     parser.add_argument("--workers", type=_int_at_least(0), default=0, help="processes (0: one per core)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty --out, first removing what a previous run wrote there")
+                        help="write into a previous synth output (a folder with synth.json), first removing only the files "
+                             "that run wrote; other folders are refused")
 
 
 def run(args) -> int:
@@ -933,6 +995,11 @@ def run(args) -> int:
     if getattr(args, "slices", None):
         config = dataclasses.replace(config, slices=tuple(args.slices))
     out = Path(args.out)
+    try:
+        check_overwritable(out)
+    except ValueError as e:
+        print(f"sigvlp synth: error: argument --out: {e}", file=sys.stderr)
+        return 2
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         print(f"sigvlp synth: error: argument --out: {out} is not empty; pass --overwrite to replace what a "
               f"previous run wrote there", file=sys.stderr)
