@@ -17,7 +17,9 @@ def add_arguments(parser):
                         help="split the linear and segmentation probes are fitted on ('none' to skip)")
     parser.add_argument("--train-data", default=None, help="dataset root of the probe split (default: --data)")
     parser.add_argument("--out", default=None,
-                        help="output folder for report.json and plots (default: CKPT/eval-SPLIT)")
+                        help="output folder for report.json and plots (default: RUN/eval-SPLIT-step_N for a training run "
+                             "or a checkpoint inside one, else eval-SPLIT-NAME next to the checkpoint folder; "
+                             "never inside a checkpoints/step_* folder, which training rotates away)")
     parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
                         help="abnormality columns of the labels CSV to score (default: the 18 CT-RATE labels)")
     parser.add_argument("--prompt", nargs=2, default=None, metavar=("POS", "NEG"),
@@ -60,15 +62,46 @@ def config_from_args(args):
                       progress=not args.no_progress, plots=not args.no_plots)
 
 
+def default_out(ckpt, split: str):
+    """Default output folder, outside the rotated checkpoints/step_* folders: RUN/eval-SPLIT-step_N
+    when ckpt is a training run (or its checkpoints folder, or a step folder in it), else
+    <parent of ckpt>/eval-SPLIT-<ckpt name> (a save_pretrained folder)."""
+    from pathlib import Path
+
+    from sigvlp.eval.suite import resolve_checkpoint
+
+    resolved = Path(resolve_checkpoint(ckpt)).resolve()
+    if resolved.parent.name == "checkpoints" and resolved.name.startswith("step_"):
+        return resolved.parent.parent / f"eval-{split}-{resolved.name}"
+    return resolved.parent / f"eval-{split}-{resolved.name}"
+
+
+def _check_args(args) -> None:
+    from pathlib import Path
+
+    for flag, name in (("--max-volumes", "max_volumes"), ("--max-train-volumes", "max_train_volumes")):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise ValueError(f"{flag}: expected a positive number of volumes (>= 1), got {v}")
+    for flag, name in (("--min-count", "min_count"), ("--bootstrap", "bootstrap"),
+                       ("--chunks-per-volume", "chunks_per_volume"), ("--token-budget", "token_budget")):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise ValueError(f"{flag}: expected a positive int (>= 1), got {v}")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out: {args.out} exists and is not a folder (expected an output folder)")
+
+
 def run(args) -> int:
     from pathlib import Path
 
     from sigvlp.eval.report import format_table
-    from sigvlp.eval.suite import evaluate, resolve_checkpoint
+    from sigvlp.eval.suite import evaluate
 
     try:
+        _check_args(args)
         config = config_from_args(args)
-        out = Path(args.out) if args.out else resolve_checkpoint(args.ckpt) / f"eval-{args.split}"
+        out = Path(args.out) if args.out else default_out(args.ckpt, args.split)
         report = evaluate(args.ckpt, args.data, config, out=out)
     except (ValueError, FileNotFoundError) as e:
         print(f"sigvlp eval: error: {e}", file=sys.stderr)

@@ -137,6 +137,9 @@ def write_report(report: dict, path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    from sigvlp._fileperm import apply_umask
+
+    apply_umask(tmp)  # mkstemp creates 0600; give the report the usual 0o666 & ~umask
     os.replace(tmp, path)
     return path
 

@@ -395,6 +395,9 @@ def _save_embeddings(path: Path, pooled: np.ndarray, tokens: dict, key: str):
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"sigvlp_eval": json.dumps({"key": key, "format": EMB_FORMAT})})
+        from sigvlp._fileperm import apply_umask
+
+        apply_umask(tmp)  # mkstemp / save_file create 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -451,7 +454,7 @@ def default_depths(chunk_config, max_depth: int) -> tuple[int, ...]:
     while d < max_depth:
         out.append(d)
         d *= 2
-    out.append(d)
+    out.append(min(d, max(max_depth, 1)))  # the last point never exceeds the longest volume
     return tuple(out)
 
 

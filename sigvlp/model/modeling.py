@@ -231,6 +231,9 @@ class SigVLP(nn.Module):
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         tmp = d / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "sigvlp", "format_version": str(FORMAT_VERSION)})
+        from sigvlp._fileperm import apply_umask
+
+        apply_umask(tmp)  # safetensors writes 0600; use the usual 0o666 & ~umask
         os.replace(tmp, d / WEIGHTS_NAME)
         cfg = {"format_version": FORMAT_VERSION, "config": self.config.to_dict()}
         (d / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")

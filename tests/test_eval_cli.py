@@ -1,0 +1,114 @@
+"""`sigvlp eval` argument checks and defaults that need no model run: the default output folder
+lies outside the rotated checkpoints/step_* folders, bad flags exit 2 up front, the depth sweep's
+last point is capped at the longest volume, written files follow the umask."""
+
+import argparse
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from sigvlp.data.chunks import ChunkConfig
+
+
+def _cli(argv):
+    import sigvlp.eval as ev
+
+    parser = argparse.ArgumentParser()
+    ev.add_arguments(parser)
+    return ev.run(parser.parse_args(argv))
+
+
+def _step(run, n):
+    d = run / "checkpoints" / f"step_{n:08d}"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def test_default_out_is_outside_rotated_checkpoints(tmp_path):
+    from sigvlp.eval.cli import default_out
+
+    run = tmp_path / "run"
+    _step(run, 100)
+    last = _step(run, 200)
+    want = run.resolve() / "eval-valid-step_00000200"
+    assert default_out(run, "valid") == want
+    assert default_out(run / "checkpoints", "valid") == want
+    assert default_out(last, "valid") == want
+    assert default_out(run / "checkpoints" / "step_00000100", "train") == run.resolve() / "eval-train-step_00000100"
+    for out in (default_out(run, "valid"), default_out(last, "train")):
+        assert "checkpoints" not in out.relative_to(run.resolve()).parts
+    plain = tmp_path / "exported"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    assert default_out(plain, "valid") == tmp_path.resolve() / "eval-valid-exported"
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--max-volumes", "0"], "--max-volumes"),
+    (["--max-volumes", "-3"], "--max-volumes"),
+    (["--max-train-volumes", "0"], "--max-train-volumes"),
+    (["--min-count", "-1"], "--min-count"),
+    (["--bootstrap", "0"], "--bootstrap"),
+])
+def test_bad_counts_exit_2_naming_the_flag(tmp_path, capsys, argv, flag):
+    rc = _cli(["--ckpt", str(tmp_path / "nockpt"), "--data", str(tmp_path / "nodata"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"sigvlp eval: error: {flag}:") and len(err.strip().splitlines()) == 1
+
+
+def test_out_existing_file_exits_2_up_front(tmp_path, capsys):
+    f = tmp_path / "report.txt"
+    f.write_text("x")
+    # ckpt/data do not exist: the --out check must come first, before anything is loaded
+    rc = _cli(["--ckpt", str(tmp_path / "nockpt"), "--data", str(tmp_path / "nodata"), "--out", str(f)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("sigvlp eval: error: --out:") and "not a folder" in err
+    assert f.read_text() == "x"
+
+
+def test_default_depths_capped_at_longest_volume():
+    from sigvlp.eval.suite import default_depths
+
+    cc = ChunkConfig(patch=(4, 16, 16), min_slices=4, max_slices=32)
+    assert default_depths(cc, 40) == (4, 8, 16, 32, 40)
+    assert default_depths(cc, 32) == (4, 8, 16, 32)
+    assert default_depths(cc, 33) == (4, 8, 16, 32, 33)
+    assert default_depths(cc, 5) == (4, 5)
+    assert max(default_depths(cc, 3)) == 3
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _mode(p):
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_written_files_follow_umask(tmp_path, umask_022):
+    from sigvlp.eval.report import write_report
+    from sigvlp.eval.suite import _save_embeddings
+
+    p = write_report({"a": 1.0}, tmp_path / "r" / "report.json")
+    assert _mode(p) == 0o644
+    e = tmp_path / "emb.safetensors"
+    _save_embeddings(e, np.zeros((2, 3), np.float32), {}, "k")
+    assert _mode(e) == 0o644
+    os.umask(0o077)
+    p2 = write_report({"a": 1.0}, tmp_path / "r2.json")
+    assert _mode(p2) == 0o600
+
+
+def test_save_pretrained_follows_umask(tmp_path, umask_022):
+    from sigvlp.model import SigVLP, SigVLPConfig
+
+    d = SigVLP(SigVLPConfig.preset("tiny")).save_pretrained(tmp_path / "m")
+    assert _mode(d / "model.safetensors") == 0o644
+    assert _mode(d / "config.json") == 0o644
