@@ -59,3 +59,13 @@ def test_missing_module_becomes_a_placeholder(monkeypatch, capsys):
     assert "evaluation issue" in parser.format_help()
     assert cli.main(["eval"]) == 2
     assert "evaluation issue" in capsys.readouterr().err
+
+
+def test_demo_negative_threads_is_an_argparse_error(tmp_path, capsys):
+    from sigvlp.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--threads", "-1", "--out", str(tmp_path / "demo")])
+    assert exc.value.code == 2
+    assert "--threads: expected an integer >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -151,3 +151,102 @@ def test_run_folder_with_checkpoints_needs_resume(tmp_path):
     trainer.run()
     with pytest.raises(FileExistsError, match="--resume"):
         _trainer(tmp_path, steps=2)
+
+
+def test_scientific_notation_floats_on_every_path(tmp_path):
+    from sigvlp.train import load_config
+    from sigvlp.train.cli import config_from_args
+
+    # PyYAML (YAML 1.1) reads 1e-3 as the string '1e-3': float fields take any text float() takes
+    cfg = config_from_args(_args(["--lr", "1e-3", "--adamw-lr", "3e-4", "--set", "weight_decay=5E-2"]))
+    assert (cfg.lr, cfg.adamw_lr, cfg.weight_decay) == (1e-3, 3e-4, 5e-2)
+    assert config_from_args(_args(["--set", "lr=1e-3"])).lr == 1e-3
+    f = tmp_path / "sci.yaml"
+    f.write_text("lr: 1e-3\nadamw_lr: 3E-4\nclip_grad: 2\n")
+    cfg = load_config(f)
+    assert (cfg.lr, cfg.adamw_lr, cfg.clip_grad) == (1e-3, 3e-4, 2.0) and isinstance(cfg.clip_grad, float)
+    # ints and bools stay strict; non-numbers and non-finite values are still refused
+    with pytest.raises(ValueError, match=r"steps: expected an integer, got '1e3'"):
+        load_config(None, [("steps", "1e3")])
+    with pytest.raises(ValueError, match=r"progress: expected true or false"):
+        load_config(None, [("progress", "1e-3")])
+    with pytest.raises(ValueError, match=r"lr: expected a number, got 'fast'"):
+        load_config(None, [("lr", "fast")])
+    with pytest.raises(ValueError, match=r"lr: expected a finite number"):
+        load_config(None, [("lr", "inf")])
+    with pytest.raises(ValueError, match=r"lr: expected a number"):
+        load_config(None, [("lr", True)])
+
+
+def test_broken_config_file_is_one_line_naming_the_file(tmp_path, capsys):
+    from sigvlp.cli import main
+
+    for name, text, kind in (("bad.yaml", "model: [1,\n", "YAML"), ("bad.json", '{"steps": 3,', "JSON")):
+        path = tmp_path / name
+        path.write_text(text)
+        assert main(["train", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"sigvlp train: error: {path}: invalid {kind}: ") and "\n" not in err, err
+
+
+def test_negative_threads_is_refused_before_any_work(tmp_path, capsys):
+    from sigvlp.cli import main
+    from sigvlp.train import TrainConfig
+
+    out = tmp_path / "o"
+    assert main(["train", "--threads", "-1", "--out", str(out)]) == 2
+    assert "threads: expected an integer >= 0" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="threads"):
+        TrainConfig(threads=-2)
+    assert TrainConfig(threads=0).threads == 0
+
+
+def _saved_test_model(tmp_path, **changes):
+    from sigvlp.model import SigVLP, SigVLPConfig
+
+    model = SigVLP(SigVLPConfig.preset("tiny", **{**TEST_MODEL, **changes}))
+    model.save_pretrained(tmp_path / "init")
+    return model, tmp_path / "init"
+
+
+def test_init_from_refuses_a_different_model_config(tmp_path):
+    from sigvlp.train import TrainConfig, Trainer
+
+    model, init = _saved_test_model(tmp_path)
+    batches = [collate(samples(0, 4))]
+
+    def make(**overrides):
+        cfg = TrainConfig(out=str(tmp_path / "run"), init_from=str(init), model_overrides={**TEST_MODEL, **overrides},
+                          steps=1, progress=False, tensorboard=False)
+        return Trainer(cfg, batch_source=lambda rank, world: iter(batches))
+
+    with pytest.raises(ValueError, match=r"init_from .*width \(checkpoint 64, requested 128\).*layers"):
+        make(width=128, layers=2)
+    trainer = make(grad_checkpointing=True)  # runtime fields may differ
+    assert trainer.model.config.grad_checkpointing is True
+    assert all(torch.equal(a, b) for a, b in zip(trainer.model.state_dict().values(), model.state_dict().values()))
+
+
+def test_resume_checks_the_model_config_and_a_finished_run_has_nothing_to_do(tmp_path, capsys, monkeypatch):
+    import sigvlp.train.trainer as trainer_mod
+    from sigvlp.cli import main
+
+    trainer = _trainer(tmp_path, steps=2)
+    trainer.run()
+    batches = [collate(samples(s, 4)) for s in range(4)]
+    real = trainer_mod.Trainer
+    monkeypatch.setattr(trainer_mod, "Trainer",
+                        lambda cfg, **kw: real(cfg, batch_source=lambda rank, world: iter(batches), **kw))
+    run = str(tmp_path / "run")
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert main(["train", "--resume", "--out", run, "--set", "model.width=128"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "resume: checkpoint" in err and "width (checkpoint 64, requested 128)" in err and "\n" not in err, err
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved  # the run folder is untouched
+    for steps in ("1", "2"):
+        assert main(["train", "--resume", "--out", run, "--steps", steps]) == 0
+        out = capsys.readouterr().out
+        assert f"run already at step 2 >= steps {steps}; nothing to do" in out, out
+        assert "None" not in out and "nan" not in out
+        assert (tmp_path / "run" / "config.yaml").read_text() == saved  # a finished run keeps its config

@@ -71,6 +71,11 @@ def run(args) -> int:
         print(f"sigvlp train: error: {e}", file=sys.stderr)
         return 2
     try:
+        if trainer.step >= config.steps:  # a finished run resumed: nothing to train, nothing to report
+            if trainer.is_main:
+                print(f"sigvlp train: run already at step {trainer.step} >= steps {config.steps}; nothing to do "
+                      f"(raise --steps to train further)")
+            return 0
         summary = trainer.run()
     except TrainingDiverged as e:
         print(f"sigvlp train: {e}", file=sys.stderr)
@@ -79,6 +84,9 @@ def run(args) -> int:
         if trainer.distributed and dist.is_initialized():
             dist.destroy_process_group()
     if trainer.is_main:
-        print(f"done: step {summary.get('step')}, loss {summary.get('loss', float('nan')):.4f}, "
-              f"checkpoint {summary.get('checkpoint')}")
+        if summary.get("step") is None:  # no step ran (cannot happen when step < steps; kept honest)
+            print(f"done: no step trained (step {trainer.step}), checkpoint {summary.get('checkpoint')}")
+        else:
+            print(f"done: step {summary['step']}, loss {summary.get('loss', float('nan')):.4f}, "
+                  f"checkpoint {summary.get('checkpoint')}")
     return 0

@@ -97,6 +97,9 @@ class TrainConfig:
             raise ValueError(f"precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.split not in ("train", "valid"):
             raise ValueError(f"split: expected 'train' or 'valid', got {self.split!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                                         or self.threads < 0):
+            raise ValueError(f"threads: expected an integer >= 0 (0 or null: torch's default), got {self.threads!r}")
         if not isinstance(self.model_overrides, dict):
             raise TypeError(f"model_overrides: expected a mapping, got {type(self.model_overrides).__name__}")
 
@@ -140,6 +143,12 @@ def _coerce(name: str, value: Any, hint) -> Any:
             raise ValueError(f"{name}: expected an integer, got {value!r}")
         return int(value)
     if hint is float:
+        # YAML 1.1 (PyYAML) reads 1e-3 (no dot) as a string: accept any text float() accepts
+        if isinstance(value, str) and not isinstance(value, bool):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name}: expected a number, got {value!r}")
         return float(value)
@@ -203,12 +212,16 @@ def load_config(path=None, overrides=()) -> TrainConfig:
         if not path.is_file():
             raise FileNotFoundError(f"--config: no such file {path}")
         text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
+        try:
+            if path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
 
-            data = yaml.safe_load(text)
+                data = yaml.safe_load(text)
+        except Exception as e:  # json.JSONDecodeError, yaml.YAMLError: one line naming the file
+            kind = "JSON" if path.suffix == ".json" else "YAML"
+            raise ValueError(f"{path}: invalid {kind}: {' '.join(str(e).split())}") from None
         data = data or {}
         if not isinstance(data, Mapping):
             raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")

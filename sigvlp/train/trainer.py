@@ -54,6 +54,16 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _check_model_config(saved, wanted, where: str) -> None:
+    """ValueError naming every weight-shaping field where `saved` (a checkpoint's SigVLPConfig) and
+    `wanted` (the run's) differ; runtime fields (attn_backend, grad_checkpointing) may differ."""
+    diff = saved.diff(wanted)
+    if diff:
+        fields = ", ".join(f"{k} (checkpoint {a!r}, requested {b!r})" for k, (a, b) in diff.items())
+        raise ValueError(f"{where}: model config differs from the requested one in field(s): {fields}; "
+                         "set --model / --set model.FIELD=VALUE to match the checkpoint")
+
+
 def _distributed_env() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -138,13 +148,17 @@ class Trainer:
         # ---- model
         torch.manual_seed(config.seed)
         if model is None:
-            if config.init_from:
-                model = SigVLP.from_pretrained(config.init_from)
+            try:
+                mcfg = SigVLPConfig.preset(config.model, **config.model_overrides)
+            except TypeError as e:
+                raise ValueError(f"model_overrides: {e}") from None
+            if config.init_from:  # the checkpoint must be the model the config (and config.yaml) names
+                if not (Path(config.init_from) / "config.json").is_file():
+                    raise FileNotFoundError(f"init_from: {config.init_from} is not a save_pretrained folder "
+                                            "(no config.json)")
+                _check_model_config(SigVLP.load_config(config.init_from), mcfg, f"init_from {config.init_from}")
+                model = SigVLP.from_pretrained(config.init_from, config=mcfg)
             else:
-                try:
-                    mcfg = SigVLPConfig.preset(config.model, **config.model_overrides)
-                except TypeError as e:
-                    raise ValueError(f"model_overrides: {e}") from None
                 model = SigVLP(mcfg)
         self.model = model.to(self.device)
         self.model_config = self.model.config
@@ -191,7 +205,7 @@ class Trainer:
         elif self.is_main and (self.out / "metrics.jsonl").exists() and latest_checkpoint(self.ckpt_dir):
             raise FileExistsError(f"out: {self.out} already holds a run with checkpoints; pass --resume to continue "
                                   "it or choose another --out")
-        if self.is_main:
+        if self.is_main and not (resume and self.step >= config.steps):  # a finished run keeps its config
             save_config(config, self.out / "config.yaml")
             if not resume:
                 (self.out / "metrics.jsonl").write_text("")
@@ -465,6 +479,9 @@ class Trainer:
             return
         from safetensors.torch import load_file
 
+        from sigvlp.model import SigVLP
+
+        _check_model_config(SigVLP.load_config(ckpt), self.model.config, f"resume: checkpoint {ckpt}")
         state = load_trainer_state(ckpt)
         weights = load_file(str(ckpt / "model.safetensors"), device=str(self.device))
         self.model.load_state_dict(weights, strict=True)
