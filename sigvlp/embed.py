@@ -27,9 +27,10 @@ from typing import Iterable, Optional
 import numpy as np
 
 __all__ = ["add_arguments", "run", "find_inputs", "load_dicom_series", "load_any", "embed_inputs",
-           "resolve_checkpoint"]
+           "resolve_checkpoint", "MetadataLookup"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
 def _is_nifti(p: Path) -> bool:
@@ -182,12 +183,68 @@ def resolve_checkpoint(ckpt) -> Path:
                             f"checkpoints/step_* with one (a training run folder)")
 
 
-def load_any(kind: str, path):
-    """("nifti", file) or ("dicom", folder) -> Volume."""
+class MetadataLookup:
+    """CT-RATE metadata rows for NIfTI inputs. csvs: metadata CSVs given with ``--metadata`` (rows
+    keyed by VolumeName). A file named like a CT-RATE volume (``valid_53_a_1.nii.gz``) that lies in
+    the CT-RATE layout (``ROOT[/dataset]/valid/valid_53/valid_53_a/valid_53_a_1.nii.gz``) also gets
+    the row of ROOT's metadata CSV for its split, found as ``sigvlp.data.ctrate`` finds it (a
+    ``*metadata*.csv`` under ROOT named after the split). ``row(path)`` is None when no CSV has a
+    row for the file. Errors: ValueError for an unreadable CSV or several metadata CSVs of a split."""
+
+    def __init__(self, csvs=(), auto: bool = True):
+        from sigvlp.data.ctrate import read_csv_rows
+
+        self.given: dict[str, dict] = {}
+        for c in csvs or ():
+            if not Path(c).is_file():
+                raise FileNotFoundError(f"--metadata: no such CSV file {c}")
+            self.given.update(read_csv_rows(c))
+        self.auto = auto
+        self._found: dict[tuple[str, str], dict] = {}
+
+    def _layout_root(self, path: Path) -> Optional[tuple[Path, str]]:
+        from sigvlp.data.ctrate import volume_relpath
+
+        try:
+            rel = volume_relpath(path.name)
+        except ValueError:
+            return None
+        parts = Path(rel).parts
+        p = Path(os.path.abspath(path))
+        if len(p.parts) <= len(parts) or tuple(p.parts[-len(parts):]) != parts:
+            return None
+        root = Path(*p.parts[:-len(parts)])
+        if root.name == "dataset":
+            root = root.parent
+        return root, parts[0]
+
+    def row(self, path) -> Optional[dict]:
+        path = Path(path)
+        name = path.name
+        if name in self.given:
+            return self.given[name]
+        if not self.auto:
+            return None
+        found = self._layout_root(path)
+        if found is None:
+            return None
+        root, split = found
+        key = (str(root), split)
+        if key not in self._found:
+            from sigvlp.data.ctrate import _find_csv, read_csv_rows
+
+            csv_path = _find_csv(root, split, "metadata")
+            self._found[key] = read_csv_rows(csv_path) if csv_path is not None else {}
+        return self._found[key].get(name)
+
+
+def load_any(kind: str, path, *, metadata: Optional[dict] = None, already_hu: Optional[bool] = None):
+    """("nifti", file) or ("dicom", folder) -> Volume. metadata: the file's CT-RATE metadata row
+    (NIfTI only); already_hu: as ``sigvlp.data.load_volume``."""
     if kind == "nifti":
         from sigvlp.data.volume import load_volume
 
-        return load_volume(path)
+        return load_volume(path, metadata, already_hu=already_hu)
     if kind == "dicom":
         return load_dicom_series(path)
     raise FileNotFoundError(f"{path}: no such file, or a folder without NIfTI or DICOM files")
@@ -197,9 +254,13 @@ def load_any(kind: str, path):
 
 
 def embed_inputs(model, inputs: list[tuple[str, str]], *, tokens: bool = True, progress: bool = True,
-                 autocast_dtype=None) -> tuple[dict, list[str], list[dict]]:
+                 autocast_dtype=None, metadata: Optional[MetadataLookup] = None,
+                 already_hu: Optional[bool] = None) -> tuple[dict, list[str], list[dict]]:
     """Embed (kind, path) inputs one volume at a time. Returns (tensors, embedded paths, skipped) with
-    tensors as described in the module docstring (on the CPU) and skipped a list of {"input", "error"}."""
+    tensors as described in the module docstring (on the CPU) and skipped a list of {"input", "error"}.
+    metadata: a MetadataLookup (None: a default one, which finds CT-RATE metadata CSVs by layout);
+    already_hu: passed to load_volume (None: decide per file; an ambiguous file is skipped with
+    load_volume's message)."""
     import torch
     from tqdm import tqdm
 
@@ -211,11 +272,13 @@ def embed_inputs(model, inputs: list[tuple[str, str]], *, tokens: bool = True, p
     pooled, toks, grids, depths, names, skipped = [], [], [], [], [], []
     model.eval()
     dev = model.device
+    lookup = metadata if metadata is not None else MetadataLookup()
     bar = tqdm(inputs, desc="embed", unit="vol", disable=not progress, file=sys.stderr)
     for kind, path in bar:
         bar.set_postfix_str(Path(path).name[-40:])
         try:
-            vol = load_any(kind, path)
+            row = lookup.row(path) if kind == "nifti" else None
+            vol = load_any(kind, path, metadata=row, already_hu=already_hu)
             arr = preprocess_array(vol.hu, vol.spacing, pre)
         except Exception as e:  # unreadable input: report, skip, continue
             msg = f"{type(e).__name__}: {e}"
@@ -256,8 +319,55 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU); default fp32")
     parser.add_argument("--no-tokens", action="store_true", help="write pooled embeddings only")
-    parser.add_argument("--backend", default=None, help="attention backend: auto, torch or triton")
+    parser.add_argument("--backend", default=None, choices=BACKENDS,
+                        help="attention backend (default: the checkpoint's, auto)")
+    parser.add_argument("--metadata", action="append", default=None, metavar="CSV",
+                        help="CT-RATE metadata CSV (VolumeName, RescaleSlope, RescaleIntercept, ...; "
+                             "repeatable). Files in the CT-RATE layout find their dataset's CSV without it")
+    parser.add_argument("--already-hu", default="auto", choices=("auto", "yes", "no"),
+                        help="yes: the files (after their header scaling) are HU, never apply the metadata "
+                             "rescale (CT-RATE v2); no: apply the metadata rescale (v1); auto: decide per file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _check_args(args):
+    """Validate everything that needs no model: ValueError / FileNotFoundError naming the flag.
+    Returns (device, out_path, checkpoint folder, metadata lookup, already_hu)."""
+    import torch
+
+    backend = getattr(args, "backend", None)
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device: {device!r} is not a device ('auto', 'cpu', 'cuda', 'cuda:1', ...)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {device!r} requested but CUDA is not available (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: {device!r} but only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device: expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    out_path = Path(args.out)
+    if not out_path.name.endswith(".safetensors"):
+        raise ValueError(f"--out: expected a .safetensors file name, got {args.out!r}")
+    if out_path.is_dir():
+        raise ValueError(f"--out: {args.out} is an existing folder (expected a .safetensors file name)")
+    p = Path(args.ckpt)
+    if not p.exists():
+        raise FileNotFoundError(f"--ckpt: no such checkpoint folder {p}")
+    if not p.is_dir():
+        raise ValueError(f"--ckpt: {p} is not a folder (expected a save_pretrained folder or a training run)")
+    ckpt = resolve_checkpoint(p)
+    if not (ckpt / "model.safetensors").is_file():
+        raise FileNotFoundError(f"--ckpt: {ckpt} has config.json but no model.safetensors")
+    already_hu = {"auto": None, "yes": True, "no": False}[getattr(args, "already_hu", "auto") or "auto"]
+    lookup = MetadataLookup(getattr(args, "metadata", None) or ())
+    return device, out_path, ckpt, lookup, already_hu
 
 
 def run(args) -> int:
@@ -266,18 +376,17 @@ def run(args) -> int:
 
     from sigvlp.model import SigVLP
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    out_path = Path(args.out)
-    if not out_path.name.endswith(".safetensors"):
-        raise ValueError(f"--out: expected a .safetensors file name, got {args.out!r}")
-    overrides = {"attn_backend": args.backend} if getattr(args, "backend", None) else {}
-    ckpt = resolve_checkpoint(args.ckpt)
-    model = SigVLP.from_pretrained(ckpt, map_location=device, **overrides)
+    try:
+        device, out_path, ckpt, lookup, already_hu = _check_args(args)
+        overrides = {"attn_backend": args.backend} if getattr(args, "backend", None) else {}
+        model = SigVLP.from_pretrained(ckpt, map_location=device, **overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"sigvlp embed: error: {e}", file=sys.stderr)
+        return 2
     inputs = find_inputs(args.inputs)
     tensors, names, skipped = embed_inputs(model, inputs, tokens=not args.no_tokens, progress=not args.quiet,
-                                           autocast_dtype=torch.bfloat16 if args.bf16 else None)
+                                           autocast_dtype=torch.bfloat16 if args.bf16 else None,
+                                           metadata=lookup, already_hu=already_hu)
     if not names:
         print(f"sigvlp embed: nothing embedded ({len(skipped)} input(s) skipped); {out_path} not written",
               file=sys.stderr)
@@ -287,6 +396,9 @@ def run(args) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    from sigvlp._fileperm import apply_umask
+
+    apply_umask(tmp)  # safetensors writes 0600
     os.replace(tmp, out_path)
     print(f"sigvlp embed: {len(names)} volume(s) -> {out_path}"
           + (f"; {len(skipped)} skipped: " + ", ".join(s["input"] for s in skipped) if skipped else ""))

@@ -43,7 +43,7 @@ def _embed(ckpt, out, *inputs, extra=()):
     add_arguments(parser)
     args = parser.parse_args([*map(str, inputs), "--ckpt", str(ckpt), "--out", str(out), "--quiet", *extra])
     rc = run(args)
-    if not out.exists():
+    if not out.is_file():
         return rc, None, None
     from safetensors import safe_open
 
@@ -190,8 +190,9 @@ def test_run_folder_checkpoint(tmp_path, ckpt, phantom):
     save_nifti(phantom, tmp_path / "a.nii.gz", "RAS")
     rc, t, meta = _embed(run_dir, tmp_path / "e.safetensors", tmp_path / "a.nii.gz")
     assert rc == 0 and meta["checkpoint"].endswith("step_00000200")
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        _embed(tmp_path / "empty", tmp_path / "f.safetensors", tmp_path / "a.nii.gz")
+    (tmp_path / "empty").mkdir()
+    rc, _, _ = _embed(tmp_path / "empty", tmp_path / "f.safetensors", tmp_path / "a.nii.gz")
+    assert rc == 2 and not (tmp_path / "f.safetensors").exists()
 
 
 def test_find_inputs(tmp_path):
@@ -202,3 +203,125 @@ def test_find_inputs(tmp_path):
     assert find_inputs([tmp_path]) == [("nifti", str(tmp_path / "v.nii.gz")), ("dicom", str(tmp_path / "s"))]
     assert find_inputs([tmp_path / "s" / "x.dcm"]) == [("dicom", str(tmp_path / "s"))]
     assert find_inputs([tmp_path / "none"]) == [("missing", str(tmp_path / "none"))]
+
+
+# ----------------------------------------------------------------------------- CT-RATE metadata, CLI errors
+
+
+def _raw_v1(phantom, path):
+    """A CT-RATE v1 file: stored values HU + 1024 (>= 0 here), no header scaling."""
+    import nibabel as nib
+
+    save_nifti(phantom, path)
+    img = nib.load(str(path))
+    raw = np.asarray(img.dataobj.get_unscaled())
+    assert raw.min() >= 0
+    out = nib.Nifti1Image(raw.astype(np.int16), img.affine)
+    out.header.set_xyzt_units("mm")
+    out.header.set_slope_inter(1.0, 0.0)
+    nib.save(out, str(path))
+    return path
+
+
+def _metadata_csv(path, name):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("VolumeName,RescaleSlope,RescaleIntercept\n" f"{name},1,-1024\n")
+    return path
+
+
+def test_ctrate_v1_file_uses_the_metadata_csv(tmp_path, ckpt, phantom):
+    name = "valid_7_a_1.nii.gz"
+    ref_file = tmp_path / "ref" / name
+    save_nifti(phantom, ref_file)  # header-scaled: load_volume gives HU without metadata
+    rc, ref, _ = _embed(ckpt, tmp_path / "ref.safetensors", ref_file)
+    assert rc == 0
+    root = tmp_path / "CT-RATE"
+    raw = _raw_v1(phantom, root / "dataset" / "valid" / "valid_7" / "valid_7_a" / name)
+    _metadata_csv(root / "dataset" / "metadata" / "validation_metadata.csv", name)
+    hu = load_volume(raw, {"RescaleSlope": "1", "RescaleIntercept": "-1024"}).hu
+    assert np.array_equal(hu, load_volume(ref_file).hu)
+    # found by layout, from the file and from the dataset folder
+    for inp in (raw, root / "dataset" / "valid"):
+        rc, got, _ = _embed(ckpt, tmp_path / "lay.safetensors", inp)
+        assert rc == 0
+        torch.testing.assert_close(got["pooled"], ref["pooled"], rtol=0, atol=1e-6)
+    # the same file outside the layout: --metadata gives the row
+    loose = tmp_path / "loose" / name
+    loose.parent.mkdir()
+    loose.write_bytes(raw.read_bytes())
+    csv = _metadata_csv(tmp_path / "meta.csv", name)
+    rc, got, _ = _embed(ckpt, tmp_path / "given.safetensors", loose, extra=("--metadata", str(csv)))
+    assert rc == 0
+    torch.testing.assert_close(got["pooled"], ref["pooled"], rtol=0, atol=1e-6)
+    # --already-hu yes: the metadata rescale is not applied (stored values read as HU): different
+    rc, got, _ = _embed(ckpt, tmp_path / "yes.safetensors", raw, extra=("--already-hu", "yes"))
+    if rc == 0:
+        assert not torch.allclose(got["pooled"], ref["pooled"], atol=1e-3)
+    else:
+        assert rc == 2 and got is None
+
+
+@pytest.mark.parametrize("case", ["missing", "dataset", "norun", "file"])
+def test_bad_ckpt_exits_2(tmp_path, capsys, phantom, case):
+    save_nifti(phantom, tmp_path / "a.nii.gz")
+    ck = {"missing": tmp_path / "nowhere", "dataset": tmp_path, "norun": tmp_path / "run",
+          "file": tmp_path / "a.nii.gz"}[case]
+    if case == "norun":
+        (ck / "checkpoints").mkdir(parents=True)
+    rc, _, _ = _embed(ck, tmp_path / "o.safetensors", tmp_path / "a.nii.gz")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("sigvlp embed: error: --ckpt:") and len(err.strip().splitlines()) == 1
+
+
+def test_bad_out_device_backend_exit_2(tmp_path, capsys, ckpt, phantom):
+    save_nifti(phantom, tmp_path / "a.nii.gz")
+    (tmp_path / "dir.safetensors").mkdir()
+    for out, extra, flag in ((tmp_path / "dir.safetensors", (), "--out"), (tmp_path / "o.npz", (), "--out"),
+                             (tmp_path / "o.safetensors", ("--device", "nonsense"), "--device")):
+        rc, _, _ = _embed(ckpt, out, tmp_path / "a.nii.gz", extra=extra)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"sigvlp embed: error: {flag}:"), err
+    if not torch.cuda.is_available():
+        rc, _, _ = _embed(ckpt, tmp_path / "o.safetensors", tmp_path / "a.nii.gz", extra=("--device", "cuda"))
+        assert rc == 2 and "CUDA is not available" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        _embed(ckpt, tmp_path / "o.safetensors", tmp_path / "a.nii.gz", extra=("--backend", "bogus"))
+    assert e.value.code == 2 and "--backend" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_embed_output_follows_umask(tmp_path, ckpt, phantom):
+    import os
+    import stat
+
+    save_nifti(phantom, tmp_path / "a.nii.gz")
+    old = os.umask(0o022)
+    try:
+        rc, _, _ = _embed(ckpt, tmp_path / "o.safetensors", tmp_path / "a.nii.gz")
+    finally:
+        os.umask(old)
+    assert rc == 0 and stat.S_IMODE(os.stat(tmp_path / "o.safetensors").st_mode) == 0o644
+
+
+def test_ambiguous_file_is_skipped_with_load_volume_message(tmp_path, ckpt, capsys):
+    import nibabel as nib
+
+    name = "valid_9_a_1.nii.gz"
+    root = tmp_path / "CT-RATE"
+    f = root / "valid" / "valid_9" / "valid_9_a" / name
+    f.parent.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    data = rng.integers(100, 1500, size=(32, 32, 8)).astype(np.int16)
+    data[0, 0, :] = -5  # a negative stored value: both readings plausible
+    img = nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0]))
+    img.header.set_slope_inter(1.0, 0.0)
+    nib.save(img, str(f))
+    _metadata_csv(root / "metadata" / "validation_metadata.csv", name)
+    with pytest.raises(ValueError, match="already_hu") as e:
+        load_volume(f, {"RescaleSlope": "1", "RescaleIntercept": "-1024"})
+    rc, _, _ = _embed(ckpt, tmp_path / "o.safetensors", f)
+    err = capsys.readouterr().err
+    assert rc == 2 and not (tmp_path / "o.safetensors").exists()
+    assert str(e.value).splitlines()[0] in err
+    rc, t, _ = _embed(ckpt, tmp_path / "o.safetensors", f, extra=("--already-hu", "no"))
+    assert rc == 0 and t["pooled"].shape[0] == 1
