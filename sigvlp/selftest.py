@@ -217,6 +217,10 @@ def run_checks(device: str | torch.device | None = None, ops=None, backends=None
     unknown = set(dtypes or ()) - set(DTYPES)
     if unknown:
         raise ValueError(f"dtypes: expected names from {sorted(DTYPES)}, got {sorted(unknown)}")
+    known = sorted({name for bset in OPS.values() for name in bset.backends})
+    unknown = set(backends or ()) - set(known)
+    if unknown:
+        raise ValueError(f"backends: expected names from {known}, got {sorted(unknown)}")
     checks = []
     for op, bset in OPS.items():
         if ops and op not in ops:
@@ -315,10 +319,27 @@ def run(args) -> int:
     return 0
 
 
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Unknown --ops / --backends / --dtypes names: parser.error (exit 2) listing the valid ones."""
+    from sigvlp.ops import OPS
+
+    valid = {"ops": sorted(OPS), "backends": sorted({n for b in OPS.values() for n in b.backends}),
+             "dtypes": list(DTYPES)}
+    for flag, names in valid.items():
+        given = _split(getattr(args, flag, None))
+        if getattr(args, flag, None) is not None and not given:
+            parser.error(f"--{flag}: empty list; valid: {','.join(names)}")
+        bad = [g for g in given or () if g not in names]
+        if bad:
+            parser.error(f"--{flag}: unknown {','.join(bad)}; valid: {','.join(names)}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sigvlp.selftest", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return run(args)
 
 
 if __name__ == "__main__":

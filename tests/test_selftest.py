@@ -83,3 +83,22 @@ def test_error_metric():
     want = torch.tensor([1.0, -2.0, 4.0])
     assert selftest.rel_err(want + torch.tensor([0.0, 0.4, 0.0]), want) == pytest.approx(0.1)
     assert selftest.rel_err(torch.tensor([1.0, float("nan"), 4.0]), want) == float("inf")
+
+
+@pytest.mark.parametrize("argv, flag, valid", [
+    (["--ops", "bogus"], "--ops", "sigmoid_loss"),
+    (["--dtypes", "float64"], "--dtypes", "bfloat16"),
+    (["--backends", "bogus"], "--backends", "triton"),
+    (["--ops", "rope3d,bogus"], "--ops", "rope3d"),
+])
+def test_cli_bad_names_are_usage_errors(capsys, argv, flag, valid):
+    with pytest.raises(SystemExit) as e:
+        selftest.main(["--device", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"{flag}: unknown" in err and valid in err and "Traceback" not in err
+
+
+def test_run_checks_unknown_backend():
+    with pytest.raises(ValueError, match="backends"):
+        selftest.run_checks("cpu", backends=["bogus"])
