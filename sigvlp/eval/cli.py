@@ -18,7 +18,8 @@ def add_arguments(parser):
     parser.add_argument("--train-data", default=None, help="dataset root of the probe split (default: --data)")
     parser.add_argument("--out", default=None,
                         help="output folder for report.json and plots (default: RUN/eval-SPLIT-step_N for a "
-                             "training run or a checkpoint inside one, else eval-SPLIT-NAME next to the checkpoint folder; "
+                             "training run or a checkpoint inside one, else eval-SPLIT-NAME next to the "
+                             "checkpoint folder; "
                              "never inside a checkpoints/step_* folder, which training rotates away)")
     parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
                         help="abnormality columns of the labels CSV to score (default: the 18 CT-RATE labels)")
