@@ -10,7 +10,7 @@ GPU; on CPU the allocator's timeline recorded by torch.profiler (profile_memory=
 find the peak of live bytes allocated during the call. Reported, never asserted.
 
 CPU peak RSS (`test_sigmoid_loss_cpu_peak_rss`): the torch backend's forward + backward at N = M =
-8192, D = 256, fp32 against the dense formula's, each in a fresh process (ru_maxrss after the call
+8192, D = 256, fp32 against the dense formula's, each in a fresh process (peak RSS, VmHWM reset by /proc/self/clear_refs, after the call
 minus before it, after a small warm-up call that loads the libraries). Also a script:
 `python benches/bench_sigmoid_loss.py --rss dense|torch N D` prints the extra MiB.
 """
