@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from sigvlp.ops import rope3d, rope_attention_varlen
 
-from _bench import timed
+from _bench import peak_memory, timed
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -139,19 +139,6 @@ def _padded_sdpa(lengths, head_dim, dtype):
     return (q, k, v), (lambda: F.scaled_dot_product_attention(q, k, v)), 4.0 * batch * length ** 2 * nheads * head_dim
 
 
-def _peak_mib(fn):
-    if not HAS_CUDA:
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    result = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del result
-    return peak / 2 ** 20
-
-
 def _cases(full):
     return FULL_CASES if full else QUICK_CASES
 
@@ -187,7 +174,8 @@ def test_rope_attention_varlen_throughput(bench, benchmark, bench_report, full_m
         fn = lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)  # noqa: E731
     else:
         fn = lambda: torch.autograd.grad(attn(), leaves, dout)  # noqa: E731
-    peak = _peak_mib(fn)
+    peak_bytes = peak_memory(fn)
+    peak = None if peak_bytes is None else peak_bytes / 2 ** 20
     seconds = timed(benchmark, fn, rounds=10 if HAS_CUDA else 2, iterations=3 if HAS_CUDA else 1)
     tflops = flops / seconds / 1e12
     key = ("attention", case, head_dim, mode)
