@@ -24,6 +24,10 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+#: an HU encoding whose thresholds sit between integer HU (test volumes below are integer HU)
+_HU = {"hu_thresholds": (-950.5, -600.5, -0.5, 300.5), "hu_grid": (2, 4, 2)}
+
+
 def _tiny(**kw):
     return SigVLPConfig.preset("tiny", **kw)
 
@@ -79,9 +83,10 @@ def test_bad_key_and_unknown_preset():
 # ----------------------------------------------------------------------------- forward / backward
 
 
-@pytest.mark.parametrize("pool,text_pool", [("map", "last"), ("mean", "map"), ("map", "mean")])
-def test_forward_backward(pool, text_pool):
-    model = _model(pool=pool, text_pool=text_pool).train()
+@pytest.mark.parametrize("pool,text_pool,hu", [("map", "last", False), ("mean", "map", False),
+                                              ("map", "mean", False), ("max", "mean", True)])
+def test_forward_backward(pool, text_pool, hu):
+    model = _model(pool=pool, text_pool=text_pool, **(_HU if hu else {})).train()
     b = _batch(model, [8, 13, 4], ["a lung nodule.", "normal heart.", ""])
     out = model(b)
     B, D = 3, model.config.embed_dim
@@ -112,7 +117,7 @@ def test_forward_without_texts_and_bad_input():
         model({"patches": b["patches"]})
 
 
-@pytest.mark.parametrize("pool", ["map", "mean"])
+@pytest.mark.parametrize("pool", ["map", "mean", "max"])
 def test_packing_equals_alone(pool):
     """Chunks of different depths (and texts of different lengths) packed in one batch give the same
     embeddings and token features as each run alone."""
@@ -354,9 +359,26 @@ def _map64(pool, x):
     return o + pool.mlp(pool.norm(o))
 
 
-@pytest.mark.parametrize("pool,text_pool,backend", [("map", "last", None), ("mean", "map", None),
-                                                    ("map", "map", "triton")])
-def test_towers_match_fp64_oracle(pool, text_pool, backend):
+def _hu_features64(patches, patch, grid, thresholds, window):
+    """The HU encoding, written out: voxels back to HU, then per sub-block (t, h, w order) and per
+    threshold the fraction of its voxels above the threshold. (N, pt*ph*pw) -> (N, G * K) float64."""
+    lo, hi = window
+    hu = (patches.double() + 1) * (hi - lo) / 2 + lo
+    (pt, ph, pw), (gt, gh, gw) = patch, grid
+    vox = hu.view(-1, pt, ph, pw)
+    st, sh, sw = pt // gt, ph // gh, pw // gw
+    cols = []
+    for a in range(gt):
+        for b in range(gh):
+            for c in range(gw):
+                blk = vox[:, a * st:(a + 1) * st, b * sh:(b + 1) * sh, c * sw:(c + 1) * sw].reshape(len(vox), -1)
+                cols.extend((blk > t).double().mean(1) for t in thresholds)
+    return torch.stack(cols, 1)
+
+
+@pytest.mark.parametrize("pool,text_pool,backend,hu", [("map", "last", None, False), ("mean", "map", None, False),
+                                                       ("max", "last", None, True), ("map", "map", "triton", False)])
+def test_towers_match_fp64_oracle(pool, text_pool, backend, hu):
     """Both towers (fp32, packed, through the op) against a per-sequence fp64 re-implementation with its
     own 3D RoPE: volume positions (t, h, w) from the t-major grid (non-square in-plane grid, so h and w
     are told apart), text positions (n, 0, 0) with all rotary pairs on t and theta 1000. backend
@@ -365,11 +387,13 @@ def test_towers_match_fp64_oracle(pool, text_pool, backend):
 
     if backend == "triton":
         pytest.importorskip("triton")
-    model = _model(seed=2, pool=pool, text_pool=text_pool, attn_backend=backend)
+    model = _model(seed=2, pool=pool, text_pool=text_pool, attn_backend=backend, **(_HU if hu else {}))
     ref = copy.deepcopy(model).double()
     cfg = model.config
     rng = np.random.default_rng(7)
     vols = [rng.uniform(-1, 1, (d, 32, 48)).astype(np.float32) for d in (12, 5)]
+    if hu:  # integer HU over the whole window, so no voxel sits on a threshold
+        vols = [((np.round(v * 1000) + 1000) / 1000 - 1).astype(np.float32) for v in vols]
     texts = ["pleural effusion.", "a much longer text, about the heart and the lungs."]
     b = volume_batch(vols, cfg.patch_size)
     b.update(model.tokenize(texts))
@@ -381,9 +405,14 @@ def test_towers_match_fp64_oracle(pool, text_pool, backend):
             n = torch.arange(T * H * W)
             pos = torch.stack([n // (H * W), (n // W) % H, n % W], 1).double()
             x = ref.visual.patch_embed(b["patches"][cu[i] : cu[i + 1]].double())
+            if hu:
+                f = _hu_features64(b["patches"][cu[i] : cu[i + 1]], cfg.patch_size, cfg.hu_grid, cfg.hu_thresholds,
+                                   (-1000.0, 1000.0))
+                x = x + ref.visual.hu_encoding.embed(f)
             tok = _tower64(ref.visual, x, pos, sec3, cfg.rope_theta)
             torch.testing.assert_close(out.tokens[cu[i] : cu[i + 1]].double(), tok, atol=2e-5, rtol=1e-5)
-            pooled = _map64(ref.visual.pool, tok) if pool == "map" else tok.mean(0)
+            pooled = {"map": lambda: _map64(ref.visual.pool, tok), "mean": lambda: tok.mean(0),
+                      "max": lambda: tok.max(0).values}[pool]()
             emb = F.normalize(ref.visual.head(pooled), dim=-1)
             torch.testing.assert_close(out.image_emb[i].double(), emb, atol=2e-6, rtol=1e-5)
         tcu = b["text_cu_seqlens"].tolist()
@@ -394,3 +423,43 @@ def test_towers_match_fp64_oracle(pool, text_pool, backend):
             pooled = _map64(ref.text.pool, x) if text_pool == "map" else x[-1]
             emb = F.normalize(ref.text.head(pooled), dim=-1)
             torch.testing.assert_close(out.text_emb[i].double(), emb, atol=2e-6, rtol=1e-5)
+
+
+def test_max_pool_matches_loop_and_gradient():
+    """max_pool against a per-sequence loop in fp64, values and gradients, with an empty sequence (zeros)."""
+    from sigvlp.model.layers import max_pool
+
+    torch.manual_seed(0)
+    lengths = [3, 0, 1, 7]
+    x = torch.randn(sum(lengths), 5, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32)
+    out = max_pool(x, cu)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = torch.stack([x2[a:b].max(0).values if b > a else torch.zeros(5, dtype=torch.float64)
+                       for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    w = torch.randn_like(ref)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
+
+
+def test_hu_encoding_config_errors_and_round_trip(tmp_path):
+    for bad in ((), (0.0, -100.0), (1.0, 1.0), ("a",), (float("nan"),), "300"):
+        with pytest.raises(ValueError, match="hu_thresholds"):
+            _tiny(hu_thresholds=bad)
+    with pytest.raises(ValueError, match="hu_grid"):
+        _tiny(hu_thresholds=(0.0,), hu_grid=(1, 3, 4))  # 3 does not divide 16
+    with pytest.raises(ValueError, match="pool"):
+        _tiny(pool="sum")
+    model = _model(pool="max", **_HU)
+    assert model.visual.hu_encoding.embed.in_features == 4 * 16
+    model.save_pretrained(tmp_path / "m")
+    loaded = SigVLP.from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config and loaded.config.hu_thresholds == _HU["hu_thresholds"]
+    b = _batch(model, [8, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(b).image_emb, model(b).image_emb, rtol=0, atol=0)
+    assert "visual.hu_encoding.embed.weight" in model.state_dict()
+    without = _model(pool="max")
+    assert without.visual.hu_encoding is None

@@ -23,7 +23,9 @@ class SigVLPConfig:
     Volume tower: ``patch_size`` (pt, ph, pw) voxels per token (t = slice axis), ``width``,
     ``layers``, ``heads``, ``mlp_dim``; 3D RoPE with ``rope_theta`` and ``rope_sections`` (rotary
     pairs for (t, h, w); None = 2:3:3 of head_dim/2, remainder to t). ``pool``: "map" (learned
-    probe, SigLIP's attention pooling) or "mean".
+    probe, SigLIP's attention pooling), "mean" or "max" (per-channel max over the tokens).
+    ``hu_thresholds``: HU values of the intensity encoding added to the patch embedding (per token
+    and per ``hu_grid`` sub-block, the fraction of voxels above each; None: off).
     Text tower: ``text_width``, ``text_layers``, ``text_heads``, ``text_mlp_dim``, 1-D RoPE over the
     token index with ``text_rope_theta``; ``text_pool``: "last" (the EOS token, SigLIP), "mean"
     or "map". ``tokenizer``: "byte" (sigvlp.data ByteTokenizer) or a local Hugging Face tokenizer
@@ -45,6 +47,8 @@ class SigVLPConfig:
     rope_theta: float = 10000.0
     rope_sections: Optional[tuple[int, int, int]] = None
     pool: str = "map"
+    hu_thresholds: Optional[tuple[float, ...]] = None
+    hu_grid: tuple[int, int, int] = (1, 4, 4)
     # text tower
     text_width: int = 768
     text_layers: int = 12
@@ -94,8 +98,21 @@ class SigVLPConfig:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         if self.max_text_tokens < 2:
             raise ValueError(f"max_text_tokens: expected >= 2 (BOS and EOS), got {self.max_text_tokens}")
-        if self.pool not in ("map", "mean"):
-            raise ValueError(f"pool: expected 'map' or 'mean', got {self.pool!r}")
+        if self.pool not in ("map", "mean", "max"):
+            raise ValueError(f"pool: expected 'map', 'mean' or 'max', got {self.pool!r}")
+        self.hu_grid = tuple(self.hu_grid)
+        if len(self.hu_grid) != 3 or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1
+                                             and p % g == 0 for g, p in zip(self.hu_grid, self.patch_size)):
+            raise ValueError(f"hu_grid: expected three positive ints dividing patch_size {self.patch_size}, "
+                             f"got {self.hu_grid!r}")
+        if self.hu_thresholds is not None:
+            t = self.hu_thresholds
+            if isinstance(t, (str, bytes)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      and math.isfinite(v) for v in t) or len(t) == 0 \
+                    or any(b <= a for a, b in zip(t, t[1:])):
+                raise ValueError(f"hu_thresholds: expected None or a non-empty increasing sequence of finite HU "
+                                 f"values, got {t!r}")
+            self.hu_thresholds = tuple(float(v) for v in t)
         if self.text_pool not in ("last", "mean", "map"):
             raise ValueError(f"text_pool: expected 'last', 'mean' or 'map', got {self.text_pool!r}")
         for name in ("rope_theta", "text_rope_theta"):
@@ -142,6 +159,9 @@ class SigVLPConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["patch_size"] = list(self.patch_size)
+        d["hu_grid"] = list(self.hu_grid)
+        if self.hu_thresholds is not None:
+            d["hu_thresholds"] = list(self.hu_thresholds)
         if self.rope_sections is not None:
             d["rope_sections"] = list(self.rope_sections)
         return d

@@ -4,6 +4,7 @@ cu_seqlens[b]:cu_seqlens[b+1]."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -12,7 +13,8 @@ from torch.nn import functional as F
 
 from sigvlp.ops import rope_attention_varlen
 
-__all__ = ["Attention", "Block", "MLP", "MAPPool", "mean_pool", "last_pool", "cross_attention"]
+__all__ = ["Attention", "Block", "MLP", "MAPPool", "HUEncoding", "mean_pool", "max_pool", "last_pool",
+           "cross_attention"]
 
 
 def _init_linear(m: nn.Linear):
@@ -111,6 +113,49 @@ def mean_pool(x, cu_seqlens):
     seq = torch.repeat_interleave(torch.arange(batch, device=x.device), lengths, output_size=x.shape[0])
     sums = torch.zeros(batch, x.shape[1], device=x.device, dtype=torch.float32).index_add(0, seq, x.float())
     return (sums / lengths.clamp_min(1)[:, None]).to(x.dtype)
+
+
+def max_pool(x, cu_seqlens):
+    """Per-channel max of each sequence's rows (multiple-instance pooling: a finding seen by any token
+    survives, where a mean dilutes it by the token count): (total, width) -> (B, width); an empty
+    sequence gives zeros; no host sync. The gradient goes to the maximal rows."""
+    batch = cu_seqlens.shape[0] - 1
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(batch, device=x.device), lengths, output_size=x.shape[0])
+    out = torch.zeros(batch, x.shape[1], device=x.device, dtype=x.dtype)
+    return out.scatter_reduce(0, seq[:, None].expand(-1, x.shape[1]), x, "amax", include_self=False)
+
+
+class HUEncoding(nn.Module):
+    """Intensity encoding of patch tokens: for each of the gt x gh x gw sub-blocks of a
+    (pt, ph, pw) patch, the fraction of its voxels above each HU threshold (a cumulative
+    histogram, i.e. many CT windows at once), embedded by a Linear to the model width.
+
+    A linear patch embedding sees a voxel's HU only linearly; tissue classes (emphysema below
+    -950 HU, ground glass near -600, fluid near 0, calcium and metal above 300) are ranges of
+    HU, which these step functions make linear. patches (N, pt*ph*pw) in [-1, 1] (the preprocess
+    window, `window` = (low, high) HU) -> (N, width)."""
+
+    def __init__(self, thresholds_hu, window, patch, grid, width: int):
+        super().__init__()
+        lo, hi = (float(v) for v in window)
+        edges = [(float(t) - lo) * 2.0 / (hi - lo) - 1.0 for t in thresholds_hu]
+        self.register_buffer("edges", torch.tensor(edges, dtype=torch.float32), persistent=False)
+        self.patch, self.grid = tuple(patch), tuple(grid)
+        self.embed = nn.Linear(len(edges) * math.prod(self.grid), width)
+        nn.init.trunc_normal_(self.embed.weight, std=self.embed.in_features ** -0.5)
+        nn.init.zeros_(self.embed.bias)
+
+    def features(self, patches):
+        """(N, pt*ph*pw) -> (N, gt*gh*gw, len(thresholds)) float32 fractions in [0, 1]."""
+        (pt, ph, pw), (gt, gh, gw) = self.patch, self.grid
+        x = patches.float().view(-1, gt, pt // gt, gh, ph // gh, gw, pw // gw)
+        fr = [(x > e).float().mean((2, 4, 6)).flatten(1) for e in self.edges.unbind(0)]
+        return torch.stack(fr, dim=-1)
+
+    def forward(self, patches):
+        f = self.features(patches)
+        return self.embed(f.flatten(1).to(self.embed.weight.dtype))
 
 
 def last_pool(x, cu_seqlens):

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sigvlp.model.config import RUNTIME_FIELDS, SigVLPConfig
-from sigvlp.model.layers import Block, MAPPool, _init_linear, last_pool, mean_pool
+from sigvlp.model.layers import Block, HUEncoding, MAPPool, _init_linear, last_pool, max_pool, mean_pool
 
 __all__ = ["SigVLP", "SigVLPOutput", "VolumeEncoder", "TextEncoder"]
 
@@ -63,13 +63,15 @@ class _Tower(nn.Module):
             return self.pool(x, cu_seqlens, max_seqlen)
         if self.pool_kind == "mean":
             return mean_pool(x, cu_seqlens)
+        if self.pool_kind == "max":
+            return max_pool(x, cu_seqlens)
         return last_pool(x, cu_seqlens)
 
 
 class VolumeEncoder(_Tower):
     """Patch embedding (a Linear on the collate's flattened pt*ph*pw patches, identical to a stride =
-    kernel Conv3d with 1 input channel: weight.view(width, 1, pt, ph, pw) is that conv's weight),
-    pre-norm blocks with 3D RoPE from each chunk's grid_thw, final norm, pooling, projection.
+    kernel Conv3d with 1 input channel: weight.view(width, 1, pt, ph, pw) is that conv's weight), plus
+    the HU encoding (``HUEncoding``) when ``hu_thresholds`` is set, pre-norm blocks with 3D RoPE from each chunk's grid_thw, final norm, pooling, projection.
     No absolute position embedding: any grid (any number of slices) works."""
 
     def __init__(self, cfg: SigVLPConfig):
@@ -79,6 +81,10 @@ class VolumeEncoder(_Tower):
         self.patch_embed = nn.Linear(self.patch_dim, cfg.width)
         nn.init.trunc_normal_(self.patch_embed.weight, std=self.patch_dim ** -0.5)
         nn.init.zeros_(self.patch_embed.bias)
+        self.hu_encoding = None
+        if cfg.hu_thresholds:
+            self.hu_encoding = HUEncoding(cfg.hu_thresholds, cfg.preprocess_config().hu_window, cfg.patch_size,
+                                          cfg.hu_grid, cfg.width)
         attn = dict(theta=cfg.rope_theta, sections=cfg.rope_sections, backend=cfg.attn_backend)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_dim, cfg.norm_eps, **attn)
                                     for _ in range(cfg.layers))
@@ -98,6 +104,8 @@ class VolumeEncoder(_Tower):
             raise ValueError(f"patches: expected shape (total_tokens, pt*ph*pw = {self.patch_dim}), "
                              f"got {tuple(patches.shape)} (does the data's patch size match the model's?)")
         x = self.patch_embed(patches)
+        if self.hu_encoding is not None:
+            x = x + self.hu_encoding(patches)
         tokens = self._blocks(x, cu_seqlens, max_seqlen, grid_thw)
         return self.head(self._pool(tokens, cu_seqlens, max_seqlen)), tokens
 
