@@ -389,3 +389,40 @@ def test_dataset_root_that_is_a_file_says_so(tmp_path):
     assert str(exc.value) == f"{f} is a file, expected a dataset folder"
     with pytest.raises(FileNotFoundError, match="no such dataset folder"):
         CTRateDataset(tmp_path / "absent", "train")
+
+
+def test_demo_preset_findings_stay_visible_after_preprocessing():
+    """The demo's phantoms (lesions twice their size, at least 9 mm in radius) are meant to be read
+    after the demo's preprocessing (64 px, 3 mm): every finding changes at least 8 voxels of that
+    grid by more than 100 HU, and a scaled finding changes more voxels than the unscaled one of the
+    same anatomy."""
+    import dataclasses
+
+    from sigvlp.data.preprocess import preprocess_array, preset
+
+    demo, pp = SYNTH_PRESETS["demo"], preset("tiny")
+    plain = dataclasses.replace(demo, lesion_scale=1.0, min_lesion_mm=None)
+
+    def changed(cfg, seed, finding):
+        a, b = make_phantom(seed, cfg, findings=[]), make_phantom(seed, cfg, findings=[finding])
+        d = np.abs(preprocess_array(b.hu, b.spacing, pp) - preprocess_array(a.hu, a.spacing, pp)) * 1000
+        return int((d > 100).sum())
+
+    for finding in DRAWN:
+        if finding in ("Cardiomegaly", "Medical material"):
+            continue  # not lesion-sized: the heart's size, a device
+        n_demo = changed(demo, 4, finding)
+        assert n_demo >= 8, (finding, n_demo)
+        assert n_demo > changed(plain, 4, finding), finding
+    nodule = make_phantom(4, demo, findings=["Lung nodule"]).findings["Lung nodule"]["nodules"]
+    assert all(n["diameter_mm"] >= 18 for n in nodule)
+
+
+def test_lesion_options_are_checked():
+    import dataclasses
+
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="lesion_scale"):
+            dataclasses.replace(TINY, lesion_scale=bad)
+    with pytest.raises(ValueError, match="min_lesion_mm"):
+        dataclasses.replace(TINY, min_lesion_mm=-2.0)

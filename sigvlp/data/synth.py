@@ -84,11 +84,32 @@ class SynthConfig:
     normal_fraction: float = 0.2
     lps_fraction: float = 0.5
     noise_hu: float = 12.0
+    #: smallest lesion radius drawn, mm (nodules, emphysema bullae, calcifications; opacities and
+    #: consolidations at least twice it). None: 0.75 of the largest source voxel side, so nothing
+    #: vanishes in the file; a larger value keeps findings visible after a coarse preprocessing
+    min_lesion_mm: Optional[float] = None
+    #: every drawn lesion size (radii, thicknesses, depths) is multiplied by this (after its draw,
+    #: so the random draws and 1.0's phantoms are unchanged): > 1 makes findings visible at a
+    #: coarse demo resolution
+    lesion_scale: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.lesion_scale, (int, float)) and math.isfinite(self.lesion_scale)
+                and self.lesion_scale > 0):
+            raise ValueError(f"lesion_scale: expected a finite number > 0, got {self.lesion_scale!r}")
+        m = self.min_lesion_mm
+        if m is not None and not (isinstance(m, (int, float)) and math.isfinite(m) and m >= 0):
+            raise ValueError(f"min_lesion_mm: expected None or a finite number >= 0 (mm), got {m!r}")
 
 
 SYNTH_PRESETS = {
     "small": SynthConfig(),
     "tiny": SynthConfig(size=(40, 48), slices=(24, 64), z_spacings=(5.0, 6.0, 8.0)),
+    # `sigvlp demo`: 64 px, 3-5 mm slices (about the demo's 64 px / 3 mm preprocessing), lesions drawn
+    # twice their size and at least 9 mm in radius (1.5 voxels of that grid) so each finding stays
+    # visible after preprocessing
+    "demo": SynthConfig(size=(64, 64), slices=(40, 128), z_spacings=(3.0, 4.0, 5.0), lesion_scale=2.0,
+                        min_lesion_mm=9.0),
     "medium": SynthConfig(size=(128, 192)),
     "full": SynthConfig(size=(384, 512)),
 }
@@ -275,8 +296,9 @@ def _geometry(sc: _Scene) -> None:
     labels = np.zeros(shape, dtype=np.uint8)
 
     # Lesions smaller than a voxel would vanish: every drawn radius is at least this.
-    min_r = 0.75 * max(spacing)
-    sc.set(a=a, b=b, fat=fat, wall=wall, ac=ac, bc=bc, yc=yc, apex=apex, z_top=z_top, z_bot=z_bot, sz=sz, n_xy=n_xy,
+    min_r = max(0.75 * max(spacing), config.min_lesion_mm or 0.0)
+    ls = float(config.lesion_scale)
+    sc.set(ls=ls, a=a, b=b, fat=fat, wall=wall, ac=ac, bc=bc, yc=yc, apex=apex, z_top=z_top, z_bot=z_bot, sz=sz, n_xy=n_xy,
            sxy=sxy, y_shift=y_shift, shape=shape, spacing=spacing, origin=origin, g=g, hu=hu, labels=labels,
            min_r=min_r)
 
@@ -357,7 +379,7 @@ def _heart(sc: _Scene) -> None:
     h_r = (48 * h_scale, 0.42 * bc * h_scale, 0.44 * ac * h_scale)
     h_c = (dome_l + 0.8 * h_r[0], yc + 0.28 * bc, -0.12 * ac)
     if "Pericardial effusion" in present:
-        pe_t = max(rng.uniform(6, 15), 1.2 * max(spacing))
+        pe_t = max(rng.uniform(6, 15) * sc.ls, 1.2 * max(spacing))
         sl, m = g.ellipsoid(h_c, tuple(r + pe_t for r in h_r))
         _paint(hu, labels, sl, m, HU["fluid"], TS_IDS["heart"], where=above_diaph & cavity)
     else:
@@ -453,7 +475,7 @@ def _lung_nodule(sc: _Scene) -> None:
     lrng, g, hu, labels, lung_mask, min_r, stated = sc.lrng, sc.g, sc.hu, sc.labels, sc.lung_mask, sc.min_r, sc.stated
     nodules = []
     for _ in range(int(lrng.integers(1, 4))):
-        r = max(lrng.uniform(2.5, 8.0), min_r)
+        r = max(lrng.uniform(2.5, 8.0) * sc.ls, min_r)
         for c, lab in _lung_points(sc) or ():
             sl, m = g.ellipsoid(c, (r, r, r))
             inside = lung_mask[sl][m]
@@ -471,7 +493,7 @@ def _emphysema(sc: _Scene) -> None:
     n = int(lrng.integers(40, 90))
     upper = np.isin(labels, (10, 12))
     for c, _lab in list(_lung_points(sc, (10, 12), tries=n) or ())[:n]:
-        r = max(lrng.uniform(5, 12), min_r)
+        r = max(lrng.uniform(5, 12) * sc.ls, min_r)
         sl, m = g.ellipsoid(c, (r, r, r))
         _paint(hu, labels, sl, m, HU["emphysema"], None, where=upper)
     stated["Emphysema"] = {}
@@ -482,7 +504,7 @@ def _lung_opacity(sc: _Scene) -> None:
     lrng, g, hu, labels, lung_mask, min_r, stated = sc.lrng, sc.g, sc.hu, sc.labels, sc.lung_mask, sc.min_r, sc.stated
     for c, lab in _lung_points(sc) or ():
         r = (lrng.uniform(15, 35), lrng.uniform(15, 30), lrng.uniform(15, 30))
-        sl, m = g.ellipsoid(c, tuple(max(ri, 2 * min_r) for ri in r))
+        sl, m = g.ellipsoid(c, tuple(max(ri * sc.ls, 2 * min_r) for ri in r))
         _paint(hu, labels, sl, m, HU["ggo"], None, where=lung_mask & (labels == lab))
         stated["Lung opacity"] = {"lobe": LOBE_NAMES[lab]}
         break
@@ -493,7 +515,7 @@ def _consolidation(sc: _Scene) -> None:
     lrng, g, hu, labels, min_r, stated = sc.lrng, sc.g, sc.hu, sc.labels, sc.min_r, sc.stated
     for c, lab in _lung_points(sc, (11, 14)) or ():
         r = (lrng.uniform(20, 40), lrng.uniform(15, 30), lrng.uniform(15, 30))
-        sl, m = g.ellipsoid(c, tuple(max(ri, 2 * min_r) for ri in r))
+        sl, m = g.ellipsoid(c, tuple(max(ri * sc.ls, 2 * min_r) for ri in r))
         _paint(hu, labels, sl, m, HU["consolidation"], None, where=labels == lab)
         stated["Consolidation"] = {"lobe": LOBE_NAMES[lab]}
         break
@@ -504,7 +526,7 @@ def _atelectasis(sc: _Scene) -> None:
     lrng, g, hu, labels, sz, z_diaph, yc = sc.lrng, sc.g, sc.hu, sc.labels, sc.sz, sc.z_diaph, sc.yc
     stated = sc.stated
     lab = int(lrng.choice([11, 14]))
-    t = max(lrng.uniform(6, 12), 1.2 * sz)
+    t = max(lrng.uniform(6, 12) * sc.ls, 1.2 * sz)
     band = (labels == lab) & (g.z < z_diaph + t) & (g.y < yc)
     hu[band] = HU["consolidation"] - 5
     stated["Atelectasis"] = {"lobe": LOBE_NAMES[lab]}
@@ -514,7 +536,7 @@ def _pleural_effusion(sc: _Scene) -> None:
     """Pleural effusion: drawn into the image and stated."""
     lrng, g, hu, lung_mask, sxy, sz, stated = sc.lrng, sc.g, sc.hu, sc.lung_mask, sc.sxy, sc.sz, sc.stated
     side = lrng.choice(["right", "left", "bilateral"], p=[0.4, 0.2, 0.4])
-    depth = max(lrng.uniform(15, 45), 2 * max(sxy, sz))
+    depth = max(lrng.uniform(15, 45) * sc.ls, 2 * max(sxy, sz))
     sides = {"right": [1], "left": [-1], "bilateral": [1, -1]}[side]
     for s in sides:
         this = lung_mask & ((g.x > 0) if s > 0 else (g.x < 0))
@@ -547,7 +569,7 @@ def _arterial_wall_calcification(sc: _Scene) -> None:
         zc = z_arch - t * (z_arch - max(z_bot, dome_l - 40))
         ang = lrng.uniform(0, 2 * math.pi)
         c = (zc, desc_y + r_ao * math.sin(ang) * 0.85, desc_x + r_ao * math.cos(ang) * 0.85)
-        r = max(lrng.uniform(2, 4), min_r)
+        r = max(lrng.uniform(2, 4) * sc.ls, min_r)
         sl, m = g.ellipsoid(c, (r, r, r))
         _paint(hu, labels, sl, m, HU["calcium"] + lrng.uniform(-200, 200), None, where=desc)
     stated["Arterial wall calcification"] = {}
@@ -561,7 +583,7 @@ def _coronary_artery_wall_calcification(sc: _Scene) -> None:
     for _ in range(int(lrng.integers(1, 4))):
         ang = lrng.uniform(0.2, 1.4)  # anterior-superior surface: coronary territory
         c = (h_c[0] + 0.5 * h_r[0], h_c[1] + 0.85 * h_r[1] * math.sin(ang), h_c[2] + 0.85 * h_r[2] * math.cos(ang))
-        r = max(lrng.uniform(2, 3.5), min_r)
+        r = max(lrng.uniform(2, 3.5) * sc.ls, min_r)
         sl, m = g.ellipsoid(c, (r, r, r))
         _paint(hu, labels, sl, m, HU["calcium"] - 100 + lrng.uniform(-100, 200), None, where=heart)
     stated["Coronary artery wall calcification"] = {}
@@ -571,7 +593,8 @@ def _hiatal_hernia(sc: _Scene) -> None:
     """Hiatal hernia: drawn into the image and stated."""
     lrng, g, hu, labels, sz, sxy, dome_l, eso_y = sc.lrng, sc.g, sc.hu, sc.labels, sc.sz, sc.sxy, sc.dome_l, sc.eso_y
     cavity, stated = sc.cavity, sc.stated
-    r = (max(lrng.uniform(18, 28), 2 * sz), max(lrng.uniform(14, 22), 2 * sxy), max(lrng.uniform(14, 22), 2 * sxy))
+    r = (max(lrng.uniform(18, 28) * sc.ls, 2 * sz), max(lrng.uniform(14, 22) * sc.ls, 2 * sxy),
+         max(lrng.uniform(14, 22) * sc.ls, 2 * sxy))
     c = (dome_l + 0.8 * r[0], eso_y + 4, -12)
     sl, m = g.ellipsoid(c, r)
     free = cavity & ~np.isin(labels, (TS_IDS["aorta"], TS_IDS["heart"], *VERTEBRA_IDS.values()))
