@@ -136,22 +136,41 @@ class HUEncoding(nn.Module):
     HU, which these step functions make linear. patches (N, pt*ph*pw) in [-1, 1] (the preprocess
     window, `window` = (low, high) HU) -> (N, width)."""
 
+    LUT_STEPS = 4000
+
     def __init__(self, thresholds_hu, window, patch, grid, width: int):
         super().__init__()
         lo, hi = (float(v) for v in window)
         edges = [(float(t) - lo) * 2.0 / (hi - lo) - 1.0 for t in thresholds_hu]
         self.register_buffer("edges", torch.tensor(edges, dtype=torch.float32), persistent=False)
+        centers = torch.arange(self.LUT_STEPS + 1, dtype=torch.float64) * (2.0 / self.LUT_STEPS) - 1.0
+        lut = (centers[:, None] > torch.tensor(edges, dtype=torch.float64)[None, :]).sum(1).to(torch.int32)
+        self.register_buffer("lut", lut, persistent=False)
         self.patch, self.grid = tuple(patch), tuple(grid)
+        (pt, ph, pw), (gt, gh, gw) = self.patch, self.grid
+        t, h, w = torch.meshgrid(torch.arange(pt), torch.arange(ph), torch.arange(pw), indexing="ij")
+        sub = ((t // (pt // gt)) * gh + h // (ph // gh)) * gw + w // (pw // gw)  # voxel -> sub-block (t, h, w order)
+        self.register_buffer("sub", sub.reshape(1, -1), persistent=False)
+        self.n_sub, self.per_sub = gt * gh * gw, (pt // gt) * (ph // gh) * (pw // gw)
         self.embed = nn.Linear(len(edges) * math.prod(self.grid), width)
         nn.init.trunc_normal_(self.embed.weight, std=self.embed.in_features ** -0.5)
         nn.init.zeros_(self.embed.bias)
 
     def features(self, patches):
-        """(N, pt*ph*pw) -> (N, gt*gh*gw, len(thresholds)) float32 fractions in [0, 1]."""
-        (pt, ph, pw), (gt, gh, gw) = self.patch, self.grid
-        x = patches.float().view(-1, gt, pt // gt, gh, ph // gh, gw, pw // gw)
-        fr = [(x > e).float().mean((2, 4, 6)).flatten(1) for e in self.edges.unbind(0)]
-        return torch.stack(fr, dim=-1)
+        """(N, pt*ph*pw) -> (N, gt*gh*gw, len(thresholds)) float32 fractions in [0, 1]: a histogram of
+        each sub-block over the threshold intervals, summed from the top. Voxels are binned through
+        a table at 1/LUT_STEPS of the [-1, 1] window (0.5 HU for the usual 2000 HU window, finer
+        than the fp16 cache stores them); values outside the window count as its ends. One gather,
+        one index_add, no host sync."""
+        n, k = patches.shape[0], self.edges.numel()
+        q = ((patches.float() + 1.0) * (self.LUT_STEPS / 2)).round_().clamp_(0, self.LUT_STEPS).to(torch.int32)
+        bins = self.lut[q]  # number of thresholds below each voxel
+        flat = (torch.arange(n, device=patches.device, dtype=torch.int32)[:, None] * self.n_sub + self.sub) * (k + 1)
+        flat += bins
+        counts = torch.zeros(n * self.n_sub * (k + 1), device=patches.device, dtype=torch.float32)
+        counts.index_add_(0, flat.view(-1), torch.ones(flat.numel(), device=patches.device, dtype=torch.float32))
+        above = counts.view(n, self.n_sub, k + 1).flip(-1).cumsum(-1).flip(-1)[..., 1:]
+        return above / self.per_sub
 
     def forward(self, patches):
         f = self.features(patches)
