@@ -134,6 +134,30 @@ def test_chunk_sampler_depths():
         ChunkConfig(patch=(4, 16, 16), min_slices=6)
 
 
+def test_chunk_sampler_whole_fraction():
+    """whole_fraction 0.3: about 30% of the chunks are the deepest that fit (the whole volume when
+    it fits); the others keep the uniform depth draw, which may also land on the deepest."""
+    base = ChunkConfig(patch=(4, 16, 16), min_slices=8, max_slices=40)
+    rng = np.random.default_rng(1)
+    n = 2000
+    whole = ChunkSampler(dataclasses.replace(base, whole_fraction=0.3))
+    draws = [whole.sample(36, rng) for _ in range(n)]
+    full = sum(d == (0, 36) for d in draws) / n
+    p_uniform = 1 / 8  # depths 8..36 in steps of 4: 8 choices, 36 is one
+    assert abs(full - (0.3 + 0.7 * p_uniform)) < 0.035, full
+    assert all(z1 - z0 == 40 for z0, z1 in (whole.sample(60, rng) for _ in range(200)) if z1 - z0 > 36)
+    always = ChunkSampler(dataclasses.replace(base, whole_fraction=1.0))
+    assert all(np.diff(always.sample(60, rng))[0] == 40 for _ in range(50))  # capped at max_slices
+    assert all(np.diff(always.sample(30, rng))[0] == 28 for _ in range(50))  # deepest multiple of 4 that fits
+    # whole_fraction 0 draws exactly what the sampler drew before the option existed
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    plain = ChunkSampler(base)
+    assert [plain.sample(50, r1) for _ in range(50)] == [ChunkSampler(base).sample(50, r2) for _ in range(50)]
+    for bad in (-0.1, 1.5, "half"):
+        with pytest.raises(ValueError, match="whole_fraction"):
+            dataclasses.replace(base, whole_fraction=bad)
+
+
 def test_organs_in_chunk_known_positions():
     labels = np.zeros((40, 4, 4), np.uint8)
     labels[0:30, 0, :] = 12  # lung: slices 0..29, 4 voxels per slice

@@ -202,6 +202,17 @@ def test_negative_threads_is_refused_before_any_work(tmp_path, capsys):
     assert TrainConfig(threads=0).threads == 0
 
 
+def test_whole_fraction_is_checked_and_set_on_the_command_line(tmp_path):
+    from sigvlp.train import TrainConfig
+    from sigvlp.train.config import apply_overrides, parse_override
+
+    for bad in (-0.1, 1.01, True, "x"):
+        with pytest.raises(ValueError, match="whole_fraction"):
+            TrainConfig(whole_fraction=bad)
+    cfg = apply_overrides(TrainConfig(), [parse_override("whole_fraction=0.25")])
+    assert cfg.whole_fraction == 0.25 and TrainConfig().whole_fraction is None
+
+
 def _saved_test_model(tmp_path, **changes):
     from sigvlp.model import SigVLP, SigVLPConfig
 

@@ -39,6 +39,7 @@ class ChunkConfig:
     min_organ_fraction: float = 0.1
     min_slice_fraction: Optional[float] = 0.5  # None: voxel-fraction rule only
     general: bool = True  # append the volume's general description
+    whole_fraction: float = 0.0  # probability that a drawn chunk is the whole volume (up to max_slices)
 
     def __post_init__(self):
         if len(self.patch) != 3 or any(int(p) != p or p < 1 for p in self.patch):
@@ -50,6 +51,8 @@ class ChunkConfig:
         slice_ok = self.min_slice_fraction is None or 0 <= self.min_slice_fraction <= 1
         if not (0 <= self.min_organ_fraction <= 1 and slice_ok):
             raise ValueError("min_organ_fraction and min_slice_fraction must lie in [0, 1]")
+        if not (isinstance(self.whole_fraction, (int, float)) and 0 <= self.whole_fraction <= 1):
+            raise ValueError(f"whole_fraction: expected a probability in [0, 1], got {self.whole_fraction!r}")
 
 
 CHUNK_PRESETS = {
@@ -67,7 +70,9 @@ def chunk_preset(name: str) -> ChunkConfig:
 
 
 class ChunkSampler:
-    """Draws chunk boundaries (z0, z1) for a volume of `depth` slices."""
+    """Draws chunk boundaries (z0, z1) for a volume of `depth` slices: a depth uniform over the
+    multiples of the patch depth in [min_slices, min(max_slices, depth)], then a uniform start;
+    with probability config.whole_fraction the deepest such chunk (the whole volume when it fits)."""
 
     def __init__(self, config: ChunkConfig = ChunkConfig(), max_tokens: Optional[int] = None, plane_tokens: int = 1):
         self.config = config
@@ -86,6 +91,8 @@ class ChunkSampler:
             return 0, depth
         hi = min(self.max_slices, depth) // pt
         lo = min(max(self.config.min_slices // pt, 1), hi)
+        if self.config.whole_fraction > 0 and rng.random() < self.config.whole_fraction:
+            lo = hi  # the whole volume, or the deepest chunk that fits
         d = pt * int(rng.integers(lo, hi + 1))
         z0 = int(rng.integers(0, depth - d + 1))
         return z0, z0 + d

@@ -36,6 +36,7 @@ class TrainConfig:
     chunk: Optional[str] = None             # sigvlp.data chunk preset (None: the model config's)
     min_slices: Optional[int] = None        # override the chunk preset's depth range (slices after preprocessing)
     max_slices: Optional[int] = None
+    whole_fraction: Optional[float] = None  # override the chunk preset's share of whole-volume chunks
     token_budget: int = 8192                # image tokens per micro-batch (per rank)
     chunks_per_volume: int = 2
     num_workers: int = 2
@@ -91,6 +92,10 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise ValueError(f"{name}: expected a number in [0, 1], got {v!r}")
+        if self.whole_fraction is not None and (not isinstance(self.whole_fraction, (int, float))
+                                                or isinstance(self.whole_fraction, bool)
+                                                or not 0 <= self.whole_fraction <= 1):
+            raise ValueError(f"whole_fraction: expected null or a number in [0, 1], got {self.whole_fraction!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum: expected a number in [0, 1), got {self.momentum!r}")
         if self.precision not in ("auto", "bf16", "fp32"):

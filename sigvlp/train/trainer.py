@@ -219,7 +219,8 @@ class Trainer:
         cfg = self.config
         paths = resolve_data_paths(cfg)
         pp_name = cfg.preprocess or self.model_config.preprocess
-        chunk_over = {k: v for k, v in (("min_slices", cfg.min_slices), ("max_slices", cfg.max_slices)) if v is not None}
+        chunk_over = {k: v for k, v in (("min_slices", cfg.min_slices), ("max_slices", cfg.max_slices),
+                                        ("whole_fraction", cfg.whole_fraction)) if v is not None}
         if cfg.chunk is not None:
             from sigvlp.data.chunks import CHUNK_PRESETS
 
