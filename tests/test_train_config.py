@@ -213,6 +213,24 @@ def test_whole_fraction_is_checked_and_set_on_the_command_line(tmp_path):
     assert cfg.whole_fraction == 0.25 and TrainConfig().whole_fraction is None
 
 
+def test_optimizer_adamw_puts_every_parameter_on_adamw(tmp_path):
+    from sigvlp.train import TrainConfig
+
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="sgd")
+    muon = _trainer(tmp_path / "m", steps=1)
+    assert {g["use_muon"] for g in muon.optimizer.param_groups} == {True, False}
+    adamw = _trainer(tmp_path / "a", steps=1, optimizer="adamw", adamw_lr=3e-3)
+    groups = adamw.optimizer.param_groups
+    assert [g["use_muon"] for g in groups] == [False]
+    assert sum(len(g["params"]) for g in groups) == len(list(adamw.model.parameters()))
+    before = [p.detach().clone() for p in adamw.model.parameters()]
+    adamw.train_step(adamw._batches())
+    # AdamW's first step moves no element by more than lr (its bias-corrected m / sqrt(v) is +-1)
+    moved = [float((p.detach() - b).abs().max()) for p, b in zip(adamw.model.parameters(), before)]
+    assert max(moved) <= 3e-3 * 1.01 and max(moved) > 0
+
+
 def _saved_test_model(tmp_path, **changes):
     from sigvlp.model import SigVLP, SigVLPConfig
 

@@ -49,6 +49,7 @@ class TrainConfig:
     # optimisation
     steps: int = 1000                       # optimizer steps
     grad_accum: int = 1                     # micro-batches per optimizer step
+    optimizer: str = "muon"                 # muon: Muon for hidden matrices + AdamW for the rest; adamw: AdamW for all
     lr: float = 0.02                        # Muon (hidden matrices)
     adamw_lr: float = 1e-3                  # AdamW (embeddings, norms, heads, scalars)
     weight_decay: float = 0.01              # Muon
@@ -98,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"whole_fraction: expected null or a number in [0, 1], got {self.whole_fraction!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum: expected a number in [0, 1), got {self.momentum!r}")
+        if self.optimizer not in ("muon", "adamw"):
+            raise ValueError(f"optimizer: expected 'muon' or 'adamw', got {self.optimizer!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.split not in ("train", "valid"):

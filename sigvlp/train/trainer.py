@@ -189,7 +189,9 @@ class Trainer:
         # ---- optimizer, schedule
         from sigvlp.optim import MuonWithAdamW, split_params
 
-        self.optimizer = MuonWithAdamW(split_params(self.model), lr=config.lr, weight_decay=config.weight_decay,
+        # optimizer "adamw": every parameter in the AdamW group (adamw_lr, adamw_weight_decay)
+        groups = split_params(self.model, muon_filter=(lambda *_: False) if config.optimizer == "adamw" else None)
+        self.optimizer = MuonWithAdamW(groups, lr=config.lr, weight_decay=config.weight_decay,
                                        momentum=config.momentum, adamw_lr=config.adamw_lr,
                                        adamw_weight_decay=config.adamw_weight_decay, backend=config.backend,
                                        process_group=self.group)
