@@ -69,3 +69,36 @@ def test_demo_negative_threads_is_an_argparse_error(tmp_path, capsys):
     assert exc.value.code == 2
     assert "--threads: expected an integer >= 0" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_end_to_end_on_a_small_set(tmp_path, monkeypatch, capsys):
+    """`sigvlp demo` with the demo's model and recipe on 24 training / 30 held-out phantoms of its
+    preset and 3 steps: the metrics file holds what the README lists, per-label counts agree with
+    the held-out labels CSV, and labels with fewer than MIN_COUNT positives are listed as skipped."""
+    import csv
+    import json
+
+    import sigvlp.train.demo as demo
+    from sigvlp.cli import main
+
+    monkeypatch.setitem(demo.DEMO_DATA, "train", {**demo.DEMO_DATA["train"], "n_train": 24})
+    monkeypatch.setitem(demo.DEMO_DATA, "heldout", {**demo.DEMO_DATA["heldout"], "n_valid": 30})
+    monkeypatch.setitem(demo.DEMO_DATA, "heldout_chunks_per_volume", 1)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--data-dir", str(tmp_path / "data"), "--steps", "3",
+                 "--no-progress"]) == 0
+    m = json.loads((out / "demo_metrics.json").read_text())
+    for key in ("zero_shot_mean_auroc", "organ_presence_mean_auroc", "per_label", "per_organ", "counts", "seconds",
+                "checkpoint", "skipped"):
+        assert key in m, key
+    assert m["steps"] == 3 and m["heldout_volumes"] == 30 and (tmp_path / "data" / "phantoms-demo-train").is_dir()
+    assert (out / "run" / "checkpoints").is_dir() and m["checkpoint"].startswith(str(out / "run"))
+    with open(tmp_path / "data" / "phantoms-demo-heldout" / "dataset" / "multi_abnormality_labels"
+              / "valid_predicted_labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    for label in list(m["per_label"]) + list(m["skipped"]["zero_shot"]):
+        pos = sum(int(r[label]) for r in rows)
+        got = m["counts"].get(label) or m["skipped"]["zero_shot"][label]
+        assert (got["positives"], got["negatives"]) == (pos, len(rows) - pos), label
+        assert (label in m["per_label"]) == (min(pos, len(rows) - pos) >= demo.MIN_COUNT), label
+    assert "zero-shot mean AUROC" in capsys.readouterr().out
