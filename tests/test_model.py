@@ -463,3 +463,12 @@ def test_hu_encoding_config_errors_and_round_trip(tmp_path):
     assert "visual.hu_encoding.embed.weight" in model.state_dict()
     without = _model(pool="max")
     assert without.visual.hu_encoding is None
+    # any input is binned safely: NaN as the window's bottom, +-inf and out-of-window values at its ends
+    enc = model.visual.hu_encoding
+    x = torch.full((3, enc.per_sub * enc.n_sub), 0.5)
+    x[0] = float("nan")
+    x[1] = float("inf")
+    x[2] = -7.0
+    f = enc.features(x)
+    assert torch.equal(f[0], torch.zeros_like(f[0])) and torch.equal(f[1], torch.ones_like(f[1]))
+    assert torch.equal(f[2], torch.zeros_like(f[2]))

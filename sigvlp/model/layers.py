@@ -160,13 +160,14 @@ class HUEncoding(nn.Module):
         """(N, pt*ph*pw) -> (N, gt*gh*gw, len(thresholds)) float32 fractions in [0, 1]: a histogram of
         each sub-block over the threshold intervals, summed from the top. Voxels are binned through
         a table at 1/LUT_STEPS of the [-1, 1] window (0.5 HU for the usual 2000 HU window, finer
-        than the fp16 cache stores them); values outside the window count as its ends. One gather,
-        one index_add, no host sync."""
+        than the fp16 cache stores them); values outside the window count as its ends, NaN as its
+        bottom (memory-safe for any input). One gather, one index_add, no host sync."""
         n, k = patches.shape[0], self.edges.numel()
-        q = ((patches.float() + 1.0) * (self.LUT_STEPS / 2)).round_().clamp_(0, self.LUT_STEPS).to(torch.int32)
-        bins = self.lut[q]  # number of thresholds below each voxel
-        flat = (torch.arange(n, device=patches.device, dtype=torch.int32)[:, None] * self.n_sub + self.sub) * (k + 1)
-        flat += bins
+        q = ((patches.float() + 1.0) * (self.LUT_STEPS / 2)).round_().nan_to_num_(0.0).clamp_(0, self.LUT_STEPS)
+        bins = self.lut[q.to(torch.int32)]  # number of thresholds below each voxel (NaN counts as the bottom)
+        index_dtype = torch.int32 if n * self.n_sub * (k + 1) < 2 ** 31 else torch.int64
+        flat = torch.arange(n, device=patches.device, dtype=index_dtype)[:, None] * self.n_sub + self.sub
+        flat = flat * (k + 1) + bins
         counts = torch.zeros(n * self.n_sub * (k + 1), device=patches.device, dtype=torch.float32)
         counts.index_add_(0, flat.view(-1), torch.ones(flat.numel(), device=patches.device, dtype=torch.float32))
         above = counts.view(n, self.n_sub, k + 1).flip(-1).cumsum(-1).flip(-1)[..., 1:]
