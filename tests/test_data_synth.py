@@ -421,7 +421,7 @@ def test_demo_preset_findings_stay_visible_after_preprocessing():
 def test_lesion_options_are_checked():
     import dataclasses
 
-    for bad in (0.0, -1.0, float("inf")):
+    for bad in (0.0, -1.0, float("inf"), True, "2"):
         with pytest.raises(ValueError, match="lesion_scale"):
             dataclasses.replace(TINY, lesion_scale=bad)
     with pytest.raises(ValueError, match="min_lesion_mm"):

@@ -75,7 +75,7 @@ def test_bad_key_and_unknown_preset():
     with pytest.raises(ValueError, match="multiple of heads"):
         SigVLPConfig.preset("tiny", heads=3)
     with pytest.raises(ValueError, match="pool"):
-        SigVLPConfig.preset("tiny", pool="max")
+        SigVLPConfig.preset("tiny", pool="sum")
     with pytest.raises(ValueError, match="preprocess"):
         SigVLPConfig.preset("tiny", preprocess="nope")
 
@@ -445,11 +445,15 @@ def test_max_pool_matches_loop_and_gradient():
 
 
 def test_hu_encoding_config_errors_and_round_trip(tmp_path):
-    for bad in ((), (0.0, -100.0), (1.0, 1.0), ("a",), (float("nan"),), "300"):
+    for bad in ((), (0.0, -100.0), (1.0, 1.0), ("a",), (float("nan"),), "300", 5, {0: 1, 300: 2}, {0, 300},
+                (x for x in (0, 300)), (True, 2)):
         with pytest.raises(ValueError, match="hu_thresholds"):
             _tiny(hu_thresholds=bad)
-    with pytest.raises(ValueError, match="hu_grid"):
-        _tiny(hu_thresholds=(0.0,), hu_grid=(1, 3, 4))  # 3 does not divide 16
+    for bad in ((1, 3, 4), 4, None, (4, 4), (2.5, 4, 4), "abc"):  # 3 does not divide 16
+        with pytest.raises(ValueError, match="hu_grid"):
+            _tiny(hu_thresholds=(0.0,), hu_grid=bad)
+    assert _tiny(hu_thresholds=np.array([0, 300])).hu_thresholds == (0.0, 300.0)  # numpy integers are numbers
+    assert _tiny(hu_thresholds=[np.int64(-950), 300]).hu_thresholds == (-950.0, 300.0)
     with pytest.raises(ValueError, match="pool"):
         _tiny(pool="sum")
     model = _model(pool="max", **_HU)

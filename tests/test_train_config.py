@@ -231,6 +231,17 @@ def test_optimizer_adamw_puts_every_parameter_on_adamw(tmp_path):
     assert max(moved) <= 3e-3 * 1.01 and max(moved) > 0
 
 
+def test_resume_with_another_optimizer_names_both(tmp_path):
+    from sigvlp.train import TrainConfig, Trainer
+
+    first = _trainer(tmp_path, steps=1)
+    first.run()
+    cfg = TrainConfig(**{**first.config.to_dict(), "optimizer": "adamw"})
+    batches = [collate(samples(0, 4))]
+    with pytest.raises(ValueError, match="trained with optimizer 'muon', this run asks for 'adamw'"):
+        Trainer(cfg, resume=True, batch_source=lambda rank, world: iter(batches))
+
+
 def _saved_test_model(tmp_path, **changes):
     from sigvlp.model import SigVLP, SigVLPConfig
 

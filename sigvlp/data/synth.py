@@ -94,11 +94,13 @@ class SynthConfig:
     lesion_scale: float = 1.0
 
     def __post_init__(self):
-        if not (isinstance(self.lesion_scale, (int, float)) and math.isfinite(self.lesion_scale)
+        if not (isinstance(self.lesion_scale, (int, float)) and not isinstance(self.lesion_scale, bool)
+                and math.isfinite(self.lesion_scale)
                 and self.lesion_scale > 0):
             raise ValueError(f"lesion_scale: expected a finite number > 0, got {self.lesion_scale!r}")
         m = self.min_lesion_mm
-        if m is not None and not (isinstance(m, (int, float)) and math.isfinite(m) and m >= 0):
+        if m is not None and not (isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m)
+                                  and m >= 0):
             raise ValueError(f"min_lesion_mm: expected None or a finite number >= 0 (mm), got {m!r}")
 
 
@@ -997,7 +999,9 @@ def add_arguments(parser):
     parser.add_argument("--n-valid", type=_int_at_least(0), default=50, help="validation volumes")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed")
     parser.add_argument("--preset", default="small", choices=sorted(SYNTH_PRESETS),
-                        help="size preset (small: 64-96 px in-plane, 60-400 slices)")
+                        help="size preset (small: 64-96 px in-plane, 60-400 slices; tiny: 40-48 px, 24-64 slices of "
+                             "5-8 mm; demo: 64 px, 3-5 mm slices, lesions drawn twice their size and at least 9 mm "
+                             "in radius, as `sigvlp demo` uses)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("MIN", "MAX"), action=_range_action(16),
                         default=argparse.SUPPRESS, help="in-plane matrix range (default: the preset's)")
     parser.add_argument("--slices", type=int, nargs=2, metavar=("MIN", "MAX"), action=_range_action(1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -100,18 +101,22 @@ class SigVLPConfig:
             raise ValueError(f"max_text_tokens: expected >= 2 (BOS and EOS), got {self.max_text_tokens}")
         if self.pool not in ("map", "mean", "max"):
             raise ValueError(f"pool: expected 'map', 'mean' or 'max', got {self.pool!r}")
-        self.hu_grid = tuple(self.hu_grid)
-        if len(self.hu_grid) != 3 or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1
-                                             and p % g == 0 for g, p in zip(self.hu_grid, self.patch_size)):
+        g = self.hu_grid
+        if not (isinstance(g, (tuple, list)) and len(g) == 3
+                and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 and p % v == 0
+                        for v, p in zip(g, self.patch_size))):
             raise ValueError(f"hu_grid: expected three positive ints dividing patch_size {self.patch_size}, "
-                             f"got {self.hu_grid!r}")
+                             f"got {g!r}")
+        self.hu_grid = tuple(int(v) for v in g)
         if self.hu_thresholds is not None:
             t = self.hu_thresholds
-            if isinstance(t, (str, bytes)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                      and math.isfinite(v) for v in t) or len(t) == 0 \
-                    or any(b <= a for a, b in zip(t, t[1:])):
-                raise ValueError(f"hu_thresholds: expected None or a non-empty increasing sequence of finite HU "
-                                 f"values, got {t!r}")
+            if hasattr(t, "tolist") and not isinstance(t, (str, bytes)):
+                t = t.tolist()  # a numpy array
+            if not (isinstance(t, (tuple, list)) and len(t) > 0
+                    and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in t)
+                    and all(b > a for a, b in zip(t, t[1:]))):
+                raise ValueError(f"hu_thresholds: expected None or a non-empty increasing list of finite HU "
+                                 f"values, got {self.hu_thresholds!r}")
             self.hu_thresholds = tuple(float(v) for v in t)
         if self.text_pool not in ("last", "mean", "map"):
             raise ValueError(f"text_pool: expected 'last', 'mean' or 'map', got {self.text_pool!r}")

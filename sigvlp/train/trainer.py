@@ -488,6 +488,14 @@ class Trainer:
         state = load_trainer_state(ckpt)
         weights = load_file(str(ckpt / "model.safetensors"), device=str(self.device))
         self.model.load_state_dict(weights, strict=True)
+        saved_kinds = [bool(g.get("use_muon")) for g in state["optimizer"].get("param_groups", [])]
+        kinds = [bool(g.get("use_muon")) for g in self.optimizer.param_groups]
+        if saved_kinds != kinds:
+            def name(k):
+                return "adamw" if k == [False] else "muon"
+
+            raise ValueError(f"resume: checkpoint {ckpt} was trained with optimizer {name(saved_kinds)!r}, this run "
+                             f"asks for {self.config.optimizer!r}; resume with --optimizer {name(saved_kinds)}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
