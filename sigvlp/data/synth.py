@@ -299,10 +299,9 @@ def _geometry(sc: _Scene) -> None:
 
     # Lesions smaller than a voxel would vanish: every drawn radius is at least this.
     min_r = max(0.75 * max(spacing), config.min_lesion_mm or 0.0)
-    ls = float(config.lesion_scale)
-    sc.set(ls=ls, a=a, b=b, fat=fat, wall=wall, ac=ac, bc=bc, yc=yc, apex=apex, z_top=z_top, z_bot=z_bot, sz=sz, n_xy=n_xy,
-           sxy=sxy, y_shift=y_shift, shape=shape, spacing=spacing, origin=origin, g=g, hu=hu, labels=labels,
-           min_r=min_r)
+    sc.set(ls=float(config.lesion_scale), a=a, b=b, fat=fat, wall=wall, ac=ac, bc=bc, yc=yc, apex=apex, z_top=z_top,
+           z_bot=z_bot, sz=sz, n_xy=n_xy, sxy=sxy, y_shift=y_shift, shape=shape, spacing=spacing, origin=origin, g=g,
+           hu=hu, labels=labels, min_r=min_r)
 
 
 def _body_wall(sc: _Scene) -> None:

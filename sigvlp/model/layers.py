@@ -106,11 +106,17 @@ class MAPPool(nn.Module):
         return o + self.mlp(self.norm(o))
 
 
+def _row_sequence(x, cu_seqlens):
+    """(lengths (B,) int64, seq (total,) int64: the sequence index of each row of x); no host sync."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(lengths.shape[0], device=x.device), lengths, output_size=x.shape[0])
+    return lengths, seq
+
+
 def mean_pool(x, cu_seqlens):
     """Mean of each sequence's rows: (total, width) -> (B, width); no host sync."""
     batch = cu_seqlens.shape[0] - 1
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(batch, device=x.device), lengths, output_size=x.shape[0])
+    lengths, seq = _row_sequence(x, cu_seqlens)
     sums = torch.zeros(batch, x.shape[1], device=x.device, dtype=torch.float32).index_add(0, seq, x.float())
     return (sums / lengths.clamp_min(1)[:, None]).to(x.dtype)
 
@@ -120,8 +126,7 @@ def max_pool(x, cu_seqlens):
     survives, where a mean dilutes it by the token count): (total, width) -> (B, width); an empty
     sequence gives zeros; no host sync. The gradient goes to the maximal rows."""
     batch = cu_seqlens.shape[0] - 1
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(batch, device=x.device), lengths, output_size=x.shape[0])
+    _, seq = _row_sequence(x, cu_seqlens)
     out = torch.zeros(batch, x.shape[1], device=x.device, dtype=x.dtype)
     return out.scatter_reduce(0, seq[:, None].expand(-1, x.shape[1]), x, "amax", include_self=False)
 
@@ -142,7 +147,7 @@ class HUEncoding(nn.Module):
         super().__init__()
         lo, hi = (float(v) for v in window)
         edges = [(float(t) - lo) * 2.0 / (hi - lo) - 1.0 for t in thresholds_hu]
-        self.register_buffer("edges", torch.tensor(edges, dtype=torch.float32), persistent=False)
+        self.n_thresholds = len(edges)
         centers = torch.arange(self.LUT_STEPS + 1, dtype=torch.float64) * (2.0 / self.LUT_STEPS) - 1.0
         lut = (centers[:, None] > torch.tensor(edges, dtype=torch.float64)[None, :]).sum(1).to(torch.int32)
         self.register_buffer("lut", lut, persistent=False)
@@ -162,7 +167,7 @@ class HUEncoding(nn.Module):
         a table at 1/LUT_STEPS of the [-1, 1] window (0.5 HU for the usual 2000 HU window, finer
         than the fp16 cache stores them); values outside the window count as its ends, NaN as its
         bottom (memory-safe for any input). One gather, one index_add, no host sync."""
-        n, k = patches.shape[0], self.edges.numel()
+        n, k = patches.shape[0], self.n_thresholds
         q = ((patches.float() + 1.0) * (self.LUT_STEPS / 2)).round_().nan_to_num_(0.0).clamp_(0, self.LUT_STEPS)
         bins = self.lut[q.to(torch.int32)]  # number of thresholds below each voxel (NaN counts as the bottom)
         index_dtype = torch.int32 if n * self.n_sub * (k + 1) < 2 ** 31 else torch.int64

@@ -71,7 +71,8 @@ class _Tower(nn.Module):
 class VolumeEncoder(_Tower):
     """Patch embedding (a Linear on the collate's flattened pt*ph*pw patches, identical to a stride =
     kernel Conv3d with 1 input channel: weight.view(width, 1, pt, ph, pw) is that conv's weight), plus
-    the HU encoding (``HUEncoding``) when ``hu_thresholds`` is set, pre-norm blocks with 3D RoPE from each chunk's grid_thw, final norm, pooling, projection.
+    the HU encoding (``HUEncoding``) when ``hu_thresholds`` is set, pre-norm blocks with 3D RoPE from
+    each chunk's grid_thw, final norm, pooling, projection.
     No absolute position embedding: any grid (any number of slices) works."""
 
     def __init__(self, cfg: SigVLPConfig):

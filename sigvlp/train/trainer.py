@@ -489,13 +489,10 @@ class Trainer:
         weights = load_file(str(ckpt / "model.safetensors"), device=str(self.device))
         self.model.load_state_dict(weights, strict=True)
         saved_kinds = [bool(g.get("use_muon")) for g in state["optimizer"].get("param_groups", [])]
-        kinds = [bool(g.get("use_muon")) for g in self.optimizer.param_groups]
-        if saved_kinds != kinds:
-            def name(k):
-                return "adamw" if k == [False] else "muon"
-
-            raise ValueError(f"resume: checkpoint {ckpt} was trained with optimizer {name(saved_kinds)!r}, this run "
-                             f"asks for {self.config.optimizer!r}; resume with --optimizer {name(saved_kinds)}")
+        if saved_kinds != [bool(g.get("use_muon")) for g in self.optimizer.param_groups]:
+            was = "adamw" if saved_kinds == [False] else "muon"  # "adamw" runs hold one AdamW group
+            raise ValueError(f"resume: checkpoint {ckpt} was trained with optimizer {was!r}, this run "
+                             f"asks for {self.config.optimizer!r}; resume with --optimizer {was}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
