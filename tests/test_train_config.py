@@ -213,6 +213,17 @@ def test_whole_fraction_is_checked_and_set_on_the_command_line(tmp_path):
     assert cfg.whole_fraction == 0.25 and TrainConfig().whole_fraction is None
 
 
+def test_prompt_decorrelation_is_checked(tmp_path):
+    from sigvlp.train import TrainConfig
+
+    for bad in (-1.0, float("nan"), True, "x"):
+        with pytest.raises(ValueError, match="prompt_decorrelation"):
+            TrainConfig(prompt_weight=1.0, prompt_decorrelation=bad)
+    with pytest.raises(ValueError, match="prompt_decorrelation.*prompt_weight"):
+        TrainConfig(prompt_decorrelation=1.0)  # no prompt statements to act on
+    assert TrainConfig(prompt_weight=2.0, prompt_decorrelation=8.0).prompt_decorrelation == 8.0
+
+
 def test_optimizer_adamw_puts_every_parameter_on_adamw(tmp_path):
     from sigvlp.train import TrainConfig
 

@@ -30,3 +30,43 @@ def test_truth_rules():
     ])
     assert torch.equal(got, expected)
     assert torch.equal(topics.truth(names, organs)[1], torch.tensor([1, 1, 0, 0, 0]))  # no coverage: all count
+
+
+def _decorrelation_loops(statements):
+    """The penalty written out: mean over ordered topic pairs of the squared cosine of directions."""
+    k = statements.shape[0] // 2
+    dirs = [statements[2 * i] - statements[2 * i + 1] for i in range(k)]
+    total, pairs = 0.0, 0
+    for i in range(k):
+        for j in range(k):
+            if i != j:
+                cos = float(dirs[i] @ dirs[j]) / (float(dirs[i].norm()) * float(dirs[j].norm()))
+                total += cos * cos
+                pairs += 1
+    return total / pairs
+
+
+def test_direction_decorrelation_matches_loops_and_extremes():
+    import pytest
+
+    from sigvlp.train.prompts import direction_decorrelation
+
+    g = torch.Generator().manual_seed(0)
+    for k, d in ((2, 3), (5, 8), (24, 64)):
+        x = torch.randn(2 * k, d, generator=g, dtype=torch.float64)
+        assert abs(float(direction_decorrelation(x)) - _decorrelation_loops(x)) < 1e-12
+        x32 = x.float()
+        assert abs(float(direction_decorrelation(x32)) - _decorrelation_loops(x)) < 1e-6
+    eye = torch.eye(6, dtype=torch.float64)
+    orth = torch.stack([eye[0], -eye[0], eye[1], -eye[1], eye[2], 0 * eye[2]])  # d = 2e0, 2e1, e2
+    assert float(direction_decorrelation(orth)) == 0.0
+    base = torch.randn(8, generator=g, dtype=torch.float64)
+    par = torch.stack([v for s in (1.0, -2.0, 0.5) for v in (s * base, torch.zeros(8, dtype=torch.float64))])
+    assert abs(float(direction_decorrelation(par)) - 1.0) < 1e-12  # parallel or antiparallel: cos^2 = 1
+    one = torch.randn(2, 4, generator=g)
+    assert float(direction_decorrelation(one)) == 0.0  # a single topic has no pair
+    x = torch.randn(10, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: direction_decorrelation(t), (x,))
+    for bad in (torch.zeros(5, 4), torch.zeros(4)):
+        with pytest.raises(ValueError, match="statements"):
+            direction_decorrelation(bad)

@@ -26,7 +26,7 @@ def _cmd(data, cache, out, *extra):
     return [sys.executable, "-m", "sigvlp", "train", "--data", str(data), "--cache", str(cache), "--out", str(out),
             "--model", "tiny", *sets, "--steps", str(STEPS), "--warmup-steps", "3", "--ckpt-every", "4",
             "--keep-last", "2", "--token-budget", "512", "--num-workers", "0", "--threads", "1",
-            "--max-text-tokens", "48", "--prompt-weight", "1.0", "--no-progress", "--no-tensorboard", *extra]
+            "--max-text-tokens", "48", "--prompt-weight", "1.0", "--prompt-decorrelation", "0.5", "--no-progress", "--no-tensorboard", *extra]
 
 
 def _env():
@@ -74,7 +74,8 @@ def test_smoke_run_writes_a_complete_run_folder(smoke_run):
     assert saved["steps"] == STEPS and saved["model_overrides"]["width"] == TEST_MODEL["width"]
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["tokens"] > 0 and row["slices"] > 0 and row["tokens_per_s"] > 0
-    assert row["loss_prompt"] > 0 and row["loss"] == row["loss_main"] + row["loss_prompt"]
+    assert row["loss_prompt"] > 0 and 0 < row["loss_decorrelation"] <= 1
+    assert row["loss"] == row["loss_main"] + 1.0 * row["loss_prompt"] + 0.5 * row["loss_decorrelation"]
     assert "checkpoint" in proc.stdout
 
 

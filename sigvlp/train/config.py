@@ -42,6 +42,7 @@ class TrainConfig:
     num_workers: int = 2
     max_text_tokens: int = 256
     prompt_weight: float = 0.0              # weight of the CT-CLIP statement loss (sigvlp.train.prompts; 0: off)
+    prompt_decorrelation: float = 0.0       # weight of the topic-direction decorrelation penalty (needs prompt_weight > 0)
     # model
     model: str = "tiny"                     # SigVLPConfig preset
     model_overrides: dict = field(default_factory=dict)
@@ -85,7 +86,8 @@ class TrainConfig:
             positive(name)
         for name in ("num_workers", "warmup_steps"):
             positive(name, allow_zero=True)
-        for name in ("lr", "adamw_lr", "weight_decay", "adamw_weight_decay", "clip_grad", "prompt_weight"):
+        for name in ("lr", "adamw_lr", "weight_decay", "adamw_weight_decay", "clip_grad", "prompt_weight",
+                     "prompt_decorrelation"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
@@ -97,6 +99,9 @@ class TrainConfig:
                                                 or isinstance(self.whole_fraction, bool)
                                                 or not 0 <= self.whole_fraction <= 1):
             raise ValueError(f"whole_fraction: expected null or a number in [0, 1], got {self.whole_fraction!r}")
+        if self.prompt_decorrelation > 0 and self.prompt_weight == 0:
+            raise ValueError("prompt_decorrelation: acts on the prompt statements, which prompt_weight = 0 leaves "
+                             "out; set prompt_weight > 0 or prompt_decorrelation = 0")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum: expected a number in [0, 1), got {self.momentum!r}")
         if self.optimizer not in ("muon", "adamw"):

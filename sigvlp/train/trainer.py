@@ -339,8 +339,9 @@ class Trainer:
         out["text_max_seqlen"] = max(int(batch["text_max_seqlen"]), mx)
         return out, len(self.prompts.texts)
 
-    def _micro_step(self, batch: dict, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _micro_step(self, batch: dict, sync: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from sigvlp.ops import sigmoid_loss
+        from sigvlp.train.prompts import direction_decorrelation
 
         cfg = self.config
         n_img = int(batch["cu_seqlens"].numel()) - 1
@@ -363,11 +364,15 @@ class Trainer:
                                 text_ids=batch["text_pair_ids"], process_group=self.group, backend=cfg.backend)
             loss = main
             prompt = torch.zeros((), device=self.device)
+            decor = torch.zeros((), device=self.device)
             if extra:
                 prompt = self._prompt_loss(img, txt[n_txt:], scale, bias, truth, n_img)
                 loss = main + cfg.prompt_weight * prompt
+                if cfg.prompt_decorrelation > 0:
+                    decor = direction_decorrelation(txt[n_txt:])
+                    loss = loss + cfg.prompt_decorrelation * decor
             (loss / cfg.grad_accum).backward()
-        return main.detach(), prompt.detach()
+        return main.detach(), prompt.detach(), decor.detach()
 
     def _prompt_loss(self, img, ptxt, scale, bias, truth, n_img):
         from sigvlp.ops import sigmoid_loss
@@ -404,29 +409,32 @@ class Trainer:
         tokens = slices = chunks = empty = 0
         main_sum = torch.zeros((), device=self.device)
         prompt_sum = torch.zeros((), device=self.device)
+        decor_sum = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             tokens += int(batch["patches"].shape[0])
             slices += sum(z1 - z0 for z0, z1 in batch.get("z_ranges", ()))
             chunks += int(batch["cu_seqlens"].numel()) - 1
             empty += int(batch.get("empty_texts", 0))
-            main, prompt = self._micro_step(batch, sync=micro == cfg.grad_accum - 1)
+            main, prompt, decor = self._micro_step(batch, sync=micro == cfg.grad_accum - 1)
             main_sum += main
             prompt_sum += prompt
+            decor_sum += decor
         params = [p for p in self.model.parameters() if p.grad is not None]
         if cfg.clip_grad > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
-        stats = torch.stack([main_sum / cfg.grad_accum, prompt_sum / cfg.grad_accum, gnorm.detach().float()])
+        stats = torch.stack([main_sum / cfg.grad_accum, prompt_sum / cfg.grad_accum, decor_sum / cfg.grad_accum,
+                             gnorm.detach().float()])
         if self.distributed:
             counts = torch.tensor([tokens, slices, chunks, empty], dtype=torch.float64, device=self.device)
             dist.all_reduce(counts)
             tokens, slices, chunks, empty = (int(v) for v in counts.tolist())
             dist.all_reduce(stats)
             stats /= self.world  # loss: mean of per-rank losses = global loss; gnorm identical on every rank
-        main_v, prompt_v, gnorm_v = stats.tolist()  # the step's one read-back
-        loss_v = main_v + cfg.prompt_weight * prompt_v
+        main_v, prompt_v, decor_v, gnorm_v = stats.tolist()  # the step's one read-back
+        loss_v = main_v + cfg.prompt_weight * prompt_v + cfg.prompt_decorrelation * decor_v
         if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
             what = "loss" if not math.isfinite(loss_v) else "gradient norm"
             last = latest_checkpoint(self.ckpt_dir)
@@ -446,6 +454,7 @@ class Trainer:
         adamw_lr = next((lr for g, lr in zip(groups, lrs) if not g.get("use_muon")), None)
         m = self.model
         return {"step": self.step, "loss": loss_v, "loss_main": main_v, "loss_prompt": prompt_v,
+                "loss_decorrelation": decor_v,
                 "grad_norm": gnorm_v, "lr": muon_lr, "adamw_lr": adamw_lr,
                 "logit_scale": float(m.log_logit_scale.detach().float().exp()) if hasattr(m, "log_logit_scale") else None,
                 "logit_bias": float(m.logit_bias.detach().float()) if hasattr(m, "logit_bias") else None,
