@@ -360,8 +360,9 @@ def _map64(pool, x):
 
 
 def _hu_features64(patches, patch, grid, thresholds, window):
-    """The HU encoding, written out: voxels back to HU, then per sub-block (t, h, w order) and per
-    threshold the fraction of its voxels above the threshold. (N, pt*ph*pw) -> (N, G * K) float64."""
+    """The HU encoding, written out: voxels back to HU, then per sub-block (t, h, w order) the fraction
+    of its voxels in each interval (-inf, t0], (t0, t1], ..., (t_last, inf). (N, pt*ph*pw) ->
+    (N, G * (K + 1)) float64."""
     lo, hi = window
     hu = (patches.double() + 1) * (hi - lo) / 2 + lo
     (pt, ph, pw), (gt, gh, gw) = patch, grid
@@ -372,7 +373,8 @@ def _hu_features64(patches, patch, grid, thresholds, window):
         for b in range(gh):
             for c in range(gw):
                 blk = vox[:, a * st:(a + 1) * st, b * sh:(b + 1) * sh, c * sw:(c + 1) * sw].reshape(len(vox), -1)
-                cols.extend((blk > t).double().mean(1) for t in thresholds)
+                bounds = [-math.inf, *thresholds, math.inf]
+                cols.extend(((blk > a) & (blk <= b)).double().mean(1) for a, b in zip(bounds[:-1], bounds[1:]))
     return torch.stack(cols, 1)
 
 
@@ -457,7 +459,7 @@ def test_hu_encoding_config_errors_and_round_trip(tmp_path):
     with pytest.raises(ValueError, match="pool"):
         _tiny(pool="sum")
     model = _model(pool="max", **_HU)
-    assert model.visual.hu_encoding.embed.in_features == 4 * 16
+    assert model.visual.hu_encoding.embed.in_features == (4 + 1) * 16  # 4 thresholds: 5 bins, 16 sub-blocks
     model.save_pretrained(tmp_path / "m")
     loaded = SigVLP.from_pretrained(tmp_path / "m")
     assert loaded.config == model.config and loaded.config.hu_thresholds == _HU["hu_thresholds"]
@@ -474,5 +476,32 @@ def test_hu_encoding_config_errors_and_round_trip(tmp_path):
     x[1] = float("inf")
     x[2] = -7.0
     f = enc.features(x)
-    assert torch.equal(f[0], torch.zeros_like(f[0])) and torch.equal(f[1], torch.ones_like(f[1]))
-    assert torch.equal(f[2], torch.zeros_like(f[2]))
+    bottom, top = torch.zeros_like(f[0]), torch.zeros_like(f[0])
+    bottom[:, 0] = 1
+    top[:, -1] = 1
+    assert torch.equal(f[0], bottom) and torch.equal(f[1], top) and torch.equal(f[2], bottom)
+
+
+def test_word_tokenizer_config_round_trip_and_errors(tmp_path):
+    from sigvlp.data.collate import WordTokenizer
+
+    vocab = WordTokenizer.build_vocab(["Emphysema is present.", "Emphysema is not present.", "The heart is visible."])
+    model = _model(tokenizer="word", vocab=list(vocab))
+    assert model.config.vocab == vocab and isinstance(model.tokenizer, WordTokenizer)
+    assert model.text.token_embedding.num_embeddings == len(vocab) + 4
+    model.save_pretrained(tmp_path / "m")
+    loaded = SigVLP.from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config and loaded.tokenizer.vocab == vocab
+    texts = ["Emphysema is not present.", "the heart is visible, unknown words."]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_texts(texts), model.encode_texts(texts), rtol=0, atol=0)
+    other = _tiny(tokenizer="word", vocab=vocab[::-1])
+    with pytest.raises(ValueError, match="vocab"):
+        SigVLP.from_pretrained(tmp_path / "m", config=other)
+    with pytest.raises(ValueError, match="vocab"):
+        SigVLP(_tiny(tokenizer="word"))  # no word list to build the embedding from
+    for bad in ("abc", ["a", "a"], ["a", ""], [], [1, 2]):
+        with pytest.raises(ValueError, match="vocab"):
+            _tiny(tokenizer="word", vocab=bad)
+    with pytest.raises(ValueError, match="vocab"):
+        _tiny(vocab=["a"])  # the byte tokenizer has no word list

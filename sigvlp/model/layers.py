@@ -133,13 +133,16 @@ def max_pool(x, cu_seqlens):
 
 class HUEncoding(nn.Module):
     """Intensity encoding of patch tokens: for each of the gt x gh x gw sub-blocks of a
-    (pt, ph, pw) patch, the fraction of its voxels above each HU threshold (a cumulative
-    histogram, i.e. many CT windows at once), embedded by a Linear to the model width.
+    (pt, ph, pw) patch, the fraction of its voxels in each HU interval between consecutive
+    thresholds (a histogram with len(thresholds) + 1 bins: below the first threshold, between
+    each pair, above the last), embedded by a Linear to the model width.
 
-    A linear patch embedding sees a voxel's HU only linearly; tissue classes (emphysema below
-    -950 HU, ground glass near -600, fluid near 0, calcium and metal above 300) are ranges of
-    HU, which these step functions make linear. patches (N, pt*ph*pw) in [-1, 1] (the preprocess
-    window, `window` = (low, high) HU) -> (N, width)."""
+    A linear patch embedding sees a voxel's HU only linearly; tissue classes (emphysema between
+    -990 and -950 HU, ground glass near -600, fluid near 0, calcium and metal above 300) are
+    ranges of HU, which a histogram makes linear features that are high exactly where the tissue
+    is (what max pooling needs: a cumulative "fraction above t" would mix emphysema with air).
+    patches (N, pt*ph*pw) in [-1, 1] (the preprocess window, `window` = (low, high) HU) ->
+    (N, width)."""
 
     LUT_STEPS = 4000
 
@@ -147,7 +150,7 @@ class HUEncoding(nn.Module):
         super().__init__()
         lo, hi = (float(v) for v in window)
         edges = [(float(t) - lo) * 2.0 / (hi - lo) - 1.0 for t in thresholds_hu]
-        self.n_thresholds = len(edges)
+        self.n_bins = len(edges) + 1
         centers = torch.arange(self.LUT_STEPS + 1, dtype=torch.float64) * (2.0 / self.LUT_STEPS) - 1.0
         lut = (centers[:, None] > torch.tensor(edges, dtype=torch.float64)[None, :]).sum(1).to(torch.int32)
         self.register_buffer("lut", lut, persistent=False)
@@ -157,26 +160,26 @@ class HUEncoding(nn.Module):
         sub = ((t // (pt // gt)) * gh + h // (ph // gh)) * gw + w // (pw // gw)  # voxel -> sub-block (t, h, w order)
         self.register_buffer("sub", sub.reshape(1, -1), persistent=False)
         self.n_sub, self.per_sub = gt * gh * gw, (pt // gt) * (ph // gh) * (pw // gw)
-        self.embed = nn.Linear(len(edges) * math.prod(self.grid), width)
+        self.embed = nn.Linear(self.n_bins * math.prod(self.grid), width)
         nn.init.trunc_normal_(self.embed.weight, std=self.embed.in_features ** -0.5)
         nn.init.zeros_(self.embed.bias)
 
     def features(self, patches):
-        """(N, pt*ph*pw) -> (N, gt*gh*gw, len(thresholds)) float32 fractions in [0, 1]: a histogram of
-        each sub-block over the threshold intervals, summed from the top. Voxels are binned through
-        a table at 1/LUT_STEPS of the [-1, 1] window (0.5 HU for the usual 2000 HU window, finer
-        than the fp16 cache stores them); values outside the window count as its ends, NaN as its
-        bottom (memory-safe for any input). One gather, one index_add, no host sync."""
-        n, k = patches.shape[0], self.n_thresholds
+        """(N, pt*ph*pw) -> (N, gt*gh*gw, len(thresholds) + 1) float32 fractions in [0, 1] summing to
+        1 per sub-block: bin j holds the voxels with thresholds[j-1] < HU <= thresholds[j]. Voxels
+        are binned through a table at 1/LUT_STEPS of the [-1, 1] window (0.5 HU for the usual
+        2000 HU window, finer than the fp16 cache stores them); values outside the window count as
+        its ends, NaN as its bottom (memory-safe for any input). One gather, one index_add, no
+        host sync."""
+        n, nb = patches.shape[0], self.n_bins
         q = ((patches.float() + 1.0) * (self.LUT_STEPS / 2)).round_().nan_to_num_(0.0).clamp_(0, self.LUT_STEPS)
         bins = self.lut[q.to(torch.int32)]  # number of thresholds below each voxel (NaN counts as the bottom)
-        index_dtype = torch.int32 if n * self.n_sub * (k + 1) < 2 ** 31 else torch.int64
+        index_dtype = torch.int32 if n * self.n_sub * nb < 2 ** 31 else torch.int64
         flat = torch.arange(n, device=patches.device, dtype=index_dtype)[:, None] * self.n_sub + self.sub
-        flat = flat * (k + 1) + bins
-        counts = torch.zeros(n * self.n_sub * (k + 1), device=patches.device, dtype=torch.float32)
+        flat = flat * nb + bins
+        counts = torch.zeros(n * self.n_sub * nb, device=patches.device, dtype=torch.float32)
         counts.index_add_(0, flat.view(-1), torch.ones(flat.numel(), device=patches.device, dtype=torch.float32))
-        above = counts.view(n, self.n_sub, k + 1).flip(-1).cumsum(-1).flip(-1)[..., 1:]
-        return above / self.per_sub
+        return counts.view(n, self.n_sub, nb) / self.per_sub
 
     def forward(self, patches):
         f = self.features(patches)
