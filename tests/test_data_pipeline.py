@@ -264,6 +264,42 @@ def test_hf_tokenizer_needs_a_local_folder(tmp_path):
         HFTokenizer(tmp_path / "no-such-tokenizer")
 
 
+def test_word_tokenizer_vocabulary_and_ids():
+    import re
+
+    from sigvlp.data.collate import WordTokenizer
+
+    corpus = ["A 7 mm nodule is seen.", "No nodule; the heart is normal.", "Emphysema is present."]
+    vocab = WordTokenizer.build_vocab(corpus)
+    # independent count: lowercased words and punctuation runs, most frequent first, ties in lexical order
+    words = [w for t in corpus for w in re.findall(r"\w+|[^\w\s]+", t.lower())]
+    counts = {w: words.count(w) for w in set(words)}
+    assert vocab == tuple(sorted(counts, key=lambda w: (-counts[w], w)))
+    assert WordTokenizer.build_vocab(list(reversed(corpus))) == vocab  # depends only on the corpus
+    tok = load_tokenizer("word", vocab=vocab)
+    assert isinstance(tok, WordTokenizer) and tok.vocab_size == len(vocab) + 4
+    ids = tok.encode("EMPHYSEMA is seen, zebra.")
+    want = [vocab.index(w) + 4 if w in vocab else tok.UNK for w in ("emphysema", "is", "seen", ",", "zebra", ".")]
+    assert ids == [tok.BOS, *want, tok.EOS]
+    assert tok.decode(ids) == "emphysema is seen [UNK] [UNK] ."
+    assert tok.encode("") == [tok.BOS, tok.EOS]
+    assert tok.encode("a b c d e", max_tokens=4) == [tok.BOS, *tok.encode("a b")[1:-1], tok.EOS]
+    assert len(tok.encode("a b c d e", max_tokens=4)) == 4
+    batch = collate_chunks([{"image": np.zeros((4, 4, 4), np.float32), "text": "No nodule."}], tokenizer=tok,
+                           patch=(4, 4, 4))
+    assert batch["text_ids"].tolist() == tok.encode("No nodule.")
+    with pytest.raises(TypeError, match="str"):
+        tok.encode(b"bytes")
+    with pytest.raises(ValueError, match="vocab"):
+        load_tokenizer("word")  # no word list
+    with pytest.raises(ValueError, match="vocab"):
+        WordTokenizer(["a", "a"])
+    with pytest.raises(ValueError, match="vocab"):
+        WordTokenizer(["a", "[UNK]"])
+    with pytest.raises(TypeError, match="vocab"):
+        WordTokenizer("abc")
+
+
 # ----------------------------------------------------------------------------- CT-RATE reader
 def test_ctrate_reader_reads_the_layout(dataset):
     assert len(dataset) == 6 and not dataset.scan.skipped

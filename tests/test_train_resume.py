@@ -1,5 +1,5 @@
-"""`sigvlp train` end to end on a tiny phantom set (with prompt supervision): the 20-step smoke
-run, and a run killed with SIGKILL mid-training then resumed with --resume gives exactly the
+"""`sigvlp train` end to end on a tiny phantom set (with prompt supervision and the word
+tokenizer): the 20-step smoke run, and a run killed with SIGKILL mid-training then resumed with --resume gives exactly the
 uninterrupted run's losses."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ STEPS = 20
 
 
 def _cmd(data, cache, out, *extra):
-    sets = [f"--set=model.{k}={v}" for k, v in TEST_MODEL.items()]
+    sets = [f"--set=model.{k}={v}" for k, v in {**TEST_MODEL, "tokenizer": "word"}.items()]
     return [sys.executable, "-m", "sigvlp", "train", "--data", str(data), "--cache", str(cache), "--out", str(out),
             "--model", "tiny", *sets, "--steps", str(STEPS), "--warmup-steps", "3", "--ckpt-every", "4",
             "--keep-last", "2", "--token-budget", "512", "--num-workers", "0", "--threads", "1",
@@ -68,6 +68,9 @@ def test_smoke_run_writes_a_complete_run_folder(smoke_run):
     assert [s for s, _ in ckpts] == [16, 20]  # keep_last 2
     model = SigVLP.from_pretrained(ckpts[-1][1])
     assert model.config.width == TEST_MODEL["width"]
+    # the word list was built from the reports and the prompt statements and saved with the weights
+    assert model.config.tokenizer == "word" and {"present", "not", "visible", "nodule"} <= set(model.config.vocab)
+    assert "word tokenizer:" in proc.stdout
     import yaml
 
     saved = yaml.safe_load((out / "config.yaml").read_text())

@@ -79,10 +79,77 @@ class HFTokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
 
-def load_tokenizer(spec=None):
-    """None or "byte": ByteTokenizer; a folder path: HFTokenizer."""
+class WordTokenizer:
+    """Words as tokens: a fixed vocabulary of lowercased words and punctuation marks (the Hugging
+    Face ``tokenizers`` library's WordLevel model: NFKC, lowercase, split on ``\\w+|[^\\w\\s]+``).
+
+    ids 0..3 are PAD, BOS, EOS, UNK (a word outside the vocabulary); ``vocab[i]`` has id i + 4.
+    A report of a few hundred characters is a few dozen tokens instead of as many bytes, and each
+    finding's name is its own token(s) from the start. Build the word list from a corpus with
+    ``WordTokenizer.build_vocab`` (``sigvlp train`` does, for ``SigVLPConfig(tokenizer="word")``,
+    from the training reports and the prompt statements; the list is stored in the model config).
+    """
+
+    PAD, BOS, EOS, UNK = 0, 1, 2, 3
+    SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
+
+    def __init__(self, vocab: Sequence[str]):
+        if isinstance(vocab, str) or not all(isinstance(w, str) and w for w in vocab):
+            raise TypeError("vocab: expected a sequence of non-empty strings")
+        words = list(vocab)
+        if len(set(words)) != len(words) or set(words) & set(self.SPECIALS):
+            raise ValueError("vocab: expected distinct words, none of them a special token " + str(self.SPECIALS))
+        self.vocab = tuple(words)
+        self.vocab_size = len(words) + len(self.SPECIALS)
+        self._tok = self._make(dict((w, i) for i, w in enumerate((*self.SPECIALS, *words))))
+
+    @classmethod
+    def _make(cls, vocab: Optional[dict]):
+        try:
+            from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+        except ImportError as e:
+            raise ImportError("the word tokenizer needs the 'tokenizers' package (pip install tokenizers); "
+                              "the byte tokenizer does not") from e
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        return tok
+
+    @classmethod
+    def build_vocab(cls, texts, min_frequency: int = 1) -> tuple[str, ...]:
+        """The word list of a corpus (iterable of str): every token seen at least min_frequency times,
+        most frequent first (ties in lexical order, so the list depends only on the corpus)."""
+        from tokenizers import trainers
+
+        tok = cls._make(None)
+        trainer = trainers.WordLevelTrainer(special_tokens=list(cls.SPECIALS), min_frequency=min_frequency,
+                                            show_progress=False)
+        tok.train_from_iterator((t for t in texts if isinstance(t, str)), trainer)
+        ids = tok.get_vocab()
+        return tuple(w for w, _ in sorted(ids.items(), key=lambda kv: kv[1]) if w not in cls.SPECIALS)
+
+    def encode(self, text: str, max_tokens: Optional[int] = None) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__}")
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if max_tokens is not None:
+            ids = ids[: max(max_tokens - 2, 0)]
+        return [self.BOS, *ids, self.EOS]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(self.vocab[i - 4] if 4 <= i < self.vocab_size else "[UNK]" for i in ids
+                        if i >= self.UNK)
+
+
+def load_tokenizer(spec=None, vocab: Optional[Sequence[str]] = None):
+    """None or "byte": ByteTokenizer; "word": WordTokenizer(vocab); a folder path: HFTokenizer."""
     if spec is None or spec == "byte":
         return ByteTokenizer()
+    if spec == "word":
+        if not vocab:
+            raise ValueError("vocab: the 'word' tokenizer needs its word list (SigVLPConfig.vocab; sigvlp train "
+                             "builds it from the training texts)")
+        return WordTokenizer(vocab)
     return HFTokenizer(spec)
 
 

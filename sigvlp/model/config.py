@@ -26,11 +26,14 @@ class SigVLPConfig:
     pairs for (t, h, w); None = 2:3:3 of head_dim/2, remainder to t). ``pool``: "map" (learned
     probe, SigLIP's attention pooling), "mean" or "max" (per-channel max over the tokens).
     ``hu_thresholds``: HU values of the intensity encoding added to the patch embedding (per token
-    and per ``hu_grid`` sub-block, the fraction of voxels above each; None: off).
+    and per ``hu_grid`` sub-block, the fraction of voxels in each interval between consecutive
+    thresholds, below the first and above the last; None: off).
     Text tower: ``text_width``, ``text_layers``, ``text_heads``, ``text_mlp_dim``, 1-D RoPE over the
     token index with ``text_rope_theta``; ``text_pool``: "last" (the EOS token, SigLIP), "mean"
-    or "map". ``tokenizer``: "byte" (sigvlp.data ByteTokenizer) or a local Hugging Face tokenizer
-    folder; ``vocab_size`` None = the tokenizer's; ``max_text_tokens`` per text incl. BOS/EOS.
+    or "map". ``tokenizer``: "byte" (sigvlp.data ByteTokenizer), "word" (sigvlp.data WordTokenizer
+    over the word list ``vocab``, which ``sigvlp train`` builds from the training texts when None)
+    or a local Hugging Face tokenizer folder; ``vocab_size`` None = the tokenizer's;
+    ``max_text_tokens`` per text incl. BOS/EOS.
     Both towers project to ``embed_dim``. ``logit_scale_init`` is the initial t (stored as log t),
     ``logit_bias_init`` the initial b of the sigmoid loss.
     Data: ``preprocess`` names a sigvlp.data.preprocess preset, ``chunk`` a sigvlp.data.chunks
@@ -58,6 +61,7 @@ class SigVLPConfig:
     text_rope_theta: float = 1000.0
     text_pool: str = "last"
     tokenizer: str = "byte"
+    vocab: Optional[tuple[str, ...]] = None
     vocab_size: Optional[int] = None
     max_text_tokens: int = 256
     # shared
@@ -129,7 +133,16 @@ class SigVLPConfig:
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
             raise ValueError(f"vocab_size: expected None or a positive int, got {self.vocab_size!r}")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            raise ValueError(f"tokenizer: expected 'byte' or a tokenizer folder path, got {self.tokenizer!r}")
+            raise ValueError(f"tokenizer: expected 'byte', 'word' or a tokenizer folder path, got {self.tokenizer!r}")
+        if self.vocab is not None:
+            v = self.vocab
+            if self.tokenizer != "word":
+                raise ValueError(f"vocab: only the 'word' tokenizer has a word list (tokenizer is {self.tokenizer!r})")
+            if (isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list)) or not v
+                    or not all(isinstance(w, str) and w for w in v) or len(set(v)) != len(v)):
+                raise ValueError("vocab: expected None or a non-empty list of distinct non-empty strings, got "
+                                 f"{type(v).__name__} {str(v)[:80]}")
+            self.vocab = tuple(v)
         from sigvlp.data.chunks import CHUNK_PRESETS
         from sigvlp.data.preprocess import PRESETS as PREPROCESS_PRESETS
 
@@ -169,6 +182,8 @@ class SigVLPConfig:
             d["hu_thresholds"] = list(self.hu_thresholds)
         if self.rope_sections is not None:
             d["rope_sections"] = list(self.rope_sections)
+        if self.vocab is not None:
+            d["vocab"] = list(self.vocab)
         return d
 
     def replace(self, **changes) -> "SigVLPConfig":

@@ -159,7 +159,7 @@ class SigVLP(nn.Module):
         from sigvlp.data.collate import load_tokenizer
 
         self.config = config
-        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.tokenizer = load_tokenizer(config.tokenizer, vocab=config.vocab)
         vocab = config.vocab_size if config.vocab_size is not None else self.tokenizer.vocab_size
         self.visual = VolumeEncoder(config)
         self.text = TextEncoder(config, vocab)

@@ -57,9 +57,13 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 def _check_model_config(saved, wanted, where: str) -> None:
     """ValueError naming every weight-shaping field where `saved` (a checkpoint's SigVLPConfig) and
     `wanted` (the run's) differ; runtime fields (attn_backend, grad_checkpointing) may differ."""
+    def short(v):
+        r = repr(v)
+        return r if len(r) <= 80 else r[:60] + f"... ({len(v)} items)" if hasattr(v, "__len__") else r[:80] + "..."
+
     diff = saved.diff(wanted)
     if diff:
-        fields = ", ".join(f"{k} (checkpoint {a!r}, requested {b!r})" for k, (a, b) in diff.items())
+        fields = ", ".join(f"{k} (checkpoint {short(a)}, requested {short(b)})" for k, (a, b) in diff.items())
         raise ValueError(f"{where}: model config differs from the requested one in field(s): {fields}; "
                          "set --model / --set model.FIELD=VALUE to match the checkpoint")
 
@@ -146,12 +150,15 @@ class Trainer:
         self.log = _Log(self.out / "log.txt" if self.is_main else None, self.is_main)
 
         # ---- model
+        self._batch_source_given = batch_source is not None
         torch.manual_seed(config.seed)
         if model is None:
             try:
                 mcfg = SigVLPConfig.preset(config.model, **config.model_overrides)
             except TypeError as e:
                 raise ValueError(f"model_overrides: {e}") from None
+            if mcfg.tokenizer == "word" and mcfg.vocab is None:
+                mcfg = mcfg.replace(vocab=self._word_vocab(resume))
             if config.init_from:  # the checkpoint must be the model the config (and config.yaml) names
                 if not (Path(config.init_from) / "config.json").is_file():
                     raise FileNotFoundError(f"init_from: {config.init_from} is not a save_pretrained folder "
@@ -214,6 +221,47 @@ class Trainer:
         self._tb = None
 
     # ------------------------------------------------------------------ data
+    def _word_vocab(self, resume: bool) -> tuple[str, ...]:
+        """The word list of a "word" tokenizer left open in the config: the init_from checkpoint's,
+        the resumed run's, or built from the training reports and every prompt statement."""
+        from sigvlp.model import SigVLP
+
+        cfg = self.config
+        for where in ([cfg.init_from] if cfg.init_from else []) + ([latest_checkpoint(self.ckpt_dir)] if resume else []):
+            if where and (Path(where) / "config.json").is_file():
+                saved = SigVLP.load_config(where)
+                if saved.tokenizer == "word" and saved.vocab:
+                    return saved.vocab
+        if self._batch_source_given:
+            raise ValueError("model tokenizer 'word': give its vocab (model_overrides) when training from a batch "
+                             "source; the word list is built from the dataset's reports")
+        from sigvlp.data import CTRateDataset, WordTokenizer
+        from sigvlp.data.organs import ORGANS
+        from sigvlp.train.prompts import LABEL_ORGANS, abnormality_prompts, organ_prompts
+
+        paths = resolve_data_paths(cfg)
+        ds = CTRateDataset(paths["root"], cfg.split, masks_dir=paths["masks"], findings=paths["findings"])
+
+        def strings(x):
+            if isinstance(x, str):
+                yield x
+            elif isinstance(x, dict):
+                for v in x.values():
+                    yield from strings(v)
+            elif isinstance(x, (list, tuple)):
+                for v in x:
+                    yield from strings(v)
+
+        # what the loader pairs chunks with: the findings bank's sentences, else the report's findings
+        texts = [t for rec in ds for t in strings(rec.findings)]
+        texts += [rec.report.get("Findings_EN") for rec in ds if rec.findings is None and rec.report]
+        labels = list(LABEL_ORGANS) + sorted({k for rec in ds for k in (rec.labels or {})} - set(LABEL_ORGANS))
+        texts += [t for lab in labels for t in abnormality_prompts(lab)]
+        texts += [t for org in ORGANS for t in organ_prompts(org)]
+        vocab = WordTokenizer.build_vocab(texts)
+        self.log(f"word tokenizer: {len(vocab)} words from {len(ds)} reports and the prompt statements")
+        return vocab
+
     def _setup_data(self):
         from sigvlp.data import CTRateDataset, ChunkSource, LoaderConfig, PreprocessCache, make_loader, preset
         from sigvlp.data.organs import ORGANS
