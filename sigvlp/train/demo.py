@@ -36,19 +36,22 @@ DEMO_DATA = {"train": {"n_train": 1000, "n_valid": 0, "seed": 0, "preset": "demo
 #: SigVLPConfig overrides of the "tiny" preset used by the demo:
 #: - pool "max": a finding seen by one or two tokens of a volume's ~400 survives pooling (MAP with
 #:   one probe and mean pooling dilute it: 0.65 and below in the measurements of the README);
-#: - hu_thresholds: the HU encoding of patch tokens (tissue classes as HU ranges become linear
-#:   features: emphysema, ground glass, fluid, calcium, metal);
+#: - hu_thresholds: the HU encoding of patch tokens (per sub-block, the share of voxels in each HU
+#:   interval: emphysema, ground glass, soft tissue, fluid, calcium, metal become linear features);
 #: - text_pool "map": the present / not-present statements of different labels get less
-#:   parallel score directions than with "mean" or "last" (0.71 vs 0.68 in the same recipe)
-DEMO_MODEL: dict = {"text_pool": "map", "pool": "max",
+#:   parallel score directions than with "mean" or "last";
+#: - tokenizer "word": a word-level vocabulary built from the training reports (a report is ~90
+#:   tokens instead of ~460 bytes: faster steps, and every label name is its own tokens)
+DEMO_MODEL: dict = {"text_pool": "map", "pool": "max", "tokenizer": "word",
                     "hu_thresholds": (-990, -950, -900, -800, -650, -450, -250, -100, -30, 20, 70, 150, 300, 600, 900)}
 #: TrainConfig values of the demo recipe: 30% of the chunks are whole volumes (an abnormality's
 #: "is present" statement is only known true for chunks covering most of the volume), prompt
-#: statements weighted 8, Muon at lr 0.01, 1100 steps (about 450 s alone on the 2-core machine;
-#: zero-shot 0.71 after 900 steps, 0.77 after 1200 in the measurements of the README)
-DEMO_TRAIN = dict(model="tiny", steps=1100, warmup_steps=30, lr=0.01, adamw_lr=2e-3, token_budget=4096,
+#: statements weighted 24 with the topic-direction decorrelation weighted 24 (without it the
+#: labels' score directions stay nearly parallel), Muon at lr 0.01, 2000 steps (the measurements
+#: and the recipe search are in the README's demo section)
+DEMO_TRAIN = dict(model="tiny", steps=2000, warmup_steps=30, lr=0.01, adamw_lr=2e-3, token_budget=4096,
                   chunks_per_volume=2, min_slices=8, max_slices=128, whole_fraction=0.3, num_workers=1,
-                  prompt_weight=8.0, ckpt_every=100, keep_last=1, log_every=5, seed=0)
+                  prompt_weight=24.0, prompt_decorrelation=24.0, ckpt_every=100, keep_last=1, log_every=5, seed=0)
 MIN_COUNT = 5
 
 
@@ -135,7 +138,7 @@ def run_demo(out="sigvlp-demo", *, data_dir=None, steps: Optional[int] = None, t
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the demo always trains from scratch
     values = dict(DEMO_TRAIN, data=str(train_dir), out=str(run_dir), model_overrides=dict(DEMO_MODEL),
-                  progress=progress, threads=threads or 1)  # the loader worker takes another core
+                  progress=progress, threads=threads or 2)  # 0.24 s a step on 2 cores, 0.30 with 1 thread
     if steps is not None:
         values["steps"] = int(steps)
         values["warmup_steps"] = min(values["warmup_steps"], max(int(steps) // 10, 1))
@@ -175,7 +178,8 @@ def add_arguments(parser) -> None:
                              "~/.cache/sigvlp or $SIGVLP_CACHE)")
     parser.add_argument("--steps", type=int, default=None, help=f"training steps (default {DEMO_TRAIN['steps']})")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for training (default 1; the data loader runs in another process)")
+                        help="torch CPU threads for training (default 2; the data loader runs in another "
+                             "process beside them)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
