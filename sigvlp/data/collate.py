@@ -94,8 +94,8 @@ class WordTokenizer:
     SPECIALS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 
     def __init__(self, vocab: Sequence[str]):
-        if isinstance(vocab, str) or not all(isinstance(w, str) and w for w in vocab):
-            raise TypeError("vocab: expected a sequence of non-empty strings")
+        if not isinstance(vocab, (list, tuple)) or not all(isinstance(w, str) and w for w in vocab):
+            raise TypeError(f"vocab: expected a list or tuple of non-empty strings, got {type(vocab).__name__}")
         words = list(vocab)
         if len(set(words)) != len(words) or set(words) & set(self.SPECIALS):
             raise ValueError("vocab: expected distinct words, none of them a special token " + str(self.SPECIALS))
