@@ -42,7 +42,12 @@ def pytest_configure(config):
             config.option.benchmark_quiet = True
     if hasattr(config.option, "benchmark_json") and config.option.benchmark_json is None:
         directory = _bench.RESULTS.directory()
-        config.option.benchmark_json = open(directory / "pytest-benchmark.json", "wb")  # noqa: SIM115
+        path = directory / "pytest-benchmark.json"
+        # pytest-benchmark < 5.3 writes into an open file, 5.3 and later opens the path itself
+        from importlib.metadata import version
+
+        major, minor = (int(v) for v in version("pytest-benchmark").split(".")[:2])
+        config.option.benchmark_json = path if (major, minor) >= (5, 3) else open(path, "wb")  # noqa: SIM115
 
 
 # ----------------------------------------------------------------------------- older report API

@@ -298,6 +298,17 @@ def test_word_tokenizer_vocabulary_and_ids():
         WordTokenizer(["a", "[UNK]"])
     with pytest.raises(TypeError, match="vocab"):
         WordTokenizer("abc")
+    for bad in (None, 5, {"a", "b"}, (w for w in ["a", "b"])):
+        with pytest.raises(TypeError, match="vocab"):
+            WordTokenizer(bad)
+    for bad in ([], ["Pleural"], ["pleural effusion"], ["x-ray"], [" "]):  # empty, or entries that never match
+        with pytest.raises(ValueError, match="vocab"):
+            WordTokenizer(bad)
+    with pytest.raises(TypeError, match="texts"):
+        WordTokenizer.build_vocab("abc def")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="min_frequency"):
+            WordTokenizer.build_vocab(corpus, min_frequency=bad)
 
 
 # ----------------------------------------------------------------------------- CT-RATE reader

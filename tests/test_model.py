@@ -451,6 +451,9 @@ def test_hu_encoding_config_errors_and_round_trip(tmp_path):
                 (x for x in (0, 300)), (True, 2)):
         with pytest.raises(ValueError, match="hu_thresholds"):
             _tiny(hu_thresholds=bad)
+    for bad in ((-3000.0, 0.0), (0.0, 1000.0)):  # outside (or on the edge of) the tiny preset's window
+        with pytest.raises(ValueError, match="hu_thresholds.*window"):
+            _tiny(hu_thresholds=bad)
     for bad in ((1, 3, 4), 4, None, (4, 4), (2.5, 4, 4), "abc"):  # 3 does not divide 16
         with pytest.raises(ValueError, match="hu_grid"):
             _tiny(hu_thresholds=(0.0,), hu_grid=bad)
@@ -505,3 +508,13 @@ def test_word_tokenizer_config_round_trip_and_errors(tmp_path):
             _tiny(tokenizer="word", vocab=bad)
     with pytest.raises(ValueError, match="vocab"):
         _tiny(vocab=["a"])  # the byte tokenizer has no word list
+    with pytest.raises(ValueError, match="vocab"):
+        _tiny(tokenizer="word", vocab=["a", "[UNK]"])
+    long = tuple(f"w{i}" for i in range(3000))
+    _model(tokenizer="word", vocab=long).save_pretrained(tmp_path / "long")
+    with pytest.raises(ValueError, match="vocab") as err:
+        SigVLP.from_pretrained(tmp_path / "long", config=_tiny(tokenizer="word", vocab=long[:-1]))
+    assert len(str(err.value)) < 600 and "items" in str(err.value)  # long values are shortened
+    for tok, kw in (("word", {"vocab": vocab}), ("byte", {})):
+        with pytest.raises(ValueError, match="vocab_size"):
+            SigVLP(_tiny(tokenizer=tok, vocab_size=5, **kw))  # fewer ids than the tokenizer makes

@@ -222,6 +222,9 @@ def test_prompt_decorrelation_is_checked(tmp_path):
     with pytest.raises(ValueError, match="prompt_decorrelation.*prompt_weight"):
         TrainConfig(prompt_decorrelation=1.0)  # no prompt statements to act on
     assert TrainConfig(prompt_weight=2.0, prompt_decorrelation=8.0).prompt_decorrelation == 8.0
+    import numpy as np
+
+    assert TrainConfig(prompt_weight=np.int64(2), prompt_decorrelation=np.int64(1)).prompt_decorrelation == 1.0
 
 
 def test_optimizer_adamw_puts_every_parameter_on_adamw(tmp_path):
@@ -301,3 +304,13 @@ def test_resume_checks_the_model_config_and_a_finished_run_has_nothing_to_do(tmp
         assert f"run already at step 2 >= steps {steps}; nothing to do" in out, out
         assert "None" not in out and "nan" not in out
         assert (tmp_path / "run" / "config.yaml").read_text() == saved  # a finished run keeps its config
+
+
+def test_word_tokenizer_checks_init_from_before_reading_reports(tmp_path):
+    from sigvlp.train import TrainConfig
+    from sigvlp.train.trainer import Trainer
+
+    cfg = TrainConfig(data=str(tmp_path / "no-data"), out=str(tmp_path / "run"), init_from=str(tmp_path / "none"),
+                      model_overrides={**TEST_MODEL, "tokenizer": "word"}, progress=False, tensorboard=False)
+    with pytest.raises(FileNotFoundError, match="init_from"):  # not a data error: the reports are never read
+        Trainer(cfg)

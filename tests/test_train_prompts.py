@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 
@@ -69,4 +70,8 @@ def test_direction_decorrelation_matches_loops_and_extremes():
     assert torch.autograd.gradcheck(lambda t: direction_decorrelation(t), (x,))
     for bad in (torch.zeros(5, 4), torch.zeros(4)):
         with pytest.raises(ValueError, match="statements"):
+            direction_decorrelation(bad)
+    for bad in ([[0.0, 1.0], [1.0, 0.0]], np.zeros((4, 3)), torch.zeros(4, 3, dtype=torch.int64),
+                torch.zeros(4, 3, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="statements"):
             direction_decorrelation(bad)

@@ -97,11 +97,18 @@ class WordTokenizer:
         if not isinstance(vocab, (list, tuple)) or not all(isinstance(w, str) and w for w in vocab):
             raise TypeError(f"vocab: expected a list or tuple of non-empty strings, got {type(vocab).__name__}")
         words = list(vocab)
-        if len(set(words)) != len(words) or set(words) & set(self.SPECIALS):
-            raise ValueError("vocab: expected distinct words, none of them a special token " + str(self.SPECIALS))
+        if not words or len(set(words)) != len(words) or set(words) & set(self.SPECIALS):
+            raise ValueError("vocab: expected a non-empty list of distinct words, none of them a special token "
+                             + str(self.SPECIALS))
         self.vocab = tuple(words)
         self.vocab_size = len(words) + len(self.SPECIALS)
         self._tok = self._make(dict((w, i) for i, w in enumerate((*self.SPECIALS, *words))))
+        # every entry must be a token the splitter can produce, or it would never match
+        odd = [w for w in words if [t for t, _ in self._tok.pre_tokenizer.pre_tokenize_str(
+            self._tok.normalizer.normalize_str(w))] != [w]]
+        if odd:
+            raise ValueError(f"vocab: entries must be single lowercased NFKC words or punctuation runs (what the "
+                             f"tokenizer splits text into); these never match: {odd[:5]}")
 
     @classmethod
     def _make(cls, vocab: Optional[dict]):
@@ -117,8 +124,13 @@ class WordTokenizer:
 
     @classmethod
     def build_vocab(cls, texts, min_frequency: int = 1) -> tuple[str, ...]:
-        """The word list of a corpus (iterable of str): every token seen at least min_frequency times,
-        most frequent first (ties in lexical order, so the list depends only on the corpus)."""
+        """The word list of a corpus (iterable of str; other items are skipped): every token seen at
+        least min_frequency times, most frequent first (ties in lexical order, so the list depends
+        only on the corpus)."""
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts: expected an iterable of strings, got a single string")
+        if not isinstance(min_frequency, int) or isinstance(min_frequency, bool) or min_frequency < 1:
+            raise ValueError(f"min_frequency: expected an integer >= 1, got {min_frequency!r}")
         from tokenizers import trainers
 
         tok = cls._make(None)

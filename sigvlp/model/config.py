@@ -122,6 +122,13 @@ class SigVLPConfig:
                 raise ValueError(f"hu_thresholds: expected None or a non-empty increasing list of finite HU "
                                  f"values, got {self.hu_thresholds!r}")
             self.hu_thresholds = tuple(float(v) for v in t)
+            from sigvlp.data.preprocess import PRESETS as _PP
+
+            window = _PP[self.preprocess].hu_window if self.preprocess in _PP else None
+            if window is not None and not all(window[0] < v < window[1] for v in self.hu_thresholds):
+                raise ValueError(f"hu_thresholds: every threshold must lie inside the preprocess preset "
+                                 f"{self.preprocess!r}'s HU window {tuple(window)} (outside it a bin is always "
+                                 f"empty or full), got {self.hu_thresholds}")
         if self.text_pool not in ("last", "mean", "map"):
             raise ValueError(f"text_pool: expected 'last', 'mean' or 'map', got {self.text_pool!r}")
         for name in ("rope_theta", "text_rope_theta"):
@@ -139,8 +146,10 @@ class SigVLPConfig:
             if self.tokenizer != "word":
                 raise ValueError(f"vocab: only the 'word' tokenizer has a word list (tokenizer is {self.tokenizer!r})")
             if (isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list)) or not v
-                    or not all(isinstance(w, str) and w for w in v) or len(set(v)) != len(v)):
-                raise ValueError("vocab: expected None or a non-empty list of distinct non-empty strings, got "
+                    or not all(isinstance(w, str) and w for w in v) or len(set(v)) != len(v)
+                    or {"[PAD]", "[BOS]", "[EOS]", "[UNK]"} & set(v)):
+                raise ValueError("vocab: expected None or a non-empty list of distinct non-empty strings, none "
+                                 "of them a special token ([PAD], [BOS], [EOS], [UNK]), got "
                                  f"{type(v).__name__} {str(v)[:80]}")
             self.vocab = tuple(v)
         from sigvlp.data.chunks import CHUNK_PRESETS

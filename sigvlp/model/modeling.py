@@ -161,6 +161,9 @@ class SigVLP(nn.Module):
         self.config = config
         self.tokenizer = load_tokenizer(config.tokenizer, vocab=config.vocab)
         vocab = config.vocab_size if config.vocab_size is not None else self.tokenizer.vocab_size
+        if vocab < self.tokenizer.vocab_size:
+            raise ValueError(f"vocab_size: {vocab} is smaller than the {config.tokenizer!r} tokenizer's "
+                             f"{self.tokenizer.vocab_size} ids (None: the tokenizer's)")
         self.visual = VolumeEncoder(config)
         self.text = TextEncoder(config, vocab)
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
@@ -298,10 +301,19 @@ class SigVLP(nn.Module):
         self.load_state_dict(state)
 
 
+def short_repr(value, limit: int = 80) -> str:
+    """repr(value), cut to about `limit` characters (a long list says how many items it has)."""
+    r = repr(value)
+    if len(r) <= limit:
+        return r
+    return r[: limit - 20] + (f"... ({len(value)} items)" if hasattr(value, "__len__") else "...")
+
+
 def _raise_on_mismatch(saved: SigVLPConfig, wanted: SigVLPConfig, directory) -> None:
     diff = saved.diff(wanted)
     if diff:
-        fields = ", ".join(f"{k} (checkpoint {a!r}, requested {b!r})" for k, (a, b) in diff.items())
+        fields = ", ".join(f"{k} (checkpoint {short_repr(a)}, requested {short_repr(b)})"
+                           for k, (a, b) in diff.items())
         raise ValueError(f"{directory}: checkpoint config differs from the requested config in field(s): {fields}. "
                          f"Load it with its own config (SigVLP.from_pretrained(dir)); only runtime fields "
                          f"{sorted(RUNTIME_FIELDS)} may differ")

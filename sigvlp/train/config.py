@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,8 +90,9 @@ class TrainConfig:
         for name in ("lr", "adamw_lr", "weight_decay", "adamw_weight_decay", "clip_grad", "prompt_weight",
                      "prompt_decorrelation"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+            setattr(self, name, float(v))
         for name in ("min_lr_ratio",):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 <= v <= 1:

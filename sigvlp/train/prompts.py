@@ -148,6 +148,9 @@ def direction_decorrelation(statements: torch.Tensor) -> torch.Tensor:
     [0, 1] (0: mutually orthogonal directions; 1: all parallel). K < 2 gives 0. A topic whose two
     statements coincide has no direction and contributes 0 (the cosine's norm is clamped at 1e-12).
     """
+    if not isinstance(statements, torch.Tensor) or not statements.is_floating_point():
+        raise TypeError(f"statements: expected a floating-point torch.Tensor, got "
+                        f"{getattr(statements, 'dtype', type(statements).__name__)}")
     if statements.dim() != 2 or statements.shape[0] % 2:
         raise ValueError(f"statements: expected a (2 * K, D) tensor, got shape {tuple(statements.shape)}")
     k = statements.shape[0] // 2

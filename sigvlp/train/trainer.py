@@ -57,13 +57,12 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 def _check_model_config(saved, wanted, where: str) -> None:
     """ValueError naming every weight-shaping field where `saved` (a checkpoint's SigVLPConfig) and
     `wanted` (the run's) differ; runtime fields (attn_backend, grad_checkpointing) may differ."""
-    def short(v):
-        r = repr(v)
-        return r if len(r) <= 80 else r[:60] + f"... ({len(v)} items)" if hasattr(v, "__len__") else r[:80] + "..."
+    from sigvlp.model.modeling import short_repr
 
     diff = saved.diff(wanted)
     if diff:
-        fields = ", ".join(f"{k} (checkpoint {short(a)}, requested {short(b)})" for k, (a, b) in diff.items())
+        fields = ", ".join(f"{k} (checkpoint {short_repr(a)}, requested {short_repr(b)})"
+                           for k, (a, b) in diff.items())
         raise ValueError(f"{where}: model config differs from the requested one in field(s): {fields}; "
                          "set --model / --set model.FIELD=VALUE to match the checkpoint")
 
@@ -227,6 +226,8 @@ class Trainer:
         from sigvlp.model import SigVLP
 
         cfg = self.config
+        if cfg.init_from and not (Path(cfg.init_from) / "config.json").is_file():
+            raise FileNotFoundError(f"init_from: {cfg.init_from} is not a save_pretrained folder (no config.json)")
         for where in ([cfg.init_from] if cfg.init_from else []) + ([latest_checkpoint(self.ckpt_dir)] if resume else []):
             if where and (Path(where) / "config.json").is_file():
                 saved = SigVLP.load_config(where)
