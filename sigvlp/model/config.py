@@ -122,13 +122,6 @@ class SigVLPConfig:
                 raise ValueError(f"hu_thresholds: expected None or a non-empty increasing list of finite HU "
                                  f"values, got {self.hu_thresholds!r}")
             self.hu_thresholds = tuple(float(v) for v in t)
-            from sigvlp.data.preprocess import PRESETS as _PP
-
-            window = _PP[self.preprocess].hu_window if self.preprocess in _PP else None
-            if window is not None and not all(window[0] < v < window[1] for v in self.hu_thresholds):
-                raise ValueError(f"hu_thresholds: every threshold must lie inside the preprocess preset "
-                                 f"{self.preprocess!r}'s HU window {tuple(window)} (outside it a bin is always "
-                                 f"empty or full), got {self.hu_thresholds}")
         if self.text_pool not in ("last", "mean", "map"):
             raise ValueError(f"text_pool: expected 'last', 'mean' or 'map', got {self.text_pool!r}")
         for name in ("rope_theta", "text_rope_theta"):
@@ -142,14 +135,16 @@ class SigVLPConfig:
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             raise ValueError(f"tokenizer: expected 'byte', 'word' or a tokenizer folder path, got {self.tokenizer!r}")
         if self.vocab is not None:
+            from sigvlp.data.collate import WordTokenizer
+
             v = self.vocab
             if self.tokenizer != "word":
                 raise ValueError(f"vocab: only the 'word' tokenizer has a word list (tokenizer is {self.tokenizer!r})")
             if (isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list)) or not v
                     or not all(isinstance(w, str) and w for w in v) or len(set(v)) != len(v)
-                    or {"[PAD]", "[BOS]", "[EOS]", "[UNK]"} & set(v)):
+                    or set(WordTokenizer.SPECIALS) & set(v)):
                 raise ValueError("vocab: expected None or a non-empty list of distinct non-empty strings, none "
-                                 "of them a special token ([PAD], [BOS], [EOS], [UNK]), got "
+                                 f"of them a special token {WordTokenizer.SPECIALS}, got "
                                  f"{type(v).__name__} {str(v)[:80]}")
             self.vocab = tuple(v)
         from sigvlp.data.chunks import CHUNK_PRESETS
@@ -159,6 +154,11 @@ class SigVLPConfig:
             raise ValueError(f"preprocess: unknown preset {self.preprocess!r}; known: {sorted(PREPROCESS_PRESETS)}")
         if self.chunk not in CHUNK_PRESETS:
             raise ValueError(f"chunk: unknown preset {self.chunk!r}; known: {sorted(CHUNK_PRESETS)}")
+        window = PREPROCESS_PRESETS[self.preprocess].hu_window
+        if self.hu_thresholds is not None and not all(window[0] < v < window[1] for v in self.hu_thresholds):
+            raise ValueError(f"hu_thresholds: every threshold must lie inside the preprocess preset "
+                             f"{self.preprocess!r}'s HU window {tuple(window)} (outside it a bin is always "
+                             f"empty or full), got {self.hu_thresholds}")
         size = PREPROCESS_PRESETS[self.preprocess].size
         if size % self.patch_size[1] or size % self.patch_size[2]:
             raise ValueError(f"patch_size {self.patch_size}: in-plane patch must divide the preprocess preset "

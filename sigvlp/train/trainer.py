@@ -149,19 +149,18 @@ class Trainer:
         self.log = _Log(self.out / "log.txt" if self.is_main else None, self.is_main)
 
         # ---- model
-        self._batch_source_given = batch_source is not None
         torch.manual_seed(config.seed)
         if model is None:
             try:
                 mcfg = SigVLPConfig.preset(config.model, **config.model_overrides)
             except TypeError as e:
                 raise ValueError(f"model_overrides: {e}") from None
+            if config.init_from and not (Path(config.init_from) / "config.json").is_file():
+                raise FileNotFoundError(f"init_from: {config.init_from} is not a save_pretrained folder "
+                                        "(no config.json)")
             if mcfg.tokenizer == "word" and mcfg.vocab is None:
-                mcfg = mcfg.replace(vocab=self._word_vocab(resume))
+                mcfg = mcfg.replace(vocab=self._word_vocab(resume, from_dataset=batch_source is None))
             if config.init_from:  # the checkpoint must be the model the config (and config.yaml) names
-                if not (Path(config.init_from) / "config.json").is_file():
-                    raise FileNotFoundError(f"init_from: {config.init_from} is not a save_pretrained folder "
-                                            "(no config.json)")
                 _check_model_config(SigVLP.load_config(config.init_from), mcfg, f"init_from {config.init_from}")
                 model = SigVLP.from_pretrained(config.init_from, config=mcfg)
             else:
@@ -220,20 +219,18 @@ class Trainer:
         self._tb = None
 
     # ------------------------------------------------------------------ data
-    def _word_vocab(self, resume: bool) -> tuple[str, ...]:
+    def _word_vocab(self, resume: bool, from_dataset: bool) -> tuple[str, ...]:
         """The word list of a "word" tokenizer left open in the config: the init_from checkpoint's,
-        the resumed run's, or built from the training reports and every prompt statement."""
+        the resumed run's, or (from_dataset) built from the training texts and every prompt statement."""
         from sigvlp.model import SigVLP
 
         cfg = self.config
-        if cfg.init_from and not (Path(cfg.init_from) / "config.json").is_file():
-            raise FileNotFoundError(f"init_from: {cfg.init_from} is not a save_pretrained folder (no config.json)")
         for where in ([cfg.init_from] if cfg.init_from else []) + ([latest_checkpoint(self.ckpt_dir)] if resume else []):
             if where and (Path(where) / "config.json").is_file():
                 saved = SigVLP.load_config(where)
                 if saved.tokenizer == "word" and saved.vocab:
                     return saved.vocab
-        if self._batch_source_given:
+        if not from_dataset:
             raise ValueError("model tokenizer 'word': give its vocab (model_overrides) when training from a batch "
                              "source; the word list is built from the dataset's reports")
         from sigvlp.data import CTRateDataset, WordTokenizer
