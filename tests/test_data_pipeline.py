@@ -10,7 +10,8 @@ import torch
 
 from _data_helpers import TINY, copy_dataset, save, tiny_dataset, truncate_gz
 from sigvlp.data.chunks import CHUNK_PRESETS, ChunkConfig, ChunkSampler, chunk_text, load_findings_bank, organs_in_chunk
-from sigvlp.data.collate import ByteTokenizer, HFTokenizer, collate_chunks, load_tokenizer, pair_ids, patchify
+from sigvlp.data.collate import collate_chunks, pair_ids, patchify
+from sigvlp.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 from sigvlp.data.ctrate import CTRateDataset, build_cache, volume_relpath
 from sigvlp.data.loader import ChunkSource, LoaderConfig, make_loader
 from sigvlp.data.organs import ORGANS, organ_z_profile
@@ -267,7 +268,7 @@ def test_hf_tokenizer_needs_a_local_folder(tmp_path):
 def test_word_tokenizer_vocabulary_and_ids():
     import re
 
-    from sigvlp.data.collate import WordTokenizer
+    from sigvlp.data.tokenizers import WordTokenizer
 
     corpus = ["A 7 mm nodule is seen.", "No nodule; the heart is normal.", "Emphysema is present."]
     vocab = WordTokenizer.build_vocab(corpus)

@@ -486,7 +486,7 @@ def test_hu_encoding_config_errors_and_round_trip(tmp_path):
 
 
 def test_word_tokenizer_config_round_trip_and_errors(tmp_path):
-    from sigvlp.data.collate import WordTokenizer
+    from sigvlp.data.tokenizers import WordTokenizer
 
     vocab = WordTokenizer.build_vocab(["Emphysema is present.", "Emphysema is not present.", "The heart is visible."])
     model = _model(tokenizer="word", vocab=list(vocab))

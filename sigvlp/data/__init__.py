@@ -16,8 +16,8 @@ _EXPORTS = {
     "sigvlp.data.ctrate": ["CTRATE_LABELS", "CTRateDataset", "CTRateRecord", "ScanReport", "build_cache"],
     "sigvlp.data.chunks": ["CHUNK_PRESETS", "ChunkConfig", "ChunkSampler", "chunk_preset", "chunk_text",
                            "load_findings_bank", "organs_in_chunk"],
-    "sigvlp.data.collate": ["ByteTokenizer", "HFTokenizer", "WordTokenizer", "collate_chunks", "load_tokenizer", "pair_ids",
-                            "patchify", "validate_batch"],
+    "sigvlp.data.tokenizers": ["ByteTokenizer", "HFTokenizer", "WordTokenizer", "load_tokenizer"],
+    "sigvlp.data.collate": ["collate_chunks", "pair_ids", "patchify", "validate_batch"],
     "sigvlp.data.loader": ["ChunkSource", "ChunkStream", "LoaderConfig", "default_cache_root", "make_loader"],
     "sigvlp.data.synth": ["SynthConfig", "make_phantom", "write_dataset", "ensure_default_dataset"],
 }

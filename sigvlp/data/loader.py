@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from sigvlp.data.chunks import ChunkConfig, ChunkSampler, chunk_text, organs_in_chunk
-from sigvlp.data.collate import ByteTokenizer, collate_chunks
+from sigvlp.data.collate import collate_chunks
+from sigvlp.data.tokenizers import ByteTokenizer
 
 log = logging.getLogger("sigvlp.data")
 

@@ -135,7 +135,7 @@ class SigVLPConfig:
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             raise ValueError(f"tokenizer: expected 'byte', 'word' or a tokenizer folder path, got {self.tokenizer!r}")
         if self.vocab is not None:
-            from sigvlp.data.collate import WordTokenizer
+            from sigvlp.data.tokenizers import WordTokenizer
 
             v = self.vocab
             if self.tokenizer != "word":

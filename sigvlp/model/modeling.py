@@ -156,7 +156,7 @@ class SigVLP(nn.Module):
         super().__init__()
         if not isinstance(config, SigVLPConfig):
             raise TypeError(f"config: expected a SigVLPConfig, got {type(config).__name__}")
-        from sigvlp.data.collate import load_tokenizer
+        from sigvlp.data.tokenizers import load_tokenizer
 
         self.config = config
         self.tokenizer = load_tokenizer(config.tokenizer, vocab=config.vocab)
