@@ -9,7 +9,7 @@ import torch
 
 
 def test_truth_rules():
-    from sigvlp.train.prompts import PromptTopics, abnormality_prompts, organ_prompts
+    from sigvlp.prompts import PromptTopics, abnormality_prompts, organ_prompts
 
     records = [SimpleNamespace(name="a", labels={"Lung nodule": 1, "Cardiomegaly": 0, "Bronchiectasis": 0}),
                SimpleNamespace(name="b", labels={"Lung nodule": 0, "Cardiomegaly": 1, "Bronchiectasis": 0})]
@@ -50,7 +50,7 @@ def _decorrelation_loops(statements):
 def test_direction_decorrelation_matches_loops_and_extremes():
     import pytest
 
-    from sigvlp.train.prompts import direction_decorrelation
+    from sigvlp.prompts import direction_decorrelation
 
     g = torch.Generator().manual_seed(0)
     for k, d in ((2, 3), (5, 8), (24, 64)):

@@ -48,7 +48,8 @@ def add_arguments(parser):
 
 
 def config_from_args(args):
-    from sigvlp.eval.suite import ABNORMALITY_PROMPTS, ORGAN_PROMPTS, EvalConfig
+    from sigvlp.eval.suite import EvalConfig
+    from sigvlp.prompts import ABNORMALITY_PROMPTS, ORGAN_PROMPTS
 
     train_split = None if str(args.train_split).lower() == "none" else args.train_split
     return EvalConfig(split=args.split, train_split=train_split, train_data=args.train_data, labels=args.labels,

@@ -29,9 +29,8 @@ import numpy as np
 import torch
 
 from sigvlp.eval.report import SCHEMA, SECTIONS
+from sigvlp.prompts import ABNORMALITY_PROMPTS, ORGAN_PROMPTS
 
-ABNORMALITY_PROMPTS = ("{label} is present.", "{label} is not present.")
-ORGAN_PROMPTS = ("The {organ} is visible.", "The {organ} is not visible.")
 EMB_FORMAT = 1  # bump when what the embedding cache stores changes meaning
 
 

@@ -42,7 +42,7 @@ class TrainConfig:
     chunks_per_volume: int = 2
     num_workers: int = 2
     max_text_tokens: int = 256
-    prompt_weight: float = 0.0              # weight of the CT-CLIP statement loss (sigvlp.train.prompts; 0: off)
+    prompt_weight: float = 0.0              # weight of the CT-CLIP statement loss (sigvlp.prompts; 0: off)
     prompt_decorrelation: float = 0.0       # weight of the topic-direction decorrelation penalty (needs prompt_weight > 0)
     # model
     model: str = "tiny"                     # SigVLPConfig preset

@@ -3,7 +3,7 @@
 One process, or one per device under ``torchrun`` (DDP: gloo on CPU, NCCL on GPU). Per
 optimizer step: ``grad_accum`` micro-batches (each a packed varlen batch of the data loader),
 ``sigvlp.ops.sigmoid_loss`` with the batch's pair ids (global negatives across ranks through
-its ``process_group``), optional prompt supervision (sigvlp.train.prompts), gradient clipping,
+its ``process_group``), optional prompt supervision (sigvlp.prompts), gradient clipping,
 ``MuonWithAdamW`` (distributed Muon under DDP), warmup + cosine schedule.
 
 Sequence metadata (max_seqlen, token and slice counts) comes from the collate as Python ints;
@@ -235,7 +235,7 @@ class Trainer:
                              "source; the word list is built from the dataset's reports")
         from sigvlp.data import CTRateDataset, WordTokenizer
         from sigvlp.data.organs import ORGANS
-        from sigvlp.train.prompts import LABEL_ORGANS, abnormality_prompts, organ_prompts
+        from sigvlp.prompts import LABEL_ORGANS, abnormality_prompts, organ_prompts
 
         paths = resolve_data_paths(cfg)
         ds = CTRateDataset(paths["root"], cfg.split, masks_dir=paths["masks"], findings=paths["findings"])
@@ -318,7 +318,7 @@ class Trainer:
             sources = sources[self.rank::self.world]
         self.loader = make_loader(sources, self.chunk_config, loader_cfg, tokenizer=self.tokenizer, **kwargs)
         if self.config.prompt_weight > 0:
-            from sigvlp.train.prompts import PromptTopics
+            from sigvlp.prompts import PromptTopics
 
             present = [ORGANS[i] for i in range(len(ORGANS))
                        if any(cv.organ_profile is not None and cv.organ_profile[i].sum() > 0 for _, cv in entries)]
@@ -387,7 +387,7 @@ class Trainer:
 
     def _micro_step(self, batch: dict, sync: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from sigvlp.ops import sigmoid_loss
-        from sigvlp.train.prompts import direction_decorrelation
+        from sigvlp.prompts import direction_decorrelation
 
         cfg = self.config
         n_img = int(batch["cu_seqlens"].numel()) - 1

@@ -1,4 +1,8 @@
-"""CT-CLIP style statements as extra text pairs ("prompt supervision", as CT-CLIP's VocabFine).
+"""The prompt statements of training and evaluation, and CT-CLIP style statements as extra text
+pairs ("prompt supervision", as CT-CLIP's VocabFine).
+
+One home for the templates: ``ABNORMALITY_PROMPTS`` / ``ORGAN_PROMPTS`` are what zero-shot
+scoring (sigvlp.eval) compares an image with and what prompt supervision (sigvlp.train) trains on.
 
 Zero-shot scoring (CT-CLIP) compares an image with "{label} is present." and "{label} is not
 present."; a text tower trained from scratch on report sentences has never read a sentence of
