@@ -170,17 +170,11 @@ def load_dicom_series(folder):
 
 
 def resolve_checkpoint(ckpt) -> Path:
-    """A save_pretrained folder (has config.json), or a training run folder: its latest
-    checkpoints/step_NNNNNNNN that has a config.json."""
-    p = Path(ckpt)
-    if (p / "config.json").is_file():
-        return p
-    steps = sorted(d for d in (p / "checkpoints").glob("step_*") if (d / "config.json").is_file()) \
-        if (p / "checkpoints").is_dir() else []
-    if steps:
-        return steps[-1]
-    raise FileNotFoundError(f"--ckpt: {p} holds no config.json (a SigVLP.save_pretrained folder) and no "
-                            f"checkpoints/step_* with one (a training run folder)")
+    """A save_pretrained folder (has config.json), a training run folder, its checkpoints folder
+    or a step folder: the latest step_NNNNNNNN with a config.json (sigvlp.checkpoint's rule)."""
+    from sigvlp.checkpoint import resolve_checkpoint as resolve  # imports torch: kept off the CLI's import path
+
+    return resolve(ckpt, what="--ckpt")
 
 
 class MetadataLookup:

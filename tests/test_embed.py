@@ -181,7 +181,7 @@ def test_nothing_readable_and_no_tokens(tmp_path, ckpt, phantom):
 
 
 def test_run_folder_checkpoint(tmp_path, ckpt, phantom):
-    """--ckpt may be a training run folder: its latest checkpoints/step_* is used."""
+    """--ckpt may be a training run folder or its checkpoints folder: the latest step_* is used."""
     import shutil
 
     run_dir = tmp_path / "run"
@@ -190,6 +190,9 @@ def test_run_folder_checkpoint(tmp_path, ckpt, phantom):
     save_nifti(phantom, tmp_path / "a.nii.gz", "RAS")
     rc, t, meta = _embed(run_dir, tmp_path / "e.safetensors", tmp_path / "a.nii.gz")
     assert rc == 0 and meta["checkpoint"].endswith("step_00000200")
+    # the run's checkpoints folder names the same checkpoint (sigvlp.checkpoint's rule, as eval)
+    rc, t2, meta = _embed(run_dir / "checkpoints", tmp_path / "e2.safetensors", tmp_path / "a.nii.gz")
+    assert rc == 0 and meta["checkpoint"].endswith("step_00000200") and torch.equal(t2["pooled"], t["pooled"])
     (tmp_path / "empty").mkdir()
     rc, _, _ = _embed(tmp_path / "empty", tmp_path / "f.safetensors", tmp_path / "a.nii.gz")
     assert rc == 2 and not (tmp_path / "f.safetensors").exists()

@@ -106,7 +106,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
     from sigvlp.train import TrainingDiverged
-    from sigvlp.train.checkpoint import list_checkpoints
+    from sigvlp.checkpoint import list_checkpoints
 
     trainer = _trainer(tmp_path)
     trainer.run(max_steps=4)
@@ -124,7 +124,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_checkpoint_is_atomic_and_keeps_last_k(tmp_path):
-    from sigvlp.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+    from sigvlp.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 
     def write(folder):
         (folder / "model.safetensors").write_bytes(b"w")

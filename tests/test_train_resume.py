@@ -58,7 +58,7 @@ def smoke_run(phantoms, tmp_path_factory):
 
 def test_smoke_run_writes_a_complete_run_folder(smoke_run):
     from sigvlp.model import SigVLP
-    from sigvlp.train.checkpoint import list_checkpoints
+    from sigvlp.checkpoint import list_checkpoints
 
     _, out, proc = smoke_run
     losses = _losses(out)

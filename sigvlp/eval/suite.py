@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from sigvlp import checkpoint as ckpt_io
 from sigvlp.eval.report import SCHEMA, SECTIONS
 from sigvlp.prompts import ABNORMALITY_PROMPTS, ORGAN_PROMPTS
 
@@ -131,56 +132,30 @@ def _device(name: str) -> torch.device:
 
 
 def resolve_checkpoint(path) -> Path:
-    """A save_pretrained folder (config.json + model.safetensors), or a training run folder /
-    its checkpoints folder (the latest complete step_* is used)."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"ckpt: no such checkpoint folder {p}")
-    if (p / "config.json").is_file():
-        return p
-    for folder in (p / "checkpoints", p):
-        steps = sorted(q for q in folder.glob("step_*") if (q / "config.json").is_file()) if folder.is_dir() else []
-        if steps:
-            return steps[-1]
-    raise FileNotFoundError(f"ckpt: {p} holds no config.json (a SigVLP.save_pretrained folder) and no "
-                            f"checkpoints/step_* folders (a training run)")
+    """A save_pretrained folder (config.json + model.safetensors), a training run folder, its
+    checkpoints folder or one of its step folders (the latest complete step_* is used):
+    sigvlp.checkpoint.resolve_checkpoint."""
+    return ckpt_io.resolve_checkpoint(path, what="ckpt")
 
 
 def checkpoint_hash(folder) -> str:
-    """sha256 over the checkpoint's config.json and model.safetensors bytes."""
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        f = Path(folder) / name
-        if not f.is_file():
-            raise FileNotFoundError(f"ckpt: {f} is missing")
-        h.update(name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
+    """sha256 over the checkpoint's config.json and model.safetensors bytes (sigvlp.checkpoint)."""
+    return ckpt_io.checkpoint_hash(folder)
 
 
 def state_hash(model) -> str:
     """sha256 of an in-memory model's config and weights (for a model passed without a folder)."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return ckpt_io.state_hash(model)
 
 
 def load_checkpoint(ckpt, *, expect_preset: Optional[str] = None, map_location="cpu"):
     """(model, folder, sha256) of a checkpoint folder. expect_preset: the SigVLPConfig preset the
     checkpoint must have (ValueError naming the differing fields otherwise)."""
-    from sigvlp.model import SigVLP, SigVLPConfig
+    from sigvlp.model import SigVLPConfig
 
-    folder = resolve_checkpoint(ckpt)
     want = SigVLPConfig.preset(expect_preset) if expect_preset else None
-    try:
-        model = SigVLP.from_pretrained(folder, map_location=map_location, config=want)
-    except ValueError as e:
-        raise ValueError(f"ckpt: {e}") from None
-    return model, folder, checkpoint_hash(folder)
+    model, folder = ckpt_io.load_model(ckpt, what="ckpt", config=want, map_location=map_location)
+    return model, folder, ckpt_io.checkpoint_hash(folder)
 
 
 # ----------------------------------------------------------------------------- data

@@ -11,7 +11,7 @@ the step reads one device value back per step (the loss and gradient norm, for t
 the metrics and the finite check), never one per layer.
 
 Run folder (``config.out``): ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line
-per logged step), ``log.txt``, ``checkpoints/step_XXXXXXXX/`` (see sigvlp.train.checkpoint),
+per logged step), ``log.txt``, ``checkpoints/step_XXXXXXXX/`` (see sigvlp.checkpoint),
 ``tensorboard/`` when the tensorboard package is installed.
 """
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sigvlp.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from sigvlp.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from sigvlp.train.config import TrainConfig, save_config
 
 __all__ = ["Trainer", "TrainingDiverged", "lr_factor", "train"]
