@@ -97,8 +97,7 @@ def _trainer(tmp_path, steps=6, **kw):
 
     batches = [collate(samples(s, 4)) for s in range(steps)]
     cfg = TrainConfig(out=str(tmp_path / "run"), model="tiny", model_overrides=dict(TEST_MODEL), steps=steps,
-                      warmup_steps=1, ckpt_every=2, keep_last=5, progress=False, tensorboard=False,
-                      max_text_tokens=TEST_MODEL["max_text_tokens"], **kw)
+                      warmup_steps=1, ckpt_every=2, keep_last=5, progress=False, tensorboard=False, **kw)
     return Trainer(cfg, batch_source=lambda rank, world: iter(batches))
 
 
@@ -314,3 +313,65 @@ def test_word_tokenizer_checks_init_from_before_reading_reports(tmp_path):
                       model_overrides={**TEST_MODEL, "tokenizer": "word"}, progress=False, tensorboard=False)
     with pytest.raises(FileNotFoundError, match="init_from"):  # not a data error: the reports are never read
         Trainer(cfg)
+
+
+def test_model_settings_have_one_owner(tmp_path, capsys):
+    from sigvlp.cli import main
+    from sigvlp.train import TrainConfig, load_config
+
+    for key in ("preprocess", "chunk", "max_text_tokens"):
+        assert key not in TrainConfig.__dataclass_fields__
+        with pytest.raises(ValueError, match=rf"{key}: the model config owns it now; set model.{key}="):
+            load_config(None, [(key, 1)])
+    with pytest.raises(SystemExit):  # no such flag any more (argparse exits 2)
+        main(["train", "--max-text-tokens", "48", "--out", str(tmp_path / "o")])
+    assert "unrecognized arguments: --max-text-tokens" in capsys.readouterr().err
+
+
+def test_legacy_config_file_maps_model_keys_with_one_log_line(tmp_path, caplog):
+    from sigvlp.train import load_config
+
+    old = tmp_path / "config.yaml"
+    old.write_text("steps: 3\npreprocess: null\nchunk: tiny\nmax_text_tokens: 48\n"
+                   "model_overrides: {width: 64, chunk: sigvlp}\n")
+    with caplog.at_level("WARNING", logger="sigvlp.train"):
+        cfg = load_config(old)
+    assert cfg.model_overrides == {"width": 64, "chunk": "sigvlp", "max_text_tokens": 48}
+    lines = [r.getMessage() for r in caplog.records if r.name == "sigvlp.train"]
+    assert len(lines) == 1 and "max_text_tokens=48" in lines[0] and "chunk (model_overrides 'sigvlp'" in lines[0]
+    caplog.clear()
+    new = tmp_path / "new.yaml"
+    new.write_text("steps: 3\nmodel_overrides: {max_text_tokens: 48}\n")
+    with caplog.at_level("WARNING", logger="sigvlp.train"):
+        assert load_config(new).model_overrides == {"max_text_tokens": 48}
+    assert not caplog.records
+
+
+def test_run_folder_with_a_legacy_config_yaml_resumes(tmp_path, capsys, caplog, monkeypatch):
+    """A run folder written before the model config owned max_text_tokens / preprocess / chunk
+    (config.yaml has them at the top level) resumes from its checkpoint, the keys mapped into
+    model_overrides; without the mapping the model would get max_text_tokens 256 and differ from
+    the checkpoint's 48."""
+    import yaml
+
+    import sigvlp.train.trainer as trainer_mod
+    from sigvlp.cli import main
+
+    trainer = _trainer(tmp_path, steps=2)
+    trainer.run()
+    path = tmp_path / "run" / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    legacy = {**saved, "preprocess": None, "chunk": None, "max_text_tokens": saved["model_overrides"]["max_text_tokens"],
+              "model_overrides": {k: v for k, v in saved["model_overrides"].items() if k != "max_text_tokens"}}
+    path.write_text(yaml.safe_dump(legacy, sort_keys=False))
+    batches = [collate(samples(s, 4)) for s in range(4)]
+    real = trainer_mod.Trainer
+    monkeypatch.setattr(trainer_mod, "Trainer",
+                        lambda cfg, **kw: real(cfg, batch_source=lambda rank, world: iter(batches), **kw))
+    with caplog.at_level("WARNING", logger="sigvlp.train"):
+        assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--steps", "3"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert sum("top-level preprocess, chunk, max_text_tokens" in r.getMessage() for r in caplog.records) == 1
+    rewritten = yaml.safe_load(path.read_text())  # the run folder now holds the new form
+    assert rewritten["model_overrides"] == saved["model_overrides"] and "max_text_tokens" not in rewritten
+    assert rewritten["steps"] == 3

@@ -25,8 +25,7 @@ def _config(out, **kw):
     from sigvlp.train import TrainConfig
 
     values = dict(out=str(out), model="tiny", model_overrides=dict(TEST_MODEL), steps=STEPS, warmup_steps=1,
-                  lr=0.02, adamw_lr=3e-3, progress=False, tensorboard=False, ckpt_every=100, threads=1,
-                  max_text_tokens=TEST_MODEL["max_text_tokens"])
+                  lr=0.02, adamw_lr=3e-3, progress=False, tensorboard=False, ckpt_every=100, threads=1)
     values.update(kw)
     return TrainConfig(**values)
 

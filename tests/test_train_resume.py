@@ -26,7 +26,7 @@ def _cmd(data, cache, out, *extra):
     return [sys.executable, "-m", "sigvlp", "train", "--data", str(data), "--cache", str(cache), "--out", str(out),
             "--model", "tiny", *sets, "--steps", str(STEPS), "--warmup-steps", "3", "--ckpt-every", "4",
             "--keep-last", "2", "--token-budget", "512", "--num-workers", "0", "--threads", "1",
-            "--max-text-tokens", "48", "--prompt-weight", "1.0", "--prompt-decorrelation", "0.5", "--no-progress", "--no-tensorboard", *extra]
+            "--prompt-weight", "1.0", "--prompt-decorrelation", "0.5", "--no-progress", "--no-tensorboard", *extra]
 
 
 def _env():

@@ -5,12 +5,21 @@ command line (``--set key=value`` and the per-field flags such as ``--steps``). 
 preset go under ``model_overrides`` (``--set model.width=256`` is short for
 ``--set model_overrides.width=256``). A key that is not a field raises ValueError naming it and
 listing the valid ones.
+
+One owner per setting: what the weights depend on (patch size, preprocessing and chunk presets,
+``max_text_tokens``, the tokenizer) belongs to the model config (sigvlp.model.SigVLPConfig); a
+training config changes it only through ``model_overrides``, and a checkpoint carries it. A
+config file written before this rule (top-level ``preprocess``, ``chunk`` or ``max_text_tokens``,
+as every run folder's ``config.yaml`` had) still loads: ``load_config`` moves those keys into
+``model_overrides`` (a key model_overrides already sets keeps model_overrides' value) and logs
+one line on the "sigvlp.train" logger.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import numbers
 import types
@@ -19,13 +28,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ["TrainConfig", "load_config", "apply_overrides", "parse_override", "save_config", "config_fields"]
+__all__ = ["TrainConfig", "load_config", "apply_overrides", "parse_override", "save_config", "config_fields",
+           "LEGACY_MODEL_KEYS"]
+
+log = logging.getLogger("sigvlp.train")
+
+#: top-level keys of older config files that the model config owns now (moved into model_overrides)
+LEGACY_MODEL_KEYS = ("preprocess", "chunk", "max_text_tokens")
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run reads. Units: steps are optimizer steps (after accumulation);
-    token_budget is image tokens per micro-batch per rank; lr values are peak learning rates."""
+    token_budget is image tokens per micro-batch per rank; lr values are peak learning rates.
+
+    The model config (``model`` preset + ``model_overrides``) owns what the weights depend on:
+    patch size, the preprocessing and chunk presets, max_text_tokens and the tokenizer; training
+    reads them from it (texts are cut to the model's max_text_tokens, as scoring does).
+    ``min_slices`` / ``max_slices`` / ``whole_fraction`` stay here: they change how training
+    samples chunks from the model's chunk preset (depth range, share of whole volumes), not what
+    the model is or how it is scored (evaluation draws from the preset itself), so a checkpoint
+    does not carry them.
+    """
 
     # data
     data: Optional[str] = None              # dataset root in the CT-RATE layout (real or `sigvlp synth` output)
@@ -33,15 +57,12 @@ class TrainConfig:
     masks: Optional[str] = None             # organ masks folder (None: DATA/masks when present)
     findings: Optional[str] = None          # findings bank (None: DATA/findings/<split>_findings.jsonl when present)
     cache: Optional[str] = None             # preprocessing cache root (None: DATA/.sigvlp-cache or $SIGVLP_CACHE)
-    preprocess: Optional[str] = None        # sigvlp.data preprocessing preset (None: the model config's)
-    chunk: Optional[str] = None             # sigvlp.data chunk preset (None: the model config's)
     min_slices: Optional[int] = None        # override the chunk preset's depth range (slices after preprocessing)
     max_slices: Optional[int] = None
     whole_fraction: Optional[float] = None  # override the chunk preset's share of whole-volume chunks
     token_budget: int = 8192                # image tokens per micro-batch (per rank)
     chunks_per_volume: int = 2
     num_workers: int = 2
-    max_text_tokens: int = 256
     prompt_weight: float = 0.0              # weight of the CT-CLIP statement loss (sigvlp.prompts; 0: off)
     prompt_decorrelation: float = 0.0       # weight of the topic-direction decorrelation penalty (needs prompt_weight > 0)
     # model
@@ -82,7 +103,7 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if allow_zero else 1):
                 raise ValueError(f"{name}: expected an integer >= {0 if allow_zero else 1}, got {v!r}")
 
-        for name in ("token_budget", "chunks_per_volume", "max_text_tokens", "steps", "grad_accum", "ckpt_every",
+        for name in ("token_budget", "chunks_per_volume", "steps", "grad_accum", "ckpt_every",
                      "keep_last", "log_every"):
             positive(name)
         for name in ("num_workers", "warmup_steps"):
@@ -127,6 +148,8 @@ def config_fields() -> dict[str, dataclasses.Field]:
 
 
 def _unknown(key: str) -> ValueError:
+    if key in LEGACY_MODEL_KEYS:
+        return ValueError(f"{key}: the model config owns it now; set model.{key}=... (model_overrides)")
     return ValueError(f"unknown config key {key!r}; valid keys: {', '.join(config_fields())} "
                       "(model preset fields go under model_overrides, e.g. model.width=...)")
 
@@ -245,11 +268,41 @@ def load_config(path=None, overrides=()) -> TrainConfig:
             m = dict(data.pop("model"))
             data["model"] = m.pop("preset", "tiny")
             data["model_overrides"] = {**data.get("model_overrides", {}), **m}
+        data = _legacy_model_keys(data, path)
         try:
             config = apply_overrides(config, data)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
     return apply_overrides(config, overrides)
+
+
+def _legacy_model_keys(data: Mapping, path) -> Mapping:
+    """`data` (a config file's mapping) with LEGACY_MODEL_KEYS moved from the top level into
+    model_overrides (null values dropped; a key model_overrides sets keeps its value), logging
+    one line when there were any."""
+    found = [k for k in LEGACY_MODEL_KEYS if k in data]
+    if not found:
+        return data
+    data = dict(data)
+    over = data.get("model_overrides") or {}
+    if not isinstance(over, Mapping):
+        return data  # apply_overrides reports the bad model_overrides
+    over = dict(over)
+    moved, kept = [], []
+    for k in found:
+        v = data.pop(k)
+        if v is None:
+            continue
+        if k in over:
+            kept.append(f"{k} (model_overrides {over[k]!r}, top level {v!r})")
+        else:
+            over[k] = v
+            moved.append(f"{k}={v!r}")
+    data["model_overrides"] = over
+    log.warning(f"{path}: top-level {', '.join(found)} belong to the model config now: "
+                + (f"moved into model_overrides ({', '.join(moved)})" if moved else "nothing to move")
+                + (f"; kept model_overrides' value for {', '.join(kept)}" if kept else ""))
+    return data
 
 
 def save_config(config: TrainConfig, path) -> None:

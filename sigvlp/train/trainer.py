@@ -266,20 +266,10 @@ class Trainer:
 
         cfg = self.config
         paths = resolve_data_paths(cfg)
-        pp_name = cfg.preprocess or self.model_config.preprocess
+        pp_name = self.model_config.preprocess
         chunk_over = {k: v for k, v in (("min_slices", cfg.min_slices), ("max_slices", cfg.max_slices),
                                         ("whole_fraction", cfg.whole_fraction)) if v is not None}
-        if cfg.chunk is not None:
-            from sigvlp.data.chunks import CHUNK_PRESETS
-
-            if cfg.chunk not in CHUNK_PRESETS:
-                raise ValueError(f"chunk: unknown chunk preset {cfg.chunk!r}; known: {sorted(CHUNK_PRESETS)}")
-            import dataclasses
-
-            self.chunk_config = dataclasses.replace(CHUNK_PRESETS[cfg.chunk], patch=tuple(self.model_config.patch_size),
-                                                    **chunk_over)
-        else:
-            self.chunk_config = self.model_config.chunk_config(**chunk_over)
+        self.chunk_config = self.model_config.chunk_config(**chunk_over)
         ds = CTRateDataset(paths["root"], cfg.split, masks_dir=paths["masks"], findings=paths["findings"])
         if len(ds) == 0:
             raise ValueError(f"data: no usable {cfg.split!r} volumes under {paths['root']}\n{ds.scan.summary()}")
@@ -310,7 +300,8 @@ class Trainer:
         if empty:
             self.log(f"data: {empty} volumes have no findings text; their chunks get unique pair ids")
         loader_cfg = LoaderConfig(token_budget=cfg.token_budget, chunks_per_volume=cfg.chunks_per_volume,
-                                  num_workers=cfg.num_workers, seed=cfg.seed, max_text_tokens=cfg.max_text_tokens)
+                                  num_workers=cfg.num_workers, seed=cfg.seed,
+                                  max_text_tokens=self.model_config.max_text_tokens)
         kwargs = {}
         if "rank" in inspect.signature(make_loader).parameters:
             kwargs = {"rank": self.rank, "world_size": self.world}
@@ -374,7 +365,7 @@ class Trainer:
         """The batch with the prompt statements appended to its texts (encoded in the same forward)."""
         if self._prompt_batch is None:
             tok = self.tokenizer
-            ids = [tok.encode(t, self.config.max_text_tokens) for t in self.prompts.texts]
+            ids = [tok.encode(t, self.model_config.max_text_tokens) for t in self.prompts.texts]
             lens = torch.tensor([len(r) for r in ids], dtype=torch.int64)
             self._prompt_batch = (torch.tensor([i for r in ids for i in r], dtype=torch.int64), lens, int(lens.max()))
         ids, lens, mx = self._prompt_batch
