@@ -88,16 +88,34 @@ def load_dicom_series(folder):
     scan gives the same (z, y, x) array from DICOM and from NIfTI.
     Errors (ValueError naming the folder): no DICOM slices, several series, mixed orientations or
     sizes, duplicate positions. Needs pydicom (``pip install sigvlp[dicom]``)."""
-    try:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-    except ImportError as e:
-        raise ImportError("reading DICOM needs pydicom: pip install 'sigvlp[dicom]'") from e
     from sigvlp.data.volume import Volume, to_canonical_zyx
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such DICOM folder")
+    slices = _dicom_slices(folder)
+    slices, row_dir, col_dir, normal, pos, dz = _dicom_geometry(folder, slices)
+    dr, dc = (float(v) for v in slices[0].PixelSpacing)  # between rows, between columns (mm)
+    hu_krc = _dicom_hu(folder, slices)  # (slice k, row j, column i)
+    # Voxel (i, j, k) = (column, row, slice) -> LPS mm, then LPS -> RAS (negate x and y).
+    affine = np.eye(4)
+    affine[:3, 0] = row_dir * dc
+    affine[:3, 1] = col_dir * dr
+    affine[:3, 2] = normal * dz
+    affine[:3, 3] = pos[0]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    hu, affine_zyx = to_canonical_zyx(hu_krc.transpose(2, 1, 0), affine)  # as load_volume does
+    spacing = tuple(float(s) for s in np.sqrt((affine_zyx[:3, :3] ** 2).sum(axis=0)))
+    return Volume(hu=hu, spacing=spacing, affine=affine_zyx, path=str(folder))
+
+
+def _dicom_slices(folder: Path) -> list:
+    """The image slices (pydicom datasets) of a folder holding one series."""
+    try:  # optional dependency: only DICOM input needs pydicom
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError as e:
+        raise ImportError("reading DICOM needs pydicom: pip install 'sigvlp[dicom]'") from e
     slices = []
     for p in sorted(folder.iterdir()):
         if not p.is_file() or _is_nifti(p):
@@ -114,11 +132,17 @@ def load_dicom_series(folder):
     if len(series) > 1:
         counts = {s: sum(str(getattr(ds, "SeriesInstanceUID", "")) == s for ds in slices) for s in series}
         raise ValueError(f"{folder}: holds {len(series)} series ({counts}); put each series in its own folder")
+    return slices
+
+
+def _dicom_geometry(folder: Path, slices: list):
+    """(slices ordered along the normal, row_dir, col_dir, normal, positions (N, 3) mm, slice step
+    dz mm): row_dir / col_dir are the directions of increasing column / row index (LPS)."""
     iop = np.array([float(v) for v in slices[0].ImageOrientationPatient], dtype=np.float64)
     for ds in slices[1:]:
         if not np.allclose([float(v) for v in ds.ImageOrientationPatient], iop, atol=1e-4):
             raise ValueError(f"{folder}: slices have different ImageOrientationPatient")
-    row_dir, col_dir = iop[:3], iop[3:]  # direction of increasing column index, of increasing row index
+    row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
     pos = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in slices], dtype=np.float64)
     order = np.argsort(pos @ normal, kind="stable")
@@ -132,10 +156,14 @@ def load_dicom_series(folder):
         dz = float(np.mean(steps))
         if np.max(np.abs(steps - dz)) > 0.01 * dz + 1e-3:
             warnings.warn(f"{folder}: uneven slice spacing ({steps.min():.3f}..{steps.max():.3f} mm); "
-                          f"using the mean {dz:.3f} mm", stacklevel=2)
+                          f"using the mean {dz:.3f} mm", stacklevel=3)
     else:
         dz = float(getattr(slices[0], "SpacingBetweenSlices", None) or getattr(slices[0], "SliceThickness", 1.0))
-    dr, dc = (float(v) for v in slices[0].PixelSpacing)  # between rows, between columns (mm)
+    return slices, row_dir, col_dir, normal, pos, dz
+
+
+def _dicom_hu(folder: Path, slices: list) -> np.ndarray:
+    """(slices, rows, columns) HU: int16 when every rescale is integral and fits, else float32."""
     shape = (int(slices[0].Rows), int(slices[0].Columns))
     scalings = []
     for ds in slices:
@@ -153,20 +181,11 @@ def load_dicom_series(folder):
             planes.append(raw.astype(np.int32) * int(slope) + int(inter))
         else:
             planes.append(raw.astype(np.float32) * np.float32(slope) + np.float32(inter))
-    hu_krc = np.stack(planes)  # (slice k, row j, column i)
+    hu_krc = np.stack(planes)
     if hu_krc.dtype == np.int32:
         hu_krc = hu_krc.astype(np.int16) if hu_krc.min() >= -32768 and hu_krc.max() <= 32767 else \
             hu_krc.astype(np.float32)
-    # Voxel (i, j, k) = (column, row, slice) -> LPS mm, then LPS -> RAS (negate x and y).
-    affine = np.eye(4)
-    affine[:3, 0] = row_dir * dc
-    affine[:3, 1] = col_dir * dr
-    affine[:3, 2] = normal * dz
-    affine[:3, 3] = pos[0]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    hu, affine_zyx = to_canonical_zyx(hu_krc.transpose(2, 1, 0), affine)  # as load_volume does
-    spacing = tuple(float(s) for s in np.sqrt((affine_zyx[:3, :3] ** 2).sum(axis=0)))
-    return Volume(hu=hu, spacing=spacing, affine=affine_zyx, path=str(folder))
+    return hu_krc
 
 
 def resolve_checkpoint(ckpt) -> Path:
