@@ -38,12 +38,12 @@ written in exactly these formats):
 
 The rule splitter (``split_report``): sentences are cut at ". ", "! ", "? " (not after the
 abbreviations in ``ABBREVIATIONS``, not inside numbers such as "4.5 mm" or "12.03.2020"; list
-markers "1." are dropped), then at "; " into clauses. Each clause gets every organ whose lexicon
+markers "1." are dropped), then at "; " into clauses about different organs. Each clause gets every organ whose lexicon
 terms it contains (``LEXICON``: ordered regular expressions; a match masks its span, so
 "mediastinal main vascular structures" -> aorta is not read again as "mediastinal", and "main
 bronchi" -> trachea is not read as "bronchi" -> lung). Weak terms (``WEAK_LEXICON``: nodule,
-effusion, parenchyma, lymph node, fracture, ...) count only when no other term matched, so "a
-nodule in the right breast" stays general. A clause with no organ joins the clause before it
+effusion, parenchyma, lymph node, fracture, ...) count only when no other term matched in the sentence, so
+"a nodule in the right breast" stays general. A clause with no organ joins the clause before it
 (or the one after, for a leading clause such as "When examined in the lung parenchyma window;").
 Negated statements keep their organ ("No pleural effusion was detected." -> lung). Sentences
 with no organ go to "general", followed by the impression.
@@ -170,20 +170,21 @@ def organs_of(keys: Iterable[Optional[str]]) -> list[str]:
     return [o for o in ORGANS if o in found]
 
 
-def _matched_keys(text: str) -> list[Optional[str]]:
+def _matched_keys(text: str, weak: bool = True) -> list[Optional[str]]:
     keys, masked = [], text
     for pattern, key in _LEXICON_RE:
         if pattern.search(masked):
             keys.append(key)
             masked = pattern.sub(lambda m: " " * len(m.group(0)), masked)
-    if not any(k is not None for k in keys):
+    if weak and not any(k is not None for k in keys):
         keys += [key for pattern, key in _WEAK_RE if pattern.search(masked)]
     return keys
 
 
-def sentence_organs(text: str) -> list[str]:
-    """The organs (ORGANS order) a sentence or clause is about, by the lexicon; [] = general."""
-    return organs_of(_matched_keys(text))
+def sentence_organs(text: str, weak: bool = True) -> list[str]:
+    """The organs (ORGANS order) a sentence or clause is about, by the lexicon; [] = general.
+    weak=False: LEXICON terms only (no WEAK_LEXICON fallback)."""
+    return organs_of(_matched_keys(text, weak))
 
 
 def segment(text: str) -> list[str]:
@@ -203,37 +204,45 @@ def segment(text: str) -> list[str]:
 
 
 def split_sentence(sentence: str) -> list[tuple[str, list[str]]]:
-    """(clause, organs) pieces of one sentence: cut at "; ", a clause with no organ joined to the
-    clause before it (or after it, when it leads). One piece with [] when no clause has an organ."""
+    """(clause, organs) pieces of one sentence. It is cut at "; " only between clauses about
+    different organs (LEXICON terms); a clause naming none joins the clause before it (or after
+    it, when it leads). With no LEXICON term anywhere, the weak terms decide for the whole sentence."""
     clauses = [c.strip() for c in re.split(r";\s+", sentence) if c.strip()]
     pieces: list[tuple[str, list[str]]] = []
     lead = ""
     for clause in clauses:
-        organs = sentence_organs(clause)
-        if not organs:
-            if pieces:
-                pieces[-1] = (f"{pieces[-1][0]}; {clause}", pieces[-1][1])
-            else:
-                lead = f"{lead}; {clause}" if lead else clause
-            continue
-        pieces.append((f"{lead}; {clause}" if lead else clause, organs))
-        lead = ""
+        organs = sentence_organs(clause, weak=False)
+        if organs and pieces and pieces[-1][1] == organs:
+            pieces[-1] = (f"{pieces[-1][0]}; {clause}", organs)
+        elif organs:
+            pieces.append((f"{lead}; {clause}" if lead else clause, organs))
+            lead = ""
+        elif pieces:
+            pieces[-1] = (f"{pieces[-1][0]}; {clause}", pieces[-1][1])
+        else:
+            lead = f"{lead}; {clause}" if lead else clause
     if lead:
-        pieces.append((lead, []))
+        pieces.append((lead, sentence_organs(lead)))
     return pieces
 
 
 def split_report(findings: str, impression: str = "") -> dict:
     """A bank entry body {"organs": {organ: [sentences]}, "general": str} from a report's findings
     and impression text by the rule splitter (see the module docstring)."""
+    pieces = [piece for sentence in segment(findings) for piece in split_sentence(sentence)]
+    return entry_from_pieces(pieces, impression)
+
+
+def entry_from_pieces(pieces: Iterable[tuple[str, list[str]]], impression: str = "") -> dict:
+    """An entry body from (sentence, organs) pairs: each sentence filed under each of its organs,
+    organ-less sentences and then the impression's sentences in "general"."""
     organs: dict[str, list[str]] = {}
     general: list[str] = []
-    for sentence in segment(findings):
-        for piece, targets in split_sentence(sentence):
-            if not targets:
-                general.append(piece)
-            for organ in targets:
-                organs.setdefault(organ, []).append(piece)
+    for piece, targets in pieces:
+        if not targets:
+            general.append(piece)
+        for organ in targets:
+            organs.setdefault(organ, []).append(piece)
     return make_entry(organs, general + segment(impression))
 
 
