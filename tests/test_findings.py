@@ -295,3 +295,26 @@ def test_chunks_get_their_organs_bank_text(data, tmp_path):
             assert text == " ".join(sentences + ([entry["general"]] if entry["general"] else []))
             seen += 1
     assert seen == 3 * len(ds)
+
+
+# ----------------------------------------------------------------------------- sigvlp train
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_train_says_once_when_there_is_no_bank(data, tmp_path, capsys, with_bank):
+    from _train_helpers import TEST_MODEL
+    from sigvlp.train import TrainConfig
+    from sigvlp.train.trainer import Trainer
+
+    if with_bank:
+        assert cli_main(["findings", str(data)]) == 0
+    capsys.readouterr()
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), cache=str(tmp_path / "cache"), model="tiny",
+                      model_overrides=TEST_MODEL, token_budget=512, num_workers=0, steps=1, prompt_weight=0.0,
+                      progress=False, tensorboard=False)
+    trainer = Trainer(cfg)
+    assert all(bool(s.findings) for s in trainer.loader.dataset.sources)
+    console = capsys.readouterr().out
+    log = (tmp_path / "run" / "log.txt").read_text()
+    hint = f"sigvlp findings {data} --split train"
+    for text in (console, log):
+        assert text.count("no findings bank") == (0 if with_bank else 1), text
+        assert text.count(hint) == (0 if with_bank else 1)

@@ -404,3 +404,12 @@ def write_bank(entries: dict[str, dict], path, overwrite: bool = False) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def no_bank_notice(root, split: str) -> str:
+    """The line `sigvlp train` logs when a split has no findings bank: what the chunks are paired
+    with instead, and how to build a bank."""
+    return (f"data: no findings bank for the {split!r} split under {root}: every chunk is paired with its volume's "
+            f"whole report (Findings_EN), not with the findings of the organs inside it; build a bank with "
+            f"`sigvlp findings {root} --split {split}` (writes {Path(root) / 'findings' / f'{split}_findings.jsonl'}, "
+            f"found automatically) or pass --findings BANK.jsonl")

@@ -309,6 +309,10 @@ class Trainer:
         empty = sum(1 for s in sources if not s.findings)
         if empty:
             self.log(f"data: {empty} volumes have no findings text; their chunks get unique pair ids")
+        if ds.findings_bank is None:
+            from sigvlp.data.findings import no_bank_notice  # sigvlp.data is imported on use here, as above
+
+            self.log(no_bank_notice(paths["root"], cfg.split))
         loader_cfg = LoaderConfig(token_budget=cfg.token_budget, chunks_per_volume=cfg.chunks_per_volume,
                                   num_workers=cfg.num_workers, seed=cfg.seed, max_text_tokens=cfg.max_text_tokens)
         kwargs = {}
