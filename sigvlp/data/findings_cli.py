@@ -53,10 +53,12 @@ def add_arguments(parser):
     parser.add_argument("--fvlm-impressions", metavar="CONC.json", default=None,
                         help="fVLM's conc_info.json (organ-wise impressions), with --fvlm (default: none; general "
                              "then takes the reports CSV's impression)")
-    parser.add_argument("--llm-model", metavar="NAME", default=None, help="model name, required with --llm-url (default: none)")
+    parser.add_argument("--llm-model", metavar="NAME", default=None,
+                        help="model name, required with --llm-url (default: none)")
     parser.add_argument("--llm-key-env", metavar="VAR", default=None,
                         help="environment variable holding the API key (default: none, no Authorization header)")
-    parser.add_argument("--llm-concurrency", metavar="N", type=_number(int, True), default=4, help="requests in flight (default: 4)")
+    parser.add_argument("--llm-concurrency", metavar="N", type=_number(int, True), default=4,
+                        help="requests in flight (default: 4)")
     parser.add_argument("--llm-rate", metavar="R", type=_number(float, False), default=0.0,
                         help="requests per second at most (default: 0, no limit)")
     parser.add_argument("--llm-timeout", metavar="S", type=_number(float, True), default=120.0,
