@@ -15,8 +15,10 @@ thyroid -> trachea, esophagus; bone -> spine, ribs, sternum); an empty tuple mea
 in the table is read with the lexicon ("left lung upper lobe" -> lung), else it goes to general
 and is counted (``SourceStats.unknown``).
 
-Source formats (confirmed from the projects' public code and dataset cards; test files are
-written in exactly these formats):
+Source formats (as confirmed: fVLM's README and the dataset loaders of public fVLM forks; the
+RadGenome-ChestCT file listing on the Hub and the region-report loader of Reg2RG, a model trained
+on it; the dataset card's own text was not retrievable here. Test files are written in exactly
+these formats):
 
 - fVLM (Shui et al., ICLR 2025, "Large-scale and fine-grained vision-language pre-training for
   enhanced CT image understanding"): ``desc_info.json`` (findings) and ``conc_info.json``
