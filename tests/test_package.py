@@ -43,9 +43,19 @@ def test_kernels_only_as_sigvlp_kernels():
 
     assert pathlib.Path(sigvlp.kernels.__file__).parent.name == "kernels"
     # Even with the repository root on sys.path, a top-level `import kernels` must not pass
-    # for the PyPI package of that name.
-    result = _run_python("import sys; sys.path.insert(0, '.'); import kernels")
+    # for the PyPI package of that name: without it (no site-packages: -S) it is an ImportError ...
+    result = subprocess.run([sys.executable, "-S", "-c", "import sys; sys.path.insert(0, '.'); import kernels"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "sigvlp.kernels" in result.stderr, result.stderr
+    # ... and where it is installed, that package (Hugging Face's, which transformers imports) is what
+    # `import kernels` gives, never this folder
+    code = ("import sys, importlib.util; sys.path.insert(0, '.'); import kernels\n"
+            "print(importlib.util.find_spec('kernels') is not None, kernels.__name__, kernels.__file__)")
+    result = _run_python(code)
+    if result.returncode == 0:
+        assert str(ROOT) not in result.stdout and "kernels" in result.stdout, result.stdout
+    else:
+        assert "sigvlp.kernels" in result.stderr, result.stderr
 
 
 def test_info_reports_every_backend():
