@@ -285,3 +285,37 @@ def test_other_architectures_and_bad_options_are_errors(hf, tmp_path):
         SigVLP.from_siglip(no_tok)
     with pytest.raises(FileNotFoundError, match="no such folder"):
         SigVLP.from_siglip(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------- training from SigLIP
+def test_sigvlp_train_init_siglip_saves_and_resumes(hf, tmp_path_factory, capsys):
+    from _data_helpers import tiny_dataset
+
+    from sigvlp.cli import main
+    from sigvlp.train import TrainConfig
+    from sigvlp.train.checkpoint import latest_checkpoint
+
+    _, folder = hf
+    data, root = tiny_dataset(tmp_path_factory, n_train=4, n_valid=0), tmp_path_factory.mktemp("train_siglip")
+    out = root / "run"
+    args = ["train", "--data", str(data), "--cache", str(root / "cache"), "--out", str(out), "--init-siglip",
+            str(folder), "--set", "model.patch_size=[4, 16, 16]", "--set", "model.preprocess=tiny", "--set",
+            "model.chunk=tiny", "--set", "model.attn_backend=torch", "--token-budget", "512", "--num-workers", "0",
+            "--threads", "1", "--max-text-tokens", "16", "--warmup-steps", "1", "--ckpt-every", "1",
+            "--no-progress", "--no-tensorboard"]
+    assert main([*args, "--steps", "2"]) == 0, capsys.readouterr().err
+    first = latest_checkpoint(out / "checkpoints")
+    assert first.name.endswith("2")
+    converted = SigVLP.from_siglip(folder, patch_size=(4, 16, 16), preprocess="tiny", chunk="tiny")
+    assert SigVLP.load_config(first).diff(converted.config) == {}
+    assert main(["train", "--resume", "--out", str(out), "--steps", "3"]) == 0, capsys.readouterr().err
+    last = latest_checkpoint(out / "checkpoints")
+    assert last.name.endswith("3") and f"resumed from {first}" in (out / "log.txt").read_text()
+    trained = SigVLP.from_pretrained(last)
+    moved = [k for k, v in trained.state_dict().items() if not torch.equal(v, converted.state_dict()[k])]
+    assert "text.token_embedding.weight" in moved and "visual.blocks.0.attn.qkv.weight" in moved
+    # init_from and init_siglip exclude each other; TrainConfig's model defaults to "base"
+    assert main([*args, "--out", str(root / "both"), "--init-from", str(last), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "init_from" in err and "init_siglip" in err and "give one" in err, err
+    assert TrainConfig().model == "base"

@@ -45,9 +45,10 @@ class TrainConfig:
     prompt_weight: float = 0.0              # weight of the CT-CLIP statement loss (sigvlp.train.prompts; 0: off)
     prompt_decorrelation: float = 0.0       # weight of the topic-direction decorrelation penalty (needs prompt_weight > 0)
     # model
-    model: str = "tiny"                     # SigVLPConfig preset
+    model: str = "base"                     # SigVLPConfig preset (not used with init_siglip)
     model_overrides: dict = field(default_factory=dict)
     init_from: Optional[str] = None         # a save_pretrained folder to start from
+    init_siglip: Optional[str] = None       # a Hugging Face SigLIP folder to start from (SigVLP.from_siglip)
     # optimisation
     steps: int = 1000                       # optimizer steps
     grad_accum: int = 1                     # micro-batches per optimizer step
@@ -115,6 +116,9 @@ class TrainConfig:
         if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
                                          or self.threads < 0):
             raise ValueError(f"threads: expected an integer >= 0 (0 or null: torch's default), got {self.threads!r}")
+        if self.init_from and self.init_siglip:
+            raise ValueError(f"init_from ({self.init_from}) and init_siglip ({self.init_siglip}): give one of them "
+                             f"(a SigVLP checkpoint or a SigLIP folder to start from)")
         if not isinstance(self.model_overrides, dict):
             raise TypeError(f"model_overrides: expected a mapping, got {type(self.model_overrides).__name__}")
 
@@ -243,7 +247,7 @@ def load_config(path=None, overrides=()) -> TrainConfig:
         if "model" in data and isinstance(data["model"], Mapping):  # model: {preset: tiny, width: ...}
             data = dict(data)
             m = dict(data.pop("model"))
-            data["model"] = m.pop("preset", "tiny")
+            data["model"] = m.pop("preset", TrainConfig.model)
             data["model_overrides"] = {**data.get("model_overrides", {}), **m}
         try:
             config = apply_overrides(config, data)

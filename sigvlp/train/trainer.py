@@ -115,6 +115,19 @@ class _Log:
                 f.write(msg + "\n")
 
 
+def siglip_model(config: TrainConfig):
+    """The SigVLP that config.init_siglip starts from: ``SigVLP.from_siglip(init_siglip,
+    **model_overrides)`` (geometry and weights from the SigLIP folder; config.model is not used).
+    ValueError when the loader's max_text_tokens exceeds learned text positions."""
+    from sigvlp.model import SigVLP  # as in Trainer: the model package is imported when a run starts
+
+    model = SigVLP.from_siglip(config.init_siglip, **config.model_overrides)
+    if model.config.text_positions == "learned" and config.max_text_tokens > model.config.max_text_tokens:
+        raise ValueError(f"max_text_tokens: {config.max_text_tokens} is more than the model's "
+                         f"{model.config.max_text_tokens} learned text positions; set --max-text-tokens")
+    return model
+
+
 class Trainer:
     """Builds the model, data, optimizer and schedule of a TrainConfig and runs it.
 
@@ -150,6 +163,8 @@ class Trainer:
 
         # ---- model
         torch.manual_seed(config.seed)
+        if model is None and config.init_siglip:
+            model = siglip_model(config)
         if model is None:
             try:
                 mcfg = SigVLPConfig.preset(config.model, **config.model_overrides)
