@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from sigvlp.ops import BackendError, newton_schulz, newton_schulz_reference
+from sigvlp.ops import BackendError, dispatch_log, newton_schulz, newton_schulz_reference
 from sigvlp.optim import KELLER, POLAR_EXPRESS, POLAR_EXPRESS_NORM, POLAR_EXPRESS_RAW
 
 from sigvlp.ops.tolerances import max_err, newton_schulz_low_precision, rel_err, tolerance
@@ -365,8 +365,12 @@ def test_zero_matrices_in_a_batch(device, backend):
 
 
 def test_auto_picks_torch_on_cpu():
+    """backend=None on a CPU tensor runs the torch backend: the dispatch log names what ran."""
     G = _random((8, 8), seed=23)
-    assert ns_module.BACKENDS.select(None, device=G.device, dtype=G.dtype).name == "torch"
+    with dispatch_log() as log:
+        out = newton_schulz(G)
+    assert log == [("newton_schulz", "torch")]
+    assert torch.equal(out, newton_schulz(G, backend="torch"))
 
 
 @pytest.mark.gpu
