@@ -12,7 +12,7 @@ import torch
 import sigvlp.ops as ops
 from sigvlp.ops import BackendError, default_sections, rope3d, rope3d_reference
 from sigvlp.ops.rope import grid_positions
-from sigvlp.ops.tolerances import assert_rope3d_at_floor, max_err
+from sigvlp.ops.tolerances import assert_rope3d_at_floor, max_err, rope3d_low_precision
 
 from _no_sync import HostReadError, forbid_host_reads, gpu_validation_policy, no_cuda_sync, two_gpus
 from _varlen import EDGE_LENGTHS, cu_seqlens_of, grids_of, sequence_slices
@@ -84,6 +84,10 @@ def test_reference_matches_elementwise_spec(interleaved, sections):
                            compute_dtype=torch.float64)
     want = _naive_rope(x, positions, sections or default_sections(16), 100.0, interleaved)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # ... and so does the tests' independent oracle (its fp64 run), which the floors compare with.
+    independent = rope3d_low_precision(x, cu, positions=positions, theta=100.0, sections=sections,
+                                       interleaved=interleaved, compute_dtype=torch.float64)
+    torch.testing.assert_close(independent, want, rtol=1e-12, atol=1e-12)
     if sections == (2, 1, 2):  # 5 of 8 pairs rotated; the other 3 must be untouched
         untouched = [5, 6, 7] if not interleaved else []
         for p in untouched:
