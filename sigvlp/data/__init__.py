@@ -11,9 +11,11 @@ from importlib import import_module as _import_module
 _EXPORTS = {
     "sigvlp.data.volume": ["RescaleDecision", "Volume", "load_volume", "load_mask"],
     "sigvlp.data.organs": ["ORGANS", "ORGAN_GROUPS", "TS_IDS", "organ_z_profile"],
+    "sigvlp.data.masks": ["TOTAL_CLASSES", "load_total_labels"],
     "sigvlp.data.preprocess": ["PRESETS", "CachedVolume", "PreprocessCache", "PreprocessConfig",
                                "file_fingerprint", "preprocess_array", "preset"],
-    "sigvlp.data.ctrate": ["CTRATE_LABELS", "CTRateDataset", "CTRateRecord", "ScanReport", "build_cache"],
+    "sigvlp.data.ctrate": ["CTRATE_LABELS", "CTRateDataset", "CTRateRecord", "ScanReport", "build_cache",
+                           "split_folders"],
     "sigvlp.data.chunks": ["CHUNK_PRESETS", "ChunkConfig", "ChunkSampler", "chunk_preset", "chunk_text",
                            "load_findings_bank", "organs_in_chunk"],
     "sigvlp.data.collate": ["ByteTokenizer", "HFTokenizer", "WordTokenizer", "collate_chunks", "load_tokenizer", "pair_ids",
