@@ -58,6 +58,7 @@ from typing import Optional
 
 from sigvlp.data.chunks import load_findings_bank
 from sigvlp.data.preprocess import as_cache
+from sigvlp.data.volume import load_volume
 
 REPORT_COLUMNS = ("VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
 CTRATE_LABELS = (
@@ -250,8 +251,9 @@ class CTRateDataset:
         return any((folder / d).is_dir() for d in self._split_dir_names()) or any(
             folder.glob(f"{self.split}_*.nii*"))
 
-    def _auto_mask_roots(self) -> list[Path]:
-        """Where masks may be, in search order: ours (sigvlp masks writes there), then CT-RATE's."""
+    def auto_mask_roots(self) -> list[Path]:
+        """Where masks_dir="auto" looks, in search order: ROOT/masks (where `sigvlp masks` writes),
+        ROOT/dataset/masks (or masks beside a dataset ROOT), then CT-RATE's ts_seg/ts_total."""
         r = self.root
         cands = [r / "masks", r / "dataset" / "masks"]
         if r.name == "dataset":
@@ -263,7 +265,7 @@ class CTRateDataset:
             return []
         if isinstance(masks_dir, str) and masks_dir == "auto":
             # A masks root counts when it holds this split (a folder, or flat <split>_* files).
-            return [c for c in self._auto_mask_roots() if c.is_dir() and self._holds_split(c)]
+            return [c for c in self.auto_mask_roots() if c.is_dir() and self._holds_split(c)]
         masks_dir = Path(masks_dir)
         if not masks_dir.is_dir():
             raise FileNotFoundError(f"{masks_dir}: no such masks folder")
@@ -277,7 +279,7 @@ class CTRateDataset:
 
     def _volume_files(self) -> list[Path]:
         """The split's volumes, from its own folders only; a VolumeName found twice is an error."""
-        fence = [Path(os.path.abspath(p)) for p in self.masks_dirs + self._auto_mask_roots()
+        fence = [Path(os.path.abspath(p)) for p in self.masks_dirs + self.auto_mask_roots()
                  + [self.root / "findings", self.root / "dataset" / "ts_seg", self.root / "ts_seg"]]
         found: dict[str, Path] = {}
         for folder in self.volume_dirs:
@@ -297,10 +299,14 @@ class CTRateDataset:
             raise ValueError(f"{path}: {reason}")
         self.scan.skipped.append((str(path), reason))
 
-    def _mask_for(self, path: Path, name: str) -> Optional[Path]:
+    def find_mask(self, path, name: Optional[str] = None, roots=None) -> Optional[Path]:
         """The first existing mask (file, or binary-mask folder named like the volume without
-        .nii[.gz]) for a volume, over the masks roots in order (module docstring)."""
-        if not self.masks_dirs:
+        .nii[.gz]) of the volume at `path`, over `roots` (default: this dataset's masks roots) in
+        order, as the module docstring describes; None when there is none."""
+        path = Path(path)
+        name = name or path.name
+        roots = self.masks_dirs if roots is None else [Path(r) for r in roots]
+        if not roots:
             return None
         rels = []
         for folder in self.volume_dirs:
@@ -310,7 +316,7 @@ class CTRateDataset:
             rels += [Path(volume_relpath(name, lay)) for lay in SPLIT_DIRS]
         rels += [Path(d) / name for d in self._split_dir_names()] + [Path(name)]
         stem = re.sub(r"\.nii(\.gz)?$", "", name)
-        for root in self.masks_dirs:
+        for root in roots:
             for rel in rels:
                 for cand in (root / rel, root / rel.parent / stem):
                     if cand.exists():
@@ -340,7 +346,7 @@ class CTRateDataset:
                 if any(s == 0 for s in shape[:3]):
                     self._bad(path, f"empty image, shape {shape}")
                     continue
-            mask = self._mask_for(path, name)
+            mask = self.find_mask(path, name)
             if self.masks_dir is not None and mask is None:
                 self._bad(path, f"no organ mask for {name} under {self._masks_text()}")
                 continue
@@ -374,8 +380,6 @@ class CTRateDataset:
 
     def load(self, i: int):
         """The i-th volume as a sigvlp.data.Volume (HU, canonical orientation)."""
-        from sigvlp.data.volume import load_volume
-
         rec = self.records[i]
         return load_volume(rec.path, rec.metadata, already_hu=self.already_hu)
 
