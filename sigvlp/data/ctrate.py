@@ -118,7 +118,7 @@ def split_folders(root, split: str, layout: str = "auto") -> tuple[str, list[Pat
     if not found[layout]:
         looked = [str(base / SPLIT_DIRS[lay].format(split=split)) for lay in (("v2", "v1") if asked == "auto"
                   else (layout,)) for base in (root / "dataset", root)]
-        raise FileNotFoundError(f"{root}: no {layout} {split!r} volume folder (looked for {', '.join(looked)}; "
+        raise FileNotFoundError(f"{root}: no {'' if asked == 'auto' else asked + ' '}{split!r} volume folder (looked for {', '.join(looked)}; "
                                 f"CT-RATE v2 puts volumes in dataset/{split}_fixed/, v1 in dataset/{split}/)")
     return layout, found[layout]
 
