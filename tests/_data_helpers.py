@@ -37,6 +37,7 @@ def save(path, data, affine=None, slope=None, inter=None, dtype=None):
         img.header.set_data_dtype(dtype)
     if slope is not None:
         img.header.set_slope_inter(slope, inter)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, str(path))
     return path
 
@@ -105,7 +106,6 @@ def write_ctrate(root, names, *, layout="v2", value=None, shape=(8, 8, 6), inter
             data = np.full(shape, -1000, np.int16)
             data[2:6, 2:6, :] = 40
         p = root / "dataset" / volume_relpath(name, layout)
-        p.parent.mkdir(parents=True, exist_ok=True)
         save(p, data, dtype=np.int16)
         paths[name] = p
         if masks is not None:
