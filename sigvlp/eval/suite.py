@@ -301,7 +301,7 @@ def _cache_root(root: Path, config: EvalConfig) -> Path:
     if config.cache:
         return Path(config.cache)
     try:
-        from sigvlp.data.loader import default_cache_root
+        from sigvlp.data.preprocess import default_cache_root
     except ImportError:
         return Path(os.environ.get("SIGVLP_CACHE") or root / ".sigvlp_cache")
     return Path(default_cache_root(root))

@@ -305,7 +305,7 @@ class Trainer:
         if cfg.cache:
             cache_root = Path(cfg.cache)
         else:
-            from sigvlp.data.loader import default_cache_root
+            from sigvlp.data.preprocess import default_cache_root
 
             cache_root = default_cache_root(paths["root"])
         cache = PreprocessCache(cache_root, preset(pp_name))
