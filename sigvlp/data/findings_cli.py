@@ -10,12 +10,11 @@ See sigvlp.data.findings and sigvlp.data.findings_llm.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 from pathlib import Path
 
-from sigvlp.data.ctrate import CTRateDataset
+from sigvlp.data.ctrate import CTRateDataset, add_layout_argument
 from sigvlp.data.findings import fvlm_entries, radgenome_entries, split_report, write_bank
 from sigvlp.data.organs import ORGANS
 
@@ -40,8 +39,7 @@ def add_arguments(parser):
     parser.add_argument("--split", default="train", choices=("train", "valid"), help="split (default: train)")
     parser.add_argument("--out", metavar="BANK.jsonl", default=None,
                         help="output bank (default: DATA/findings/<split>_findings.jsonl, which `sigvlp train` finds)")
-    parser.add_argument("--layout", default="auto", choices=("auto", "v1", "v2"),
-                        help="CT-RATE folder layout (default: auto; v2: dataset/<split>_fixed/...)")
+    add_layout_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bank (default: refuse)")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--fvlm", metavar="DESC.json", default=None,
@@ -91,10 +89,9 @@ def _check_args(args) -> str:
 
 
 def _dataset(args) -> CTRateDataset:
-    kwargs = {"layout": args.layout} if "layout" in inspect.signature(CTRateDataset).parameters else {}
     require = () if (args.fvlm or args.radgenome) else ("reports",)
     return CTRateDataset(args.data, args.split, masks_dir=None, findings=None, require=require,
-                         check_headers=False, **kwargs)
+                         check_headers=False, layout=args.layout)
 
 
 def _build(args, ds, reports) -> tuple[dict, list[str]]:

@@ -83,6 +83,7 @@ class EvalConfig:
     precision: str = "fp32"
     cache: Optional[str] = None
     masks: Optional[str] = None
+    layout: str = "auto"  # CT-RATE layout: "v2", "v1" or "auto" (sigvlp.data.ctrate)
     expect_preset: Optional[str] = None
     progress: bool = True
     plots: bool = True
@@ -92,6 +93,8 @@ class EvalConfig:
             raise ValueError(f"split: expected 'train' or 'valid', got {self.split!r}")
         if self.train_split is not None and self.train_split not in ("train", "valid"):
             raise ValueError(f"train_split: expected 'train', 'valid' or None, got {self.train_split!r}")
+        if self.layout not in ("auto", "v2", "v1"):
+            raise ValueError(f"layout: expected 'auto', 'v2' or 'v1', got {self.layout!r}")
         for name in ("prompts", "organ_prompts"):
             p = tuple(getattr(self, name))
             key = "{label}" if name == "prompts" else "{organ}"
@@ -258,9 +261,10 @@ def open_split(root, split: str, model_config, config: EvalConfig, *, need_label
     if not root.is_dir():
         raise FileNotFoundError(f"data: no such dataset folder {root} (expected the CT-RATE layout; "
                                 f"`sigvlp synth --out DIR` writes one)")
-    masks = Path(config.masks) if config.masks else (root / "masks" if (root / "masks").is_dir() else None)
+    masks = Path(config.masks) if config.masks else "auto"  # auto: DATA/masks, dataset/ts_seg/ts_total, ...
     findings = root / "findings" / f"{split}_findings.jsonl"
-    ds = CTRateDataset(root, split, masks_dir=masks, findings=str(findings) if findings.is_file() else None)
+    ds = CTRateDataset(root, split, masks_dir=masks, findings=str(findings) if findings.is_file() else None,
+                       layout=config.layout)
     if len(ds) == 0:
         raise ValueError(f"data: split {split!r} of {root} has no usable volumes\n{ds.scan.summary()}")
     records = list(ds.records)
@@ -297,7 +301,7 @@ def _cache_root(root: Path, config: EvalConfig) -> Path:
     if config.cache:
         return Path(config.cache)
     try:
-        from sigvlp.data.loader import default_cache_root
+        from sigvlp.data.preprocess import default_cache_root
     except ImportError:
         return Path(os.environ.get("SIGVLP_CACHE") or root / ".sigvlp_cache")
     return Path(default_cache_root(root))

@@ -30,6 +30,7 @@ class TrainConfig:
     # data
     data: Optional[str] = None              # dataset root in the CT-RATE layout (real or `sigvlp synth` output)
     split: str = "train"
+    layout: str = "auto"                    # CT-RATE layout: "v2" (<split>_fixed, HU), "v1" (<split>), "auto"
     masks: Optional[str] = None             # organ masks folder (None: DATA/masks when present)
     findings: Optional[str] = None          # findings bank (None: DATA/findings/<split>_findings.jsonl when present)
     cache: Optional[str] = None             # preprocessing cache root (None: DATA/.sigvlp-cache or $SIGVLP_CACHE)
@@ -113,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.split not in ("train", "valid"):
             raise ValueError(f"split: expected 'train' or 'valid', got {self.split!r}")
+        if self.layout not in ("auto", "v2", "v1"):
+            raise ValueError(f"layout: expected 'auto', 'v2' or 'v1', got {self.layout!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
                                          or self.threads < 0):
             raise ValueError(f"threads: expected an integer >= 0 (0 or null: torch's default), got {self.threads!r}")

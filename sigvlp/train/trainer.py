@@ -253,7 +253,8 @@ class Trainer:
         from sigvlp.train.prompts import LABEL_ORGANS, abnormality_prompts, organ_prompts
 
         paths = resolve_data_paths(cfg)
-        ds = CTRateDataset(paths["root"], cfg.split, masks_dir=paths["masks"], findings=paths["findings"])
+        ds = CTRateDataset(paths["root"], cfg.split, masks_dir=paths["masks"], findings=paths["findings"],
+                           layout=cfg.layout)
 
         def strings(x):
             if isinstance(x, str):
@@ -295,7 +296,8 @@ class Trainer:
                                                     **chunk_over)
         else:
             self.chunk_config = self.model_config.chunk_config(**chunk_over)
-        ds = CTRateDataset(paths["root"], cfg.split, masks_dir=paths["masks"], findings=paths["findings"])
+        ds = CTRateDataset(paths["root"], cfg.split, masks_dir=paths["masks"], findings=paths["findings"],
+                           layout=cfg.layout)
         if len(ds) == 0:
             raise ValueError(f"data: no usable {cfg.split!r} volumes under {paths['root']}\n{ds.scan.summary()}")
         if ds.scan.skipped:
@@ -303,7 +305,7 @@ class Trainer:
         if cfg.cache:
             cache_root = Path(cfg.cache)
         else:
-            from sigvlp.data.loader import default_cache_root
+            from sigvlp.data.preprocess import default_cache_root
 
             cache_root = default_cache_root(paths["root"])
         cache = PreprocessCache(cache_root, preset(pp_name))
