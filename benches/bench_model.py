@@ -9,7 +9,10 @@ tokens), sigmoid loss with pair ids, backward, optimizer step. Providers:
   loss, sigvlp.optim.MuonWithAdamW with batched Newton-Schulz);
 - sigvlp-torch: the same model with every sigvlp op on its torch backend (the CPU path).
 Full mode (GPU): the "base" preset, 256 x 256 in-plane (16 x 16 patches), chunks of 32..256
-slices, bf16 autocast. Quick mode (CPU): "tiny", 64 x 64, chunks of 16 slices.
+slices, bf16 autocast; and the "siglip2-large" geometry (what SigVLP.from_siglip builds from
+google/siglip2-large-patch16-256, here with random weights: no download), chunks of 64 slices,
+8192 image tokens, unfused vs sigvlp only (an 880M-parameter step, kept short for the GPU check's
+time plan). Quick mode (CPU): "tiny", 64 x 64, chunks of 16 slices.
 """
 
 from __future__ import annotations
@@ -28,13 +31,17 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 # baseline first; on the CPU every sigvlp op already runs its torch backend: no separate row
 PROVIDERS = ("unfused", "sigvlp", "sigvlp-torch") if HAS_CUDA else ("unfused", "sigvlp")
 FULL = {"preset": "base", "inplane": 256, "depths": (32, 64, 128, 256), "token_budget": 32768}
+SIGLIP2 = {"preset": "siglip2-large", "inplane": 256, "depths": (64,), "token_budget": 8192,
+           "providers": ("unfused", "sigvlp")}
 QUICK = {"preset": "tiny", "inplane": 64, "depths": (16,), "token_budget": 512}
 TEXTS = ["Lung nodule in the right upper lobe.", "Cardiomegaly. Pericardial effusion.", "No abnormality.",
          "Bilateral pleural effusion with atelectasis.", "Emphysema in both upper lobes."]
 
 
-def _setup():
-    return FULL if _bench.full() else QUICK
+def _cases():
+    setups = (FULL, SIGLIP2) if _bench.full() else (QUICK,)
+    return [pytest.param(s, d, p, id=f"{s['preset']}-{d}-{p}") for s in setups for d in s["depths"]
+            for p in s.get("providers", PROVIDERS)]
 
 
 def _batch(depth: int, cfg, setup) -> dict:
@@ -96,13 +103,11 @@ def _free():
     _MODELS.clear()
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("depth", _setup()["depths"])
-def test_training_step(bench, depth, provider):
+@pytest.mark.parametrize("setup,depth,provider", _cases())
+def test_training_step(bench, setup, depth, provider):
     from sigvlp.ops import sigmoid_loss
     from sigvlp.ops.sigmoid_loss import sigmoid_loss_dense
 
-    setup = _setup()
     model = _model(setup["preset"])
     cfg = model.config
     batch = _batch(depth, cfg, setup)

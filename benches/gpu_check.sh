@@ -147,7 +147,7 @@ record gpu_tests "$res"
 
 # ----------------------------------------------------------------------------- 5. benches
 declare -A BENCH_CAP=([bench_flops_vs_slices]=70 [bench_attention]=150 [bench_rope]=25 [bench_sigmoid_loss]=45
-                      [bench_muon]=45 [bench_model]=50 [bench_eval]=30 [bench_data]=40)
+                      [bench_muon]=45 [bench_model]=65 [bench_eval]=30 [bench_data]=40)
 declare -A DONE=()
 # the key ratios' benches first, then the FLOP-vs-slices figure, then the rest
 for f in benches/bench_attention.py benches/bench_muon.py benches/bench_sigmoid_loss.py benches/bench_model.py \

@@ -15,7 +15,11 @@ SUBCOMMANDS = {
     "embed": ("sigvlp.embed", "pooled and token embeddings of NIfTI files or DICOM series"),
     "eval": ("sigvlp.eval", "evaluate a checkpoint: zero-shot (CT-CLIP protocol), organs, retrieval, probes, "
                             "depth sweep; JSON report and plots"),
+    "masks": ("sigvlp.data.segment", "organ masks with TotalSegmentator for every volume without one (needs the "
+                                     "[seg] extra)"),
     "synth": ("sigvlp.data.synth", "write a synthetic chest-CT phantom dataset in the CT-RATE layout"),
+    "findings": ("sigvlp.data.findings_cli", "build a split's organ-wise findings bank (rule splitter, LLM, or "
+                                             "the fVLM / RadGenome organ-wise reports)"),
     "info": ("sigvlp.info", "versions, CUDA build and backend availability"),
 }
 # Subcommands whose module may not exist yet: the parser says where they come from.

@@ -199,37 +199,49 @@ def resolve_checkpoint(ckpt) -> Path:
 class MetadataLookup:
     """CT-RATE metadata rows for NIfTI inputs. csvs: metadata CSVs given with ``--metadata`` (rows
     keyed by VolumeName). A file named like a CT-RATE volume (``valid_53_a_1.nii.gz``) that lies in
-    the CT-RATE layout (``ROOT[/dataset]/valid/valid_53/valid_53_a/valid_53_a_1.nii.gz``) also gets
-    the row of ROOT's metadata CSV for its split, found as ``sigvlp.data.ctrate`` finds it (a
-    ``*metadata*.csv`` under ROOT named after the split). ``row(path)`` is None when no CSV has a
-    row for the file. Errors: ValueError for an unreadable CSV or several metadata CSVs of a split."""
+    the CT-RATE layout (v2: ``ROOT[/dataset]/valid_fixed/valid_53/valid_53_a/valid_53_a_1.nii.gz``,
+    v1: ``ROOT[/dataset]/valid/valid_53/...``; ``layout`` "auto", "v2" or "v1" says which count)
+    also gets the row of ROOT's metadata CSV for its split, found as ``sigvlp.data.ctrate`` finds
+    it (a ``*metadata*.csv`` under ROOT named after the split). ``row(path)`` is None when no CSV
+    has a row for the file; ``already_hu(path)`` is True for a file in the v2 layout (its values
+    are HU: the metadata rescale must not be applied again), else None. Errors: ValueError for an
+    unreadable CSV, several metadata CSVs of a split, or a bad layout."""
 
-    def __init__(self, csvs=(), auto: bool = True):
-        from sigvlp.data.ctrate import read_csv_rows
+    def __init__(self, csvs=(), auto: bool = True, layout: str = "auto"):
+        from sigvlp.data.ctrate import LAYOUTS, read_csv_rows
 
+        if layout not in LAYOUTS:
+            raise ValueError(f"--layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.given: dict[str, dict] = {}
         for c in csvs or ():
             if not Path(c).is_file():
                 raise FileNotFoundError(f"--metadata: no such CSV file {c}")
             self.given.update(read_csv_rows(c))
         self.auto = auto
+        self.layout = layout
         self._found: dict[tuple[str, str], dict] = {}
 
-    def _layout_root(self, path: Path) -> Optional[tuple[Path, str]]:
+    def _layout_root(self, path: Path) -> Optional[tuple[Path, str, str]]:
+        """(dataset ROOT, split, layout) of a file lying in the CT-RATE layout, else None."""
         from sigvlp.data.ctrate import volume_relpath
 
-        try:
-            rel = volume_relpath(path.name)
-        except ValueError:
-            return None
-        parts = Path(rel).parts
         p = Path(os.path.abspath(path))
-        if len(p.parts) <= len(parts) or tuple(p.parts[-len(parts):]) != parts:
-            return None
-        root = Path(*p.parts[:-len(parts)])
-        if root.name == "dataset":
-            root = root.parent
-        return root, parts[0]
+        for layout in ("v2", "v1") if self.layout == "auto" else (self.layout,):
+            try:
+                parts = Path(volume_relpath(path.name, layout)).parts
+            except ValueError:
+                return None
+            if len(p.parts) <= len(parts) or tuple(p.parts[-len(parts):]) != parts:
+                continue
+            root = Path(*p.parts[:-len(parts)])
+            if root.name == "dataset":
+                root = root.parent
+            return root, path.name.split("_", 1)[0], layout
+        return None
+
+    def already_hu(self, path) -> Optional[bool]:
+        found = self._layout_root(Path(path))
+        return True if found is not None and found[2] == "v2" else None
 
     def row(self, path) -> Optional[dict]:
         path = Path(path)
@@ -241,7 +253,7 @@ class MetadataLookup:
         found = self._layout_root(path)
         if found is None:
             return None
-        root, split = found
+        root, split, _ = found
         key = (str(root), split)
         if key not in self._found:
             from sigvlp.data.ctrate import _find_csv, read_csv_rows
@@ -291,7 +303,8 @@ def embed_inputs(model, inputs: list[tuple[str, str]], *, tokens: bool = True, p
         bar.set_postfix_str(Path(path).name[-40:])
         try:
             row = lookup.row(path) if kind == "nifti" else None
-            vol = load_any(kind, path, metadata=row, already_hu=already_hu)
+            hu = already_hu if already_hu is not None or kind != "nifti" else lookup.already_hu(path)
+            vol = load_any(kind, path, metadata=row, already_hu=hu)
             arr = preprocess_array(vol.hu, vol.spacing, pre)
         except Exception as e:  # unreadable input: report, skip, continue
             msg = f"{type(e).__name__}: {e}"
@@ -324,6 +337,8 @@ def embed_inputs(model, inputs: list[tuple[str, str]], *, tokens: bool = True, p
 
 
 def add_arguments(parser) -> None:
+    from sigvlp.data.ctrate import add_layout_argument
+
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="NIfTI files, folders of them, or DICOM series folders")
     parser.add_argument("--ckpt", required=True,
@@ -339,8 +354,10 @@ def add_arguments(parser) -> None:
                              "repeatable). Files in the CT-RATE layout find their dataset's CSV without it")
     parser.add_argument("--already-hu", default="auto", choices=("auto", "yes", "no"),
                         help="yes: the files (after their header scaling) are HU, never apply the metadata "
-                             "rescale (CT-RATE v2); no: apply the metadata rescale (v1); auto: decide per file")
+                             "rescale (CT-RATE v2); no: apply the metadata rescale (v1); auto: yes for files in the v2 "
+                             "layout (<split>_fixed/...), else decide per file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_layout_argument(parser)
 
 
 def _check_args(args):
@@ -379,7 +396,7 @@ def _check_args(args):
     if not (ckpt / "model.safetensors").is_file():
         raise FileNotFoundError(f"--ckpt: {ckpt} has config.json but no model.safetensors")
     already_hu = {"auto": None, "yes": True, "no": False}[getattr(args, "already_hu", "auto") or "auto"]
-    lookup = MetadataLookup(getattr(args, "metadata", None) or ())
+    lookup = MetadataLookup(getattr(args, "metadata", None) or (), layout=getattr(args, "layout", "auto") or "auto")
     return device, out_path, ckpt, lookup, already_hu
 
 

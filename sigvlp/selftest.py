@@ -9,10 +9,9 @@ functions of sigvlp.ops evaluated in float64, differentiated by autograd. One li
 when anything fails.
 
 Error = max |got - oracle| / max |oracle| over each output and gradient (the worst is shown).
-Bounds are the dtype's precision floor for these sizes: 1e-5 (float32 on the torch backend),
-1e-4 (float32 on triton / cuda: IEEE dots or the 3xTF32 split, other summation orders),
-5e-3 (float16), 3e-2 (bfloat16); newton_schulz, whose five iterations amplify rounding,
-1e-2 (float16) and 5e-2 (bfloat16).
+Bounds: the per-op, per-dtype table of sigvlp.ops.tolerances (a multiple of the dtype's unit
+roundoff: e.g. rope3d 3 x 2^-8 = 1.2e-2 in bfloat16, newton_schulz, whose five iterations amplify
+rounding, 12 x 2^-8), shared with the test suite.
 
 On a CPU-only machine the torch backends are checked; the Triton backends too when
 TRITON_INTERPRET=1 is set before Python starts (slow: seconds per check); the CUDA backends
@@ -30,11 +29,9 @@ from typing import Callable
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from sigvlp.ops.tolerances import rel_err, tolerance  # noqa: F401 (rel_err: public here too)
 
-_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-_TOL_TORCH_FP32 = 1e-5
-_TOL_OP = {"newton_schulz": {torch.float16: 1e-2, torch.bfloat16: 5e-2}}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclasses.dataclass
@@ -58,23 +55,6 @@ class Check:
         text = (f"{self.op:22s} {self.backend:6s} {self.dtype:8s}  {self.status}  fwd {err(self.fwd_err)}  "
                 f"bwd {err(self.bwd_err)}  (bound {self.tol:.0e})  {self.seconds:6.2f} s")
         return text + (f"  {self.note}" if self.note else "")
-
-
-def tolerance(op: str, backend: str, dtype: torch.dtype) -> float:
-    if dtype == torch.float32 and backend == "torch":
-        return _TOL_TORCH_FP32
-    return _TOL_OP.get(op, {}).get(dtype, _TOL[dtype])
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| / max |want| (NaN/inf in got -> inf)."""
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    if got.shape != want.shape:
-        return float("inf")
-    if not torch.isfinite(got).all():
-        return float("inf")
-    scale = want.abs().max().item() if want.numel() else 1.0
-    return (got - want).abs().max().item() / max(scale, 1e-30) if want.numel() else 0.0
 
 
 # ----------------------------------------------------------------------------- cases

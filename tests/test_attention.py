@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import sigvlp.ops as ops
 from sigvlp.ops import rope3d_reference, rope_attention_varlen
 from sigvlp.ops.attention import SUPPORTED_HEAD_DIMS
+from sigvlp.ops.tolerances import assert_at_floor, max_err
 
 from _varlen import EDGE_LENGTHS, cu_seqlens_of, grids_of, sequence_slices
 
@@ -103,23 +104,6 @@ def _oracle(q, k, v, cu, *, cu_k=None, grid_thw=None, positions=None, grid_thw_k
     return out.detach(), lse.detach(), *grads
 
 
-def _err(a, b):
-    """Max |a - b|; -inf entries (rows that see no key) must match exactly and count as 0."""
-    if not a.numel():
-        return 0.0
-    a, b = a.double(), b.double()
-    ninf_a, ninf_b = a == float("-inf"), b == float("-inf")
-    assert torch.equal(ninf_a, ninf_b), "-inf (no visible key) in different places"
-    return (a.masked_fill(ninf_a, 0.0) - b.masked_fill(ninf_b, 0.0)).abs().max().item()
-
-
-def _assert_floor(name, got, exact, floor_ref, slack):
-    """got's error vs the fp64 answer is within ~2x the precision floor (floor_ref's error)."""
-    assert not torch.isnan(got).any(), f"{name}: NaN (unwritten, NaN-poisoned elements?)"
-    err, floor = _err(got, exact), _err(floor_ref, exact)
-    assert err <= 2 * floor + slack, f"{name}: error {err:.3g} vs precision floor {floor:.3g}"
-
-
 def _cross_inputs(lengths_k, nheads_kv, head_dim, dtype, device, seed):
     g = torch.Generator().manual_seed(seed + 17)
     total = sum(lengths_k)
@@ -172,7 +156,8 @@ def _run_and_check(lengths, *, backend, nheads=2, nheads_kv=1, head_dim=64, dtyp
     for name, got, ex, fl in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *[x.grad for x in leaves]),
                                  exact, floor):
         finite = ex[torch.isfinite(ex)]
-        _assert_floor(name, got, ex, fl, slack * max(1.0, finite.abs().max().item() if finite.numel() else 0.0))
+        scale = max(1.0, finite.abs().max().item() if finite.numel() else 0.0)
+        assert_at_floor(got, ex, fl, name=name, slack=slack * scale)
     return out, lse
 
 
@@ -209,7 +194,7 @@ def test_torch_backend_over_65536_tokens_sampled_rows():
         keys = slice(s, r + 1)  # causal
         scores = torch.einsum("hd,nd->hn", qr[r], kr[keys, 0]) * 32 ** -0.5
         expected = torch.softmax(scores, -1) @ v[keys, 0].double()
-        assert _err(out[r], expected) < 2e-5, f"row {r}"
+        assert max_err(out[r], expected) < 2e-5, f"row {r}"
 
 
 def test_relative_position_property():
@@ -220,15 +205,19 @@ def test_relative_position_property():
                               backend="torch")
     torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
     plain = rope_attention_varlen(q, k, v, cu, 40, backend="torch")
-    assert _err(a, plain) > 1e-2  # the rotation does something
+    assert max_err(a, plain) > 1e-2  # the rotation does something
 
 
 def test_auto_backend_on_cpu_is_torch_and_op_is_registered():
     assert "rope_attention_varlen" in ops.OPS
     assert ops.OPS["rope_attention_varlen"].names == ("triton", "cuda", "torch")
     q, k, v, cu, grid, _ = _inputs([5, 3])
-    torch.testing.assert_close(rope_attention_varlen(q, k, v, cu, 5, grid),
-                               rope_attention_varlen(q, k, v, cu, 5, grid, backend="torch"))
+    qr = q.clone().requires_grad_(True)
+    with ops.dispatch_log() as log:
+        out = rope_attention_varlen(qr, k, v, cu, 5, grid)
+        out.sum().backward()
+    assert log and set(log) == {("rope_attention_varlen", "torch")}, log  # what ran, forward and backward
+    assert torch.equal(out, rope_attention_varlen(q, k, v, cu, 5, grid, backend="torch"))
     assert torch.isnan(ops._backend.empty_output((2,), torch.float32, q.device)).all()  # conftest poisons outputs
 
 
@@ -268,6 +257,8 @@ def test_triton_many_short_sequences_larger_max_seqlen_strided_lse_grad():
 
 
 def test_triton_grid_equals_positions_and_backends_agree():
+    """Triton: grid_thw and the same positions rotate alike; and the Triton and torch backends agree
+    (both at the fp32 floor of the fp64 oracle, the floor from the test's own low-precision run)."""
     q, k, v, cu, grid, _ = _inputs([13, 20], nheads=2, nheads_kv=2, head_dim=32)
     from sigvlp.ops.rope import grid_positions
 
@@ -275,6 +266,12 @@ def test_triton_grid_equals_positions_and_backends_agree():
     a = rope_attention_varlen(q, k, v, cu, 20, grid, backend="triton")
     b = rope_attention_varlen(q, k, v, cu, 20, positions=pos, backend="triton")
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    c = rope_attention_varlen(q, k, v, cu, 20, grid, backend="torch")
+    exact, _ = _oracle(q, k, v, cu, grid_thw=grid)
+    floor, _ = _oracle(q, k, v, cu, grid_thw=grid, low_precision=True)
+    for name, got in (("triton", a), ("torch", c)):
+        assert_at_floor(got, exact, floor, name=name, slack=2e-7 * exact.abs().max().item())
+    assert max_err(a, c) <= 2 * max_err(floor, exact) + 2e-7 * exact.abs().max().item()
 
 
 @pytest.mark.parametrize("blocks", [
@@ -391,7 +388,7 @@ def test_cross_causal_is_bottom_right_aligned():
     out = rope_attention_varlen(q, k, v, cu, 2, cu_seqlens_k=cu_k, max_seqlen_k=5, causal=True, backend="torch")
     for i, visible in ((0, 4), (1, 5)):
         p = torch.softmax((q[i, 0].double() @ k[:visible, 0].double().T) * 32 ** -0.5, -1)
-        assert _err(out[i, 0], p @ v[:visible, 0].double()) < 1e-6
+        assert max_err(out[i, 0], p @ v[:visible, 0].double()) < 1e-6
 
 
 def _cross_bad_cases():
@@ -664,7 +661,7 @@ def test_gpu_over_2_pow_31_elements_forward_and_backward():
         got = (out[sl], None, q.grad[sl], k.grad[sl], v.grad[sl])
         for name, x, ex, fl in zip(("out", "lse", "dq", "dk", "dv"), got, exact, floor):
             if x is not None:  # slack: half a bf16 ulp of the largest exact value
-                _assert_floor(f"{name} of sequence {b}", x, ex, fl, 2 ** -9 * ex.abs().max().item())
+                assert_at_floor(x, ex, fl, name=f"{name} of sequence {b}", slack=2 ** -9 * ex.abs().max().item())
     del leaves, out
 
 
@@ -700,7 +697,7 @@ def test_gpu_matches_varlen_attn_and_flash_attn_on_rotated_inputs():
                 ref = fn(qr, kr, v, cu, cu, 2048, 2048, is_causal=True)
         else:
             ref = fn(qr, kr, v, cu, cu, 2048, 2048, causal=True)
-        assert _err(out, exact) <= 2 * _err(ref, exact) + slack, name
+        assert max_err(out, exact) <= 2 * max_err(ref, exact) + slack, name
 
 
 @pytest.mark.gpu

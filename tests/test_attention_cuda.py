@@ -50,8 +50,10 @@ def emu():
         mod = _cuda.module()
         if mod is None:
             pytest.skip(f"CUDA emulation unavailable: {_cuda.module_unavailable_reason()}")
-        if not hasattr(mod, "attention_forward"):
-            pytest.skip("sigvlp._cuda_emu was built before csrc/attention.cu: rebuild (pip install -e .)")
+        if not hasattr(mod, "attention_forward"):  # a stale build: fail loudly, never read as green
+            pytest.fail(f"{mod.__file__} was built before csrc/attention.cu (it has no attention_forward): "
+                        "rebuild the emulated CUDA module (pip install -e . in a fresh checkout, or cmake into a "
+                        "build folder and copy _cuda_emu*.so into sigvlp/), then rerun", pytrace=False)
         yield mod
     finally:
         if old is None:

@@ -150,10 +150,16 @@ def test_chunk_sampler_whole_fraction():
     always = ChunkSampler(dataclasses.replace(base, whole_fraction=1.0))
     assert all(np.diff(always.sample(60, rng))[0] == 40 for _ in range(50))  # capped at max_slices
     assert all(np.diff(always.sample(30, rng))[0] == 28 for _ in range(50))  # deepest multiple of 4 that fits
-    # whole_fraction 0 draws exactly what the sampler drew before the option existed
-    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
-    plain = ChunkSampler(base)
-    assert [plain.sample(50, r1) for _ in range(50)] == [ChunkSampler(base).sample(50, r2) for _ in range(50)]
+    # whole_fraction 0 draws exactly what the sampler drew before the option existed: these are the
+    # draws of sigvlp/data/chunks.py as of commit 69f70d7^ (seed 5, depth 50), recorded once.
+    before_the_option = [(15, 47), (34, 42), (13, 37), (6, 34), (0, 40), (13, 29), (9, 37), (1, 13), (2, 10),
+                         (38, 50), (25, 37), (4, 36)]
+    r5 = np.random.default_rng(5)
+    assert [ChunkSampler(base).sample(50, r5) for _ in range(12)] == before_the_option
+    # ... and whole_fraction 0.3 (seed 5, depth 36): (0, 36) where the whole volume was drawn.
+    r5 = np.random.default_rng(5)
+    assert [whole.sample(36, r5) for _ in range(12)] == [(23, 31), (2, 30), (0, 36), (5, 29), (0, 36), (0, 36),
+                                                         (16, 28), (0, 36), (20, 36), (4, 36), (4, 32), (0, 28)]
     for bad in (-0.1, 1.5, "half"):
         with pytest.raises(ValueError, match="whole_fraction"):
             dataclasses.replace(base, whole_fraction=bad)

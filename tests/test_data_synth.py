@@ -231,16 +231,30 @@ def test_phantom_output_is_unchanged_by_the_step_split():
         assert _phantom_digest(make_phantom(seed, TINY, findings=forced[which])) == want, (seed, which)
 
 
-def test_make_phantom_is_built_from_named_steps():
-    import inspect
-
+def test_make_phantom_is_built_from_named_steps(monkeypatch):
+    """Behaviour, not source text: make_phantom runs the anatomy steps in order, then the step of
+    each present abnormality (and no other), then noise and the report."""
     from sigvlp.data import synth
 
     assert sorted(synth._ABNORMALITY_STEPS) == sorted(DRAWN)  # one named step per abnormality
-    for name in ("_geometry", "_body_wall", "_abdomen", "_lungs", "_heart", "_skeleton", "_vessels_airway",
-                 "_noise_and_quantise", "_report"):
-        assert callable(getattr(synth, name))
-    assert len(inspect.getsource(synth.make_phantom).splitlines()) < 40
+    calls = []
+
+    def spy(name, step):
+        def run(*args):
+            calls.append(name)
+            return step(*args)
+        return run
+
+    anatomy = ["_geometry", "_body_wall", "_abdomen", "_lungs", "_heart", "_skeleton", "_vessels_airway"]
+    for name in anatomy + ["_noise_and_quantise", "_report"]:
+        monkeypatch.setattr(synth, name, spy(name, getattr(synth, name)))
+    for name, step in list(synth._ABNORMALITY_STEPS.items()):
+        monkeypatch.setitem(synth._ABNORMALITY_STEPS, name, spy(name, step))
+    findings = ["Pleural effusion", "Hiatal hernia"]
+    make_phantom(3, TINY, findings=findings)
+    present = [name for name in synth._ABNORMALITY_STEPS if name in findings]
+    assert sorted(present) == sorted(findings)
+    assert calls == anatomy + present + ["_noise_and_quantise", "_report"]
 
 
 # ----------------------------------------------------------------------------- CLI errors

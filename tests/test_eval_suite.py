@@ -237,6 +237,9 @@ def test_checkpoint_of_another_config(data, untrained, tmp_path, capsys):
 def test_empty_split_and_missing_folders(data, untrained, tmp_path):
     root = _copy(data, tmp_path)
     shutil.rmtree(root / "dataset" / "valid")
+    with pytest.raises(FileNotFoundError, match=r"no 'valid' volume folder \(looked for .*valid_fixed"):
+        S.evaluate(untrained, root, FAST)
+    (root / "dataset" / "valid").mkdir()
     with pytest.raises(ValueError, match="split 'valid' of .* has no usable volumes"):
         S.evaluate(untrained, root, FAST)
     with pytest.raises(FileNotFoundError, match="data: no such dataset folder"):

@@ -12,6 +12,7 @@ import torch
 import sigvlp.ops as ops
 from sigvlp.ops import BackendError, default_sections, rope3d, rope3d_reference
 from sigvlp.ops.rope import grid_positions
+from sigvlp.ops.tolerances import assert_rope3d_at_floor, max_err, rope3d_low_precision
 
 from _no_sync import HostReadError, forbid_host_reads, gpu_validation_policy, no_cuda_sync, two_gpus
 from _varlen import EDGE_LENGTHS, cu_seqlens_of, grids_of, sequence_slices
@@ -25,23 +26,6 @@ def _inputs(lengths, nheads=2, head_dim=64, dtype=torch.float32, device="cpu", s
     total = sum(lengths)
     x = torch.randn(total, nheads, head_dim, generator=g).to(device=device, dtype=dtype)
     return x, cu_seqlens_of(lengths, device), grids_of(lengths, device)
-
-
-def _exact(x, cu, grid=None, **kw):
-    return rope3d_reference(x.double(), cu, grid, compute_dtype=torch.float64, **kw)
-
-
-def _max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def _assert_at_precision_floor(out, x, cu, grid=None, **kw):
-    """out's error vs fp64 is at most ~2x that of the same math done by torch at x's precision."""
-    exact = _exact(x, cu, grid, **kw)
-    floor = _max_err(rope3d_reference(x, cu, grid, **kw), exact)
-    err = _max_err(out, exact)
-    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) elements in the output"
-    assert err <= 2 * floor + 1e-6, f"error {err:.3g} vs precision floor {floor:.3g}"
 
 
 # ----------------------------------------------------------------------------- the spec itself
@@ -100,6 +84,10 @@ def test_reference_matches_elementwise_spec(interleaved, sections):
                            compute_dtype=torch.float64)
     want = _naive_rope(x, positions, sections or default_sections(16), 100.0, interleaved)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # ... and so does the tests' independent oracle (its fp64 run), which the floors compare with.
+    independent = rope3d_low_precision(x, cu, positions=positions, theta=100.0, sections=sections,
+                                       interleaved=interleaved, compute_dtype=torch.float64)
+    torch.testing.assert_close(independent, want, rtol=1e-12, atol=1e-12)
     if sections == (2, 1, 2):  # 5 of 8 pairs rotated; the other 3 must be untouched
         untouched = [5, 6, 7] if not interleaved else []
         for p in untouched:
@@ -155,7 +143,7 @@ def test_inverse_undoes_forward(backend):
         y = rope3d(x, cu, grid, interleaved=interleaved, backend=backend)
         back = rope3d(y, cu, grid, interleaved=interleaved, inverse=True, backend=backend)
         torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5)
-        assert _max_err(y, x) > 0.1  # it did rotate
+        assert max_err(y, x) > 0.1  # it did rotate
 
 
 # ----------------------------------------------------------------------------- backends vs fp64
@@ -167,7 +155,7 @@ def test_inverse_undoes_forward(backend):
 def test_varlen_edge_lengths_grid(backend, dtype, interleaved):
     x, cu, grid = _inputs(list(EDGE_LENGTHS), nheads=2, dtype=dtype)
     y = rope3d(x, cu, grid, interleaved=interleaved, backend=backend)
-    _assert_at_precision_floor(y, x, cu, grid, interleaved=interleaved)
+    assert_rope3d_at_floor(y, x, cu, grid, interleaved=interleaved)
     # Sequences are independent: each slice equals rope3d of that sequence alone.
     for b, sl in enumerate(sequence_slices(cu)):
         if sl.stop == sl.start:
@@ -181,10 +169,10 @@ def test_varlen_edge_lengths_grid(backend, dtype, interleaved):
 @pytest.mark.parametrize("inverse", [False, True])
 def test_positions_input_and_custom_sections(backend, inverse):
     x, cu, _ = _inputs([50, 30], nheads=3, head_dim=32)
-    positions = torch.rand(80, 3) * 300
+    positions = torch.rand(80, 3, generator=torch.Generator().manual_seed(3)) * 300
     for sections in (None, (4, 4, 4), (0, 8, 8), (16, 0, 0)):
         y = rope3d(x, cu, positions=positions, sections=sections, inverse=inverse, theta=500.0, backend=backend)
-        _assert_at_precision_floor(y, x, cu, positions=positions, sections=sections, inverse=inverse, theta=500.0)
+        assert_rope3d_at_floor(y, x, cu, positions=positions, sections=sections, inverse=inverse, theta=500.0)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -197,7 +185,7 @@ def test_head_dims_and_strided_input(backend, head_dim):
     view = big[:, 1]
     assert not view.is_contiguous()
     y = rope3d(view, cu, grid, backend=backend)
-    _assert_at_precision_floor(y, x, cu, grid)
+    assert_rope3d_at_floor(y, x, cu, grid)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -205,7 +193,7 @@ def test_over_65536_tokens(backend):
     lengths = [40_000, 1, 0, 30_017]
     x, cu, grid = _inputs(lengths, nheads=1, head_dim=8)
     y = rope3d(x, cu, grid, backend=backend)
-    _assert_at_precision_floor(y, x, cu, grid)
+    assert_rope3d_at_floor(y, x, cu, grid)
 
 
 # ----------------------------------------------------------------------------- autograd, op
@@ -332,15 +320,15 @@ def test_gpu_backends(backend, dtype, interleaved):
     lengths = list(EDGE_LENGTHS) + [4096, 70_000]
     x, cu, grid = _inputs(lengths, nheads=16, head_dim=64, dtype=dtype, device="cuda")
     y = rope3d(x, cu, grid, interleaved=interleaved, backend=backend)
-    _assert_at_precision_floor(y, x, cu, grid, interleaved=interleaved)
+    assert_rope3d_at_floor(y, x, cu, grid, interleaved=interleaved)
     positions = torch.rand(x.shape[0], 3, device="cuda") * 1000
     y = rope3d(x, cu, positions=positions, interleaved=interleaved, inverse=True, backend=backend)
-    _assert_at_precision_floor(y, x, cu, positions=positions, interleaved=interleaved, inverse=True)
+    assert_rope3d_at_floor(y, x, cu, positions=positions, interleaved=interleaved, inverse=True)
     # Unaligned layout: odd token stride forces the scalar path of the CUDA kernel.
     big = torch.randn(x.shape[0], 16 * 64 + 1, device="cuda", dtype=dtype)
     view = big[:, : 16 * 64].view(x.shape[0], 16, 64)
     y = rope3d(view, cu, grid, interleaved=interleaved, backend=backend)
-    _assert_at_precision_floor(y, view, cu, grid, interleaved=interleaved)
+    assert_rope3d_at_floor(y, view, cu, grid, interleaved=interleaved)
 
 
 @pytest.mark.gpu
@@ -352,7 +340,7 @@ def test_gpu_auto_prefers_cuda_and_gradients():
     xr = x.clone().requires_grad_(True)
     g = torch.randn_like(x)
     (rope3d(xr, cu, grid) * g).sum().backward()
-    _assert_at_precision_floor(xr.grad, g, cu, grid, inverse=True)
+    assert_rope3d_at_floor(xr.grad, g, cu, grid, inverse=True)
 
 
 # ----------------------------------------------------------------------------- host syncs, devices
@@ -383,14 +371,20 @@ def test_fast_path_reads_nothing_back(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["triton"])
 def test_bad_index_values_unvalidated_stay_in_bounds(backend, monkeypatch):
-    """Unchecked garbage cu_seqlens / grid_thw (any int32) give wrong numbers, never a bad access:
-    the kernel's reads stay inside its buffers (an out-of-bounds load crashes the interpreter)."""
+    """Unchecked garbage cu_seqlens / grid_thw (any int32) give wrong angles, never a bad access (an
+    out-of-bounds load crashes the interpreter) and what the op documents: every element of the
+    (NaN-poisoned) output written, each rotary pair a rotation of x's pair (its norm kept), the
+    pairs past the sections x's own, bit for bit."""
     gpu_validation_policy(monkeypatch)
     x, _, _ = _inputs([20, 12], nheads=2, head_dim=16)
     for cu, grid in (([0, 2**31 - 1, -5], [[1, 2, 3], [-7, 0, 2**31 - 1]]),
                      ([-(2**31), 7, 3], [[0, 0, 0], [2**30, 2**30, -1]])):
-        y = rope3d(x, torch.tensor(cu, dtype=torch.int32), torch.tensor(grid, dtype=torch.int32), backend=backend)
-        assert y.shape == x.shape
+        y = rope3d(x, torch.tensor(cu, dtype=torch.int32), torch.tensor(grid, dtype=torch.int32),
+                   sections=(2, 2, 2), backend=backend)  # 6 of the 8 pairs (i, i + 8) rotated
+        assert not torch.isnan(y).any(), "unwritten (NaN-poisoned) elements"
+        torch.testing.assert_close(torch.hypot(y[..., :8], y[..., 8:]), torch.hypot(x[..., :8], x[..., 8:]),
+                                   rtol=1e-6, atol=1e-6)
+        assert torch.equal(y[..., 6:8], x[..., 6:8]) and torch.equal(y[..., 14:], x[..., 14:])
 
 
 @pytest.mark.gpu
@@ -403,7 +397,7 @@ def test_gpu_no_host_sync(backend):
     g = torch.randn_like(x)
     with no_cuda_sync():
         rope3d(xr, cu, grid, backend=backend).backward(g)
-    _assert_at_precision_floor(xr.grad, g, cu, grid, inverse=True)
+    assert_rope3d_at_floor(xr.grad, g, cu, grid, inverse=True)
 
 
 @pytest.mark.gpu

@@ -53,6 +53,29 @@ def test_wrong_values_fail(monkeypatch, capsys, op):
     assert "FAIL" in capsys.readouterr().out
 
 
+def test_bf16_bound_is_relative_to_bf16_rounding(monkeypatch):
+    """The bounds come from sigvlp.ops.tolerances (multiples of the unit roundoff): rope3d in
+    bfloat16 is checked at 3 x 2^-8, so a result off by 1e-2 of its largest value (2.6 bf16 units;
+    the old 3e-2 bound let it through) fails."""
+    from sigvlp.ops import tolerances
+
+    assert selftest.tolerance("rope3d", "torch", torch.bfloat16) == 3 * 2.0 ** -8
+    assert tolerances.tolerance("rope3d", "cuda", torch.bfloat16) == selftest.tolerance("rope3d", "cuda",
+                                                                                       torch.bfloat16)
+    (healthy,) = selftest.run_checks("cpu", ops=["rope3d"], backends=["torch"], dtypes=["bfloat16"])
+    assert healthy.status == "PASS"
+    original = OPS["rope3d"].backends["torch"].run
+
+    def off_by_a_little(*args):
+        result = original(*args)
+        args[1].add_(1e-2 * args[1].abs().max())
+        return result
+
+    _break(monkeypatch, "rope3d", "torch", off_by_a_little)
+    (check,) = selftest.run_checks("cpu", ops=["rope3d"], backends=["torch"], dtypes=["bfloat16"])
+    assert check.status == "FAIL" and check.tol < check.fwd_err < 3e-2
+
+
 def test_crash_fails(monkeypatch):
     def crash(*args):
         raise RuntimeError("kernel exploded")

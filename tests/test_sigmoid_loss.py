@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import sigvlp.ops as ops
 from sigvlp.ops import BackendError, sigmoid_loss
 from sigvlp.ops.sigmoid_loss import _pass_torch, sigmoid_loss_dense, sigmoid_loss_reference
+from sigvlp.ops.tolerances import assert_at_floor
 
 from _no_sync import HostReadError, forbid_host_reads, no_cuda_sync, two_gpus
 
@@ -58,10 +59,6 @@ def _op(backend):
     return fn
 
 
-def _err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
 def _assert_at_precision_floor(got, x, y, t, b, image_ids, text_ids):
     """Loss and every gradient: error vs fp64 at most ~2x that of the dense formula computed by
     torch in the inputs' dtype (plus one ulp of the value's magnitude)."""
@@ -72,10 +69,7 @@ def _assert_at_precision_floor(got, x, y, t, b, image_ids, text_ids):
     for name, g, e, lo in zip(names, got, exact, low):
         assert g.shape == e.shape, f"{name}: shape {tuple(g.shape)} vs {tuple(e.shape)}"
         assert torch.isfinite(g).all(), f"{name}: non-finite (unwritten, NaN-poisoned?) values"
-        floor = _err(lo, e)
-        err = _err(g, e)
-        ulp = eps * max(1.0, e.abs().max().item())
-        assert err <= 2 * floor + ulp, f"{name}: error {err:.3g} vs precision floor {floor:.3g} (ulp {ulp:.3g})"
+        assert_at_floor(g, e, lo, name=name, slack=eps * max(1.0, e.abs().max().item()))
 
 
 # ----------------------------------------------------------------------------- the spec

@@ -270,7 +270,8 @@ def test_init_from_refuses_a_different_model_config(tmp_path):
     batches = [collate(samples(0, 4))]
 
     def make(**overrides):
-        cfg = TrainConfig(out=str(tmp_path / "run"), init_from=str(init), model_overrides={**TEST_MODEL, **overrides},
+        cfg = TrainConfig(out=str(tmp_path / "run"), init_from=str(init), model="tiny",
+                          model_overrides={**TEST_MODEL, **overrides},
                           steps=1, progress=False, tensorboard=False)
         return Trainer(cfg, batch_source=lambda rank, world: iter(batches))
 
@@ -310,7 +311,7 @@ def test_word_tokenizer_checks_init_from_before_reading_reports(tmp_path):
     from sigvlp.train.trainer import Trainer
 
     cfg = TrainConfig(data=str(tmp_path / "no-data"), out=str(tmp_path / "run"), init_from=str(tmp_path / "none"),
-                      model_overrides={**TEST_MODEL, "tokenizer": "word"}, progress=False, tensorboard=False)
+                      model="tiny", model_overrides={**TEST_MODEL, "tokenizer": "word"}, progress=False, tensorboard=False)
     with pytest.raises(FileNotFoundError, match="init_from"):  # not a data error: the reports are never read
         Trainer(cfg)
 

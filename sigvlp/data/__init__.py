@@ -11,14 +11,16 @@ from importlib import import_module as _import_module
 _EXPORTS = {
     "sigvlp.data.volume": ["RescaleDecision", "Volume", "load_volume", "load_mask"],
     "sigvlp.data.organs": ["ORGANS", "ORGAN_GROUPS", "TS_IDS", "organ_z_profile"],
-    "sigvlp.data.preprocess": ["PRESETS", "CachedVolume", "PreprocessCache", "PreprocessConfig",
+    "sigvlp.data.masks": ["TOTAL_CLASSES", "load_total_labels"],
+    "sigvlp.data.preprocess": ["PRESETS", "CachedVolume", "PreprocessCache", "PreprocessConfig", "default_cache_root",
                                "file_fingerprint", "preprocess_array", "preset"],
-    "sigvlp.data.ctrate": ["CTRATE_LABELS", "CTRateDataset", "CTRateRecord", "ScanReport", "build_cache"],
+    "sigvlp.data.ctrate": ["CTRATE_LABELS", "CTRateDataset", "CTRateRecord", "ScanReport", "build_cache",
+                           "split_folders"],
     "sigvlp.data.chunks": ["CHUNK_PRESETS", "ChunkConfig", "ChunkSampler", "chunk_preset", "chunk_text",
                            "load_findings_bank", "organs_in_chunk"],
     "sigvlp.data.tokenizers": ["ByteTokenizer", "HFTokenizer", "WordTokenizer", "load_tokenizer"],
     "sigvlp.data.collate": ["collate_chunks", "pair_ids", "patchify", "validate_batch"],
-    "sigvlp.data.loader": ["ChunkSource", "ChunkStream", "LoaderConfig", "default_cache_root", "make_loader"],
+    "sigvlp.data.loader": ["ChunkSource", "ChunkStream", "LoaderConfig", "make_loader"],
     "sigvlp.data.synth": ["SynthConfig", "make_phantom", "write_dataset", "ensure_default_dataset"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

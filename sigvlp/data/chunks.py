@@ -6,8 +6,9 @@ between min_slices and max_slices. The organs "in" a chunk come from the volume'
 holds at least ``min_organ_fraction`` of that organ's voxels, or when the organ is seen in at
 least ``min_slice_fraction`` of the chunk's slices (a big organ spanning a thin chunk).
 
-The chunk's text is the findings-bank sentences of its organs (in ORGANS order) followed by the
-volume's general description.
+The chunk's text is the findings-bank sentences of its organs (in ORGANS order, each sentence
+once even when the bank files it under several of the chunk's organs) followed by the volume's
+general description.
 
 Findings bank: JSONL (one object per line) or JSON (a list of such objects, or a mapping
 VolumeName -> {"organs": ..., "general": ...})::
@@ -114,11 +115,12 @@ def organs_in_chunk(profile: Optional[np.ndarray], z0: int, z1: int, config: Chu
 
 
 def chunk_text(entry: Optional[dict], organs: list[str], general: bool = True) -> str:
-    """The text paired with a chunk: its organs' sentences, then the general description."""
+    """The text paired with a chunk: its organs' sentences (ORGANS order; a sentence filed under
+    several of the chunk's organs appears once, at its first place), then the general description."""
     if entry is None:
         return ""
     by_organ = entry.get("organs", {})
-    parts = [s for organ in ORGANS if organ in organs for s in by_organ.get(organ, ())]
+    parts = list(dict.fromkeys(s for organ in ORGANS if organ in organs for s in by_organ.get(organ, ())))
     if general and entry.get("general"):
         parts.append(entry["general"])
     return " ".join(parts)

@@ -1,23 +1,37 @@
 """CT-RATE reader: folder layout, the three CSVs, optional organ masks and findings bank.
 
-Layout (as downloaded; the synthetic phantoms are written the same way)::
+Layouts (``layout="auto" | "v2" | "v1"``; the synthetic phantoms are written in v1's)::
 
-    ROOT/dataset/train/train_<pid>/train_<pid>_<scan>/train_<pid>_<scan>_<recon>.nii.gz
-    ROOT/dataset/valid/valid_<pid>/...
-    ROOT/dataset/radiology_text_reports/{train,validation}_reports.csv
-    ROOT/dataset/multi_abnormality_labels/{train,valid}_predicted_labels.csv
-    ROOT/dataset/metadata/{train,validation}_metadata.csv
+    v2 (today's download, HU)      ROOT/dataset/train_fixed/train_<pid>/train_<pid>_<scan>/train_<pid>_<scan>_<recon>.nii.gz
+                                   ROOT/dataset/valid_fixed/valid_<pid>/...
+    v1 (before, raw + CSV rescale) ROOT/dataset/train/train_<pid>/...,  ROOT/dataset/valid/...
+    both                           ROOT/dataset/radiology_text_reports/{train,validation}_reports.csv
+                                   ROOT/dataset/multi_abnormality_labels/{train,valid}_predicted_labels.csv
+                                   ROOT/dataset/metadata/{train,validation}_metadata.csv
+    TotalSegmentator masks         ROOT/dataset/ts_seg/ts_total/{train_fixed,valid_fixed}/<same path as the volume>
+
+Volumes are found only under the split's own folders (``<split>_fixed`` for v2, ``<split>`` for
+v1, each directly under ROOT or under ROOT/dataset; ROOT may also be the ``dataset`` folder),
+never by a search of ROOT that could reach ``ts_seg/``, a masks or a findings folder.
+``layout="auto"`` takes v2 when its folders exist (saying once in the log when v1's exist too),
+else v1. v2 files are already HU (CT-CLIP's double-rescale bug): the metadata rescale is never
+applied to them (``already_hu`` is forced to True; ``already_hu=False`` with v2 is a ValueError).
+A VolumeName found twice among the split's folders is a ValueError naming both paths.
 
 CSVs are found anywhere under ROOT by name (``*reports*.csv``, ``*labels*.csv``,
 ``*metadata*.csv`` containing the split's name: "train", or "valid"/"validation"), or given
-explicitly. VolumeName in every CSV includes ".nii.gz". Organ masks (optional) are looked up
-under masks_dir by the same relative path as the volume, or flat by VolumeName. By default
-(``masks_dir="auto"``) the masks root is ROOT/masks, ROOT/dataset/masks or, when ROOT is the
-``dataset`` folder, its sibling ``masks``; ``None`` means no masks. A masks_dir one level too
-deep (``masks/train``, holding ``train_<pid>`` folders) is refused with the parent to pass
-instead, and a masks_dir where no volume has a mask is an error, not a silent skip of every
-volume ("auto" only picks a masks root that holds the split). The findings bank (``findings="auto"``: ``*findings*.jsonl|json`` named for the split
-under ROOT) is described in sigvlp.data.chunks.
+explicitly. VolumeName in every CSV includes ".nii.gz". Organ masks (optional; any format that
+``sigvlp.data.masks.load_total_labels`` reads: a multilabel file, or a folder of TotalSegmentator
+binary files named like the volume without ".nii.gz") are looked up under each masks root by the
+volume's path relative to its split folder's parent, by the canonical ``<split>/<split>_<pid>/
+<split>_<pid>_<scan>/<VolumeName>`` path, with ``<split>_fixed`` accepted wherever ``<split>`` is,
+or flat by VolumeName. By default (``masks_dir="auto"``) the masks roots are those of ROOT/masks,
+ROOT/dataset/masks (or ``masks`` beside a ``dataset`` ROOT; where ``sigvlp masks`` writes) and
+ROOT[/dataset]/ts_seg/ts_total (CT-RATE's own) that hold the split, searched in that order;
+``None`` means no masks. A masks_dir one level too deep (``masks/train``, holding ``train_<pid>``
+folders) is refused with the parent to pass instead, and a masks_dir where no volume has a mask
+is an error, not a silent skip of every volume. The findings bank (``findings="auto"``:
+``*findings*.jsonl|json`` named for the split under ROOT) is described in sigvlp.data.chunks.
 
 ``already_hu`` (None: decide per volume, see sigvlp.data.volume) is passed to every load: True
 for datasets whose files are HU (CT-RATE v2), False to apply the metadata rescale (v1).
@@ -28,6 +42,8 @@ From the dataset to batches: ``make_loader(ds, chunk_config, loader_config, cach
 Scanning checks what is cheap (CSV rows, mask presence, the NIfTI header: readable, 3-D,
 slices > 0); a bad volume is skipped, counted and reported (``on_error="skip"``, the default)
 or raises ValueError naming the file (``on_error="raise"``).
+
+Commands that read a dataset take ``--layout`` through ``add_layout_argument(parser)``.
 """
 
 from __future__ import annotations
@@ -39,6 +55,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from sigvlp.data.chunks import load_findings_bank
+from sigvlp.data.preprocess import as_cache
+from sigvlp.data.volume import load_volume
 
 REPORT_COLUMNS = ("VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
 CTRATE_LABELS = (
@@ -58,16 +78,56 @@ METADATA_COLUMNS = (
 log = logging.getLogger("sigvlp.data")
 _NAME_RE = re.compile(r"^(train|valid)_(\d+)_([a-z]+)_(\d+)\.nii(\.gz)?$")
 _SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "validation")}
+#: Accepted values of ``layout``.
+LAYOUTS = ("auto", "v2", "v1")
+#: The split folder of each layout.
+SPLIT_DIRS = {"v2": "{split}_fixed", "v1": "{split}"}
+_BOTH_SAID: set = set()  # (root, split) pairs whose "v1 and v2 both present" line was logged
 
 
-def volume_relpath(name: str) -> str:
+def volume_relpath(name: str, layout: str = "v1") -> str:
     """VolumeName -> its path under the dataset folder: valid_53_a_1.nii.gz ->
-    valid/valid_53/valid_53_a/valid_53_a_1.nii.gz."""
+    valid/valid_53/valid_53_a/valid_53_a_1.nii.gz (v1), valid_fixed/valid_53/... (layout="v2")."""
+    if layout not in SPLIT_DIRS:
+        raise ValueError(f"layout must be 'v1' or 'v2', got {layout!r}")
     m = _NAME_RE.match(name)
     if not m:
         raise ValueError(f"VolumeName {name!r} does not follow <split>_<pid>_<scan>_<recon>.nii.gz")
     split, pid, scan = m.group(1), m.group(2), m.group(3)
-    return f"{split}/{split}_{pid}/{split}_{pid}_{scan}/{name}"
+    return f"{SPLIT_DIRS[layout].format(split=split)}/{split}_{pid}/{split}_{pid}_{scan}/{name}"
+
+
+def split_folders(root, split: str, layout: str = "auto") -> tuple[str, list[Path]]:
+    """(the layout used, the split's volume folders) of a dataset ROOT: ``<split>_fixed`` (v2) or
+    ``<split>`` (v1) under ROOT/dataset and ROOT. "auto": v2 when any v2 folder exists (logged
+    once when v1's exist too), else v1. Errors: ValueError for a bad layout or split,
+    FileNotFoundError when the layout has no folder (naming the folders looked for)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if split not in _SPLIT_ALIASES:
+        raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
+    root, asked = Path(root), layout
+    found = {lay: [d for base in (root / "dataset", root) if (d := base / pat.format(split=split)).is_dir()]
+             for lay, pat in SPLIT_DIRS.items()}
+    if layout == "auto":
+        layout = "v2" if found["v2"] or not found["v1"] else "v1"
+        if found["v2"] and found["v1"] and (str(root.resolve()), split) not in _BOTH_SAID:
+            _BOTH_SAID.add((str(root.resolve()), split))
+            log.warning("%s: both CT-RATE v2 (%s) and v1 (%s) %s volumes are present; using v2 (layout='v1' or "
+                        "--layout v1 reads the others)", root, found["v2"][0], found["v1"][0], split)
+    if not found[layout]:
+        looked = [str(base / SPLIT_DIRS[lay].format(split=split)) for lay in (("v2", "v1") if asked == "auto"
+                  else (layout,)) for base in (root / "dataset", root)]
+        raise FileNotFoundError(f"{root}: no {'' if asked == 'auto' else asked + ' '}{split!r} volume folder (looked for {', '.join(looked)}; "
+                                f"CT-RATE v2 puts volumes in dataset/{split}_fixed/, v1 in dataset/{split}/)")
+    return layout, found[layout]
+
+
+def add_layout_argument(parser) -> None:
+    """``--layout auto|v2|v1`` for a command that reads a dataset (train's comes from its config)."""
+    parser.add_argument("--layout", default="auto", choices=LAYOUTS,
+                        help="CT-RATE layout: v2 (dataset/<split>_fixed/..., HU files), v1 (dataset/<split>/..., "
+                             "metadata rescale), auto (v2 when present, else v1)")
 
 
 def read_csv_rows(path, key="VolumeName") -> dict[str, dict]:
@@ -132,11 +192,13 @@ class CTRateDataset:
 
     def __init__(self, root, split: str = "train", *, reports_csv=None, labels_csv=None, metadata_csv=None,
                  masks_dir="auto", findings="auto", require=("reports", "metadata"), check_headers: bool = True,
-                 on_error: str = "skip", already_hu: Optional[bool] = None):
+                 on_error: str = "skip", already_hu: Optional[bool] = None, layout: str = "auto"):
         if split not in _SPLIT_ALIASES:
             raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.root = Path(root)
         if self.root.is_file():
             raise FileNotFoundError(f"{self.root} is a file, expected a dataset folder")  # CLIs catch this
@@ -154,76 +216,115 @@ class CTRateDataset:
                 raise ValueError(f"{self.root}: no {kind} CSV found for split {split!r}")
         if already_hu not in (None, True, False):
             raise ValueError(f"already_hu must be None, True or False, got {already_hu!r}")
+        self.layout, self.volume_dirs = split_folders(self.root, split, layout)
+        if self.layout == "v2":
+            if already_hu is False:
+                raise ValueError("already_hu=False applies the metadata rescale, but CT-RATE v2 files are already HU "
+                                 "(it would rescale twice); use layout='v1' for v1 files")
+            already_hu = True
         self.already_hu = already_hu
-        self.masks_dir = self._masks_root(masks_dir)
+        self.masks_dirs = self._mask_roots(masks_dir)
+        self.masks_dir = self.masks_dirs[0] if self.masks_dirs else None
         if isinstance(findings, str) and findings == "auto":
             findings = _find_bank(self.root, split)
         if findings is not None and not isinstance(findings, dict):
-            from sigvlp.data.chunks import load_findings_bank
-
             findings = load_findings_bank(findings)
         self.findings_bank = findings
         self.scan = ScanReport()
         self.cache_report = ScanReport()
         self.records = self._scan(csvs, tuple(require), check_headers)
         no_mask = [p for p, why in self.scan.skipped if why.startswith("no organ mask")]
-        if self.masks_dir is not None and no_mask and not self.records:
+        if self.masks_dirs and no_mask and not self.records:
             name = Path(no_mask[0]).name
-            example = self.masks_dir / (volume_relpath(name) if _NAME_RE.match(name) else name)
-            raise ValueError(f"{self.masks_dir}: no organ mask found for any of the {len(no_mask)} {split} volumes; "
-                             f"expected e.g. {example} (the masks root holds <split>/... as the dataset does), "
-                             f"or pass masks_dir=None to use no masks")
+            example = self.masks_dir / (volume_relpath(name, self.layout) if _NAME_RE.match(name) else name)
+            raise ValueError(f"{self._masks_text()}: no organ mask found for any of the {len(no_mask)} {split} "
+                             f"volumes; expected e.g. {example} (the masks root holds <split>/... or "
+                             f"<split>_fixed/... as the dataset does), or pass masks_dir=None to use no masks")
 
-    def _masks_root(self, masks_dir) -> Optional[Path]:
+    def _masks_text(self) -> str:
+        return str(self.masks_dir) if len(self.masks_dirs) == 1 else " and ".join(map(str, self.masks_dirs))
+
+    def _split_dir_names(self) -> tuple[str, ...]:
+        return tuple(pat.format(split=self.split) for pat in SPLIT_DIRS.values())
+
+    def _holds_split(self, folder: Path) -> bool:
+        return any((folder / d).is_dir() for d in self._split_dir_names()) or any(
+            folder.glob(f"{self.split}_*.nii*"))
+
+    def auto_mask_roots(self) -> list[Path]:
+        """Where masks_dir="auto" looks, in search order: ROOT/masks (where `sigvlp masks` writes),
+        ROOT/dataset/masks (or masks beside a dataset ROOT), then CT-RATE's ts_seg/ts_total."""
+        r = self.root
+        cands = [r / "masks", r / "dataset" / "masks"]
+        if r.name == "dataset":
+            cands.append(r.parent / "masks")
+        return cands + [r / "dataset" / "ts_seg" / "ts_total", r / "ts_seg" / "ts_total"]
+
+    def _mask_roots(self, masks_dir) -> list[Path]:
         if masks_dir is None:
-            return None
+            return []
         if isinstance(masks_dir, str) and masks_dir == "auto":
-            cands = [self.root / "masks", self.root / "dataset" / "masks"]
-            if self.root.name == "dataset":
-                cands.append(self.root.parent / "masks")
             # A masks root counts when it holds this split (a folder, or flat <split>_* files).
-            return next((c for c in cands if c.is_dir() and (
-                (c / self.split).is_dir() or any(c.glob(f"{self.split}_*.nii*")))), None)
+            return [c for c in self.auto_mask_roots() if c.is_dir() and self._holds_split(c)]
         masks_dir = Path(masks_dir)
         if not masks_dir.is_dir():
             raise FileNotFoundError(f"{masks_dir}: no such masks folder")
-        split_level = masks_dir.name in _SPLIT_ALIASES[self.split] or any(
+        names = self._split_dir_names()
+        split_level = masks_dir.name in _SPLIT_ALIASES[self.split] + names[:1] or any(
             p.is_dir() and re.match(rf"^{self.split}_\d+$", p.name) for p in masks_dir.iterdir())
-        if split_level and not (masks_dir / self.split).is_dir():
+        if split_level and not any((masks_dir / d).is_dir() for d in names):
             raise ValueError(f"masks_dir {masks_dir} is the {self.split!r} level of the masks tree (it holds "
                              f"{self.split}_<pid> folders); pass the masks root {masks_dir.parent} instead")
-        return masks_dir
+        return [masks_dir]
 
     def _volume_files(self) -> list[Path]:
-        files = []
-        for folder in (self.root / "dataset" / self.split, self.root / self.split):
-            if folder.is_dir():
-                files = sorted(folder.rglob(f"{self.split}_*.nii*"))
-                break
-        else:
-            files = sorted(p for p in self.root.rglob(f"{self.split}_*.nii*") if "mask" not in str(p.parent).lower())
-        return [p for p in files if p.name.endswith((".nii", ".nii.gz"))]
+        """The split's volumes, from its own folders only; a VolumeName found twice is an error."""
+        fence = [Path(os.path.abspath(p)) for p in self.masks_dirs + self.auto_mask_roots()
+                 + [self.root / "findings", self.root / "dataset" / "ts_seg", self.root / "ts_seg"]]
+        found: dict[str, Path] = {}
+        for folder in self.volume_dirs:
+            for p in sorted(folder.rglob(f"{self.split}_*.nii*")):
+                if not p.name.endswith((".nii", ".nii.gz")) or not p.is_file():
+                    continue
+                if any(Path(os.path.abspath(p)).is_relative_to(f) for f in fence):
+                    continue
+                if p.name in found:
+                    raise ValueError(f"VolumeName {p.name} found twice: {found[p.name]} and {p}; keep one "
+                                     f"(or pick a layout: layout='v1' / 'v2')")
+                found[p.name] = p
+        return sorted(found.values())
 
     def _bad(self, path, reason):
         if self.on_error == "raise":
             raise ValueError(f"{path}: {reason}")
         self.scan.skipped.append((str(path), reason))
 
-    def _mask_for(self, path: Path, name: str) -> Optional[Path]:
-        if self.masks_dir is None:
+    def find_mask(self, path, name: Optional[str] = None, roots=None) -> Optional[Path]:
+        """The first existing mask (file, or binary-mask folder named like the volume without
+        .nii[.gz]) of the volume at `path`, over `roots` (default: this dataset's masks roots) in
+        order, as the module docstring describes; None when there is none."""
+        path = Path(path)
+        name = name or path.name
+        roots = self.masks_dirs if roots is None else [Path(r) for r in roots]
+        if not roots:
             return None
-        try:
-            rel = volume_relpath(name)
-        except ValueError:
-            rel = name
-        for cand in (self.masks_dir / rel, self.masks_dir / self.split / Path(rel).name,
-                     self.masks_dir / name):
-            if cand.exists():
-                return cand
+        rels = []
+        for folder in self.volume_dirs:
+            if path.is_relative_to(folder):
+                rels.append(path.relative_to(folder.parent))
+        if _NAME_RE.match(name):
+            rels += [Path(volume_relpath(name, lay)) for lay in SPLIT_DIRS]
+        rels += [Path(d) / name for d in self._split_dir_names()] + [Path(name)]
+        stem = re.sub(r"\.nii(\.gz)?$", "", name)
+        for root in roots:
+            for rel in rels:
+                for cand in (root / rel, root / rel.parent / stem):
+                    if cand.exists():
+                        return cand
         return None
 
     def _scan(self, csvs, require, check_headers) -> list[CTRateRecord]:
-        import nibabel as nib
+        import nibabel as nib  # import cost: only a scan opens NIfTI headers
 
         records = []
         for path in self._volume_files():
@@ -245,9 +346,9 @@ class CTRateDataset:
                 if any(s == 0 for s in shape[:3]):
                     self._bad(path, f"empty image, shape {shape}")
                     continue
-            mask = self._mask_for(path, name)
+            mask = self.find_mask(path, name)
             if self.masks_dir is not None and mask is None:
-                self._bad(path, f"no organ mask for {name} under {self.masks_dir}")
+                self._bad(path, f"no organ mask for {name} under {self._masks_text()}")
                 continue
             labels = None
             if csvs.get("labels") is not None and name in csvs["labels"]:
@@ -279,19 +380,15 @@ class CTRateDataset:
 
     def load(self, i: int):
         """The i-th volume as a sigvlp.data.Volume (HU, canonical orientation)."""
-        from sigvlp.data.volume import load_volume
-
         rec = self.records[i]
         return load_volume(rec.path, rec.metadata, already_hu=self.already_hu)
 
     def cached(self, cache=None, *, workers: int = 0, progress: bool = False) -> list:
         """[(CTRateRecord, CachedVolume)] for the volumes that preprocess; built as needed.
         cache: a PreprocessCache, a PreprocessConfig or preset name, or None (the "sigvlp" preset
-        in the default cache folder, see sigvlp.data.loader.default_cache_root). Volumes that fail
+        in the default cache folder, see sigvlp.data.preprocess.default_cache_root). Volumes that fail
         (decode errors, implausible HU, MemoryError, ...) are skipped, counted in
         self.cache_report and logged; on_error="raise" raises instead."""
-        from sigvlp.data.loader import as_cache
-
         entries, self.cache_report = build_cache(self, as_cache(cache, self.root), workers=workers,
                                                  progress=progress)
         if self.cache_report.skipped:

@@ -23,9 +23,7 @@ on the "sigvlp.data" logger.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -33,6 +31,8 @@ import torch
 
 from sigvlp.data.chunks import ChunkConfig, ChunkSampler, chunk_text, organs_in_chunk
 from sigvlp.data.collate import collate_chunks
+from sigvlp.data.ctrate import CTRateDataset
+from sigvlp.data.preprocess import as_cache, default_cache_root  # noqa: F401 - public here too (moved)
 from sigvlp.data.tokenizers import ByteTokenizer
 
 log = logging.getLogger("sigvlp.data")
@@ -185,35 +185,6 @@ def _worker_init(_):
     torch.set_num_threads(1)  # workers are processes; one thread each avoids oversubscription
 
 
-def default_cache_root(dataset_root=None) -> Path:
-    """Where make_loader / CTRateDataset.cached put the preprocessing cache when given none:
-    $SIGVLP_CACHE/preprocess, else DATASET/.sigvlp_cache when writable, else
-    ~/.cache/sigvlp/preprocess. Entries are keyed by content, so one folder serves many datasets."""
-    env = os.environ.get("SIGVLP_CACHE")
-    if env:
-        return Path(env) / "preprocess"
-    if dataset_root is not None and os.access(dataset_root, os.W_OK):
-        return Path(dataset_root) / ".sigvlp_cache"
-    return Path.home() / ".cache" / "sigvlp" / "preprocess"
-
-
-def as_cache(cache, dataset_root=None):
-    """A PreprocessCache from: a PreprocessCache (as is), a PreprocessConfig or preset name
-    (in the default cache folder), or None (the "sigvlp" preset in the default folder)."""
-    from sigvlp.data.preprocess import PreprocessCache, PreprocessConfig, preset
-
-    if isinstance(cache, PreprocessCache):
-        return cache
-    if cache is None:
-        cache = PreprocessConfig()
-    if isinstance(cache, str):
-        cache = preset(cache)
-    if not isinstance(cache, PreprocessConfig):
-        raise TypeError(f"cache must be a PreprocessCache, PreprocessConfig, preset name or None, "
-                        f"got {type(cache).__name__}")
-    return PreprocessCache(default_cache_root(dataset_root), cache)
-
-
 def make_loader(data, chunk_config: ChunkConfig = ChunkConfig(), config: LoaderConfig = LoaderConfig(),
                 tokenizer=None, *, cache=None, rank: int = 0, world_size: int = 1,
                 workers: int = 0) -> torch.utils.data.DataLoader:
@@ -227,8 +198,6 @@ def make_loader(data, chunk_config: ChunkConfig = ChunkConfig(), config: LoaderC
     Errors: ValueError for no volumes, a bad rank/world_size or a budget over max_worker_mb;
     TypeError for other `data`.
     """
-    from sigvlp.data.ctrate import CTRateDataset
-
     if isinstance(data, CTRateDataset):
         entries = data.cached(as_cache(cache, data.root), workers=workers)
         if not entries:

@@ -37,6 +37,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from sigvlp.data.masks import load_total_labels
 from sigvlp.data.organs import ORGANS, organ_z_profile
 
 CACHE_FORMAT = 2  # bump when the stored layout or the preprocessing results change (golden test)
@@ -246,6 +247,9 @@ def _source_key(path, root) -> Optional[list]:
             rel = path.resolve().relative_to(Path(root).resolve()).as_posix()
         except ValueError:
             rel = None
+    if path.is_dir():  # a folder of binary masks: its NIfTI files' names, sizes and fingerprints
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith((".nii", ".nii.gz")))
+        return [rel or path.name, [[f.name, os.path.getsize(f), file_fingerprint(f)] for f in files]]
     return [rel or path.name, os.path.getsize(path), file_fingerprint(path)]
 
 
@@ -385,7 +389,7 @@ class PreprocessCache:
     def _build(self, entry: Path, path, mask_path, metadata, name, already_hu) -> CachedVolume:
         from safetensors.numpy import save_file
 
-        from sigvlp.data.volume import load_mask, load_volume
+        from sigvlp.data.volume import load_volume
 
         vol = load_volume(path, metadata, already_hu=already_hu)
         image = preprocess_array(vol.hu, vol.spacing, self.config, out_dtype=np.float16)
@@ -396,7 +400,7 @@ class PreprocessCache:
         profile = None
         tensors = {"image": image}
         if mask_path is not None:
-            labels = load_mask(mask_path, src_shape)
+            labels = load_total_labels(mask_path, src_shape)
             src = organ_z_profile(labels, mask_path)
             profile = np.zeros((len(ORGANS), depth), dtype=np.int32)
             np.add.at(profile.T, source_to_output_slice(src_shape[0], depth), src.T)
@@ -421,3 +425,30 @@ class PreprocessCache:
         return CachedVolume(file=str(entry), shape=tuple(image.shape), spacing=spacing, organ_profile=profile,
                             source=os.fspath(path), name=meta["name"], has_organ_map=mask_path is not None,
                             rescale=meta["rescale"])
+
+
+def default_cache_root(dataset_root=None) -> Path:
+    """Where make_loader / CTRateDataset.cached put the preprocessing cache when given none:
+    $SIGVLP_CACHE/preprocess, else DATASET/.sigvlp_cache when writable, else
+    ~/.cache/sigvlp/preprocess. Entries are keyed by content, so one folder serves many datasets."""
+    env = os.environ.get("SIGVLP_CACHE")
+    if env:
+        return Path(env) / "preprocess"
+    if dataset_root is not None and os.access(dataset_root, os.W_OK):
+        return Path(dataset_root) / ".sigvlp_cache"
+    return Path.home() / ".cache" / "sigvlp" / "preprocess"
+
+
+def as_cache(cache, dataset_root=None):
+    """A PreprocessCache from: a PreprocessCache (as is), a PreprocessConfig or preset name
+    (in the default cache folder), or None (the "sigvlp" preset in the default folder)."""
+    if isinstance(cache, PreprocessCache):
+        return cache
+    if cache is None:
+        cache = PreprocessConfig()
+    if isinstance(cache, str):
+        cache = preset(cache)
+    if not isinstance(cache, PreprocessConfig):
+        raise TypeError(f"cache must be a PreprocessCache, PreprocessConfig, preset name or None, "
+                        f"got {type(cache).__name__}")
+    return PreprocessCache(default_cache_root(dataset_root), cache)

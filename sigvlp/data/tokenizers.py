@@ -9,6 +9,7 @@ and EOS), ``decode(ids)`` and ``vocab_size``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -34,19 +35,70 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer loaded from a local folder (never downloads)."""
+    """A Hugging Face tokenizer loaded from a local folder (never downloads).
+
+    A folder with a ``tokenizer.json`` is read with the ``tokenizers`` library (no transformers):
+    ids as its post-processor makes them (its special tokens), truncated to max_tokens, never
+    padded (any padding saved in the file is turned off). The text is lower-cased first when the
+    folder declares it (``lowercase``): ``do_lower_case: true`` in tokenizer_config.json, a
+    lower-casing tokenizer class there (SiglipTokenizer, Siglip2Tokenizer), or a SigLIP model
+    folder (config.json model_type "siglip"/"siglip2") with Gemma's tokenizer: SigLIP-2, whose
+    paper lower-cases every text (its published folders name the plain GemmaTokenizer class).
+    A folder without tokenizer.json (a SentencePiece-only slow tokenizer) needs transformers'
+    AutoTokenizer. Missing folder: FileNotFoundError."""
+
+    LOWERCASE_CLASSES = ("SiglipTokenizer", "Siglip2Tokenizer")
 
     def __init__(self, path):
-        if not Path(path).is_dir():
+        folder = Path(path)
+        if not folder.is_dir():
             raise FileNotFoundError(f"{path}: no such tokenizer folder")
-        try:  # optional dependency: only an HF tokenizer folder needs transformers
+        self.lowercase = self.declares_lowercase(folder)
+        if (folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer  # imported on use: its import cost is paid only by HF folders
+
+            self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            self.tok.no_padding()
+            self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+            self._fast, self._truncation = True, -1  # truncation unknown: set on the first encode
+            return
+        try:
             from transformers import AutoTokenizer
         except ImportError as e:
-            raise ImportError("an HF tokenizer needs the 'transformers' package; the byte tokenizer does not") from e
+            raise ImportError(f"{path}: no tokenizer.json; reading this tokenizer folder needs the 'transformers' "
+                              "package (the byte and word tokenizers do not)") from e
         self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.vocab_size = len(self.tok)
+        self._fast = False
+
+    @classmethod
+    def declares_lowercase(cls, folder) -> bool:
+        """Whether the tokenizer folder's files ask for lower-cased text (see the class docstring)."""
+        def read(name):
+            try:
+                d = json.loads((folder / name).read_text())
+            except (OSError, ValueError):
+                return {}
+            return d if isinstance(d, dict) else {}
+
+        tok_cfg, model_cfg = read("tokenizer_config.json"), read("config.json")
+        cls_name = str(tok_cfg.get("tokenizer_class") or "").removesuffix("Fast")
+        siglip2 = model_cfg.get("model_type") in ("siglip", "siglip2") and cls_name == "GemmaTokenizer"
+        return tok_cfg.get("do_lower_case") is True or cls_name in cls.LOWERCASE_CLASSES or siglip2
 
     def encode(self, text: str, max_tokens: Optional[int] = None) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__}")
+        if self.lowercase:
+            text = text.lower()
+        if self._fast:  # a tokenizers.Tokenizer
+            if max_tokens != self._truncation:
+                if max_tokens is None:
+                    self.tok.no_truncation()
+                else:
+                    self.tok.enable_truncation(max_tokens)
+                self._truncation = max_tokens
+            return list(self.tok.encode(text).ids)
         return list(self.tok(text, truncation=max_tokens is not None, max_length=max_tokens)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:

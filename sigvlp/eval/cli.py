@@ -7,6 +7,7 @@ import sys
 
 
 def add_arguments(parser):
+    from sigvlp.data.ctrate import add_layout_argument
     from sigvlp.eval.report import SECTIONS
 
     parser.add_argument("--ckpt", required=True,
@@ -41,7 +42,9 @@ def add_arguments(parser):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast on CUDA")
     parser.add_argument("--cache", default=None, help="cache root (preprocessing + embeddings)")
-    parser.add_argument("--masks", default=None, help="organ masks folder (default DATA/masks when present)")
+    parser.add_argument("--masks", default=None, help="organ masks folder (default: DATA/masks, "
+                        "DATA/dataset/ts_seg/ts_total, ... when present; see sigvlp.data.ctrate)")
+    add_layout_argument(parser)
     parser.add_argument("--preset", default=None, help="fail unless the checkpoint has this SigVLPConfig preset")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -60,7 +63,7 @@ def config_from_args(args):
                       depths=tuple(args.depths) if args.depths else None, seg_volumes=args.seg_volumes,
                       max_volumes=args.max_volumes, max_train_volumes=args.max_train_volumes,
                       token_budget=args.token_budget, sections=tuple(args.sections), device=args.device,
-                      precision=args.precision, cache=args.cache, masks=args.masks, expect_preset=args.preset,
+                      precision=args.precision, cache=args.cache, masks=args.masks, layout=args.layout, expect_preset=args.preset,
                       progress=not args.no_progress, plots=not args.no_plots)
 
 

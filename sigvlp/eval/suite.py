@@ -16,6 +16,7 @@ Works on CPU or GPU ("auto": CUDA when available), with tqdm progress bars when 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -29,7 +30,15 @@ import numpy as np
 import torch
 
 from sigvlp import checkpoint as ckpt_io
-from sigvlp.eval.report import SCHEMA, SECTIONS
+from sigvlp.data.chunks import chunk_text, organs_in_chunk
+from sigvlp.data.organs import ORGANS
+from sigvlp.eval.flops import encoder_flops
+from sigvlp.eval.plots import embedding_map, write_plots
+from sigvlp.eval.report import SCHEMA, validate_report, write_report
+from sigvlp.eval.report import SECTIONS as SECTION_NAMES
+from sigvlp.eval.sections import (depth_sweep_point, dice_counts, fit_linear_probe, fit_segmentation_probe,
+                                  organ_section, pair_probability, predict_voxels, retrieval_section,
+                                  segmentation_section, zero_shot_section)
 from sigvlp.prompts import ABNORMALITY_PROMPTS, ORGAN_PROMPTS
 
 EMB_FORMAT = 1  # bump when what the embedding cache stores changes meaning
@@ -47,8 +56,9 @@ class EvalConfig:
     organ classification and chunk retrieval. depths: slices for the depth sweep (None: powers
     of two from the chunk preset's min_slices up to the longest volume). seg_volumes: volumes
     per split whose token features feed the segmentation probe. max_volumes: cap per split
-    (None: all). sections: which of SECTIONS to run. train_split / train_data: the split (and
-    dataset root, default the evaluated one) the probes are fitted on.
+    (None: all). sections: which of the report's sections to run (keys of SECTIONS; they run in
+    its order). train_split / train_data: the split (and dataset root, default the evaluated
+    one) the probes are fitted on.
     """
 
     split: str = "valid"
@@ -68,11 +78,12 @@ class EvalConfig:
     max_volumes: Optional[int] = None
     max_train_volumes: Optional[int] = None
     token_budget: int = 16384
-    sections: tuple[str, ...] = SECTIONS
+    sections: tuple[str, ...] = SECTION_NAMES
     device: str = "auto"
     precision: str = "fp32"
     cache: Optional[str] = None
     masks: Optional[str] = None
+    layout: str = "auto"  # CT-RATE layout: "v2", "v1" or "auto" (sigvlp.data.ctrate)
     expect_preset: Optional[str] = None
     progress: bool = True
     plots: bool = True
@@ -82,6 +93,8 @@ class EvalConfig:
             raise ValueError(f"split: expected 'train' or 'valid', got {self.split!r}")
         if self.train_split is not None and self.train_split not in ("train", "valid"):
             raise ValueError(f"train_split: expected 'train', 'valid' or None, got {self.train_split!r}")
+        if self.layout not in ("auto", "v2", "v1"):
+            raise ValueError(f"layout: expected 'auto', 'v2' or 'v1', got {self.layout!r}")
         for name in ("prompts", "organ_prompts"):
             p = tuple(getattr(self, name))
             key = "{label}" if name == "prompts" else "{organ}"
@@ -92,9 +105,9 @@ class EvalConfig:
             if isinstance(self.labels, str) or not all(isinstance(x, str) and x for x in self.labels):
                 raise ValueError(f"labels: expected a list of label names, got {self.labels!r}")
             self.labels = tuple(self.labels)
-        bad = sorted(set(self.sections) - set(SECTIONS))
+        bad = sorted(set(self.sections) - set(SECTION_NAMES))
         if bad:
-            raise ValueError(f"sections: unknown {bad}; known: {list(SECTIONS)}")
+            raise ValueError(f"sections: unknown {bad}; known: {list(SECTION_NAMES)}")
         self.sections = tuple(self.sections)
         for name in ("min_positives", "min_negatives", "chunks_per_volume", "token_budget", "n_bootstrap"):
             v = getattr(self, name)
@@ -222,9 +235,10 @@ def open_split(root, split: str, model_config, config: EvalConfig, *, need_label
     if not root.is_dir():
         raise FileNotFoundError(f"data: no such dataset folder {root} (expected the CT-RATE layout; "
                                 f"`sigvlp synth --out DIR` writes one)")
-    masks = Path(config.masks) if config.masks else (root / "masks" if (root / "masks").is_dir() else None)
+    masks = Path(config.masks) if config.masks else "auto"  # auto: DATA/masks, dataset/ts_seg/ts_total, ...
     findings = root / "findings" / f"{split}_findings.jsonl"
-    ds = CTRateDataset(root, split, masks_dir=masks, findings=str(findings) if findings.is_file() else None)
+    ds = CTRateDataset(root, split, masks_dir=masks, findings=str(findings) if findings.is_file() else None,
+                       layout=config.layout)
     if len(ds) == 0:
         raise ValueError(f"data: split {split!r} of {root} has no usable volumes\n{ds.scan.summary()}")
     records = list(ds.records)
@@ -261,7 +275,7 @@ def _cache_root(root: Path, config: EvalConfig) -> Path:
     if config.cache:
         return Path(config.cache)
     try:
-        from sigvlp.data.loader import default_cache_root
+        from sigvlp.data.preprocess import default_cache_root
     except ImportError:
         return Path(os.environ.get("SIGVLP_CACHE") or root / ".sigvlp_cache")
     return Path(default_cache_root(root))
@@ -432,6 +446,288 @@ def default_depths(chunk_config, max_depth: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def central_crops(split: Split, depth: int) -> list:
+    """[(volume index, z0, z1)]: the central `depth` slices of each volume (the whole volume when
+    it is shorter), z0 = (slices - depth) // 2."""
+    out = []
+    for v, (_, cv) in enumerate(split.entries):
+        z0 = max(0, (cv.shape[0] - depth) // 2)
+        out.append((v, z0, z0 + min(depth, cv.shape[0])))
+    return out
+
+
+def chunk_organs(split: Split, spans: list, chunk_config) -> tuple[np.ndarray, list]:
+    """((M, O) int64 0/1, [organ names per span]): the organs present in each chunk span (organs_in_chunk
+    of the cached z-profile; O = len(ORGANS), columns in ORGANS order)."""
+    y = np.zeros((len(spans), len(ORGANS)), np.int64)
+    present = []
+    for i, (v, z0, z1) in enumerate(spans):
+        present.append(organs_in_chunk(split.entries[v][1].organ_profile, z0, z1, chunk_config))
+        y[i, [ORGANS.index(o) for o in present[-1]]] = 1
+    return y, present
+
+
+def _has_profiles(split: Split) -> bool:
+    return all(cv.organ_profile is not None for _, cv in split.entries)
+
+
+def _has_maps(split: Split) -> bool:
+    return all(getattr(cv, "has_organ_map", False) for _, cv in split.entries)
+
+
+def encode_prompt_pair(model, templates: Sequence[str], key: str, values: Sequence[str]) -> tuple:
+    """((V, D), (V, D)) float32 text embeddings of the (positive, negative) templates filled with
+    each value ({key} replaced)."""
+    return tuple(encode_texts(model, [t.format(**{key: x}) for x in values]) for t in templates)
+
+
+# ----------------------------------------------------------------------------- context
+@dataclass
+class EvalContext:
+    """What the sections share; `prepare` builds it, each section (see SECTIONS) reads it.
+
+    model: the SigVLP (eval mode, on embedder.device); config: the EvalConfig; embedder: the
+    Embedder (its cache keyed by the checkpoint hash); valid: the evaluated Split (labels when a
+    labelled section runs); train: the Split the probes are fitted on (None: not needed, not
+    configured, the evaluated split itself, or it failed to open: train_error holds why);
+    chunk_config: the model's chunk preset; scale / bias: the logit scale (exp of the learned log)
+    and bias. Spans are (volume index, z0, z1) of valid: spans (whole volumes, one per volume),
+    chunk_spans (chunk_plan, empty when neither organs nor retrieval runs or the cache lacks organ
+    z-profiles), depth_spans {slices: central crops} for each of depths (empty unless the depth
+    sweep runs). pooled (S, D) float32 holds the embeddings of all of them, row index[span];
+    tokens {row: ((n, width) float16 token features, (3,) grid)} those of the segmentation volumes.
+    Written by sections: labels_used (the zero-shot section's scored labels, read by the depth
+    sweep and the plots; all of valid's labels when zero-shot does not run) and map_coords (the
+    embedding map's (N, 2) coordinates, for its plot).
+    """
+
+    model: torch.nn.Module
+    config: EvalConfig
+    embedder: Embedder
+    valid: Split
+    chunk_config: object
+    scale: float
+    bias: float
+    spans: list
+    chunk_spans: list
+    depths: tuple
+    depth_spans: dict
+    pooled: np.ndarray
+    index: dict
+    tokens: dict
+    train: Optional[Split] = None
+    train_error: Optional[str] = None
+    labels_used: list = field(default_factory=list)
+    map_coords: Optional[np.ndarray] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedder.device
+
+    def rows(self, spans: list) -> np.ndarray:
+        """(len(spans), D) float32 pooled embeddings of planned spans."""
+        return self.pooled[[self.index[s] for s in spans]]
+
+    @functools.cached_property
+    def label_prompts(self) -> tuple:
+        """((L, D), (L, D)): text embeddings of config.prompts for each of valid.label_names."""
+        return encode_prompt_pair(self.model, self.config.prompts, "label", self.valid.label_names)
+
+    @functools.cached_property
+    def chunk_targets(self) -> tuple[np.ndarray, list]:
+        """((M, O) organ presence, [organ text]) of chunk_spans (chunk_organs; chunk_text of the findings)."""
+        y, present = chunk_organs(self.valid, self.chunk_spans, self.chunk_config)
+        texts = [chunk_text(self.valid.entries[v][0].findings, organs, self.chunk_config.general)
+                 for (v, _, _), organs in zip(self.chunk_spans, present)]
+        return y, texts
+
+
+def prepare(model, data, config: EvalConfig, ckpt_sha: str, device: torch.device) -> EvalContext:
+    """The context of `evaluate`: opens the split (and the probe split where a section needs it),
+    plans the spans of config.sections and encodes them all in one (cached) pass. model: a SigVLP
+    in eval mode on device; data: the dataset root. Errors as open_split."""
+    run = set(config.sections)
+    valid = open_split(data, config.split, model.config, config,
+                       need_labels=bool({"zero_shot", "depth_sweep", "embedding_map"} & run))
+    cc = model.config.chunk_config()
+    spans = [(v, 0, cv.shape[0]) for v, (_, cv) in enumerate(valid.entries)]
+    chunk_spans = chunk_plan(valid, cc, config.chunks_per_volume, config.seed) if (
+        {"organs", "retrieval"} & run and _has_profiles(valid)) else []
+    depths = tuple(config.depths) if config.depths else default_depths(cc, max(z1 for _, _, z1 in spans))
+    depth_spans = {d: central_crops(valid, d) for d in depths} if "depth_sweep" in run else {}
+    all_spans = list(dict.fromkeys(spans + chunk_spans + [s for ds in depth_spans.values() for s in ds]))
+    index = {s: i for i, s in enumerate(all_spans)}
+    seg = {index[spans[v]] for v in range(min(config.seg_volumes, len(spans)))} if (
+        "segmentation" in run and _has_maps(valid)) else set()
+    embedder = Embedder(model, device, config, ckpt_sha)
+    pooled, tokens = embedder.cached_encode(valid, all_spans, seg, f"embed {config.split}")
+    scale, bias = _logit_scale(model)
+    ctx = EvalContext(model, config, embedder, valid, cc, scale, bias, spans, chunk_spans, depths, depth_spans,
+                      pooled, index, tokens, labels_used=list(valid.label_names))
+    ctx.train, ctx.train_error = _open_train(ctx, data)
+    return ctx
+
+
+def _open_train(ctx: EvalContext, data) -> tuple[Optional[Split], Optional[str]]:
+    """(the probe split or None, why it failed to open or None): opened only when the organ probe
+    (organs with chunks) or the segmentation probe (organ maps) runs and it is another split."""
+    config, run = ctx.config, set(ctx.config.sections)
+    train_root = config.train_data or data
+    same = config.train_split == config.split and Path(train_root).resolve() == Path(data).resolve()
+    needed = ("organs" in run and ctx.chunk_spans) or ("segmentation" in run and _has_maps(ctx.valid))
+    if config.train_split is None or same or not needed:
+        return None, None
+    try:
+        return open_split(train_root, config.train_split, ctx.model.config, config, need_labels=False,
+                          role="train"), None
+    except (ValueError, FileNotFoundError) as e:
+        return None, str(e)
+
+
+# ----------------------------------------------------------------------------- sections
+def run_zero_shot(ctx: EvalContext) -> dict:
+    """Zero-shot abnormality classification of whole volumes (sections.zero_shot_section); sets
+    ctx.labels_used ([] when no label has enough positives and negatives: the section is skipped)."""
+    cfg = ctx.config
+    pos_t, neg_t = ctx.label_prompts
+    scores = pair_probability(ctx.rows(ctx.spans), pos_t, neg_t, ctx.scale, ctx.bias)
+    try:
+        sec = zero_shot_section(ctx.valid.labels, scores, ctx.valid.label_names, cfg.prompts,
+                                min_positives=cfg.min_positives, min_negatives=cfg.min_negatives,
+                                n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+    except ValueError as e:  # no label with enough positives and negatives in this split
+        ctx.labels_used = []
+        return {"skipped": str(e)}
+    ctx.labels_used = sec["labels_used"]
+    return sec
+
+
+def run_organs(ctx: EvalContext) -> dict:
+    """Organ presence per chunk: zero-shot with config.organ_prompts and a linear probe fitted on
+    the train split's chunks (sections.organ_section)."""
+    if not ctx.chunk_spans:
+        return {"skipped": "no organ z-profiles in the cache (the dataset has no organ masks)"}
+    cfg = ctx.config
+    chunk_emb = ctx.rows(ctx.chunk_spans)
+    opos, oneg = encode_prompt_pair(ctx.model, cfg.organ_prompts, "organ", ORGANS)
+    zs = pair_probability(chunk_emb, opos, oneg, ctx.scale, ctx.bias)
+    probe_train, probe_scores = _organ_probe(ctx, chunk_emb)
+    try:
+        return organ_section(ctx.chunk_targets[0], zs, list(ORGANS), cfg.organ_prompts, probe_train=probe_train,
+                             probe_scores=probe_scores, min_positives=cfg.min_positives,
+                             min_negatives=cfg.min_negatives)
+    except ValueError as e:
+        return {"skipped": str(e)}
+
+
+def _organ_probe(ctx: EvalContext, chunk_emb: np.ndarray) -> tuple:
+    """(train chunks' organ labels, (M, O) probe probabilities on chunk_emb), or (None, None)
+    without a train split with organ z-profiles."""
+    train, cfg = ctx.train, ctx.config
+    if train is None or not _has_profiles(train):
+        return None, None
+    tspans = chunk_plan(train, ctx.chunk_config, cfg.chunks_per_volume, cfg.seed)
+    temb, _ = ctx.embedder.cached_encode(train, tspans, set(), f"embed {train.name} chunks")
+    y, _ = chunk_organs(train, tspans, ctx.chunk_config)
+    return y, fit_linear_probe(temb, y, chunk_emb, seed=cfg.seed)
+
+
+def run_retrieval(ctx: EvalContext) -> dict:
+    """Volume <-> report text (volume_text) and chunk -> organ text retrieval (sections.retrieval_section)."""
+    vtexts = [volume_text(rec, cv.organ_profile, ctx.chunk_config) for rec, cv in ctx.valid.entries]
+    keep = [i for i, t in enumerate(vtexts) if t]
+    if not keep:
+        return {"skipped": "no report or findings text for any volume"}
+    texts = [vtexts[i] for i in keep]
+    chunk_texts = ctx.chunk_targets[1]
+    chunk_emb = ctx.rows(ctx.chunk_spans) if chunk_texts else None
+    ctext_emb = encode_texts(ctx.model, [t or " " for t in chunk_texts]) if chunk_texts else None
+    sec = retrieval_section(ctx.rows(ctx.spans)[keep], encode_texts(ctx.model, texts), texts, chunk_emb, ctext_emb,
+                            chunk_texts)
+    sec["n_volumes_without_text"] = len(vtexts) - len(keep)
+    return sec
+
+
+def run_segmentation(ctx: EvalContext) -> dict:
+    """Segmentation probe: a multinomial probe on the token features of the train split's first
+    seg_volumes volumes, Dice per organ over the voxels (and the patches) of the evaluated ones."""
+    if not _has_maps(ctx.valid):
+        return {"skipped": "the preprocessing cache holds no organ maps (no organ masks)"}
+    if ctx.train is None or not _has_maps(ctx.train):
+        return {"skipped": f"needs the {ctx.config.train_split!r} split with organ masks to fit the probe"}
+    probe, n_tokens, n_volumes = _fit_segmentation(ctx)
+    vox, patch, n_eval = _segmentation_counts(ctx, probe)
+    sec = segmentation_section(vox[0], vox[1], list(ORGANS), n_train_tokens=n_tokens, n_train_volumes=n_volumes,
+                               n_valid_volumes=n_eval,
+                               upsampling="class probabilities per patch, trilinear to voxels, argmax")
+    sec["per_organ_dice_patch"] = segmentation_section(patch[0], patch[1], list(ORGANS))["per_organ_dice"]
+    return sec
+
+
+def _fit_segmentation(ctx: EvalContext) -> tuple:
+    """(probe, tokens it was fitted on, train volumes used): fit_segmentation_probe on the token
+    features of the train split's first seg_volumes volumes and their patch organ labels."""
+    train, cfg = ctx.train, ctx.config
+    k = min(cfg.seg_volumes, len(train.entries))
+    tspans = [(v, 0, train.entries[v][1].shape[0]) for v in range(k)]
+    _, ttok = ctx.embedder.cached_encode(train, tspans, set(range(k)), f"embed {train.name} tokens")
+    feats = np.concatenate([ttok[i][0].astype(np.float32) for i in range(k)])
+    labs = np.concatenate([train.entries[v][1].organ_labels(ctx.embedder.patch, z0, z1).reshape(-1)
+                           for v, z0, z1 in tspans])
+    probe = fit_segmentation_probe(feats, labs, n_classes=len(ORGANS) + 1, seed=cfg.seed,
+                                   max_tokens=cfg.seg_max_tokens)
+    return probe, int(min(len(labs), cfg.seg_max_tokens)), k
+
+
+def _segmentation_counts(ctx: EvalContext, probe) -> tuple:
+    """((2, C) voxel, (2, C) patch (intersection, |P| + |G|) sums, volumes counted) of the probe on
+    the evaluated volumes whose token features were kept (C = organs + background)."""
+    n_classes, patch = len(ORGANS) + 1, ctx.embedder.patch
+    vox, pat, n_eval = np.zeros((2, n_classes)), np.zeros((2, n_classes)), 0
+    for v, span in enumerate(ctx.spans):
+        if ctx.index[span] not in ctx.tokens:
+            continue
+        tok, grid = ctx.tokens[ctx.index[span]]
+        cv = ctx.valid.entries[v][1]
+        vox += dice_counts(predict_voxels(probe, tok, grid, patch, cv.shape[0], n_classes), cv.organ_map(), n_classes)
+        pat += dice_counts(probe.predict(tok.astype(np.float32)), cv.organ_labels(patch).reshape(-1), n_classes)
+        n_eval += 1
+    return vox, pat, n_eval
+
+
+def run_depth_sweep(ctx: EvalContext) -> dict:
+    """Zero-shot on the central crops of each of ctx.depths slices, over ctx.labels_used, with the
+    encoder FLOPs of one volume per depth (flops.encoder_flops)."""
+    valid, used = ctx.valid, ctx.labels_used
+    cols = [valid.label_names.index(x) for x in used]
+    pos_t, neg_t = ctx.label_prompts
+    size = valid.entries[0][1].shape[1:]
+    points = []
+    for d in ctx.depths:
+        sc = pair_probability(ctx.rows(ctx.depth_spans[d]), pos_t[cols], neg_t[cols], ctx.scale, ctx.bias)
+        fl = encoder_flops(ctx.model, d, size[0], size[1], device=ctx.device)
+        p = depth_sweep_point(d, fl["tokens"], fl, valid.labels[:, cols], sc, used)
+        p["volumes_shorter"] = int(sum(cv.shape[0] < d for _, cv in valid.entries))
+        points.append(p)
+    return {"points": points, "crop": "central d slices of each volume (whole volume when shorter)",
+            "flops": "one volume of d slices at the split's in-plane size; torch.utils.flop_counter + analytic "
+                     "attention (4*Lq*Lk*heads*head_dim)"}
+
+
+def run_embedding_map(ctx: EvalContext) -> dict:
+    """2-D map of the volume embeddings (plots.embedding_map: UMAP, else PCA); sets ctx.map_coords."""
+    ctx.map_coords, method = embedding_map(ctx.rows(ctx.spans), seed=ctx.config.seed)
+    return {"method": method, "n": len(ctx.valid.entries), "colour": "each scored abnormality"}
+
+
+# The report's sections in the order `evaluate` runs them: name -> function(EvalContext) -> the
+# section's dict (sigvlp.eval.report documents each; {"skipped": reason} when it cannot run). The
+# names are sigvlp.eval.report.SECTIONS (EvalConfig.sections picks among them); zero_shot runs
+# before depth_sweep (it sets ctx.labels_used) and embedding_map sets ctx.map_coords for the plots.
+SECTIONS = {"zero_shot": run_zero_shot, "organs": run_organs, "retrieval": run_retrieval,
+            "segmentation": run_segmentation, "depth_sweep": run_depth_sweep, "embedding_map": run_embedding_map}
+
+
 # ----------------------------------------------------------------------------- evaluate
 def evaluate(ckpt=None, data=None, config: Optional[EvalConfig] = None, *, model=None, out=None) -> dict:
     """Run the suite; returns the report (validated against sigvlp.eval.report's schema).
@@ -439,256 +735,66 @@ def evaluate(ckpt=None, data=None, config: Optional[EvalConfig] = None, *, model
     ckpt: a checkpoint folder (save_pretrained, or a training run: its latest checkpoint);
     model: an in-memory SigVLP instead (ckpt then only names it). data: a dataset root in the
     CT-RATE layout. out: a folder for report.json and the plots (None: nothing written).
+    Each of config.sections runs in SECTIONS order over one shared EvalContext (`prepare`).
     Errors: FileNotFoundError for missing folders, ValueError for bad data/labels/config
     (naming what is wrong)."""
-    from sigvlp.eval import sections as S
-    from sigvlp.eval.report import validate_report, write_report
-
     config = config or EvalConfig()
     if data is None:
         raise ValueError("data: a dataset folder in the CT-RATE layout is required")
     t0 = time.perf_counter()
     device = _device(config.device)
-    if model is None:
-        if ckpt is None:
-            raise ValueError("ckpt: a checkpoint folder (or model=) is required")
-        model, folder, sha = load_checkpoint(ckpt, expect_preset=config.expect_preset)
-    else:
-        folder = Path(ckpt) if ckpt is not None else None
-        sha = checkpoint_hash(folder) if folder is not None and (folder / "model.safetensors").is_file() \
-            else state_hash(model)
+    model, folder, sha = _model_and_hash(ckpt, model, config)
     was_training = model.training
     model.eval()
     model.to(device)
-    mcfg = model.config
-    chunk_config = mcfg.chunk_config()
-    scale, bias = _logit_scale(model)
-    run = set(config.sections)
-    embedder = Embedder(model, device, config, sha)
-    rng_seed = config.seed
-
-    valid = open_split(data, config.split, mcfg, config, need_labels="zero_shot" in run or "depth_sweep" in run
-                       or "embedding_map" in run)
-    n = len(valid.entries)
-    report: dict = {"schema": SCHEMA, "device": str(device),
-                    "checkpoint": {"path": str(folder) if folder else None, "sha256": sha, "config": mcfg.to_dict()},
-                    "dataset": {"root": str(Path(data).expanduser().resolve()), "split": config.split,
-                                "train_split": config.train_split, "n_volumes": n, "labels_csv": valid.labels_csv,
-                                "skipped": valid.skipped},
-                    "config": config.to_dict(), "plots": {}}
-    report["config"]["logit_scale"], report["config"]["logit_bias"] = scale, bias
-    has_maps = all(getattr(cv, "has_organ_map", False) for _, cv in valid.entries)
-    has_profiles = all(cv.organ_profile is not None for _, cv in valid.entries)
-
-    # --- spans of the valid split: whole volumes, chunks, depth crops
-    spans = [(v, 0, cv.shape[0]) for v, (_, cv) in enumerate(valid.entries)]
-    chunk_spans = chunk_plan(valid, chunk_config, config.chunks_per_volume, rng_seed) if (
-        {"organs", "retrieval"} & run and has_profiles) else []
-    max_depth = max(cv.shape[0] for _, cv in valid.entries)
-    depths = tuple(config.depths) if config.depths else default_depths(chunk_config, max_depth)
-    depth_spans = {}
-    if "depth_sweep" in run:
-        for d in depths:
-            depth_spans[d] = [(v, max(0, (cv.shape[0] - d) // 2), max(0, (cv.shape[0] - d) // 2) + min(d, cv.shape[0]))
-                              for v, (_, cv) in enumerate(valid.entries)]
-    all_spans = list(dict.fromkeys(spans + chunk_spans + [s for ds in depth_spans.values() for s in ds]))
-    index = {s: i for i, s in enumerate(all_spans)}
-    seg_idx = set()
-    if "segmentation" in run and has_maps:
-        seg_idx = {index[spans[v]] for v in range(min(config.seg_volumes, n))}
-    pooled, tokens = embedder.cached_encode(valid, all_spans, seg_idx, f"embed {config.split}")
-    vol_emb = pooled[[index[s] for s in spans]]
-
-    # --- zero-shot abnormality classification (whole volumes)
-    names = valid.label_names
-    if "zero_shot" in run or "depth_sweep" in run:
-        pos_t = encode_texts(model, [config.prompts[0].format(label=x) for x in names])
-        neg_t = encode_texts(model, [config.prompts[1].format(label=x) for x in names])
-    if "zero_shot" in run:
-        scores = S.pair_probability(vol_emb, pos_t, neg_t, scale, bias)
-        try:
-            report["zero_shot"] = S.zero_shot_section(valid.labels, scores, names, config.prompts,
-                                                      min_positives=config.min_positives,
-                                                      min_negatives=config.min_negatives,
-                                                      n_bootstrap=config.n_bootstrap, seed=config.seed)
-            used = report["zero_shot"]["labels_used"]
-        except ValueError as e:  # no label with enough positives and negatives in this split
-            report["zero_shot"] = {"skipped": str(e)}
-            used = []
-    else:
-        report["zero_shot"] = {"skipped": "not requested"}
-        used = names
-
-    # --- organ presence per chunk
-    from sigvlp.data.chunks import chunk_text, organs_in_chunk
-    from sigvlp.data.organs import ORGANS
-
-    chunk_texts = []
-    if chunk_spans:
-        chunk_emb = pooled[[index[s] for s in chunk_spans]]
-        organ_y = np.zeros((len(chunk_spans), len(ORGANS)), np.int64)
-        for i, (v, z0, z1) in enumerate(chunk_spans):
-            rec, cv = valid.entries[v]
-            present = organs_in_chunk(cv.organ_profile, z0, z1, chunk_config)
-            organ_y[i, [ORGANS.index(o) for o in present]] = 1
-            chunk_texts.append(chunk_text(rec.findings, present, chunk_config.general))
-    train = None
-    train_root = config.train_data or data
-    same = config.train_split == config.split and Path(train_root).resolve() == Path(data).resolve()
-    need_train = config.train_split is not None and not same and (
-        ("organs" in run and chunk_spans) or ("segmentation" in run and has_maps))
-    if need_train:
-        try:
-            train = open_split(train_root, config.train_split, mcfg, config, need_labels=False, role="train")
-        except (ValueError, FileNotFoundError) as e:
-            train = None
-            report["dataset"]["train_error"] = str(e)
-    if "organs" in run:
-        if not chunk_spans:
-            report["organs"] = {"skipped": "no organ z-profiles in the cache (the dataset has no organ masks)"}
-        else:
-            opos = encode_texts(model, [config.organ_prompts[0].format(organ=o) for o in ORGANS])
-            oneg = encode_texts(model, [config.organ_prompts[1].format(organ=o) for o in ORGANS])
-            zs = S.pair_probability(chunk_emb, opos, oneg, scale, bias)
-            probe_scores = probe_train = None
-            if train is not None and all(cv.organ_profile is not None for _, cv in train.entries):
-                tspans = chunk_plan(train, chunk_config, config.chunks_per_volume, rng_seed)
-                temb, _ = embedder.cached_encode(train, tspans, set(), f"embed {train.name} chunks")
-                probe_train = np.zeros((len(tspans), len(ORGANS)), np.int64)
-                for i, (v, z0, z1) in enumerate(tspans):
-                    present = organs_in_chunk(train.entries[v][1].organ_profile, z0, z1, chunk_config)
-                    probe_train[i, [ORGANS.index(o) for o in present]] = 1
-                probe_scores = S.fit_linear_probe(temb, probe_train, chunk_emb, seed=config.seed)
-            try:
-                report["organs"] = S.organ_section(organ_y, zs, list(ORGANS), config.organ_prompts,
-                                                   probe_train=probe_train, probe_scores=probe_scores,
-                                                   min_positives=config.min_positives,
-                                                   min_negatives=config.min_negatives)
-            except ValueError as e:
-                report["organs"] = {"skipped": str(e)}
-    else:
-        report["organs"] = {"skipped": "not requested"}
-
-    # --- retrieval
-    if "retrieval" in run:
-        vtexts = [volume_text(rec, cv.organ_profile, chunk_config) for rec, cv in valid.entries]
-        keep = [i for i, t in enumerate(vtexts) if t]
-        if keep:
-            remb = encode_texts(model, [vtexts[i] for i in keep])
-            ctext_emb = encode_texts(model, [t or " " for t in chunk_texts]) if chunk_texts else None
-            report["retrieval"] = S.retrieval_section(vol_emb[keep], remb, [vtexts[i] for i in keep],
-                                                      chunk_emb if chunk_texts else None, ctext_emb, chunk_texts)
-            report["retrieval"]["n_volumes_without_text"] = n - len(keep)
-        else:
-            report["retrieval"] = {"skipped": "no report or findings text for any volume"}
-    else:
-        report["retrieval"] = {"skipped": "not requested"}
-
-    # --- segmentation probe
-    if "segmentation" not in run:
-        report["segmentation"] = {"skipped": "not requested"}
-    elif not has_maps:
-        report["segmentation"] = {"skipped": "the preprocessing cache holds no organ maps (no organ masks)"}
-    elif train is None or not all(getattr(cv, "has_organ_map", False) for _, cv in train.entries):
-        report["segmentation"] = {"skipped": f"needs the {config.train_split!r} split with organ masks to fit "
-                                             "the probe"}
-    else:
-        report["segmentation"] = _segmentation(embedder, train, valid, tokens, index, spans, config)
-
-    # --- depth sweep
-    if "depth_sweep" in run:
-        from sigvlp.eval.flops import encoder_flops
-
-        points = []
-        size = valid.entries[0][1].shape[1:]
-        cols = [names.index(x) for x in used]
-        for d in depths:
-            emb = pooled[[index[s] for s in depth_spans[d]]]
-            sc = S.pair_probability(emb, pos_t[cols], neg_t[cols], scale, bias)
-            fl = encoder_flops(model, d, size[0], size[1], device=device)
-            p = S.depth_sweep_point(d, fl["tokens"], fl, valid.labels[:, cols], sc, used)
-            p["volumes_shorter"] = int(sum(cv.shape[0] < d for _, cv in valid.entries))
-            points.append(p)
-        report["depth_sweep"] = {"points": points, "crop": "central d slices of each volume (whole volume when "
-                                 "shorter)", "flops": "one volume of d slices at the split's in-plane size; "
-                                 "torch.utils.flop_counter + analytic attention (4*Lq*Lk*heads*head_dim)"}
-    else:
-        report["depth_sweep"] = {"skipped": "not requested"}
-
-    # --- embedding map
-    coords = None
-    if "embedding_map" in run:
-        from sigvlp.eval.plots import embedding_map
-
-        coords, method = embedding_map(vol_emb, seed=config.seed)
-        report["embedding_map"] = {"method": method, "n": n, "colour": "each scored abnormality"}
-    else:
-        report["embedding_map"] = {"skipped": "not requested"}
-
+    ctx = prepare(model, data, config, sha, device)
+    report = _report_head(ctx, data, folder, sha)
+    for name, run_section in SECTIONS.items():
+        report[name] = run_section(ctx) if name in config.sections else {"skipped": "not requested"}
     report["seconds"] = time.perf_counter() - t0
     if out is not None:
-        out = Path(out)
-        if config.plots:
-            cols = [names.index(x) for x in used] if names else []
-            report["plots"] = _plots(report, out, coords, valid.labels[:, cols] if cols else None, used)
-        validate_report(report)
-        write_report(report, out / "report.json")
+        _write(report, ctx, Path(out))
     validate_report(report)
     if was_training:
         model.train()
     return report
 
 
-def _plots(report, out: Path, coords, labels, names) -> dict:
-    from sigvlp.eval.plots import write_plots
+def _model_and_hash(ckpt, model, config: EvalConfig) -> tuple:
+    """(model, checkpoint folder or None, sha256): the checkpoint loaded, or the model given
+    (hashed from ckpt's files when they are there, else from its state)."""
+    if model is None:
+        if ckpt is None:
+            raise ValueError("ckpt: a checkpoint folder (or model=) is required")
+        return load_checkpoint(ckpt, expect_preset=config.expect_preset)
+    folder = Path(ckpt) if ckpt is not None else None
+    sha = checkpoint_hash(folder) if folder is not None and (folder / "model.safetensors").is_file() \
+        else state_hash(model)
+    return model, folder, sha
 
-    return write_plots(report, out, map_coords=coords, map_labels=labels, map_names=names or [])
+
+def _report_head(ctx: EvalContext, data, folder, sha: str) -> dict:
+    """The report's keys before the sections: schema, device, checkpoint, dataset, config, plots."""
+    valid, config = ctx.valid, ctx.config
+    report = {"schema": SCHEMA, "device": str(ctx.device),
+              "checkpoint": {"path": str(folder) if folder else None, "sha256": sha,
+                             "config": ctx.model.config.to_dict()},
+              "dataset": {"root": str(Path(data).expanduser().resolve()), "split": config.split,
+                          "train_split": config.train_split, "n_volumes": len(valid.entries),
+                          "labels_csv": valid.labels_csv, "skipped": valid.skipped},
+              "config": config.to_dict(), "plots": {}}
+    report["config"]["logit_scale"], report["config"]["logit_bias"] = ctx.scale, ctx.bias
+    if ctx.train_error is not None:
+        report["dataset"]["train_error"] = ctx.train_error
+    return report
 
 
-def _segmentation(embedder: Embedder, train: Split, valid: Split, valid_tokens: dict, index: dict, spans: list,
-                  config: EvalConfig) -> dict:
-    from sigvlp.data.organs import ORGANS
-    from sigvlp.eval import sections as S
-
-    patch = embedder.patch
-    n_classes = len(ORGANS) + 1
-    k = min(config.seg_volumes, len(train.entries))
-    tspans = [(v, 0, train.entries[v][1].shape[0]) for v in range(k)]
-    _, ttok = embedder.cached_encode(train, tspans, set(range(k)), f"embed {train.name} tokens")
-    feats, labs = [], []
-    for i, (v, z0, z1) in enumerate(tspans):
-        tok, _ = ttok[i]
-        lab = train.entries[v][1].organ_labels(patch, z0, z1).reshape(-1)
-        feats.append(tok.astype(np.float32))
-        labs.append(lab)
-    feats, labs = np.concatenate(feats), np.concatenate(labs)
-    probe = S.fit_segmentation_probe(feats, labs, n_classes=n_classes, seed=config.seed,
-                                     max_tokens=config.seg_max_tokens)
-    inter = np.zeros(n_classes)
-    size = np.zeros(n_classes)
-    patch_inter = np.zeros(n_classes)
-    patch_size_ = np.zeros(n_classes)
-    n_eval = 0
-    for v in range(len(valid.entries)):
-        i = index[spans[v]]
-        if i not in valid_tokens:
-            continue
-        tok, grid = valid_tokens[i]
-        cv = valid.entries[v][1]
-        vox = S.predict_voxels(probe, tok, grid, patch, cv.shape[0], n_classes)
-        a, b = S.dice_counts(vox, cv.organ_map(), n_classes)
-        inter += a
-        size += b
-        pl = cv.organ_labels(patch).reshape(-1)
-        pp = probe.predict(tok.astype(np.float32))
-        a, b = S.dice_counts(pp, pl, n_classes)
-        patch_inter += a
-        patch_size_ += b
-        n_eval += 1
-    sec = S.segmentation_section(inter, size, list(ORGANS), n_train_tokens=int(min(len(labs), config.seg_max_tokens)),
-                                 n_train_volumes=k, n_valid_volumes=n_eval,
-                                 upsampling="class probabilities per patch, trilinear to voxels, argmax")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        pd = np.where(patch_size_ > 0, 2 * patch_inter / patch_size_, np.nan)
-    sec["per_organ_dice_patch"] = {o: float(pd[j + 1]) for j, o in enumerate(ORGANS) if patch_size_[j + 1] > 0}
-    return sec
+def _write(report: dict, ctx: EvalContext, out: Path) -> None:
+    """The plots (config.plots; the map coloured by ctx.labels_used) and out/report.json."""
+    if ctx.config.plots:
+        names, used = ctx.valid.label_names, ctx.labels_used
+        cols = [names.index(x) for x in used] if names else []
+        report["plots"] = write_plots(report, out, map_coords=ctx.map_coords,
+                                      map_labels=ctx.valid.labels[:, cols] if cols else None, map_names=used or [])
+    validate_report(report)
+    write_report(report, out / "report.json")

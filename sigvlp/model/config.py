@@ -28,8 +28,10 @@ class SigVLPConfig:
     ``hu_thresholds``: HU values of the intensity encoding added to the patch embedding (per token
     and per ``hu_grid`` sub-block, the fraction of voxels in each interval between consecutive
     thresholds, below the first and above the last; None: off).
-    Text tower: ``text_width``, ``text_layers``, ``text_heads``, ``text_mlp_dim``, 1-D RoPE over the
-    token index with ``text_rope_theta``; ``text_pool``: "last" (the EOS token, SigLIP), "mean"
+    Text tower: ``text_width``, ``text_layers``, ``text_heads``, ``text_mlp_dim``; ``text_positions``:
+    "rope" (1-D RoPE over the token index with ``text_rope_theta``) or "learned" (a table of
+    ``max_text_tokens`` position embeddings added to the token embeddings, no RoPE: SigLIP's text
+    tower, see ``SigVLP.from_siglip``); ``text_pool``: "last" (the EOS token, SigLIP), "mean"
     or "map". ``tokenizer``: "byte" (sigvlp.data ByteTokenizer), "word" (sigvlp.data WordTokenizer
     over the word list ``vocab``, which ``sigvlp train`` builds from the training texts when None)
     or a local Hugging Face tokenizer folder; ``vocab_size`` None = the tokenizer's;
@@ -59,6 +61,7 @@ class SigVLPConfig:
     text_heads: int = 12
     text_mlp_dim: int = 3072
     text_rope_theta: float = 1000.0
+    text_positions: str = "rope"
     text_pool: str = "last"
     tokenizer: str = "byte"
     vocab: Optional[tuple[str, ...]] = None
@@ -122,6 +125,8 @@ class SigVLPConfig:
                 raise ValueError(f"hu_thresholds: expected None or a non-empty increasing list of finite HU "
                                  f"values, got {self.hu_thresholds!r}")
             self.hu_thresholds = tuple(float(v) for v in t)
+        if self.text_positions not in ("rope", "learned"):
+            raise ValueError(f"text_positions: expected 'rope' or 'learned', got {self.text_positions!r}")
         if self.text_pool not in ("last", "mean", "map"):
             raise ValueError(f"text_pool: expected 'last', 'mean' or 'map', got {self.text_pool!r}")
         for name in ("rope_theta", "text_rope_theta"):
@@ -171,7 +176,7 @@ class SigVLPConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "SigVLPConfig":
-        """A named preset ("tiny", "small", "base", "large") with fields overridden.
+        """A named preset ("tiny", "small", "base", "large", "siglip2-large") with fields overridden.
         Unknown preset -> ValueError listing presets; unknown field -> TypeError listing fields."""
         if name not in PRESETS:
             raise ValueError(f"unknown SigVLP preset {name!r}; presets: {sorted(PRESETS)}")
@@ -241,4 +246,7 @@ PRESETS: dict[str, dict] = {
     "base": _tower(768, 12, 12, 3072),
     # SigLIP-2 Large (the public SigVLP checkpoint's shape): head_dim 64, MLP 4096
     "large": _tower(1024, 24, 16, 4096),
+    # google/siglip2-large-patch16-256's geometry (what SigVLP.from_siglip derives for it, with its
+    # Gemma tokenizer folder as tokenizer): "large" with SigLIP-2's vocabulary and 64-token texts
+    "siglip2-large": {**_tower(1024, 24, 16, 4096), "vocab_size": 256000, "max_text_tokens": 64},
 }

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sigvlp.model.config import RUNTIME_FIELDS, SigVLPConfig
 from sigvlp.model.layers import Block, HUEncoding, MAPPool, _init_linear, last_pool, max_pool, mean_pool
+from sigvlp.model.siglip import load_siglip
 
 __all__ = ["SigVLP", "SigVLPOutput", "VolumeEncoder", "TextEncoder"]
 
@@ -113,12 +114,18 @@ class VolumeEncoder(_Tower):
 
 class TextEncoder(_Tower):
     """Token embedding, pre-norm blocks with 1-D RoPE over the token index (grid (L, 1, 1), all rotary
-    pairs on the t axis, theta = text_rope_theta), final norm, pooling, projection."""
+    pairs on the t axis, theta = text_rope_theta), final norm, pooling, projection. With
+    ``text_positions="learned"``: a (max_text_tokens, text_width) position table added to the token
+    embeddings instead of RoPE (SigLIP's text tower)."""
 
     def __init__(self, cfg: SigVLPConfig, vocab_size: int):
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, cfg.text_width)
         nn.init.normal_(self.token_embedding.weight, std=cfg.text_width ** -0.5)
+        self.position_embedding = None
+        if cfg.text_positions == "learned":
+            self.position_embedding = nn.Embedding(cfg.max_text_tokens, cfg.text_width)
+            nn.init.normal_(self.position_embedding.weight, std=cfg.text_width ** -0.5)
         sections = (cfg.text_head_dim // 2, 0, 0)
         attn = dict(theta=cfg.text_rope_theta, sections=sections, backend=cfg.attn_backend)
         self.blocks = nn.ModuleList(Block(cfg.text_width, cfg.text_heads, cfg.text_mlp_dim, cfg.norm_eps, **attn)
@@ -137,9 +144,18 @@ class TextEncoder(_Tower):
         if text_ids.dim() != 1 or text_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"text_ids: expected a 1-D int64 tensor, got {tuple(text_ids.shape)} {text_ids.dtype}")
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        ones = torch.ones_like(lengths)
-        grid = torch.stack([lengths, ones, ones], dim=1).to(torch.int32)
         x = self.token_embedding(text_ids)
+        if self.position_embedding is None:
+            ones = torch.ones_like(lengths)
+            grid = torch.stack([lengths, ones, ones], dim=1).to(torch.int32)
+        else:  # learned positions, no rotation
+            table = self.position_embedding.num_embeddings
+            if max_seqlen > table:
+                raise ValueError(f"max_seqlen: {max_seqlen} tokens, more than the {table} learned text positions "
+                                 f"(text_positions='learned' caps texts at max_text_tokens)")
+            starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths.long(), output_size=text_ids.shape[0])
+            x = x + self.position_embedding(torch.arange(text_ids.shape[0], device=x.device) - starts)
+            grid = None
         x = self._blocks(x, cu_seqlens, max_seqlen, grid)
         return self.head(self._pool(x, cu_seqlens, max_seqlen))
 
@@ -279,6 +295,25 @@ class SigVLP(nn.Module):
         model = cls(want)
         model.load_weights(directory)
         return model.to(map_location) if map_location is not None else model
+
+    @classmethod
+    def from_siglip(cls, path, *, patch_init: str = "inflate", text_positions: str = "rope",
+                    **config_overrides) -> "SigVLP":
+        """A SigVLP started from Hugging Face SigLIP / SigLIP-2 weights (``sigvlp.model.siglip``, whose
+        docstring has the key mapping), on the CPU in float32.
+
+        path: a local SiglipModel folder (config.json, model.safetensors or sharded safetensors with
+        model.safetensors.index.json, tokenizer.json), e.g. google/siglip2-large-patch16-256 fetched
+        once with ``hf download``; the NaFlex Siglip2Model is refused. The config comes from the
+        checkpoint (``siglip_config``: widths, layers, heads, MLP sizes, norm eps, vocabulary, the
+        folder's tokenizer, 64-token texts for SigLIP-2); config_overrides set the other fields
+        (e.g. patch_size=(pt, 16, 16), hu_thresholds); one contradicting the checkpoint is a
+        ValueError naming the field. patch_init: "inflate" (the 2-D kernel summed over RGB and
+        spread over the pt slices: a z-constant volume embeds as SigLIP embeds the slice as a grey
+        image) or "random". text_positions: "rope" (the learned table dropped, 1-D RoPE) or
+        "learned" (SigLIP's table kept, no RoPE: its text embeddings for the same token ids).
+        Missing or unexpected checkpoint keys are a ValueError naming them, never a partial load."""
+        return load_siglip(cls, path, patch_init=patch_init, text_positions=text_positions, **config_overrides)
 
     def load_weights(self, directory) -> None:
         """Load a save_pretrained folder's weights into this model; its config.json must match this

@@ -159,6 +159,23 @@ class Backend:
         return None
 
 
+#: The open `dispatch_log` lists: every backend `BackendSet.select` returns is appended to each.
+_dispatch_logs: list[list[tuple[str, str]]] = []
+
+
+@contextlib.contextmanager
+def dispatch_log():
+    """Record which backend each op call runs: yields a list that receives (op, backend name) for
+    every choice made inside the block (forward and backward passes alike), e.g. to check that
+    backend=None picked "torch" on CPU tensors."""
+    log: list[tuple[str, str]] = []
+    _dispatch_logs.append(log)
+    try:
+        yield log
+    finally:
+        _dispatch_logs.remove(log)
+
+
 class BackendSet:
     """The backends of one op, in priority order for automatic choice."""
 
@@ -171,6 +188,12 @@ class BackendSet:
         return tuple(self.backends)
 
     def select(self, requested: str | None, *, device: torch.device, dtype: torch.dtype, **facts) -> Backend:
+        backend = self._choose(requested, device, dtype, facts)
+        for log in _dispatch_logs:
+            log.append((self.op, backend.name))
+        return backend
+
+    def _choose(self, requested, device, dtype, facts) -> Backend:
         name = resolve_request(requested, self.names)
         if name != "auto":
             backend = self.backends[name]

@@ -13,7 +13,9 @@ Semantics (the spec; `rope3d_reference` is its readable form):
 - Value checks (cu_seqlens starts at 0, non-decreasing, ends at total_tokens; T*H*W equals each
   length) read the index tensors on the host: always for CPU tensors, for CUDA tensors only with
   validate=True or SIGVLP_VALIDATE=1, so the GPU path makes no device-to-host copy. The kernels
-  are memory-safe for any int32 values (a wrong value gives wrong angles, never a bad access).
+  are memory-safe for any int32 values: a wrong value gives wrong angles, never a bad access; every
+  output element is still written, each pair still turned by some angle (its norm kept), and the
+  pairs past the sections still copied unchanged.
 """
 
 from __future__ import annotations

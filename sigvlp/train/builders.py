@@ -23,8 +23,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from sigvlp.checkpoint import latest_checkpoint
 from sigvlp.data import CTRateDataset, ChunkSource, LoaderConfig, PreprocessCache, WordTokenizer, load_tokenizer
 from sigvlp.data import make_loader, preset
-from sigvlp.data.loader import default_cache_root
+from sigvlp.data.findings import no_bank_notice
 from sigvlp.data.organs import ORGANS
+from sigvlp.data.preprocess import default_cache_root
 from sigvlp.model import SigVLP, SigVLPConfig
 from sigvlp.model.modeling import short_repr
 from sigvlp.optim import MuonWithAdamW, split_params
@@ -89,9 +90,12 @@ def check_model_config(saved: SigVLPConfig, wanted: SigVLPConfig, where: str) ->
 def build_model(config: TrainConfig, *, resume_dir=None, from_dataset: bool = True,
                 log: Callable[[str], None] = print) -> SigVLP:
     """SigVLP(preset(config.model, **config.model_overrides)), or the init_from checkpoint (its
-    config must be that one). A "word" tokenizer without a word list gets build_word_vocab's
+    config must be that one), or ``SigVLP.from_siglip(config.init_siglip, **config.model_overrides)``
+    (geometry and weights from the SigLIP folder; config.model is not used). A "word" tokenizer without a word list gets build_word_vocab's
     (from init_from, the run's latest checkpoint under resume_dir, or the dataset when
     from_dataset). ValueError for bad model_overrides; FileNotFoundError for a bad init_from."""
+    if config.init_siglip:
+        return SigVLP.from_siglip(config.init_siglip, **config.model_overrides)
     try:
         mcfg = SigVLPConfig.preset(config.model, **config.model_overrides)
     except TypeError as e:
@@ -135,7 +139,8 @@ def build_word_vocab(config: TrainConfig, saved: Sequence = (), *, from_dataset:
         raise ValueError("model tokenizer 'word': give its vocab (model_overrides) when training from a batch "
                          "source; the word list is built from the dataset's reports")
     paths = resolve_data_paths(config)
-    ds = CTRateDataset(paths["root"], config.split, masks_dir=paths["masks"], findings=paths["findings"])
+    ds = CTRateDataset(paths["root"], config.split, masks_dir=paths["masks"], findings=paths["findings"],
+                       layout=config.layout)
     texts = [t for rec in ds for t in _strings(rec.findings)]
     texts += [rec.report.get("Findings_EN") for rec in ds if rec.findings is None and rec.report]
     labels = list(LABEL_ORGANS) + sorted({k for rec in ds for k in (rec.labels or {})} - set(LABEL_ORGANS))
@@ -210,7 +215,8 @@ def build_data(config: TrainConfig, model_config: SigVLPConfig, tokenizer, runti
     over = {k: v for k, v in (("min_slices", config.min_slices), ("max_slices", config.max_slices),
                               ("whole_fraction", config.whole_fraction)) if v is not None}
     chunk_config = model_config.chunk_config(**over)
-    ds = CTRateDataset(paths["root"], config.split, masks_dir=paths["masks"], findings=paths["findings"])
+    ds = CTRateDataset(paths["root"], config.split, masks_dir=paths["masks"], findings=paths["findings"],
+                       layout=config.layout)
     if len(ds) == 0:
         raise ValueError(f"data: no usable {config.split!r} volumes under {paths['root']}\n{ds.scan.summary()}")
     if ds.scan.skipped:
@@ -225,6 +231,8 @@ def build_data(config: TrainConfig, model_config: SigVLPConfig, tokenizer, runti
     empty = sum(1 for s in sources if not s.findings)
     if empty:
         log(f"data: {empty} volumes have no findings text; their chunks get unique pair ids")
+    if ds.findings_bank is None:
+        log(no_bank_notice(paths["root"], config.split))
     loader_cfg = LoaderConfig(token_budget=config.token_budget, chunks_per_volume=config.chunks_per_volume,
                               num_workers=config.num_workers, seed=config.seed,
                               max_text_tokens=model_config.max_text_tokens)

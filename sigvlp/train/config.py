@@ -54,6 +54,7 @@ class TrainConfig:
     # data
     data: Optional[str] = None              # dataset root in the CT-RATE layout (real or `sigvlp synth` output)
     split: str = "train"
+    layout: str = "auto"                    # CT-RATE layout: "v2" (<split>_fixed, HU), "v1" (<split>), "auto"
     masks: Optional[str] = None             # organ masks folder (None: DATA/masks when present)
     findings: Optional[str] = None          # findings bank (None: DATA/findings/<split>_findings.jsonl when present)
     cache: Optional[str] = None             # preprocessing cache root (None: DATA/.sigvlp-cache or $SIGVLP_CACHE)
@@ -66,9 +67,10 @@ class TrainConfig:
     prompt_weight: float = 0.0              # weight of the CT-CLIP statement loss (sigvlp.prompts; 0: off)
     prompt_decorrelation: float = 0.0       # weight of the topic-direction decorrelation penalty (needs prompt_weight > 0)
     # model
-    model: str = "tiny"                     # SigVLPConfig preset
+    model: str = "base"                     # SigVLPConfig preset (not used with init_siglip)
     model_overrides: dict = field(default_factory=dict)
     init_from: Optional[str] = None         # a save_pretrained folder to start from
+    init_siglip: Optional[str] = None       # a Hugging Face SigLIP folder to start from (SigVLP.from_siglip)
     # optimisation
     steps: int = 1000                       # optimizer steps
     grad_accum: int = 1                     # micro-batches per optimizer step
@@ -133,9 +135,14 @@ class TrainConfig:
             raise ValueError(f"precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.split not in ("train", "valid"):
             raise ValueError(f"split: expected 'train' or 'valid', got {self.split!r}")
+        if self.layout not in ("auto", "v2", "v1"):
+            raise ValueError(f"layout: expected 'auto', 'v2' or 'v1', got {self.layout!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
                                          or self.threads < 0):
             raise ValueError(f"threads: expected an integer >= 0 (0 or null: torch's default), got {self.threads!r}")
+        if self.init_from and self.init_siglip:
+            raise ValueError(f"init_from ({self.init_from}) and init_siglip ({self.init_siglip}): give one of them "
+                             f"(a SigVLP checkpoint or a SigLIP folder to start from)")
         if not isinstance(self.model_overrides, dict):
             raise TypeError(f"model_overrides: expected a mapping, got {type(self.model_overrides).__name__}")
 
@@ -266,7 +273,7 @@ def load_config(path=None, overrides=()) -> TrainConfig:
         if "model" in data and isinstance(data["model"], Mapping):  # model: {preset: tiny, width: ...}
             data = dict(data)
             m = dict(data.pop("model"))
-            data["model"] = m.pop("preset", "tiny")
+            data["model"] = m.pop("preset", TrainConfig.model)
             data["model_overrides"] = {**data.get("model_overrides", {}), **m}
         data = _legacy_model_keys(data, path)
         try:

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from sigvlp.ops import _cuda, newton_schulz, rope3d, sigmoid_loss
-from sigvlp.ops.rope import rope3d_reference
 from sigvlp.ops.sigmoid_loss import sigmoid_loss_dense
+from sigvlp.ops.tolerances import assert_at_floor, assert_rope3d_at_floor, max_err, newton_schulz_low_precision
 
 if not _cuda.emulated():  # this file only runs in the emulated subprocess
     pytest.skip("needs SIGVLP_CUDA_EMULATE=1 (run by tests/test_cuda_emu.py)", allow_module_level=True)
@@ -34,10 +34,6 @@ def emu():
     EMU.set_schedule(schedule)
     EMU.set_max_grid_y(max_grid_y)
     EMU.set_workers(workers)
-
-
-def _err(a, b) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
 def test_the_cuda_backend_is_the_emulation():
@@ -64,15 +60,6 @@ def _rope_inputs(lengths, nheads, head_dim, dtype, seed=0, pad=0):
     return x, cu, torch.tensor(grid, dtype=torch.int32)
 
 
-def _assert_rope_floor(y, x, cu, grid=None, **kw):
-    exact = rope3d_reference(x.double(), cu, grid, compute_dtype=torch.float64, **kw)
-    floor = _err(rope3d_reference(x, cu, grid, **kw).to(x.dtype), exact)
-    err = _err(y, exact)
-    assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) elements"
-    ulp = torch.finfo(x.dtype).eps * max(1.0, exact.abs().max().item())
-    assert err <= 2 * floor + ulp, f"error {err:.3g} vs precision floor {floor:.3g}"
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("pad", [0, 2], ids=["vector", "scalar"])
@@ -81,7 +68,7 @@ def test_rope_dtypes_paths_edge_lengths(dtype, interleaved, pad):
     x, cu, grid = _rope_inputs(lengths, nheads=3, head_dim=64, dtype=dtype, pad=pad)
     for inverse in (False, True):
         y = rope3d(x, cu, grid, interleaved=interleaved, inverse=inverse, backend="cuda")
-        _assert_rope_floor(y, x, cu, grid, interleaved=interleaved, inverse=inverse)
+        assert_rope3d_at_floor(y, x, cu, grid, interleaved=interleaved, inverse=inverse)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -91,7 +78,7 @@ def test_rope_positions_and_odd_head_dims(dtype, head_dim):
     positions = torch.rand(29, 3, generator=torch.Generator().manual_seed(2)) * 500
     for interleaved in (False, True):
         y = rope3d(x, cu, positions=positions, interleaved=interleaved, theta=1000.0, backend="cuda")
-        _assert_rope_floor(y, x, cu, positions=positions, interleaved=interleaved, theta=1000.0)
+        assert_rope3d_at_floor(y, x, cu, positions=positions, interleaved=interleaved, theta=1000.0)
 
 
 def _raw_rope(x, out, cu, grid, batch=None):
@@ -160,14 +147,13 @@ def test_newton_schulz_dtypes_and_tiles(dtype, shape):
     G = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     exact = _ns_fp64(G)
     out = newton_schulz(G.to(dtype), backend="cuda", precision="input")
-    floor = _err(newton_schulz(G.to(dtype), backend="torch", precision="input"), exact)
-    err = _err(out, exact)
+    floor_run = newton_schulz_low_precision(G, [KELLER] * 5, dtype)
     assert torch.isfinite(out).all()
-    # The torch backend rounds the same intermediates to the same dtype; a kernel may differ in
-    # where it rounds (fp32 accumulators), not in how much. fp32 runs on split TF32 (products
+    # The floor: the spec's iteration run at `dtype` (operands rounded to it, fp32 accumulation);
+    # a kernel may differ in where it rounds, not in how much. fp32 runs on split TF32 (products
     # good to ~2^-22, not 2^-24): the slack of tests/test_newton_schulz.py's fp32 oracle test.
     slack = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
-    assert err <= 2 * floor + slack, f"{dtype}: error {err:.3g} vs floor {floor:.3g}"
+    assert_at_floor(out, exact, floor_run, name=str(dtype), slack=slack)
 
 
 @pytest.mark.parametrize("steps", [0, 1, 5])
@@ -177,7 +163,7 @@ def test_newton_schulz_batches_past_the_grid_limit(emu, steps):
     emu.set_max_grid_y(3)  # 7 matrices -> launches of 3, 3, 1
     chunked = newton_schulz(G, steps=steps, backend="cuda")
     assert torch.equal(whole, chunked)
-    assert _err(chunked, _ns_fp64(G, steps)) < 1e-5
+    assert max_err(chunked, _ns_fp64(G, steps)) < 1e-5
     emu.set_max_grid_y(1)
     assert torch.equal(newton_schulz(G, steps=steps, backend="cuda"), whole)
 
@@ -228,8 +214,7 @@ def test_sigmoid_loss_dtypes_ids_partial_tiles(dtype, n, m, d, ids):
     eps = torch.finfo(dtype).eps
     for name, g_, e, lo in zip(["loss", "dx", "dy", "dt", "db"], got, exact, low):
         assert torch.isfinite(g_).all(), name
-        floor, err = _err(lo, e), _err(g_, e)
-        assert err <= 2 * floor + eps * max(1.0, e.abs().max().item()), f"{name}: {err:.3g} vs floor {floor:.3g}"
+        assert_at_floor(g_, e, lo, name=name, slack=eps * max(1.0, e.abs().max().item()))
 
 
 # ----------------------------------------------------------------------------- schedules
