@@ -311,7 +311,7 @@ def test_train_says_once_when_there_is_no_bank(data, tmp_path, capsys, with_bank
                       model_overrides=TEST_MODEL, token_budget=512, num_workers=0, steps=1, prompt_weight=0.0,
                       progress=False, tensorboard=False)
     trainer = Trainer(cfg)
-    assert all(bool(s.findings) for s in trainer.loader.dataset.sources)
+    assert all(bool(s.findings) for s in trainer.data.loader.dataset.sources)
     console = capsys.readouterr().out
     log = (tmp_path / "run" / "log.txt").read_text()
     hint = f"sigvlp findings {data} --split train"

@@ -200,7 +200,7 @@ def test_tokenizer_is_the_folders_own_lowercased_and_unpadded(hf, learned):
 
 
 def test_tokenizer_lowercase_declarations(tmp_path):
-    from sigvlp.data.collate import HFTokenizer
+    from sigvlp.data.tokenizers import HFTokenizer
 
     cases = [({"do_lower_case": True}, {}, True), ({"tokenizer_class": "Siglip2Tokenizer"}, {}, True),
              ({"tokenizer_class": "GemmaTokenizer"}, {"model_type": "siglip"}, True),  # SigLIP-2's files

@@ -38,7 +38,7 @@ def test_the_trainer_moves_each_micro_batch_once(tmp_path, monkeypatch):
     from sigvlp.train.step import Batch
 
     batches = [collate(samples(s, 4)) for s in range(4)]
-    cfg = TrainConfig(out=str(tmp_path / "run"), model_overrides=dict(TEST_MODEL), steps=2, grad_accum=2,
+    cfg = TrainConfig(model="tiny", out=str(tmp_path / "run"), model_overrides=dict(TEST_MODEL), steps=2, grad_accum=2,
                       warmup_steps=1, progress=False, tensorboard=False)
     trainer = Trainer(cfg, batch_source=lambda rank, world: iter(batches))
     moves = []
