@@ -10,7 +10,7 @@ from sigvlp.data.organs import ORGAN_GROUPS
 from sigvlp.demo.synth.canvas import Scene
 from sigvlp.demo.synth.config import RESCALE_INTERCEPT, RESCALE_SLOPE
 
-__all__ = ["CLINICAL", "NORMAL_SENTENCES", "csv_rows", "report_fields", "write_text"]
+__all__ = ["CLINICAL", "FINDING_TEXT", "NORMAL_SENTENCES", "csv_rows", "report_fields", "write_text"]
 
 NORMAL_SENTENCES = {
     "trachea": ["Trachea and both main bronchi are in normal width and open.", "Trachea and main bronchi are patent."],
@@ -33,6 +33,44 @@ CLINICAL = ["Not given.", "Cough.", "Shortness of breath.", "Follow-up of a pulm
             "Chest pain.", "Screening."]
 
 
+#: stated finding -> ((organ, sentence), ...) and its impression, in the order a report states them;
+#: both are formatted with the finding's parameters (sigvlp.demo.synth.lesions), once per instance
+FINDING_TEXT = (
+    ("Medical material", (("heart", "A cardiac pacemaker is present with its lead ending in the right heart."),),
+     "Cardiac pacemaker."),
+    ("Cardiomegaly", (("heart", "The heart is enlarged, with a cardiothoracic ratio of about {ctr:.2f}."),),
+     "Cardiomegaly."),
+    ("Pericardial effusion", (("heart", "Pericardial effusion up to {thickness_mm} mm thick is present."),),
+     "Pericardial effusion."),
+    ("Coronary artery wall calcification",
+     (("heart", "Calcified atherosclerotic plaques are seen in the coronary arteries."),),
+     "Coronary artery calcification."),
+    ("Arterial wall calcification",
+     (("aorta", "Atherosclerotic calcified plaques are seen in the wall of the thoracic aorta."),),
+     "Aortic atherosclerosis."),
+    ("Hiatal hernia", (("esophagus", "A hiatal hernia is present at the lower end of the esophagus."),
+                       ("stomach", "Part of the stomach has herniated through the hiatus, about {size_mm} mm.")),
+     "Hiatal hernia."),
+    ("Emphysema", (("lung", "Centrilobular emphysematous changes are seen in both upper lobes."),), "Emphysema."),
+    ("Lung nodule", (("lung", "A {diameter_mm} mm solid nodule is seen in the {lobe}."),), "Pulmonary nodule(s)."),
+    ("Lung opacity", (("lung", "Ground-glass opacity is seen in the {lobe}."),), "Ground-glass opacity."),
+    ("Consolidation", (("lung", "Consolidation is seen in the {lobe}."),), "Consolidation."),
+    ("Atelectasis", (("lung", "Subsegmental atelectasis is seen in the {lobe}."),), "Atelectasis."),
+    ("Pleural effusion", (("lung", "{Side} pleural effusion up to {depth_mm} mm thick is present."),),
+     "{Side} pleural effusion."),
+)
+
+
+def _instances(name: str, params: dict) -> list[dict]:
+    """The parameter sets a stated finding's sentences are formatted with: one per lung nodule, the
+    side capitalised for a pleural effusion, else the finding's parameters."""
+    if name == "Lung nodule":
+        return params["nodules"]
+    if name == "Pleural effusion":
+        return [{**params, "Side": params["side"].capitalize()}]
+    return [params]
+
+
 def write_text(stated: dict, labels: np.ndarray, rng) -> tuple[dict[str, list[str]], str]:
     """(organ -> sentences, impression) of a phantom: an abnormal sentence per stated finding (with
     its parameters), a normal sentence (drawn from NORMAL_SENTENCES with `rng`) for every other organ
@@ -41,51 +79,14 @@ def write_text(stated: dict, labels: np.ndarray, rng) -> tuple[dict[str, list[st
     organs = [o for o, ids in ORGAN_GROUPS.items() if present_ids & set(ids)]
     out: dict[str, list[str]] = {o: [] for o in organs}
     short = []
-
-    def say(organ, text):
-        out.setdefault(organ, []).append(text)
-
-    f = stated
-    if "Medical material" in f:
-        say("heart", "A cardiac pacemaker is present with its lead ending in the right heart.")
-        short.append("Cardiac pacemaker.")
-    if "Cardiomegaly" in f:
-        say("heart", f"The heart is enlarged, with a cardiothoracic ratio of about {f['Cardiomegaly']['ctr']:.2f}.")
-        short.append("Cardiomegaly.")
-    if "Pericardial effusion" in f:
-        say("heart", f"Pericardial effusion up to {f['Pericardial effusion']['thickness_mm']} mm thick is present.")
-        short.append("Pericardial effusion.")
-    if "Coronary artery wall calcification" in f:
-        say("heart", "Calcified atherosclerotic plaques are seen in the coronary arteries.")
-        short.append("Coronary artery calcification.")
-    if "Arterial wall calcification" in f:
-        say("aorta", "Atherosclerotic calcified plaques are seen in the wall of the thoracic aorta.")
-        short.append("Aortic atherosclerosis.")
-    if "Hiatal hernia" in f:
-        say("esophagus", "A hiatal hernia is present at the lower end of the esophagus.")
-        say("stomach", f"Part of the stomach has herniated through the hiatus, about {f['Hiatal hernia']['size_mm']} mm.")
-        short.append("Hiatal hernia.")
-    if "Emphysema" in f:
-        say("lung", "Centrilobular emphysematous changes are seen in both upper lobes.")
-        short.append("Emphysema.")
-    for nod in f.get("Lung nodule", {}).get("nodules", []):
-        say("lung", f"A {nod['diameter_mm']} mm solid nodule is seen in the {nod['lobe']}.")
-    if "Lung nodule" in f:
-        short.append("Pulmonary nodule(s).")
-    if "Lung opacity" in f:
-        say("lung", f"Ground-glass opacity is seen in the {f['Lung opacity']['lobe']}.")
-        short.append("Ground-glass opacity.")
-    if "Consolidation" in f:
-        say("lung", f"Consolidation is seen in the {f['Consolidation']['lobe']}.")
-        short.append("Consolidation.")
-    if "Atelectasis" in f:
-        say("lung", f"Subsegmental atelectasis is seen in the {f['Atelectasis']['lobe']}.")
-        short.append("Atelectasis.")
-    if "Pleural effusion" in f:
-        pe = f["Pleural effusion"]
-        side = {"right": "Right", "left": "Left", "bilateral": "Bilateral"}[pe["side"]]
-        say("lung", f"{side} pleural effusion up to {pe['depth_mm']} mm thick is present.")
-        short.append(f"{side} pleural effusion.")
+    for name, sentences, summary in FINDING_TEXT:
+        if name not in stated:
+            continue
+        instances = _instances(name, stated[name])
+        for params in instances:
+            for organ, template in sentences:
+                out.setdefault(organ, []).append(template.format(**params))
+        short.append(summary.format(**(instances[-1] if instances else {})))
     for organ in organs:  # an organ without an abnormal sentence gets a normal one
         if not out.get(organ):
             variants = NORMAL_SENTENCES.get(organ)
