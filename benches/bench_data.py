@@ -16,7 +16,7 @@ import pytest
 
 from sigvlp.data.chunks import ChunkConfig, ChunkSampler
 from sigvlp.data.preprocess import PreprocessCache, PreprocessConfig, preprocess_array
-from sigvlp.data.synth import SynthConfig, write_dataset
+from sigvlp.demo.synth import SynthConfig, write_dataset
 from sigvlp.data.volume import load_volume
 
 import _bench

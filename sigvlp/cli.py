@@ -7,17 +7,19 @@ import importlib
 import importlib.util
 import sys
 
-# name -> (module, help). The module provides add_arguments(parser) and run(args) -> int.
+# name -> (module, help). The module provides add_arguments(parser) and run(args) -> int. This command line
+# shell is the one core module that names the demo application (sigvlp.demo), and it imports a module only
+# when the parser is built, never on `import sigvlp.cli` (tests/test_demo_boundary.py checks the boundary).
 SUBCOMMANDS = {
-    "demo": ("sigvlp.train.demo", "the main job: phantoms, train the tiny model on the CPU, zero-shot on "
-                                  "held-out phantoms (no network, no GPU)"),
+    "demo": ("sigvlp.demo.run", "the main job: phantoms, train the tiny model on the CPU, zero-shot on "
+                                "held-out phantoms (no network, no GPU)"),
     "train": ("sigvlp.train.cli", "train SigVLP on a CT-RATE-layout folder (torchrun for several processes)"),
     "embed": ("sigvlp.embed", "pooled and token embeddings of NIfTI files or DICOM series"),
     "eval": ("sigvlp.eval", "evaluate a checkpoint: zero-shot (CT-CLIP protocol), organs, retrieval, probes, "
                             "depth sweep; JSON report and plots"),
     "masks": ("sigvlp.data.segment", "organ masks with TotalSegmentator for every volume without one (needs the "
                                      "[seg] extra)"),
-    "synth": ("sigvlp.data.synth", "write a synthetic chest-CT phantom dataset in the CT-RATE layout"),
+    "synth": ("sigvlp.demo.synth.cli", "write a synthetic chest-CT phantom dataset in the CT-RATE layout"),
     "findings": ("sigvlp.data.findings_cli", "build a split's organ-wise findings bank (rule splitter, LLM, or "
                                              "the fVLM / RadGenome organ-wise reports)"),
     "info": ("sigvlp.info", "versions, CUDA build and backend availability"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from sigvlp.data.synth import SYNTH_PRESETS, write_dataset
+from sigvlp.demo.synth import SYNTH_PRESETS, write_dataset
 
 TINY = SYNTH_PRESETS["tiny"]
 _DATASETS: dict = {}

@@ -78,7 +78,7 @@ def test_demo_end_to_end_on_a_small_set(tmp_path, monkeypatch, capsys):
     import csv
     import json
 
-    import sigvlp.train.demo as demo
+    import sigvlp.demo.run as demo
     from sigvlp.cli import main
 
     monkeypatch.setitem(demo.DEMO_DATA, "train", {**demo.DEMO_DATA["train"], "n_train": 24})

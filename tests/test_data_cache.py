@@ -79,7 +79,7 @@ def test_old_format_entry_is_rebuilt_not_misread(tmp_path):
     from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
 
-    from sigvlp.data.synth import make_phantom, save_nifti
+    from sigvlp.demo.synth import make_phantom, save_nifti
     from _data_helpers import TINY
 
     src, mask = tmp_path / "v.nii.gz", tmp_path / "m.nii.gz"

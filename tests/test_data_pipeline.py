@@ -16,7 +16,7 @@ from sigvlp.data.ctrate import CTRateDataset, build_cache, volume_relpath
 from sigvlp.data.loader import ChunkSource, LoaderConfig, make_loader
 from sigvlp.data.organs import ORGANS, organ_z_profile
 from sigvlp.data.preprocess import PRESETS, PreprocessCache, PreprocessConfig, preprocess_array, preset
-from sigvlp.data.synth import make_phantom, save_nifti
+from sigvlp.demo.synth import make_phantom, save_nifti
 from sigvlp.data.volume import load_volume
 
 CFG = PRESETS["tiny"]  # 3 mm slices, 64 x 64

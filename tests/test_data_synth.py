@@ -11,7 +11,7 @@ from _data_helpers import TINY, tiny_dataset
 from sigvlp.data.chunks import load_findings_bank
 from sigvlp.data.ctrate import CTRATE_LABELS, LABEL_COLUMNS, REPORT_COLUMNS, volume_relpath
 from sigvlp.data.organs import ORGAN_GROUPS, ORGANS
-from sigvlp.data.synth import (DRAWN, HU, PREVALENCE, SYNTH_PRESETS, SynthConfig, ensure_default_dataset,
+from sigvlp.demo.synth import (DRAWN, HU, PREVALENCE, SYNTH_PRESETS, SynthConfig, ensure_default_dataset,
                                make_phantom, sample_findings)
 from sigvlp.data.volume import load_mask, load_volume
 
@@ -167,7 +167,7 @@ def test_cli_and_default_dataset(tmp_path):
 
 
 def test_dataset_is_deterministic(tmp_path):
-    from sigvlp.data.synth import write_dataset
+    from sigvlp.demo.synth import write_dataset
 
     a = write_dataset(tmp_path / "a", 2, 1, seed=9, config=TINY, workers=1)
     b = write_dataset(tmp_path / "b", 2, 1, seed=9, config=TINY, workers=2)
@@ -179,7 +179,7 @@ def test_dataset_is_deterministic(tmp_path):
 
 
 def test_bad_synth_arguments(tmp_path):
-    from sigvlp.data.synth import write_dataset
+    from sigvlp.demo.synth import write_dataset
 
     with pytest.raises(ValueError, match="n_train"):
         write_dataset(tmp_path, -1, 0)
@@ -188,14 +188,14 @@ def test_bad_synth_arguments(tmp_path):
 
 
 def test_import_boundaries():
-    """sigvlp.ops never pulls in the data package; the synth CLI module stays free of torch."""
+    """sigvlp.ops never pulls in the data package; the synth package and its CLI module stay free of torch."""
     import subprocess
     import sys
 
     code = ("import sys, sigvlp.ops; assert not [m for m in sys.modules if m.startswith('sigvlp.data')]; "
-            "import sigvlp.data.synth")
+            "import sigvlp.demo.synth")
     subprocess.run([sys.executable, "-c", code], check=True)
-    code = "import sys, sigvlp.data.synth; assert 'torch' not in sys.modules, 'synth imports torch'"
+    code = "import sys, sigvlp.demo.synth.cli; assert 'torch' not in sys.modules, 'synth imports torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -234,9 +234,9 @@ def test_phantom_output_is_unchanged_by_the_step_split():
 def test_make_phantom_is_built_from_named_steps(monkeypatch):
     """Behaviour, not source text: make_phantom runs the anatomy steps in order, then the step of
     each present abnormality (and no other), then noise and the report."""
-    from sigvlp.data import synth
+    from sigvlp.demo.synth import anatomy, lesions, phantom
 
-    assert sorted(synth._ABNORMALITY_STEPS) == sorted(DRAWN)  # one named step per abnormality
+    assert sorted(lesions.ABNORMALITY_STEPS) == sorted(DRAWN)  # one named step per abnormality
     calls = []
 
     def spy(name, step):
@@ -245,16 +245,18 @@ def test_make_phantom_is_built_from_named_steps(monkeypatch):
             return step(*args)
         return run
 
-    anatomy = ["_geometry", "_body_wall", "_abdomen", "_lungs", "_heart", "_skeleton", "_vessels_airway"]
-    for name in anatomy + ["_noise_and_quantise", "_report"]:
-        monkeypatch.setattr(synth, name, spy(name, getattr(synth, name)))
-    for name, step in list(synth._ABNORMALITY_STEPS.items()):
-        monkeypatch.setitem(synth._ABNORMALITY_STEPS, name, spy(name, step))
+    names = ["geometry", "body_wall", "abdomen", "lungs", "heart", "skeleton", "vessels_airway"]
+    assert [f.__name__ for f in anatomy.ANATOMY_STEPS] == names
+    monkeypatch.setattr(phantom, "ANATOMY_STEPS", tuple(spy(f.__name__, f) for f in anatomy.ANATOMY_STEPS))
+    for name in ("noise_and_quantise", "report_fields"):
+        monkeypatch.setattr(phantom, name, spy(name, getattr(phantom, name)))
+    for name, step in list(lesions.ABNORMALITY_STEPS.items()):
+        monkeypatch.setitem(lesions.ABNORMALITY_STEPS, name, spy(name, step))
     findings = ["Pleural effusion", "Hiatal hernia"]
     make_phantom(3, TINY, findings=findings)
-    present = [name for name in synth._ABNORMALITY_STEPS if name in findings]
+    present = [name for name in lesions.ABNORMALITY_STEPS if name in findings]
     assert sorted(present) == sorted(findings)
-    assert calls == anatomy + present + ["_noise_and_quantise", "_report"]
+    assert calls == names + present + ["noise_and_quantise", "report_fields"]
 
 
 # ----------------------------------------------------------------------------- CLI errors
@@ -340,7 +342,7 @@ def _snapshot(root):
 
 def test_overwrite_never_deletes_a_folder_synth_did_not_write(tmp_path, capsys):
     from sigvlp.cli import main
-    from sigvlp.data.synth import write_dataset
+    from sigvlp.demo.synth import write_dataset
 
     root = tmp_path / "ctrate"
     files = _fake_ctrate(root)

@@ -8,7 +8,7 @@ import pytest
 
 from _data_helpers import TINY, save, truncate_gz
 from sigvlp.data.organs import organ_z_profile
-from sigvlp.data.synth import RESCALE_INTERCEPT, make_phantom, save_nifti
+from sigvlp.demo.synth import RESCALE_INTERCEPT, make_phantom, save_nifti
 from sigvlp.data.volume import load_mask, load_volume
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sigvlp.data.synth import SYNTH_PRESETS, make_phantom, save_nifti
+from sigvlp.demo.synth import SYNTH_PRESETS, make_phantom, save_nifti
 from sigvlp.data.volume import load_volume
 from sigvlp.embed import add_arguments, find_inputs, load_dicom_series, run
 from sigvlp.model import SigVLP, SigVLPConfig, volume_batch

@@ -16,7 +16,7 @@ from sklearn.metrics import f1_score, roc_auc_score  # noqa: E402
 
 from sigvlp.data.chunks import organs_in_chunk  # noqa: E402
 from sigvlp.data.organs import ORGANS  # noqa: E402
-from sigvlp.data.synth import SYNTH_PRESETS, write_dataset  # noqa: E402
+from sigvlp.demo.synth import SYNTH_PRESETS, write_dataset  # noqa: E402
 from sigvlp.eval import report as R  # noqa: E402
 from sigvlp.eval import suite as S  # noqa: E402
 from sigvlp.model import SigVLP, SigVLPConfig, volume_batch  # noqa: E402

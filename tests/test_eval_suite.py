@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("sklearn", reason="the eval extra (scikit-learn) is not installed")
 pytest.importorskip("matplotlib", reason="the eval extra (matplotlib) is not installed")
 
-from sigvlp.data.synth import SYNTH_PRESETS, write_dataset  # noqa: E402
+from sigvlp.demo.synth import SYNTH_PRESETS, write_dataset  # noqa: E402
 from sigvlp.eval import suite as S  # noqa: E402
 from sigvlp.eval.report import validate_report  # noqa: E402
 from sigvlp.model import SigVLP, SigVLPConfig, volume_batch  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sigvlp.model import SigVLP, SigVLPConfig, volume_batch
+from sigvlp.model import HUEncodingConfig, SigVLP, SigVLPConfig, volume_batch
 from sigvlp.ops import sigmoid_loss
 
 
@@ -25,7 +25,7 @@ def _one_thread():
 
 
 #: an HU encoding whose thresholds sit between integer HU (test volumes below are integer HU)
-_HU = {"hu_thresholds": (-950.5, -600.5, -0.5, 300.5), "hu_grid": (2, 4, 2)}
+_HU = {"hu": HUEncodingConfig(thresholds=(-950.5, -600.5, -0.5, 300.5), grid=(2, 4, 2))}
 
 
 def _tiny(**kw):
@@ -408,7 +408,7 @@ def test_towers_match_fp64_oracle(pool, text_pool, backend, hu):
             pos = torch.stack([n // (H * W), (n // W) % H, n % W], 1).double()
             x = ref.visual.patch_embed(b["patches"][cu[i] : cu[i + 1]].double())
             if hu:
-                f = _hu_features64(b["patches"][cu[i] : cu[i + 1]], cfg.patch_size, cfg.hu_grid, cfg.hu_thresholds,
+                f = _hu_features64(b["patches"][cu[i] : cu[i + 1]], cfg.patch_size, cfg.hu.grid, cfg.hu.thresholds,
                                    (-1000.0, 1000.0))
                 x = x + ref.visual.hu_encoding.embed(f)
             tok = _tower64(ref.visual, x, pos, sec3, cfg.rope_theta)
@@ -449,23 +449,26 @@ def test_max_pool_matches_loop_and_gradient():
 def test_hu_encoding_config_errors_and_round_trip(tmp_path):
     for bad in ((), (0.0, -100.0), (1.0, 1.0), ("a",), (float("nan"),), "300", 5, {0: 1, 300: 2}, {0, 300},
                 (x for x in (0, 300)), (True, 2)):
-        with pytest.raises(ValueError, match="hu_thresholds"):
-            _tiny(hu_thresholds=bad)
+        with pytest.raises(ValueError, match="hu.thresholds"):
+            _tiny(hu={"thresholds": bad})
     for bad in ((-3000.0, 0.0), (0.0, 1000.0)):  # outside (or on the edge of) the tiny preset's window
-        with pytest.raises(ValueError, match="hu_thresholds.*window"):
-            _tiny(hu_thresholds=bad)
+        with pytest.raises(ValueError, match="hu.thresholds.*window"):
+            _tiny(hu={"thresholds": bad})
     for bad in ((1, 3, 4), 4, None, (4, 4), (2.5, 4, 4), "abc"):  # 3 does not divide 16
-        with pytest.raises(ValueError, match="hu_grid"):
-            _tiny(hu_thresholds=(0.0,), hu_grid=bad)
-    assert _tiny(hu_thresholds=np.array([0, 300])).hu_thresholds == (0.0, 300.0)  # numpy integers are numbers
-    assert _tiny(hu_thresholds=[np.int64(-950), 300]).hu_thresholds == (-950.0, 300.0)
+        with pytest.raises(ValueError, match="hu.grid"):
+            _tiny(hu={"thresholds": (0.0,), "grid": bad})
+    for bad in (5, (0.0, 300.0), {"grid": (1, 4, 4)}, {"thresholds": (0.0,), "bins": 3}):
+        with pytest.raises(TypeError, match="hu"):
+            _tiny(hu=bad)
+    assert _tiny(hu={"thresholds": np.array([0, 300])}).hu.thresholds == (0.0, 300.0)  # numpy integers are numbers
+    assert _tiny(hu=HUEncodingConfig([np.int64(-950), 300])).hu == HUEncodingConfig((-950.0, 300.0), (1, 4, 4))
     with pytest.raises(ValueError, match="pool"):
         _tiny(pool="sum")
     model = _model(pool="max", **_HU)
     assert model.visual.hu_encoding.embed.in_features == (4 + 1) * 16  # 4 thresholds: 5 bins, 16 sub-blocks
     model.save_pretrained(tmp_path / "m")
     loaded = SigVLP.from_pretrained(tmp_path / "m")
-    assert loaded.config == model.config and loaded.config.hu_thresholds == _HU["hu_thresholds"]
+    assert loaded.config == model.config and loaded.config.hu == _HU["hu"]
     b = _batch(model, [8, 5])
     with torch.no_grad():
         torch.testing.assert_close(loaded(b).image_emb, model(b).image_emb, rtol=0, atol=0)
@@ -483,6 +486,39 @@ def test_hu_encoding_config_errors_and_round_trip(tmp_path):
     bottom[:, 0] = 1
     top[:, -1] = 1
     assert torch.equal(f[0], bottom) and torch.equal(f[1], top) and torch.equal(f[2], bottom)
+
+
+
+def test_hu_encoding_is_stored_only_when_set_and_old_config_files_load(tmp_path):
+    """A model without the HU encoding stores no hu* key; config.json files written before the ``hu``
+    sub-config (top-level hu_thresholds / hu_grid, hu_grid always present) load as the same model."""
+    without = _model(pool="max")
+    assert not [k for k in without.config.to_dict() if k.startswith("hu")]
+    without.save_pretrained(tmp_path / "plain")
+    assert '"hu' not in (tmp_path / "plain" / "config.json").read_text()
+    model = _model(pool="max", **_HU)
+    assert model.config.to_dict()["hu"] == {"thresholds": [-950.5, -600.5, -0.5, 300.5], "grid": [2, 4, 2]}
+    assert set(without.config.diff(model.config)) == {"hu"} and set(model.config.diff(without.config)) == {"hu"}
+    model.save_pretrained(tmp_path / "hu")
+    b = _batch(model, [8, 5])
+    for name, m, old in (("plain", without, {"hu_thresholds": None, "hu_grid": [1, 4, 4]}),
+                         ("hu", model, {"hu_thresholds": [-950.5, -600.5, -0.5, 300.5], "hu_grid": [2, 4, 2]})):
+        path = tmp_path / name / "config.json"
+        raw = json.loads(path.read_text())
+        raw["config"].pop("hu", None)
+        raw["config"].update(old)  # the layout of an older config.json
+        path.write_text(json.dumps(raw))
+        loaded = SigVLP.from_pretrained(tmp_path / name)
+        assert loaded.config == m.config
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(b).image_emb, m(b).image_emb, rtol=0, atol=0)
+    # the older keys (and the dotted ones of `--set model.hu.thresholds=...`) as overrides map the same way
+    assert _tiny(hu_thresholds=(-950.5, -600.5, -0.5, 300.5), hu_grid=(2, 4, 2)).hu == _HU["hu"]
+    assert _tiny(**{"hu.thresholds": [-950.5, -600.5, -0.5, 300.5], "hu.grid": [2, 4, 2]}).hu == _HU["hu"]
+    assert _tiny(hu_grid=(2, 4, 2)).hu is None  # no thresholds: the encoding is off
+    assert model.config.replace(hu=None) == without.config and without.config.replace(**_HU) == model.config
+    with pytest.raises(ValueError, match="given twice"):
+        _tiny(hu_thresholds=(0.0,), **_HU)
 
 
 def test_word_tokenizer_config_round_trip_and_errors(tmp_path):

@@ -142,7 +142,7 @@ def _grey_vision(model, image):
 @pytest.mark.parametrize("hu", [None, (-500.0, 100.0)])
 def test_inflated_patch_embeds_a_z_constant_volume_as_siglip_embeds_the_slice(hf, hu):
     model, folder = hf
-    ours = SigVLP.from_siglip(folder, attn_backend="torch", hu_thresholds=hu).eval()
+    ours = SigVLP.from_siglip(folder, attn_backend="torch", hu=hu and {"thresholds": hu}).eval()
     assert ours.config.patch_size == (16, 16, 16) and ours.config.text_positions == "rope"
     assert torch.equal(ours.visual.head.weight, torch.eye(WIDTH)) and not ours.visual.head.bias.any()
     image = torch.rand(16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
@@ -177,7 +177,7 @@ def test_config_derived_from_the_checkpoint(hf, tmp_path):
     cfg = siglip_config(folder)
     assert (cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.text_width, cfg.text_layers, cfg.text_heads,
             cfg.text_mlp_dim, cfg.vocab_size, cfg.embed_dim, cfg.max_text_tokens, cfg.norm_eps, cfg.pool,
-            cfg.text_pool, cfg.hu_thresholds) == (WIDTH, LAYERS, HEADS, MLP, WIDTH, LAYERS, HEADS, MLP, VOCAB, WIDTH,
+            cfg.text_pool, cfg.hu) == (WIDTH, LAYERS, HEADS, MLP, WIDTH, LAYERS, HEADS, MLP, VOCAB, WIDTH,
                                                   TABLE, 1e-6, "map", "last", None)
     assert pathlib.Path(cfg.tokenizer) == folder.resolve()
     # google/siglip2-large-patch16-256's config.json geometry gives the "siglip2-large" preset

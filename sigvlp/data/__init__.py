@@ -1,8 +1,8 @@
 """CT data pipeline: NIfTI reading (HU, canonical orientation), preprocessing and its cache,
-the CT-RATE reader, variable-depth chunks with organ-wise text, packed varlen batches, a seeded
-DataLoader, and synthetic phantoms in the CT-RATE layout (``sigvlp synth``).
+the CT-RATE reader, variable-depth chunks with organ-wise text, packed varlen batches and a
+seeded DataLoader. (Synthetic phantoms in the CT-RATE layout are the demo's: sigvlp.demo.synth.)
 
-Names are imported on first use, so ``import sigvlp.data.synth`` (the CLI) stays cheap.
+Names are imported on first use, so importing one submodule stays cheap.
 Nothing in sigvlp.ops or sigvlp.kernels imports this package.
 """
 
@@ -21,7 +21,6 @@ _EXPORTS = {
     "sigvlp.data.tokenizers": ["ByteTokenizer", "HFTokenizer", "WordTokenizer", "load_tokenizer"],
     "sigvlp.data.collate": ["collate_chunks", "pair_ids", "patchify", "validate_batch"],
     "sigvlp.data.loader": ["ChunkSource", "ChunkStream", "LoaderConfig", "make_loader"],
-    "sigvlp.data.synth": ["SynthConfig", "make_phantom", "write_dataset", "ensure_default_dataset"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -8,8 +8,8 @@ The model calls only ``sigvlp.ops`` (rope_attention_varlen for every attention).
 """
 
 from sigvlp.model.batch import volume_batch
-from sigvlp.model.config import PRESETS, RUNTIME_FIELDS, SigVLPConfig
+from sigvlp.model.config import PRESETS, RUNTIME_FIELDS, HUEncodingConfig, SigVLPConfig
 from sigvlp.model.modeling import SigVLP, SigVLPOutput, TextEncoder, VolumeEncoder
 
-__all__ = ["PRESETS", "RUNTIME_FIELDS", "SigVLP", "SigVLPConfig", "SigVLPOutput", "TextEncoder", "VolumeEncoder",
+__all__ = ["HUEncodingConfig", "PRESETS", "RUNTIME_FIELDS", "SigVLP", "SigVLPConfig", "SigVLPOutput", "TextEncoder", "VolumeEncoder",
            "volume_batch"]

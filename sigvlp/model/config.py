@@ -8,12 +8,86 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["SigVLPConfig", "PRESETS", "RUNTIME_FIELDS"]
+__all__ = ["HUEncodingConfig", "SigVLPConfig", "PRESETS", "RUNTIME_FIELDS"]
 
 #: head_dim values the attention op serves (sigvlp.ops.attention.SUPPORTED_HEAD_DIMS)
 _HEAD_DIMS = (32, 64, 96, 128)
 #: fields that change how the model runs, not its weights (free to differ from a checkpoint's)
 RUNTIME_FIELDS = frozenset({"attn_backend", "grad_checkpointing"})
+#: config keys of the HU encoding before it became the ``hu`` sub-config (and the dotted form of
+#: ``--set model.hu.thresholds=...``) -> its field; SigVLPConfig.from_dict maps them into ``hu``
+_HU_KEYS = {"hu_thresholds": "thresholds", "hu_grid": "grid", "hu.thresholds": "thresholds", "hu.grid": "grid"}
+
+
+@dataclass
+class HUEncodingConfig:
+    """The optional HU (intensity) encoding of patch tokens (sigvlp.model.layers.HUEncoding):
+    ``thresholds``: increasing finite HU values; per token and per ``grid`` (gt, gh, gw) sub-block of
+    the patch, the fraction of voxels in each interval between consecutive thresholds, below the
+    first and above the last, is embedded and added to the patch embedding. ``grid`` must divide
+    the model's patch_size and every threshold lie inside its preprocess preset's HU window (both
+    checked by SigVLPConfig). ValueError for a bad value, naming ``hu.thresholds`` / ``hu.grid``."""
+
+    thresholds: tuple[float, ...]
+    grid: tuple[int, int, int] = (1, 4, 4)
+
+    def __post_init__(self):
+        t = self.thresholds
+        if hasattr(t, "tolist") and not isinstance(t, (str, bytes)):
+            t = t.tolist()  # a numpy array
+        if not (isinstance(t, (tuple, list)) and len(t) > 0
+                and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in t)
+                and all(b > a for a, b in zip(t, t[1:]))):
+            raise ValueError(f"hu.thresholds: expected a non-empty increasing list of finite HU values, "
+                             f"got {self.thresholds!r}")
+        self.thresholds = tuple(float(v) for v in t)
+        g = self.grid
+        if not (isinstance(g, (tuple, list)) and len(g) == 3
+                and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in g)):
+            raise ValueError(f"hu.grid: expected three positive ints (gt, gh, gw), got {g!r}")
+        self.grid = tuple(int(v) for v in g)
+
+    @classmethod
+    def coerce(cls, value) -> "HUEncodingConfig":
+        """An HUEncodingConfig from itself or a mapping of its fields (a config.json's ``hu``);
+        TypeError for anything else or an unknown key."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"hu: expected None, an HUEncodingConfig or a mapping with 'thresholds' (and 'grid'), "
+                            f"got {type(value).__name__}")
+        unknown = sorted(set(value) - {"thresholds", "grid"})
+        if unknown or "thresholds" not in value:
+            raise TypeError(f"hu: expected the keys 'thresholds' and optionally 'grid', got {sorted(value)}")
+        return cls(**value)
+
+    def check(self, patch_size, preprocess: str, window) -> None:
+        """ValueError unless grid divides patch_size and every threshold lies inside `window` (the HU
+        window of the preprocess preset named `preprocess`)."""
+        if not all(p % v == 0 for v, p in zip(self.grid, patch_size)):
+            raise ValueError(f"hu.grid: expected three positive ints dividing patch_size {patch_size}, "
+                             f"got {self.grid!r}")
+        if not all(window[0] < v < window[1] for v in self.thresholds):
+            raise ValueError(f"hu.thresholds: every threshold must lie inside the preprocess preset "
+                             f"{preprocess!r}'s HU window {tuple(window)} (outside it a bin is always "
+                             f"empty or full), got {self.thresholds}")
+
+
+def _map_hu_keys(d: dict) -> dict:
+    """`d` with the older top-level hu_thresholds / hu_grid keys (config.json files written before the
+    ``hu`` sub-config) and dotted hu.thresholds / hu.grid keys moved into ``hu``. Thresholds None
+    (encoding off) drops them, grid included. ValueError when ``hu`` is given as well."""
+    keys = [k for k in d if k in _HU_KEYS]
+    if not keys:
+        return d
+    d = dict(d)
+    sub = {_HU_KEYS[k]: d.pop(k) for k in keys}
+    if sub.get("thresholds") is None:
+        return d  # the HU encoding is off: the old always-stored hu_grid meant nothing
+    if d.get("hu") is not None:
+        raise ValueError(f"hu: the HU encoding is given twice ({sorted(keys)} and hu); give only hu")
+    d["hu"] = sub
+    return d
 
 
 @dataclass
@@ -25,9 +99,8 @@ class SigVLPConfig:
     ``layers``, ``heads``, ``mlp_dim``; 3D RoPE with ``rope_theta`` and ``rope_sections`` (rotary
     pairs for (t, h, w); None = 2:3:3 of head_dim/2, remainder to t). ``pool``: "map" (learned
     probe, SigLIP's attention pooling), "mean" or "max" (per-channel max over the tokens).
-    ``hu_thresholds``: HU values of the intensity encoding added to the patch embedding (per token
-    and per ``hu_grid`` sub-block, the fraction of voxels in each interval between consecutive
-    thresholds, below the first and above the last; None: off).
+    ``hu``: the optional HU encoding added to the patch embedding (``HUEncodingConfig``: thresholds
+    and sub-block grid; a mapping of its fields is accepted; None: off, and nothing of it is stored).
     Text tower: ``text_width``, ``text_layers``, ``text_heads``, ``text_mlp_dim``; ``text_positions``:
     "rope" (1-D RoPE over the token index with ``text_rope_theta``) or "learned" (a table of
     ``max_text_tokens`` position embeddings added to the token embeddings, no RoPE: SigLIP's text
@@ -53,8 +126,7 @@ class SigVLPConfig:
     rope_theta: float = 10000.0
     rope_sections: Optional[tuple[int, int, int]] = None
     pool: str = "map"
-    hu_thresholds: Optional[tuple[float, ...]] = None
-    hu_grid: tuple[int, int, int] = (1, 4, 4)
+    hu: Optional[HUEncodingConfig] = None
     # text tower
     text_width: int = 768
     text_layers: int = 12
@@ -108,23 +180,8 @@ class SigVLPConfig:
             raise ValueError(f"max_text_tokens: expected >= 2 (BOS and EOS), got {self.max_text_tokens}")
         if self.pool not in ("map", "mean", "max"):
             raise ValueError(f"pool: expected 'map', 'mean' or 'max', got {self.pool!r}")
-        g = self.hu_grid
-        if not (isinstance(g, (tuple, list)) and len(g) == 3
-                and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 and p % v == 0
-                        for v, p in zip(g, self.patch_size))):
-            raise ValueError(f"hu_grid: expected three positive ints dividing patch_size {self.patch_size}, "
-                             f"got {g!r}")
-        self.hu_grid = tuple(int(v) for v in g)
-        if self.hu_thresholds is not None:
-            t = self.hu_thresholds
-            if hasattr(t, "tolist") and not isinstance(t, (str, bytes)):
-                t = t.tolist()  # a numpy array
-            if not (isinstance(t, (tuple, list)) and len(t) > 0
-                    and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in t)
-                    and all(b > a for a, b in zip(t, t[1:]))):
-                raise ValueError(f"hu_thresholds: expected None or a non-empty increasing list of finite HU "
-                                 f"values, got {self.hu_thresholds!r}")
-            self.hu_thresholds = tuple(float(v) for v in t)
+        if self.hu is not None:
+            self.hu = HUEncodingConfig.coerce(self.hu)
         if self.text_positions not in ("rope", "learned"):
             raise ValueError(f"text_positions: expected 'rope' or 'learned', got {self.text_positions!r}")
         if self.text_pool not in ("last", "mean", "map"):
@@ -159,11 +216,8 @@ class SigVLPConfig:
             raise ValueError(f"preprocess: unknown preset {self.preprocess!r}; known: {sorted(PREPROCESS_PRESETS)}")
         if self.chunk not in CHUNK_PRESETS:
             raise ValueError(f"chunk: unknown preset {self.chunk!r}; known: {sorted(CHUNK_PRESETS)}")
-        window = PREPROCESS_PRESETS[self.preprocess].hu_window
-        if self.hu_thresholds is not None and not all(window[0] < v < window[1] for v in self.hu_thresholds):
-            raise ValueError(f"hu_thresholds: every threshold must lie inside the preprocess preset "
-                             f"{self.preprocess!r}'s HU window {tuple(window)} (outside it a bin is always "
-                             f"empty or full), got {self.hu_thresholds}")
+        if self.hu is not None:
+            self.hu.check(self.patch_size, self.preprocess, PREPROCESS_PRESETS[self.preprocess].hu_window)
         size = PREPROCESS_PRESETS[self.preprocess].size
         if size % self.patch_size[1] or size % self.patch_size[2]:
             raise ValueError(f"patch_size {self.patch_size}: in-plane patch must divide the preprocess preset "
@@ -186,14 +240,15 @@ class SigVLPConfig:
     def from_dict(cls, d: dict) -> "SigVLPConfig":
         if not isinstance(d, dict):
             raise TypeError(f"SigVLPConfig.from_dict: expected a dict, got {type(d).__name__}")
-        return cls(**d)
+        return cls(**_map_hu_keys(d))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["patch_size"] = list(self.patch_size)
-        d["hu_grid"] = list(self.hu_grid)
-        if self.hu_thresholds is not None:
-            d["hu_thresholds"] = list(self.hu_thresholds)
+        if self.hu is None:
+            del d["hu"]  # a model without the HU encoding stores none of its fields
+        else:
+            d["hu"] = {"thresholds": list(self.hu.thresholds), "grid": list(self.hu.grid)}
         if self.rope_sections is not None:
             d["rope_sections"] = list(self.rope_sections)
         if self.vocab is not None:
@@ -206,7 +261,9 @@ class SigVLPConfig:
     def diff(self, other: "SigVLPConfig", *, include_runtime: bool = False) -> dict[str, tuple]:
         """field -> (self's value, other's value) for fields that differ (runtime fields skipped)."""
         a, b = self.to_dict(), other.to_dict()
-        return {k: (a[k], b[k]) for k in a if a[k] != b[k] and (include_runtime or k not in RUNTIME_FIELDS)}
+        keys = list(a) + [k for k in b if k not in a]  # "hu" is only stored when set
+        return {k: (a.get(k), b.get(k)) for k in keys
+                if a.get(k) != b.get(k) and (include_runtime or k not in RUNTIME_FIELDS)}
 
     # -------------------------------------------------------------- derived
     @property

@@ -72,7 +72,7 @@ class _Tower(nn.Module):
 class VolumeEncoder(_Tower):
     """Patch embedding (a Linear on the collate's flattened pt*ph*pw patches, identical to a stride =
     kernel Conv3d with 1 input channel: weight.view(width, 1, pt, ph, pw) is that conv's weight), plus
-    the HU encoding (``HUEncoding``) when ``hu_thresholds`` is set, pre-norm blocks with 3D RoPE from
+    the HU encoding (``HUEncoding``) when the ``hu`` sub-config is set, pre-norm blocks with 3D RoPE from
     each chunk's grid_thw, final norm, pooling, projection.
     No absolute position embedding: any grid (any number of slices) works."""
 
@@ -84,9 +84,9 @@ class VolumeEncoder(_Tower):
         nn.init.trunc_normal_(self.patch_embed.weight, std=self.patch_dim ** -0.5)
         nn.init.zeros_(self.patch_embed.bias)
         self.hu_encoding = None
-        if cfg.hu_thresholds:
-            self.hu_encoding = HUEncoding(cfg.hu_thresholds, cfg.preprocess_config().hu_window, cfg.patch_size,
-                                          cfg.hu_grid, cfg.width)
+        if cfg.hu is not None:
+            self.hu_encoding = HUEncoding(cfg.hu.thresholds, cfg.preprocess_config().hu_window, cfg.patch_size,
+                                          cfg.hu.grid, cfg.width)
         attn = dict(theta=cfg.rope_theta, sections=cfg.rope_sections, backend=cfg.attn_backend)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_dim, cfg.norm_eps, **attn)
                                     for _ in range(cfg.layers))
@@ -307,7 +307,7 @@ class SigVLP(nn.Module):
         once with ``hf download``; the NaFlex Siglip2Model is refused. The config comes from the
         checkpoint (``siglip_config``: widths, layers, heads, MLP sizes, norm eps, vocabulary, the
         folder's tokenizer, 64-token texts for SigLIP-2); config_overrides set the other fields
-        (e.g. patch_size=(pt, 16, 16), hu_thresholds); one contradicting the checkpoint is a
+        (e.g. patch_size=(pt, 16, 16), hu); one contradicting the checkpoint is a
         ValueError naming the field. patch_init: "inflate" (the 2-D kernel summed over RGB and
         spread over the pt slices: a z-constant volume embeds as SigLIP embeds the slice as a grey
         image) or "random". text_positions: "rope" (the learned table dropped, 1-D RoPE) or

@@ -30,7 +30,7 @@ visual.pool.norm                vision_model.head.layernorm                   as
 visual.pool.mlp.fc1 / fc2       vision_model.head.mlp.fc1 / fc2               as is
 visual.head                     (none: SigLIP's image embedding is the MAP    identity if width ==
                                 output)                                       embed_dim, else new
-visual.hu_encoding.embed        (none)                                        zero (when hu_thresholds)
+visual.hu_encoding.embed        (none)                                        zero (when hu)
 text.token_embedding            text_model.embeddings.token_embedding         as is
 text.position_embedding         text_model.embeddings.position_embedding      text_positions="learned":
                                                                               first max_text_tokens rows
@@ -166,7 +166,7 @@ def siglip_config(path, *, text_positions: str = "rope", **overrides) -> SigVLPC
                          f"there")
     fields = {**{k: v for k, (v, _) in derived.items()}, "max_text_tokens": table, **overrides,
               "text_positions": text_positions}
-    return SigVLPConfig(**fields)
+    return SigVLPConfig.from_dict(fields)  # older hu_thresholds / hu_grid overrides map into hu
 
 
 # ---------------------------------------------------------------------------- checkpoint files

@@ -1,5 +1,6 @@
 """sigvlp.train: the training loop (``Trainer``, ``train``), its config (``TrainConfig``),
-checkpoints (sigvlp.checkpoint), prompt supervision and the ``sigvlp train`` / ``sigvlp demo`` commands.
+checkpoints (sigvlp.checkpoint), prompt supervision and the ``sigvlp train`` command (``sigvlp demo`` is
+sigvlp.demo.run).
 
     from sigvlp.train import TrainConfig, train
     train(TrainConfig(data="phantoms", out="runs/tiny", steps=200))

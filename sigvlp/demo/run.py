@@ -1,9 +1,9 @@
 """``sigvlp demo``: the main job on one CPU, no network, no GPU.
 
-1. Phantom data (sigvlp.data.synth.ensure_default_dataset, generated once and reused): a
+1. Phantom data (sigvlp.demo.synth.ensure_default_dataset, generated once and reused): a
    training set and a held-out set drawn with its own seed (never seen in training).
 2. Trains the "tiny" preset (with the demo's overrides, ``DEMO_MODEL``) for ``DEMO_TRAIN.steps``
-   steps with the demo recipe (``DEMO_TRAIN``).
+   steps with the demo recipe (``DEMO_TRAIN``; both in sigvlp.demo.recipe).
 3. Zero-shot on the held-out volumes: CT-CLIP's prompts "{label} is present." / "{label} is not
    present.", two-way softmax per volume, AUROC per abnormality; organ presence on held-out
    chunks with "The {organ} is visible." / "The {organ} is not visible.". Only labels (organs)
@@ -16,48 +16,23 @@ The scoring lives in one function, ``score_zero_shot``, which runs the evaluatio
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-__all__ = ["DEMO_DATA", "DEMO_MODEL", "DEMO_TRAIN", "MIN_COUNT", "run_demo", "score_zero_shot"]
+from sigvlp.demo.recipe import DEMO_DATA, DEMO_MODEL, DEMO_TRAIN, MIN_COUNT
+from sigvlp.demo.synth import default_dataset_dir, ensure_default_dataset
 
-#: phantom sets: training, and held-out (own seed, "valid" split, never trained on), both of the synth
-#: "demo" preset: 64 px, 3-5 mm slices, lesions drawn at twice their size and at least 9 mm in radius
-#: so that they stay visible after the demo's preprocessing to 64 x 64 px, 3 mm (about 6 mm per pixel)
-DEMO_DATA = {"train": {"n_train": 1000, "n_valid": 0, "seed": 0, "preset": "demo"},
-             "heldout": {"n_train": 0, "n_valid": 200, "seed": 20261130, "preset": "demo"},
-             "heldout_chunks_per_volume": 3}
-#: SigVLPConfig overrides of the "tiny" preset used by the demo:
-#: - pool "max": a finding seen by one or two tokens of a volume's ~400 survives pooling (MAP with
-#:   one probe and mean pooling dilute it: 0.65 and below in the measurements of the README);
-#: - hu_thresholds: the HU encoding of patch tokens (per sub-block, the share of voxels in each HU
-#:   interval: emphysema, ground glass, soft tissue, fluid, calcium, metal become linear features);
-#: - text_pool "map": the present / not-present statements of different labels get less
-#:   parallel score directions than with "mean" or "last";
-#: - tokenizer "word": a word-level vocabulary built from the training reports (a report is ~90
-#:   tokens instead of ~460 bytes: faster steps, and every label name is its own tokens)
-DEMO_MODEL: dict = {"text_pool": "map", "pool": "max", "tokenizer": "word",
-                    "hu_thresholds": (-990, -950, -900, -800, -650, -450, -250, -100, -30, 20, 70, 150, 300, 600, 900)}
-#: TrainConfig values of the demo recipe: 30% of the chunks are whole volumes (an abnormality's
-#: "is present" statement is only known true for chunks covering most of the volume), prompt
-#: statements weighted 24 with the topic-direction decorrelation weighted 24 (without it the
-#: labels' score directions stay nearly parallel), Muon at lr 0.01, 2000 steps (the measurements
-#: and the recipe search are in the README's demo section)
-DEMO_TRAIN = dict(model="tiny", steps=2000, warmup_steps=30, lr=0.01, adamw_lr=2e-3, token_budget=4096,
-                  chunks_per_volume=2, min_slices=8, max_slices=128, whole_fraction=0.3, num_workers=1,
-                  prompt_weight=24.0, prompt_decorrelation=24.0, ckpt_every=100, keep_last=1, log_every=5, seed=0)
-MIN_COUNT = 5
+__all__ = ["DEMO_DATA", "DEMO_MODEL", "DEMO_TRAIN", "MIN_COUNT", "format_table", "run_demo", "score_zero_shot"]
 
 
 def _dataset_dirs(data_dir: Optional[str]) -> tuple[Path, Path]:
-    from sigvlp.data.synth import default_dataset_dir
-
+    """(training set, held-out set) folders of the demo under `data_dir` (default: beside the default
+    phantom dataset)."""
     base = Path(data_dir) if data_dir else default_dataset_dir().parent
     return base / "phantoms-demo-train", base / "phantoms-demo-heldout"
 
@@ -73,7 +48,7 @@ def score_zero_shot(checkpoint, heldout_root, *, cache_root=None, chunks_per_vol
     "report": the suite's report}. Labels / organs with fewer than min_count positives or
     negatives are listed under skipped.
     """
-    from sigvlp.eval.suite import EvalConfig, evaluate
+    from sigvlp.eval.suite import EvalConfig, evaluate  # import cost (torch): `sigvlp --help` imports this module
 
     config = EvalConfig(split="valid", train_split=None, min_positives=min_count, min_negatives=min_count,
                         chunks_per_volume=chunks_per_volume, seed=seed, cache=cache_root, progress=False,
@@ -97,6 +72,7 @@ def score_zero_shot(checkpoint, heldout_root, *, cache_root=None, chunks_per_vol
 
 
 def format_table(result: dict) -> str:
+    """The per-label and per-organ AUROC tables of a score_zero_shot result, as printed by the demo."""
     lines = []
     for key, title in (("zero_shot", "zero-shot abnormality (held-out volumes)"),
                        ("organ_presence", "organ presence (held-out chunks)")):
@@ -117,11 +93,8 @@ def format_table(result: dict) -> str:
 def run_demo(out="sigvlp-demo", *, data_dir=None, steps: Optional[int] = None, threads: Optional[int] = None,
              progress: bool = True) -> dict:
     """The whole demo; returns the dict written to OUT/demo_metrics.json."""
-    import shutil
+    import torch  # import cost, as for the imports below: `sigvlp --help` imports this module
 
-    import torch
-
-    from sigvlp.data.synth import ensure_default_dataset
     from sigvlp.train.config import TrainConfig
     from sigvlp.train.trainer import train
 
@@ -172,9 +145,10 @@ def run_demo(out="sigvlp-demo", *, data_dir=None, steps: Optional[int] = None, t
 
 
 def add_arguments(parser) -> None:
+    """The `sigvlp demo` options on an argparse parser (sigvlp.cli calls it)."""
     parser.add_argument("--out", default="sigvlp-demo", help="output folder (default ./sigvlp-demo)")
     parser.add_argument("--data-dir", default=None,
-                        help="where the phantom sets live (default: next to sigvlp.data's default dataset, "
+                        help="where the phantom sets live (default: next to sigvlp.demo.synth's default dataset, "
                              "~/.cache/sigvlp or $SIGVLP_CACHE)")
     parser.add_argument("--steps", type=int, default=None, help=f"training steps (default {DEMO_TRAIN['steps']})")
     parser.add_argument("--threads", type=int, default=None,
@@ -184,5 +158,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    """`sigvlp demo`: run_demo with the parsed options; 0."""
     run_demo(args.out, data_dir=args.data_dir, steps=args.steps, threads=args.threads, progress=args.progress)
     return 0
