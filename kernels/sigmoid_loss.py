@@ -145,6 +145,11 @@ def sigmoid_loss_pass_kernel(
 
 #: Resident-A (D <= MAX_FULL_D) tilings in order of preference: (BLOCK_M, BLOCK_N, num_stages).
 FULL_D_CONFIGS = ((64, 64, 3), (64, 64, 2), (64, 32, 2), (32, 32, 2))
+#: fp32 inputs (IEEE dots on CUDA cores: the operands of a dot live in registers, not shared memory):
+#: small tiles, or the A block (BM x D) and dA (BM x D fp32) do not fit in registers. 64 x 64 tiles
+#: compiled for sm_90 into 32-register code with tens of KB of local memory per thread (and
+#: 4-22 s compiles); fp32 is the correctness path, not the fast one.
+FP32_FULL_D_CONFIGS = ((16, 16, 2),)
 #: Chunked-D tiling (larger D, or when no resident tiling fits): (BLOCK_M, BLOCK_N, BLOCK_K, num_stages).
 CHUNKED_CONFIGS = ((64, 64, 64, 3), (64, 64, 32, 2), (32, 32, 32, 2))
 _MARGIN = 4096  # bytes of slack on top of the measured tile formula
@@ -175,7 +180,7 @@ def choose_config(d: int, elem: int, limit: int, sm: int = 80) -> dict:
     when D <= MAX_FULL_D and a tiling fits, else D in chunks."""
     if d <= MAX_FULL_D:
         block_k = max(16, triton.next_power_of_2(d))
-        for bm, bn, stages in FULL_D_CONFIGS:
+        for bm, bn, stages in FULL_D_CONFIGS if elem == 2 else FP32_FULL_D_CONFIGS:
             if full_d_shared_bytes(bm, bn, block_k, stages, elem, sm) <= limit:
                 return dict(FULL_D=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, num_stages=stages,
                             num_warps=8 if block_k >= 256 and bm >= 64 else 4)

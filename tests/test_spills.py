@@ -17,9 +17,12 @@ Which variants:
 - SIGVLP_SPILL_TEST=full: the same test over the whole matrix (every flag combination, about 1,500
   compiles per target, an hour on 2 cores).
 
-Budgets (bytes of local memory per thread; `BUDGET`): 0 for every kernel, except rope3d's and the
-rotary-table kernel's 32 bytes: libdevice's sin/cos keep a 7-word table in local memory for
-large-argument reduction (not a spill, and touched only for angles beyond 2^17 rad).
+Budgets (bytes of local memory per thread; `budget`): 0 for every kernel family, except
+- rope3d's and the rotary-table kernel's 32 bytes: libdevice's sin/cos keep a 7-word table in
+  local memory for large-argument reduction (not a spill; touched only for angles past 2^17 rad);
+- fp32 attention (IEEE dots on CUDA cores, the correctness path): 128 bytes. Its dK/dV kernel
+  keeps 48 B (head_dim 64) / 80 B (128) at 72 / 128 registers, not from register pressure
+  (kernels/attention.py); the point is no 32-register, tens-of-KB code as before.
 """
 
 from __future__ import annotations
@@ -36,8 +39,16 @@ pytest.importorskip("triton")
 from sigvlp.kernels._device import SHARED_MEMORY_LIMITS  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-#: kernel -> bytes of local memory per thread allowed (default 0).
-BUDGET = {"rope3d_kernel": 32, "rotary_table_kernel": 32}
+ATTENTION_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+
+
+def budget(row) -> int:
+    """Bytes of local memory per thread allowed for a compiled variant (see the module docstring)."""
+    if row["kernel"] in ("rope3d_kernel", "rotary_table_kernel"):
+        return 32
+    if row["kernel"] in ATTENTION_KERNELS and row["dtypes"] == ["fp32"]:
+        return 128
+    return 0
 #: The default (not slow) subset: "op/case" regular expressions of sigvlp.precompile's quick matrix.
 REPRESENTATIVE = (r"rope_attention_varlen/(bfloat16|float32)/128/grid|sigmoid_loss/float32/256|"
                   r"rope3d/bfloat16|newton_schulz/bf16")
@@ -60,7 +71,7 @@ def _line(r):
 def _check(rows, arch):
     print("\n".join(map(_line, rows)))
     assert rows, "nothing compiled"
-    spills = [r for r in rows if r["stack"] > BUDGET.get(r["kernel"], 0)]
+    spills = [r for r in rows if r["stack"] > budget(r)]
     assert not spills, "local memory over the budget:\n" + "\n".join(map(_line, spills))
     over = [r for r in rows if r["shared"] > SHARED_MEMORY_LIMITS[arch]]
     assert not over, f"over sm_{arch}'s {SHARED_MEMORY_LIMITS[arch]} B of shared memory:\n" + "\n".join(
@@ -70,7 +81,7 @@ def _check(rows, arch):
 def test_representative_variants_do_not_spill():
     rows = _compile(90, "--quick", "--match", REPRESENTATIVE)
     assert {r["op"] for r in rows} == {"rope_attention_varlen", "sigmoid_loss", "rope3d", "newton_schulz"}
-    assert {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"} <= {r["kernel"] for r in rows}
+    assert set(ATTENTION_KERNELS) <= {r["kernel"] for r in rows}
     _check(rows, 90)
 
 
