@@ -120,10 +120,11 @@ def _sigmoid_loss_case(dtype, dim, ids, grad):
     def run():
         from sigvlp.ops import sigmoid_loss  # noqa: PLC0415  (as above)
 
+        m = 33 if ids else 40  # without ids the pairs are the diagonal: as many texts as images
         x = torch.randn(40, dim, dtype=dtype, requires_grad=grad)
-        y = torch.randn(33, dim, dtype=dtype, requires_grad=grad)
+        y = torch.randn(m, dim, dtype=dtype, requires_grad=grad)
         t, b = torch.tensor(10.0), torch.tensor(-10.0)
-        kw = dict(image_ids=torch.arange(40), text_ids=torch.arange(33)) if ids else {}
+        kw = dict(image_ids=torch.arange(40), text_ids=torch.arange(m)) if ids else {}
         loss = sigmoid_loss(x, y, t, b, backend="triton", **kw)
         if grad:
             loss.backward()
@@ -366,6 +367,22 @@ def compile_variant(v: Variant, arch: int, measure: bool = False) -> dict:
     return row
 
 
+#: Seconds one compile takes per kernel family ("op/kernel/16bit|fp32"; "default" otherwise) on
+#: one core of a 16-core GPU host: the issue-23 rehearsal measured about 1-1.4 s per compile
+#: (triton 3.6, sm_90); the fp32 attention and sigmoid-loss variants took 4-22 s before their tiles
+#: were capped and are assumed like the others since. gpu_check.sh's dry run multiplies these by
+#: the variant counts (`--count`); its GPU run prints the real precompile time beside the plan.
+COMPILE_SECONDS = {"default": 1.2, "rope_attention_varlen/_fwd_kernel/16bit": 1.4,
+                   "rope_attention_varlen/_bwd_dkdv_kernel/16bit": 1.4,
+                   "rope_attention_varlen/_bwd_dq_kernel/16bit": 1.4}
+
+
+def estimate_seconds(counts: dict, jobs: int) -> float:
+    """Wall seconds to compile `counts` (family -> variants, as --count prints) with `jobs` processes."""
+    total = sum(n * COMPILE_SECONDS.get(family, COMPILE_SECONDS["default"]) for family, n in counts.items())
+    return total / max(1, jobs)
+
+
 _POOL_VARIANTS: list = []
 
 
@@ -417,6 +434,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="the representative subset only")
     parser.add_argument("--match", default=None, help="only cases whose op/case name matches this regex")
     parser.add_argument("--report", action="store_true", help="print one JSON row per variant (with registers/spills)")
+    parser.add_argument("--count", action="store_true",
+                        help="compile nothing: print the number of variants per kernel as JSON")
     parser.add_argument("--verify", action="store_true",
                         help="compile nothing new: say whether Triton's JIT finds each launch in the cache")
     ns = parser.parse_args(argv)
@@ -430,6 +449,15 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--ops: unknown {sorted(unknown)}; expected some of {sorted(launch_matrix(True))}")
     start = time.perf_counter()
+    if ns.count:
+        counts: dict = {}
+        for v in variants(arch, ops, ns.quick, ns.match):
+            key = f"{v.op}/{v.kernel}/{'fp32' if v.dtypes() == ['fp32'] else '16bit'}"
+            counts[key] = counts.get(key, 0) + 1
+        print(json.dumps(counts, sort_keys=True))
+        print(f"estimate: {estimate_seconds(counts, ns.jobs):.0f} s with {ns.jobs} jobs "
+              f"({sum(counts.values())} variants; sigvlp.precompile.COMPILE_SECONDS)")
+        return 0
     if ns.verify:
         rows = verify(arch, ops, ns.quick, ns.match)
         for row in rows:

@@ -22,7 +22,9 @@ Budgets (bytes of local memory per thread; `budget`): 0 for every kernel family,
   local memory for large-argument reduction (not a spill; touched only for angles past 2^17 rad);
 - fp32 attention (IEEE dots on CUDA cores, the correctness path): 128 bytes. Its dK/dV kernel
   keeps 48 B (head_dim 64) / 80 B (128) at 72 / 128 registers, not from register pressure
-  (kernels/attention.py); the point is no 32-register, tens-of-KB code as before.
+  (kernels/attention.py); the point is no 32-register, tens-of-KB code as before;
+- the sigmoid loss's chunked-D pass (D > 256): 32 bytes (bf16 D 768 on sm_90; 392 before its
+  per-pair partial sums became per-row sums).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def budget(row) -> int:
         return 32
     if row["kernel"] in ATTENTION_KERNELS and row["dtypes"] == ["fp32"]:
         return 128
+    if row["kernel"] == "sigmoid_loss_pass_kernel" and not row["config"].get("FULL_D", True):
+        return 32
     return 0
 #: The default (not slow) subset: "op/case" regular expressions of sigvlp.precompile's quick matrix.
 REPRESENTATIVE = (r"rope_attention_varlen/(bfloat16|float32)/128/grid|sigmoid_loss/float32/256|"
