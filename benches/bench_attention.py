@@ -8,6 +8,12 @@ Providers (baselines first):
 - rope3d+flash_attn / rope3d+xformers: the same pipeline with flash_attn_varlen_func or xformers'
   BlockDiagonalMask, when installed;
 - rope3d+flex: rope3d, then FlexAttention with a document mask (RoPE is not a score_mod);
+- hf_rotary+varlen_attn / hf_rotary+flash_attn: the common unfused pipeline of vision encoders
+  (as Hugging Face's Qwen2-VL / Qwen3-VL vision code does it): cos/sin of shape (tokens, head_dim)
+  built once per forward (untimed, as a model builds them once for all layers), q and k rotated in
+  PyTorch in fp32 (x * cos + rotate_half(x) * sin, cast back), then torch's varlen attention or
+  flash_attn_varlen_func. Public fused-RoPE attention kernels for vision encoders quote their
+  speedups against this pipeline;
 - sigvlp: the fused Triton kernel (rotation inside, nothing rotated stored);
 - sigvlp_cuda: the fused CUDA C++ kernel (csrc/attention.cu), also compared with sigvlp (Triton).
 On CPU (quick mode) only the torch reference backend runs, on tiny sizes, so the file stays exercised.
@@ -21,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sigvlp.ops import rope3d, rope_attention_varlen
+from sigvlp.ops.rope import default_sections, grid_positions, rotary_angles
 
 from _bench import peak_memory, timed
 
@@ -32,12 +39,17 @@ FULL_CASES = {
     "64k=mixed": [32768, 16384, 8192, 4096, 2048, 1024, 1024],
 }
 QUICK_CASES = {"tiny=mixed": [64, 200, 17, 0, 1]}
+#: Qwen3-VL-like vision-encoder images (one sequence of 32^2, 48^2, 64^2, 96^2 patches), head_dim 64
+#: and 128 (Qwen3-VL's 72 is not supported), against the optimized and the common unfused pipeline.
+VISION_CASES = {f"vision-{n}": [n] for n in (1024, 2304, 4096, 9216)}
+VISION_PROVIDERS = ("rope3d+varlen_attn", "hf_rotary+varlen_attn", "hf_rotary+flash_attn", "sigvlp", "sigvlp_cuda")
 MODES = ("fwd", "bwd", "fwd+bwd")
-BASELINES = ("sdpa_padded", "rope3d+varlen_attn", "rope3d+flash_attn", "rope3d+xformers", "rope3d+flex")
+BASELINES = ("sdpa_padded", "rope3d+varlen_attn", "rope3d+flash_attn", "rope3d+xformers", "rope3d+flex",
+             "hf_rotary+varlen_attn", "hf_rotary+flash_attn")
 
 
 def _providers():
-    return list(BASELINES) + ["sigvlp", "sigvlp_cuda"] if HAS_CUDA else ["torch"]
+    return list(BASELINES[:5]) + ["sigvlp", "sigvlp_cuda"] if HAS_CUDA else ["torch"]
 
 
 def _case(lengths, head_dim, dtype):
@@ -65,9 +77,30 @@ def _varlen_attn(q, k, v, cu, max_len):
         return varlen_attn(q, k, v, cu, cu, max_len, max_len)
 
 
+def _hf_rotary(q, cu, grid):
+    """The common unfused rotation (a function of q, k): cos/sin (tokens, 1, head_dim) computed here,
+    once; rotate(x) = x * cos + rotate_half(x) * sin in fp32, cast back (halves layout, as rope3d)."""
+    head_dim = q.shape[-1]
+    angles = rotary_angles(grid_positions(cu, grid, q.shape[0]), default_sections(head_dim), head_dim, 10000.0)
+    angles = torch.cat([angles, angles], dim=-1)[:, None, :]
+    cos, sin = angles.cos(), angles.sin()
+
+    def rotate(x):
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+    return rotate
+
+
 def _attention_fn(provider, q, k, v, cu, grid, lengths):
     """A callable computing the attention output from leaf tensors q, k, v (None: unavailable)."""
     max_len = max(lengths)
+    if provider.startswith("hf_rotary+"):
+        attend = _unfused_attention(provider.removeprefix("hf_rotary+"))
+        if attend is None:
+            return None
+        rotate = _hf_rotary(q, cu, grid)
+        return lambda: attend(rotate(q), rotate(k), v, cu, max_len)
     if provider in ("sigvlp", "sigvlp_cuda", "torch"):
         backend = {"sigvlp": "triton", "sigvlp_cuda": "cuda", "torch": "torch"}[provider]
         return lambda: rope_attention_varlen(q, k, v, cu, max_len, grid, backend=backend)
@@ -130,6 +163,21 @@ def _attention_fn(provider, q, k, v, cu, grid, lengths):
     raise ValueError(provider)
 
 
+def _unfused_attention(name):
+    """attend(q, k, v, cu, max_len) of torch's varlen attention or flash-attn (None: not installed)."""
+    if name == "varlen_attn":
+        try:
+            import torch.nn.attention.varlen  # noqa: F401  (torch >= 2.9 only)
+        except ImportError:
+            return None
+        return _varlen_attn
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: PLC0415  (optional package)
+    except ImportError:
+        return None
+    return lambda q, k, v, cu, max_len: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len)
+
+
 def _padded_sdpa(lengths, head_dim, dtype):
     nheads = (2048 if HAS_CUDA else 128) // head_dim
     batch, length = len([n for n in lengths if n]), max(lengths)
@@ -152,7 +200,27 @@ def test_rope_attention_varlen_throughput(bench, benchmark, bench_report, full_m
     cases = _cases(full_mode)
     if case not in cases:
         pytest.skip("size not in this mode")
-    lengths = cases[case]
+    _measure(bench, benchmark, bench_report, case, cases[case], head_dim, mode, provider)
+
+
+VISION_QUICK = {"vision-tiny": [64]}
+
+
+@pytest.mark.parametrize("provider", VISION_PROVIDERS if HAS_CUDA else ("torch",))
+@pytest.mark.parametrize("mode", ("fwd", "fwd+bwd"))
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", list(VISION_CASES) + list(VISION_QUICK))
+def test_vision_encoder_shapes(bench, benchmark, bench_report, full_mode, case, head_dim, mode, provider):
+    """One image per call at Qwen3-VL-like token counts: fused vs the optimized (rope3d kernel +
+    varlen attention) and the common (rotary in PyTorch + varlen attention) unfused pipelines."""
+    cases = VISION_CASES if full_mode else VISION_QUICK
+    if case not in cases:
+        pytest.skip("size not in this mode")
+    _measure(bench, benchmark, bench_report, case, cases[case], head_dim, mode, provider)
+
+
+def _measure(bench, benchmark, bench_report, case, lengths, head_dim, mode, provider):
+    """Time `provider` on one case and record TFLOP/s, peak memory and the ratios to the baselines."""
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
     if provider == "sdpa_padded":
         leaves, attn, flops_fwd = _padded_sdpa(lengths, head_dim, dtype)

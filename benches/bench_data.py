@@ -5,6 +5,10 @@ Spacingd, ScaleIntensityRanged, Resized) on the same files when MONAI is install
 
 MB/s counts the decoded int16 source voxels for the .nii.gz paths and the float16 chunk bytes
 read for the cache path. Every path draws the same chunks (same seed) after preprocessing.
+
+Without nibabel (e.g. a bare GPU machine) no .nii.gz can be written or read: the phantoms stay in
+memory, the in-memory path (preprocess_array on the HU arrays) is timed, and the file and cache
+paths skip, saying why.
 """
 
 from __future__ import annotations
@@ -16,10 +20,17 @@ import pytest
 
 from sigvlp.data.chunks import ChunkConfig, ChunkSampler
 from sigvlp.data.preprocess import PreprocessCache, PreprocessConfig, preprocess_array
-from sigvlp.demo.synth import SynthConfig, write_dataset
+from sigvlp.demo.synth import SynthConfig, make_phantom, write_dataset
 from sigvlp.data.volume import load_volume
 
 import _bench
+
+try:
+    import nibabel  # noqa: F401  (only to know whether .nii.gz files can be written and read)
+
+    NO_NIFTI = None
+except ImportError as exc:
+    NO_NIFTI = f"nibabel is not installed ({exc}): .nii.gz files cannot be written or read"
 
 CHUNKS_PER_VOLUME = 4
 TABLE = "data pipeline (chunks from phantom CT volumes)"
@@ -29,13 +40,27 @@ TABLE = "data pipeline (chunks from phantom CT volumes)"
 def corpus(tmp_path_factory, full_mode):
     n, size, slices = (16, (384, 512), (120, 400)) if full_mode else (6, (160, 192), (120, 300))
     cfg = SynthConfig(size=size, slices=slices, z_spacings=(0.75, 1.0, 1.25, 1.5, 2.0))
-    out = write_dataset(tmp_path_factory.mktemp("bench_phantoms"), n, 0, seed=7, config=cfg)
-    files = sorted((out / "dataset" / "train").rglob("*.nii.gz"))
-    source_mb = sum(np.prod(load_volume(f).shape) * 2 for f in files) / 2 ** 20
     pp = PreprocessConfig(z_spacing=1.5, inplane="resize", size=256 if full_mode else 128)
     chunk = ChunkConfig(patch=(16, 16, 16), min_slices=16, max_slices=64)
-    return {"files": files, "source_mb": source_mb, "pp": pp, "chunk": chunk,
-            "cache_root": tmp_path_factory.mktemp("bench_cache")}
+    corpus = {"pp": pp, "chunk": chunk, "cache_root": tmp_path_factory.mktemp("bench_cache")}
+    if NO_NIFTI:
+        corpus["phantoms"] = [make_phantom(7 + i, cfg) for i in range(n)]
+        corpus["files"] = []
+        corpus["source_mb"] = sum(p.hu.nbytes for p in corpus["phantoms"]) / 2 ** 20
+        return corpus
+    out = write_dataset(tmp_path_factory.mktemp("bench_phantoms"), n, 0, seed=7, config=cfg)
+    files = sorted((out / "dataset" / "train").rglob("*.nii.gz"))
+    corpus["files"] = files
+    corpus["source_mb"] = sum(np.prod(load_volume(f).shape) * 2 for f in files) / 2 ** 20
+    return corpus
+
+
+@pytest.fixture
+def files(corpus):
+    """The corpus's .nii.gz files; skips (saying why) without nibabel."""
+    if NO_NIFTI:
+        pytest.skip(NO_NIFTI)
+    return corpus["files"]
 
 
 def _chunks(image: np.ndarray, sampler: ChunkSampler, rng) -> list[np.ndarray]:
@@ -58,7 +83,7 @@ def _report(bench_report, path, seconds, n_chunks, mb, baseline_key=None):
     return chunks_s
 
 
-def test_monai_chain(benchmark, bench_report, corpus):
+def test_monai_chain(benchmark, bench_report, corpus, files):
     monai = pytest.importorskip("monai")
     from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Resized,
                                   ScaleIntensityRanged, Spacingd)
@@ -89,7 +114,24 @@ def test_monai_chain(benchmark, bench_report, corpus):
     bench_report.baselines[("data", "monai")] = chunks_s
 
 
-def test_ours_from_nifti(benchmark, bench_report, corpus):
+def test_ours_from_arrays(benchmark, bench_report, corpus):
+    """In memory: preprocess_array on each phantom's HU array, then the chunks (runs without nibabel:
+    the phantoms are made in memory; with nibabel they are read once from the files, untimed)."""
+    sampler = ChunkSampler(corpus["chunk"])
+    pp = corpus["pp"]
+    volumes = ([(p.hu, p.spacing) for p in corpus["phantoms"]] if NO_NIFTI else
+               [(v.hu, v.spacing) for v in map(load_volume, corpus["files"])])
+
+    def run():
+        rng = np.random.default_rng(0)
+        return sum(len(_chunks(preprocess_array(hu, spacing, pp), sampler, rng)) for hu, spacing in volumes)
+
+    seconds = _measure(benchmark, run, rounds=3)
+    _report(bench_report, "sigvlp from arrays (in memory)", seconds, len(volumes) * CHUNKS_PER_VOLUME,
+            sum(hu.nbytes for hu, _ in volumes) / 2 ** 20)
+
+
+def test_ours_from_nifti(benchmark, bench_report, corpus, files):
     sampler = ChunkSampler(corpus["chunk"])
     pp = corpus["pp"]
 
@@ -106,7 +148,7 @@ def test_ours_from_nifti(benchmark, bench_report, corpus):
             corpus["source_mb"])
 
 
-def test_ours_from_cache(benchmark, bench_report, corpus):
+def test_ours_from_cache(benchmark, bench_report, corpus, files):
     from safetensors import safe_open
 
     cache = PreprocessCache(corpus["cache_root"], corpus["pp"])
@@ -136,7 +178,7 @@ def test_ours_from_cache(benchmark, bench_report, corpus):
                        seconds=build_s, volumes_s=round(len(entries) / build_s, 2))
 
 
-def test_ours_loader_batches(benchmark, bench_report, corpus):
+def test_ours_loader_batches(benchmark, bench_report, corpus, files):
     from sigvlp.data.loader import ChunkSource, LoaderConfig, make_loader
 
     cache = PreprocessCache(corpus["cache_root"], corpus["pp"])
@@ -177,7 +219,7 @@ print(json.dumps({"extra": status("VmHWM") - base, "int16_bytes": n, "output_byt
 """
 
 
-def test_peak_memory_load_preprocess(bench_report, corpus):
+def test_peak_memory_load_preprocess(bench_report, corpus, files):
     """Peak extra RSS of load_volume + preprocess_array on the largest corpus volume, in units of
     its int16 size (goal <= 2.5x; tests/test_data_cache.py checks a 512 x 512 x 400 volume). The
     float32 output is part of it (larger than the input when the preset upsamples in-plane)."""

@@ -11,6 +11,8 @@ Options (valid when benches/ is on the command line, e.g. ``pytest benches/``):
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 
 import pytest
@@ -108,16 +110,25 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.write_line(f"results: {out}/results.csv (+ results.json, pytest-benchmark.json, {plots})")
 
 
+def _has_benchmarks(path: pathlib.Path) -> bool:
+    """Whether pytest-benchmark's JSON file holds any benchmark (empty, unreadable or none: no)."""
+    try:
+        return bool(json.loads(path.read_text() or "{}").get("benchmarks"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def pytest_unconfigure(config):
     # A session that recorded nothing leaves no empty results folder behind.
     out = _bench.RESULTS.out_dir
     if _bench.RESULTS.rows or out is None or not out.exists():
         return
     json_file = getattr(config.option, "benchmark_json", None)
-    if json_file is not None and not json_file.closed:
+    # pytest-benchmark < 5.3: an open file of ours; >= 5.3: a path it writes itself (or not at all)
+    if json_file is not None and not isinstance(json_file, (str, os.PathLike)) and not json_file.closed:
         json_file.close()
     files = list(out.iterdir())
-    if all(f.name == "pytest-benchmark.json" and f.stat().st_size == 0 for f in files):
+    if all(f.name == "pytest-benchmark.json" and not _has_benchmarks(f) for f in files):
         for f in files:
             f.unlink()
         try:

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# One-shot validation and measurement of sigvlp on one GPU (sized for an H200: < 8 minutes).
+# One-shot validation and measurement of sigvlp on one GPU (planned for a bare 16-core H200: <= 6 minutes).
 #
 #   benches/gpu_check.sh [OUT_DIR] [--dry-run]
 #
 # Stages, each with a time cap inside one overall budget (GPU_CHECK_BUDGET, default 470 s):
 #   1. environment: python, torch, triton, nvcc, nvidia-smi; stops here (exit 2) without a GPU
 #   2. build csrc/ with this machine's nvcc: pip install --no-build-isolation --no-deps -e .
-#      (SIGVLP_CUDA_ARCHS defaults to this GPU's arch, e.g. 90a on an H100/H200)
+#      (SIGVLP_CUDA_ARCHS defaults to this GPU's arch, e.g. 90a on an H100/H200), and at the same
+#      time python -m sigvlp.precompile: every Triton variant compiled into Triton's cache on all
+#      cores but two, so that nothing later compiles while it is timed
+#   Every stage runs under timeout: SIGINT at its cap (pytest still writes its JUnit file, so
+#   partial counts are kept), SIGKILL 15 s later; exit 124 is reported as TIMED OUT.
+#   --dry-run prints the plan: per stage its seconds (precompile: variant counts from
+#   `python -m sigvlp.precompile --count` times sigvlp.precompile.COMPILE_SECONDS) and the total.
 #   3. python -m sigvlp.selftest (every backend of every op, fp32/fp16/bf16, vs fp64 oracles)
 #   4. every GPU test: pytest -m gpu over the test files that have GPU tests
 #   5. the bench suite in full mode, one pytest run per bench file (a slow file cannot take the
@@ -32,7 +38,8 @@ done
 OUT_DIR="${OUT_DIR:-${OUT:-gpu_check_out}}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-BUDGET="${GPU_CHECK_BUDGET:-470}"
+BUDGET="${GPU_CHECK_BUDGET:-360}"
+CORES="${GPU_CHECK_CORES:-$(nproc)}"
 BENCH_K="${GPU_CHECK_BENCH_K-not flex and not dense_compile}"
 WORK="${GPU_CHECK_WORK:-$(mktemp -d /tmp/sigvlp_gpu_check.XXXXXX)}"
 START=$(date +%s)
@@ -53,11 +60,15 @@ record() { STATUS+=("$1|$2"); say "$1: $2"; }
 run_stage() {  # run_stage NAME SECONDS CMD... ; output to logs/NAME.log and the main log
   local name=$1 secs; secs=$(cap "$2"); shift 2
   say "stage $name (cap ${secs}s): $*"
-  timeout --kill-after=10 "$secs" "$@" > >(tee "$WORK/logs/$name.log" >> "$LOG") 2>&1
+  local t0=$(date +%s)
+  timeout -s INT --kill-after=15 "$secs" "$@" > >(tee "$WORK/logs/$name.log" >> "$LOG") 2>&1
   local rc=$?
-  (( rc == 124 || rc == 137 )) && say "stage $name: TIMED OUT after ${secs}s"
+  TOOK[$name]=$(( $(date +%s) - t0 ))
+  (( rc == 124 || rc == 137 )) && { say "stage $name: TIMED OUT after ${secs}s"; TIMED_OUT[$name]=1; }
   return $rc
 }
+declare -A TOOK=() TIMED_OUT=() PLAN_S=()
+timed_out() { [[ -n "${TIMED_OUT[$1]:-}" ]] && echo " (TIMED OUT at its cap: partial)"; }
 
 # ----------------------------------------------------------------------------- 1. environment
 say "repo $REPO, output $OUT_DIR, budget ${BUDGET}s, python $PY"
@@ -86,10 +97,26 @@ EOF
 command -v nvcc >/dev/null && nvcc --version | tail -n 2 | tee -a "$LOG" || say "nvcc: not on PATH"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$LOG"
 
+# ----------------------------------------------------------------------------- the plan
+# Stage caps (s). precompile's is computed: variant counts x measured compile seconds / jobs.
+JOBS=$(( CORES > 4 ? CORES - 2 : CORES ))
+EST="$(env -u TRITON_INTERPRET "$PY" -m sigvlp.precompile --count --arch 90 --jobs "$JOBS" 2>>"$LOG" | tee -a "$LOG" | tail -n 1)"
+PRE_S=$(echo "$EST" | sed -n 's/^estimate: \([0-9]*\) s.*/\1/p'); PRE_S=${PRE_S:-999}
+PLAN_S[build+precompile]=$(( PRE_S > 90 ? PRE_S + 10 : 100 ))  # the CUDA build (one arch) runs beside it
+PLAN_S[selftest]=30; PLAN_S[gpu_tests]=75; PLAN_S[summary]=10
+declare -A BENCH_CAP=([bench_attention]=45 [bench_muon]=15 [bench_newton_schulz]=15 [bench_sigmoid_loss]=15
+                      [bench_model]=20 [bench_flops_vs_slices]=20 [bench_rope]=8 [bench_eval]=10 [bench_data]=10)
+BENCH_FILES=(); for f in benches/bench_attention.py benches/bench_newton_schulz.py benches/bench_muon.py \
+  benches/bench_sigmoid_loss.py benches/bench_model.py benches/bench_flops_vs_slices.py $(ls benches/bench_*.py | sort); do
+  [[ -f "$f" && ! " ${BENCH_FILES[*]} " == *" $f "* ]] && BENCH_FILES+=("$f")
+done
+for f in "${BENCH_FILES[@]}"; do n=$(basename "$f" .py); PLAN_S[$n]=${BENCH_CAP[$n]:-10}; done
+PLAN_ORDER=(build+precompile selftest gpu_tests $(for f in "${BENCH_FILES[@]}"; do basename "$f" .py; done) summary)
+PLAN_TOTAL=0; for st in "${PLAN_ORDER[@]}"; do PLAN_TOTAL=$(( PLAN_TOTAL + PLAN_S[$st] )); done
+say "plan for $CORES cores (precompile: $EST):"
+for st in "${PLAN_ORDER[@]}"; do say "$(printf '  %-24s %4d s' "$st" "${PLAN_S[$st]}")"; done
+say "total: $PLAN_TOTAL s"
 if (( DRY_RUN )); then
-  say "dry run: would build (pip install --no-build-isolation --no-deps -e .), run python -m sigvlp.selftest,"
-  say "  pytest -m gpu on: $(grep -l 'mark.gpu' tests/test_*.py | tr '\n' ' ')"
-  say "  and the full bench suite: $(ls benches/bench_*.py | tr '\n' ' ') (-k '$BENCH_K')"
   exit 0
 fi
 
@@ -109,7 +136,11 @@ if (( ! FORCE_CPU )) && ! command -v nvcc >/dev/null; then
   exit 2
 fi
 
-# ----------------------------------------------------------------------------- 2. build
+# ----------------------------------------------------------------------------- 2. build + precompile
+# precompile runs in the background beside the build (nvcc uses a few cores; Triton's compiles the rest)
+PRE_ARGS=(--jobs "$JOBS"); (( FORCE_CPU )) && PRE_ARGS=(--jobs 2 --arch 90 --ops rope3d --quick)  # CPU: exercise it
+run_stage precompile "${PLAN_S[build+precompile]}" env -u TRITON_INTERPRET "$PY" -m sigvlp.precompile "${PRE_ARGS[@]}" &
+PRE_PID=$!
 if (( FORCE_CPU )); then
   record build "SKIPPED (GPU_CHECK_FORCE_CPU=1)"
 else
@@ -118,46 +149,48 @@ if [[ -z "${SIGVLP_CUDA_ARCHS:-}" ]]; then
   export SIGVLP_CUDA_ARCHS
 fi
 say "building csrc/ for SIGVLP_CUDA_ARCHS=$SIGVLP_CUDA_ARCHS"
-export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
-if run_stage build 200 "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . \
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-4}"
+if run_stage build "${PLAN_S[build+precompile]}" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . \
    && "$PY" -c "from sigvlp.ops import _cuda; import sys; r = _cuda.unavailable_reason(); print('CUDA backend:', r or 'available'); sys.exit(1 if r else 0)" 2>&1 | tee -a "$LOG"; then
-  record build PASS
+  record build "PASS$(timed_out build)"
 else
-  record build "FAIL (see logs/build.log; the CUDA backends will be skipped below)"
+  record build "FAIL$(timed_out build) (see logs/build.log; the CUDA backends will be skipped below)"
 fi
+fi
+wait "$PRE_PID"; PRE_RC=$?
+TOOK[precompile]=$(sed -n 's/^precompiled .* in \([0-9.]*\) s.*/\1/p' "$WORK/logs/precompile.log" | cut -d. -f1)
+if (( PRE_RC == 0 )); then
+  record precompile "PASS ($(grep '^precompiled' "$WORK/logs/precompile.log"))"
+else
+  record precompile "FAIL rc=$PRE_RC$( (( PRE_RC == 124 || PRE_RC == 137 )) && echo ' (TIMED OUT: the rest compiles on first use)')"
 fi
 
 # ----------------------------------------------------------------------------- 3. self-test
-if run_stage selftest 90 "$PY" -m sigvlp.selftest --json "$WORK/selftest.json"; then
+if run_stage selftest "${PLAN_S[selftest]}" "$PY" -m sigvlp.selftest --json "$WORK/selftest.json"; then
   record selftest "PASS ($(tail -n 1 "$WORK/logs/selftest.log"))"
 else
-  record selftest "FAIL ($(grep -c ' FAIL ' "$WORK/logs/selftest.log") failing lines; $(tail -n 1 "$WORK/logs/selftest.log"))"
+  record selftest "FAIL$(timed_out selftest) ($(grep -c ' FAIL ' "$WORK/logs/selftest.log") failing lines; $(tail -n 1 "$WORK/logs/selftest.log"))"
 fi
 cp "$WORK/logs/selftest.log" "$OUT_DIR/selftest.txt" 2>/dev/null
 
 # ----------------------------------------------------------------------------- 4. GPU tests
 TIMEOUT_OPT=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT=(--timeout=90)
+XDIST_OPT=()
+"$PY" -c "import xdist" 2>/dev/null && (( CORES > 2 )) && XDIST_OPT=(-n "$(( CORES < 8 ? CORES : 8 ))")  # one GPU: 8 workers at most
 mapfile -t GPU_TESTS < <(grep -l 'mark.gpu' tests/test_*.py)
-run_stage gpu_tests 150 "$PY" -m pytest -p no:cacheprovider -q -m gpu -rfE "${TIMEOUT_OPT[@]}" \
-  --junitxml="$WORK/gpu_tests.xml" "${GPU_TESTS[@]}"
-res="$("$PY" benches/_bench.py junit "$WORK/gpu_tests.xml")"
+run_stage gpu_tests "${PLAN_S[gpu_tests]}" "$PY" -m pytest -p no:cacheprovider -q -m gpu -rfE "${TIMEOUT_OPT[@]}" \
+  "${XDIST_OPT[@]}" --junitxml="$WORK/gpu_tests.xml" "${GPU_TESTS[@]}"
+res="$("$PY" benches/_bench.py junit "$WORK/gpu_tests.xml")$(timed_out gpu_tests)"
 [[ "$res" == "passed 0,"* ]] && (( ! FORCE_CPU )) && res="FAIL: every GPU test was skipped ($res)"
 record gpu_tests "$res"
 
 # ----------------------------------------------------------------------------- 5. benches
-declare -A BENCH_CAP=([bench_flops_vs_slices]=70 [bench_attention]=150 [bench_rope]=25 [bench_sigmoid_loss]=45
-                      [bench_muon]=45 [bench_model]=65 [bench_eval]=30 [bench_data]=40)
-declare -A DONE=()
-# the key ratios' benches first, then the FLOP-vs-slices figure, then the rest
-for f in benches/bench_attention.py benches/bench_muon.py benches/bench_sigmoid_loss.py benches/bench_model.py \
-         benches/bench_flops_vs_slices.py benches/bench_rope.py $(ls benches/bench_*.py | sort); do
+for f in "${BENCH_FILES[@]}"; do
   name=$(basename "$f" .py)
-  [[ -n "${DONE[$name]:-}" || ! -f "$f" ]] && continue
-  DONE[$name]=1
-  if (( $(left) < 35 )); then record "$name" "NOT RUN (budget spent)"; continue; fi
+  if (( $(left) < 20 )); then record "$name" "NOT RUN (budget spent)"; continue; fi
   KOPT=(); [[ -n "$BENCH_K" ]] && KOPT=(-k "$BENCH_K")
-  run_stage "$name" "${BENCH_CAP[$name]:-40}" "$PY" -m pytest -p no:cacheprovider -q --bench-mode=$BENCH_MODE \
+  run_stage "$name" "${PLAN_S[$name]}" "$PY" -m pytest -p no:cacheprovider -q --bench-mode=$BENCH_MODE \
     --bench-out="$WORK/results/$name" --junitxml="$WORK/results/$name.xml" "${TIMEOUT_OPT[@]}" "${KOPT[@]}" "$f"
   rc=$?
   res="$("$PY" benches/_bench.py junit "$WORK/results/$name.xml")"
@@ -175,7 +208,12 @@ done
   "$PY" -c "import torch; print(torch.cuda.get_device_name(), '| torch', torch.__version__, end=' | ')
 import triton; print('triton', triton.__version__)" 2>/dev/null
   echo
-  for s in "${STATUS[@]}"; do printf '  %-24s %s\n' "${s%%|*}" "${s#*|}"; done
+  printf '  %-24s %8s %8s  %s\n' stage "plan s" "took s" result
+  for s in "${STATUS[@]}"; do
+    st="${s%%|*}"; plan="${PLAN_S[$st]:-${PLAN_S[build+precompile]}}"
+    printf '  %-24s %8s %8s  %s\n' "$st" "$plan" "${TOOK[$st]:--}" "${s#*|}"
+  done
+  echo "  plan total: $PLAN_TOTAL s; took: $(( $(date +%s) - START )) s"
   echo
   "$PY" benches/_bench.py ratios "$OUT_DIR/results.csv"
 } > "$OUT_DIR/summary.txt" 2>&1

@@ -226,6 +226,17 @@ __device__ __forceinline__ void store_unrotated(T* __restrict__ g, int64_t ldg, 
 // Launch configuration per head_dim: NW warps of 16 rows each own the CTA's rows; BN is the
 // block of the operand looped over. Chosen so that every kernel's static shared memory stays
 // under 48 KiB (the sizes are static_asserted below).
+// Register spills (ptxas -v, nvcc -O3 -lineinfo, CUDA 13, this file as built for 80;90a; measured
+// without a GPU, see tests/test_spills.py for the Triton kernels): every kernel compiles without
+// local memory except, in bytes of spill stores / loads per thread (stack frame):
+//   sm_90a dkdv<bf16,128> 32 / 32 (16), dkdv<fp16,128> 16 / 32 (16);
+//   sm_80  dkdv<fp16,128> 16 / 16 (8), dkdv<bf16,96> 36 / 44 (24), dkdv<bf16,64> 16 / 16 (8),
+//          dq<bf16,96> 8 / 8 (8).
+// Kept for now: a dK/dV warp holds both 16 x D fp32 accumulators (D / 2 registers per lane each,
+// 128 in all at D = 128) beside its K/V fragments, so it runs at the 255-register limit; the spill
+// is at most 44 B per thread (L1-resident), while removing it (a warp owning 8 keys, or D split
+// across two warps) would double the passes over Q and dO. Where the spilled words sit in the loop
+// is not checked yet: revisit with GPU timings (benches/bench_attention.py, sigvlp_cuda).
 template <int D>
 struct Config {
   static constexpr int kFwdWarps = 4;

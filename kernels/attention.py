@@ -557,14 +557,14 @@ def _pruner(which, tags):
     tuning compiles a few configs and none fails with out-of-resources (the smallest of the class
     when none fits).
 
-    The classes come from compiling every candidate for sm_90 and reading ptxas's register/stack
-    use (no GPU measurement yet): at head_dim 128 only 8-warp or small tiles stay near 255 regs.
+    The classes (16-bit or fp32, head_dim <= 64 or larger) come from compiling every candidate for
+    sm_90 and reading ptxas's register / local-memory use (no GPU timing yet): only candidates
+    that compile without local memory are kept (see the tables below).
     """
     def prune(configs, named_args, **kwargs):
+        tag = "small" if kwargs["HEAD_DIM"] <= 64 else "large"
         if kwargs.get("DOT_PREC", "tf32") == "ieee":
-            tag = "fp32"
-        else:
-            tag = "small" if kwargs["HEAD_DIM"] <= 64 else "large"
+            tag = "fp32" if tag == "small" else "fp32_large"
         mine = [c for c, t in zip(configs, tags) if t == tag] or list(configs)
         q = named_args["Q"]
         limit = _device.shared_memory_limit(q.device)
@@ -578,22 +578,39 @@ def _pruner(which, tags):
 
 # Keys: head_dim, causal and the rotation mode (and, added by Triton, the dtypes): never lengths.
 # In dkdv BLOCK_N is the key block a program owns and BLOCK_M the query block it loops over.
-# The last configs of each class are small fallbacks for 99 KiB devices (sm_86 / sm_89).
+# Candidates per class: compiled for sm_90 (triton 3.8, ptxas through `python -m sigvlp.precompile
+# --report`, bf16 at head_dim 64 / 128, fp32 at 64 / 128) and kept only when ptxas placed them in
+# registers without local memory; tests/test_spills.py holds every launchable variant to that.
+# Measured and dropped (bytes of local memory per thread, sm_90): fwd small (128,64,4,3) 120 and
+# (128,128,8,3) 24; dkdv small (32,64,4,3) 80, (32,128,8,3) 32, (64,64,4,3) 416, (32,64,4,2) 56,
+# (64,64,8,2) 40, (16,64,4,2) 8; dkdv large (32,64,8,3) 120, (64,64,8,2) 424, (32,64,8,2) 72,
+# (16,64,4,2) 424, (16,64,8,2) 40, (16,64,8,1) 64, (32,64,8,1) 112, (32,32,4,2) 312, (16,32,4,2) 48;
+# dq large (128,32,8,3) 16, (64,32,4,3) 152, (64,32,4,2) 104, (32,32,4,2) 16, (128,32,8,2) 16;
+# fp32 (ieee dots, no tensor cores: a correctness path) fwd (64,32,4,2) 40, (32,32,4,2) 64, at
+# head_dim 128 (32,16,4,2) 72, (16,16,4,1) 8; dkdv (16,32,4,2) 48, at 128 (16,32,4,1) 624 (the
+# rehearsal found tens of KB for the former fp32 candidates at head_dim 96 / 128). The fp32 dkdv
+# kept, (16,16,4,1), has 48 B (head_dim 64) and 80 B (128) of local memory at 72 / 128 registers:
+# not register pressure (smaller tiles do not remove it); tests/test_spills.py allows fp32
+# attention 128 B. The last config of each class is the smallest: the fallback for 99 KiB devices
+# (sm_86 / sm_89).
 _KEY = ["HEAD_DIM", "CAUSAL", "ROTATE", "INTERLEAVED", "DOT_PREC"]
 _FWD = _config_table(
-    small=[(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
-    large=[(128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2)],
-    fp32=[(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)],
+    small=[(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
+    large=[(128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2)],
+    fp32=[(32, 16, 4, 2)],
+    fp32_large=[(16, 16, 8, 1)],
 )
 _DKDV = _config_table(
-    small=[(32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)],
-    large=[(32, 64, 8, 3), (64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
-    fp32=[(32, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)],
+    small=[(32, 64, 8, 3), (32, 64, 8, 2)],
+    large=[(32, 32, 8, 2), (16, 32, 8, 2)],
+    fp32=[(16, 16, 4, 1)],
+    fp32_large=[(16, 16, 4, 1)],
 )
 _DQ = _config_table(
-    small=[(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)],
-    large=[(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
-    fp32=[(64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)],
+    small=[(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    large=[(64, 32, 8, 2)],
+    fp32=[(32, 16, 4, 2)],
+    fp32_large=[(16, 16, 4, 1)],
 )
 _fwd_tuned = triton.autotune(_FWD[0], key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd", _FWD[1])})(
     _fwd_kernel)

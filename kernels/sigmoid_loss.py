@@ -73,9 +73,10 @@ def sigmoid_loss_pass_kernel(
         a_id = tl.load(a_ids_ptr + rows, mask=row_ok, other=-2)
     else:
         a_id = rows
-    loss_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    dt_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    db_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Per-row partial sums (not BM x BN tiles: three fp32 tiles held across the loop spilled).
+    loss_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    dt_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    db_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
     if FULL_D:
         k_ok = offs_k < D
@@ -89,9 +90,9 @@ def sigmoid_loss_pass_kernel(
                         other=0.0)
             s = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
             sp, g = _tile_terms(s, rows, cols, row_ok, col_ok, a_id, b_ids_ptr, scale, bias, HAS_IDS)
-            loss_t += sp
-            dt_t += g * s
-            db_t += g
+            loss_t += tl.sum(sp, axis=1)
+            dt_t += tl.sum(g * s, axis=1)
+            db_t += tl.sum(g, axis=1)
             if WITH_GRAD:
                 acc += tl.dot(g.to(b.dtype), b, input_precision=DOT_PRECISION)
         if WITH_GRAD:
@@ -112,9 +113,9 @@ def sigmoid_loss_pass_kernel(
                             other=0.0)
                 s += tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
             sp, g = _tile_terms(s, rows, cols, row_ok, col_ok, a_id, b_ids_ptr, scale, bias, HAS_IDS)
-            loss_t += sp
-            dt_t += g * s
-            db_t += g
+            loss_t += tl.sum(sp, axis=1)
+            dt_t += tl.sum(g * s, axis=1)
+            db_t += tl.sum(g, axis=1)
             if WITH_GRAD:
                 gc = g.to(b_ptr.dtype.element_ty)
                 for k0 in range(0, D, BLOCK_K):
@@ -138,13 +139,21 @@ def sigmoid_loss_pass_kernel(
                 tl.store(da_ptr + rows[:, None] * stride_da + kk[None, :], (w * coef).to(da_ptr.dtype.element_ty),
                          mask=mask)
 
-    tl.store(part_ptr + pid * 3 + 0, tl.sum(tl.sum(loss_t, axis=1), axis=0))
-    tl.store(part_ptr + pid * 3 + 1, tl.sum(tl.sum(dt_t, axis=1), axis=0))
-    tl.store(part_ptr + pid * 3 + 2, tl.sum(tl.sum(db_t, axis=1), axis=0))
+    tl.store(part_ptr + pid * 3 + 0, tl.sum(loss_t, axis=0))
+    tl.store(part_ptr + pid * 3 + 1, tl.sum(dt_t, axis=0))
+    tl.store(part_ptr + pid * 3 + 2, tl.sum(db_t, axis=0))
 
 
 #: Resident-A (D <= MAX_FULL_D) tilings in order of preference: (BLOCK_M, BLOCK_N, num_stages).
 FULL_D_CONFIGS = ((64, 64, 3), (64, 64, 2), (64, 32, 2), (32, 32, 2))
+#: The same for BLOCK_K = 256 (8 warps): a 64-row A block with its dA spilled on sm_90 (240 B per
+#: thread with 64 x 64 tiles, 16 B with 64 x 32); 32 x 64 compiles without local memory.
+WIDE_FULL_D_CONFIGS = ((32, 64, 2), (32, 32, 2))
+#: fp32 inputs (IEEE dots on CUDA cores: the operands of a dot live in registers, not shared memory):
+#: small tiles, or the A block (BM x D) and dA (BM x D fp32) do not fit in registers. 64 x 64 tiles
+#: compiled for sm_90 into 32-register code with tens of KB of local memory per thread (and
+#: 4-22 s compiles); fp32 is the correctness path, not the fast one.
+FP32_FULL_D_CONFIGS = ((16, 16, 2),)
 #: Chunked-D tiling (larger D, or when no resident tiling fits): (BLOCK_M, BLOCK_N, BLOCK_K, num_stages).
 CHUNKED_CONFIGS = ((64, 64, 64, 3), (64, 64, 32, 2), (32, 32, 32, 2))
 _MARGIN = 4096  # bytes of slack on top of the measured tile formula
@@ -175,10 +184,11 @@ def choose_config(d: int, elem: int, limit: int, sm: int = 80) -> dict:
     when D <= MAX_FULL_D and a tiling fits, else D in chunks."""
     if d <= MAX_FULL_D:
         block_k = max(16, triton.next_power_of_2(d))
-        for bm, bn, stages in FULL_D_CONFIGS:
+        configs = FULL_D_CONFIGS if block_k < 256 else WIDE_FULL_D_CONFIGS
+        for bm, bn, stages in configs if elem == 2 else FP32_FULL_D_CONFIGS:
             if full_d_shared_bytes(bm, bn, block_k, stages, elem, sm) <= limit:
                 return dict(FULL_D=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, num_stages=stages,
-                            num_warps=8 if block_k >= 256 and bm >= 64 else 4)
+                            num_warps=8 if block_k >= 256 and elem == 2 else 4)
     cfg = _device.pick_config(CHUNKED_CONFIGS, lambda c: chunked_shared_bytes(*c, elem, sm), limit)
     bm, bn, bk, stages = cfg
     return dict(FULL_D=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=4)

@@ -1,0 +1,478 @@
+"""Compile every Triton variant of sigvlp's ops ahead of time, in parallel, into Triton's cache.
+
+    python -m sigvlp.precompile [--arch 90] [--jobs N] [--ops rope3d,...] [--quick] [--report]
+
+Run it on the machine that will launch the kernels, before the first training step or benchmark:
+Triton's on-disk cache is keyed by Triton's version, the ptxas version and the target, so the
+cache does not travel between machines. It prints the cache folder, the number of variants and
+the seconds taken; afterwards the ops' first launches find every kernel in the cache and compile
+nothing (tests/test_precompile.py checks that the entries written are those Triton's JIT looks
+up). Needs no GPU: `--arch` names the target (default: the current GPU's, else 90).
+
+A variant is one compile: kernel x constexpr values x dtypes x Triton's integer/alignment
+specialisations x launch options. They are found by calling each op through its public API on
+small CPU tensors over `launch_matrix()` (every dtype, head_dim / embedding-dim class and flag the op
+accepts; `--quick`: the representative subset, launch_matrix(quick=True)) with Triton's JIT running for a
+compile-only driver of the target: the JIT binds and specialises every launch exactly as it would
+on that GPU, and this module takes the source and options it would compile instead of compiling
+them. For an autotuned kernel every candidate left after the kernel's own pruning is a variant
+(the autotuner compiles them all to time them).
+
+Also the library behind the compile tests (tests/test_spills.py): `variants(...)` and
+`compile_variant(...)`, which returns the kernel's resource use read from its cubin (registers,
+stack frame = local memory per thread, shared memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Iterator, Optional
+
+import torch
+
+__all__ = ["Variant", "launch_matrix", "variants", "compile_variant", "precompile", "cache_dir", "main"]
+
+WARP = 32
+
+
+@dataclasses.dataclass
+class Variant:
+    """One compile: what Triton's JIT would pass to triton.compile for one launch."""
+
+    op: str
+    case: str
+    fn: object  # the JITFunction
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: object  # the backend's options (a frozen dataclass)
+
+    @property
+    def kernel(self) -> str:
+        return self.fn.__name__
+
+    def config(self) -> dict:
+        """The kernel's upper-case constexprs and its launch options (num_warps, num_stages)."""
+        names = {p.num: p.name for p in self.fn.params}
+        meta = {names[path[0]]: v for path, v in self.constexprs.items()
+                if len(path) == 1 and names[path[0]].isupper() and isinstance(v, (int, bool, str))}
+        meta.update(num_warps=self.options.num_warps, num_stages=self.options.num_stages)
+        return meta
+
+    def dtypes(self) -> list[str]:
+        return sorted({t.lstrip("*") for t in self.signature.values()
+                       if isinstance(t, str) and t.startswith("*") and t[1:3] in ("fp", "bf")})
+
+    def identity(self) -> tuple:
+        return (self.kernel, repr(sorted(self.signature.items())), repr(sorted(self.constexprs.items())),
+                repr(sorted(self.attrs.items())), self.options.hash())
+
+
+# ----------------------------------------------------------------------------- the launch matrix
+
+_LENGTHS = (100, 37)  # two packed sequences, total not a multiple of 16 (as real batches)
+
+
+def _packed(lengths=_LENGTHS):
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    grid = torch.tensor([[1, 1, n] for n in lengths], dtype=torch.int32)
+    return cu, grid, sum(lengths), max(lengths)
+
+
+def _rope_case(dtype, head_dim, positions, interleaved):
+    def run():
+        from sigvlp.ops import rope3d  # noqa: PLC0415  (ops import Triton: loaded once patched)
+
+        cu, grid, total, _ = _packed()
+        x = torch.randn(total, 2, head_dim, dtype=dtype, requires_grad=True)
+        pos = torch.zeros(total, 3) if positions else None
+        out = rope3d(x, cu, None if positions else grid, positions=pos, interleaved=interleaved, backend="triton")
+        out.float().sum().backward()
+    return run
+
+
+def _attention_case(dtype, head_dim, rotation, causal, interleaved):
+    def run():
+        from sigvlp.ops import rope_attention_varlen  # noqa: PLC0415  (as above)
+
+        cu, grid, total, longest = _packed()
+        q, k, v = (torch.randn(total, 2, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
+        out = rope_attention_varlen(q, k, v, cu, longest, grid if rotation == "grid" else None,
+                                    positions=torch.zeros(total, 3) if rotation == "positions" else None,
+                                    interleaved=interleaved, causal=causal, backend="triton")
+        out.float().sum().backward()
+    return run
+
+
+def _sigmoid_loss_case(dtype, dim, ids, grad):
+    def run():
+        from sigvlp.ops import sigmoid_loss  # noqa: PLC0415  (as above)
+
+        m = 33 if ids else 40  # without ids the pairs are the diagonal: as many texts as images
+        x = torch.randn(40, dim, dtype=dtype, requires_grad=grad)
+        y = torch.randn(m, dim, dtype=dtype, requires_grad=grad)
+        t, b = torch.tensor(10.0), torch.tensor(-10.0)
+        kw = dict(image_ids=torch.arange(40), text_ids=torch.arange(m)) if ids else {}
+        loss = sigmoid_loss(x, y, t, b, backend="triton", **kw)
+        if grad:
+            loss.backward()
+    return run
+
+
+def _newton_schulz_case(precision, shape):
+    def run():
+        from sigvlp.ops import newton_schulz  # noqa: PLC0415  (as above)
+
+        newton_schulz(torch.randn(*shape), steps=1, backend="triton", precision=precision)
+    return run
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_HEAD_DIMS = (32, 64, 96, 128)
+#: Embedding dims covering every sigmoid-loss tiling class: resident A at BLOCK_K 16..256, chunked.
+_EMBED_DIMS = (16, 32, 64, 128, 256, 768)
+
+
+def _name(*parts) -> str:
+    return "/".join(str(p).removeprefix("torch.") for p in parts)
+
+
+def launch_matrix(quick: bool = False) -> dict[str, list[tuple[str, Callable]]]:
+    """op -> [(case name, case)]: every combination (quick: each value of every axis once)."""
+    if quick:  # each dtype and shape class once; the flags at their common values
+        rope = [(d, hd, False, False) for d, hd in zip(_FLOATS, (64, 128, 96))]
+        att = [(d, hd, "grid", False, False) for d in _FLOATS for hd in (64, 128)]
+        att += [(torch.bfloat16, 32, "positions", True, True), (torch.float16, 96, "none", True, False)]
+        sig = [(d, dim, True, True) for d, dim in zip(_FLOATS * 2, _EMBED_DIMS)]
+        ns = [("bf16", (2, 96, 160)), ("fp32", (96, 160))]
+    else:
+        rope = list(itertools.product(_FLOATS, _HEAD_DIMS, (False, True), (False, True)))
+        att = list(itertools.product(_FLOATS, _HEAD_DIMS, ("grid", "positions", "none"), (False, True),
+                                     (False, True)))
+        sig = list(itertools.product(_FLOATS, _EMBED_DIMS, (False, True), (False, True)))
+        ns = list(itertools.product(("bf16", "fp32"), ((2, 96, 160), (96, 160))))
+    return {
+        "rope3d": [(_name(*c), _rope_case(*c)) for c in rope],
+        "rope_attention_varlen": [(_name(*c), _attention_case(*c)) for c in att],
+        "sigmoid_loss": [(_name(*c), _sigmoid_loss_case(*c)) for c in sig],
+        "newton_schulz": [(_name(*c), _newton_schulz_case(*c)) for c in ns],
+    }
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+def _compile_only_driver(target):
+    """A Triton driver for `target` that owns no device: the JIT binds and specialises for it."""
+    from triton.backends.driver import DriverBase  # noqa: PLC0415  (Triton: optional dependency)
+
+    class CompileOnlyDriver(DriverBase):
+        @classmethod
+        def is_active(cls):
+            return False
+
+        def map_python_to_cpp_type(self, ty):
+            raise NotImplementedError
+
+        def get_current_target(self):
+            return target
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_benchmarker(self):
+            raise RuntimeError("compile-only driver: nothing runs")
+
+    return CompileOnlyDriver()
+
+
+@contextlib.contextmanager
+def compile_only(arch: int, on_compile: Optional[Callable] = None):
+    """Within: Triton's JIT binds every launch for sm_`arch` (a compile-only driver: no GPU needed)
+    and launches nothing. With on_compile, the JIT calls on_compile(fn, signature, constexprs,
+    options, attrs) where it would compile and compiles nothing; without, it compiles through its
+    own code (Triton's cache first), as on that GPU. Autotuned kernels launch every candidate left
+    by their pruning (the autotuner compiles them all to time them); the launchers see sm_`arch`'s
+    shared-memory limit; ops accept CPU tensors for backend="triton"."""
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415  (Triton: optional dependency)
+    from triton.runtime import driver  # noqa: PLC0415
+    from triton.runtime.autotuner import Autotuner  # noqa: PLC0415
+    from triton.runtime.jit import JITFunction  # noqa: PLC0415
+
+    import sigvlp.kernels._device as device_info  # noqa: PLC0415  (imports Triton)
+    from sigvlp.ops import _backend  # noqa: PLC0415
+
+    jit_run = JITFunction.run
+
+    def run_no_launch(self, *args, grid, warmup, **kwargs):
+        return jit_run(self, *args, grid=grid, warmup=True, **kwargs)  # warmup: compile, never launch
+
+    def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        on_compile(self, signature, constexprs, options, attrs)
+        return None  # the JIT returns without launching
+
+    def autotune_all(self, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        self.nargs = dict(zip(self.arg_names, args))
+        for cfg in self.prune_configs(kwargs):
+            self.fn.run(*args, grid=None, warmup=True, **kwargs, **cfg.all_kwargs())
+        self.nargs = None
+
+    patches = {(JITFunction, "run"): run_no_launch, (Autotuner, "run"): autotune_all,
+               (device_info, "shared_memory_limit"): lambda device: device_info.SHARED_MEMORY_LIMITS[arch],
+               (device_info, "arch"): lambda device: arch,
+               (_backend, "triton_unavailable_reason"): lambda device=None: None}
+    if on_compile is not None:
+        patches[(JITFunction, "_do_compile")] = do_compile
+    saved = [(obj, name, getattr(obj, name)) for obj, name in patches]
+    for (obj, name), value in patches.items():
+        setattr(obj, name, value)
+    previous = driver._active
+    driver.set_active(_compile_only_driver(GPUTarget("cuda", arch, WARP)))
+    try:
+        yield
+    finally:
+        driver._active = previous
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+def _has_real_driver() -> bool:
+    try:
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001  (any driver failure: no GPU)
+        return False
+
+
+def _cases(ops, quick, match) -> Iterator[tuple[str, str, Callable]]:
+    """(op, case name, case) of the launch matrix, for `ops` (None: all), whose "op/case" name
+    contains the regular expression `match` (None: all)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("sigvlp.precompile: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+    matrix = launch_matrix(quick)
+    unknown = set(ops or ()) - set(matrix)
+    if unknown:
+        raise ValueError(f"ops: unknown {sorted(unknown)}; expected some of {sorted(matrix)}")
+    for op in ops or list(matrix):
+        for name, case in matrix[op]:
+            if match is None or re.search(match, f"{op}/{name}"):
+                yield op, name, case
+
+
+def variants(arch: int = 90, ops: Optional[list[str]] = None, quick: bool = False,
+             match: Optional[str] = None) -> list[Variant]:
+    """The distinct compiles of the launch matrix (quick: the representative subset; match: only
+    the cases whose "op/case" name contains this regular expression) for sm_`arch`."""
+    found: dict = {}
+    current = {}
+
+    def record(fn, signature, constexprs, options, attrs):
+        v = Variant(current["op"], current["case"], fn, dict(signature), dict(constexprs), dict(attrs), options)
+        found.setdefault(v.identity(), v)
+
+    with compile_only(arch, record):
+        for op, name, case in _cases(ops, quick, match):
+            current.update(op=op, case=name)
+            case()
+    return list(found.values())
+
+
+def verify(arch: int = 90, ops: Optional[list[str]] = None, quick: bool = False,
+           match: Optional[str] = None) -> list[dict]:
+    """Run the cases through Triton's own JIT for sm_`arch` (compiling, not launching) and report,
+    per compile the JIT makes, whether Triton's cache had it: rows of op, case, kernel, cache_hit.
+    After `precompile` with the same arguments every row is a hit. A miss compiles (and fills
+    the cache) as the JIT would."""
+    from triton import knobs  # noqa: PLC0415  (Triton: optional dependency)
+
+    rows, current = [], {}
+
+    def listener(*, src, metadata, metadata_group, times, cache_hit):
+        rows.append(dict(current, kernel=metadata["name"], cache_hit=bool(cache_hit)))
+
+    previous = knobs.compilation.listener
+    knobs.compilation.listener = listener
+    try:
+        with compile_only(arch):
+            for op, name, case in _cases(ops, quick, match):
+                current.update(op=op, case=name)
+                case()
+    finally:
+        knobs.compilation.listener = previous
+    return rows
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def cache_dir() -> str:
+    """Triton's on-disk cache folder (TRITON_CACHE_DIR, else ~/.triton/cache)."""
+    from triton import knobs  # noqa: PLC0415  (Triton: optional dependency)
+
+    return knobs.cache.dir
+
+
+_RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def resources(cubin: bytes) -> dict:
+    """regs, stack (bytes of local memory per thread: spills and local arrays; Triton's n_spills
+    is this / 4), static shared and local of a cubin, read with Triton's cuobjdump."""
+    from triton import knobs  # noqa: PLC0415  (Triton: optional dependency)
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    match = _RES.search(text)
+    if match is None:
+        raise RuntimeError(f"cuobjdump: no resource line in {text[-500:]!r}")
+    regs, stack, _static, local = (int(g) for g in match.groups())
+    return dict(regs=regs, stack=stack, local=local)
+
+
+def compile_variant(v: Variant, arch: int, measure: bool = False) -> dict:
+    """Compile `v` for sm_`arch` into Triton's cache (as the JIT would: same source, target and
+    options); a row: op, case, kernel, config, dtypes, seconds, shared (bytes), and with
+    measure=True regs / stack / local from the cubin."""
+    import triton  # noqa: PLC0415  (Triton: optional dependency)
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+
+    start = time.perf_counter()
+    src = triton.compiler.ASTSource(v.fn, v.signature, v.constexprs, v.attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, WARP), options=v.options.__dict__)
+    row = dict(op=v.op, case=v.case, kernel=v.kernel, target=f"sm_{arch}", config=v.config(), dtypes=v.dtypes(),
+               seconds=round(time.perf_counter() - start, 3), shared=int(compiled.metadata.shared))
+    if measure:
+        row.update(resources(compiled.asm["cubin"]))
+    return row
+
+
+#: Seconds one compile takes per kernel family ("op/kernel/16bit|fp32"; "default" otherwise) on
+#: one core of a 16-core GPU host: the issue-23 rehearsal measured about 1-1.4 s per compile
+#: (triton 3.6, sm_90); the fp32 attention and sigmoid-loss variants took 4-22 s before their tiles
+#: were capped and are assumed like the others since. gpu_check.sh's dry run multiplies these by
+#: the variant counts (`--count`); its GPU run prints the real precompile time beside the plan.
+COMPILE_SECONDS = {"default": 1.2, "rope_attention_varlen/_fwd_kernel/16bit": 1.4,
+                   "rope_attention_varlen/_bwd_dkdv_kernel/16bit": 1.4,
+                   "rope_attention_varlen/_bwd_dq_kernel/16bit": 1.4}
+
+
+def estimate_seconds(counts: dict, jobs: int) -> float:
+    """Wall seconds to compile `counts` (family -> variants, as --count prints) with `jobs` processes."""
+    total = sum(n * COMPILE_SECONDS.get(family, COMPILE_SECONDS["default"]) for family, n in counts.items())
+    return total / max(1, jobs)
+
+
+_POOL_VARIANTS: list = []
+
+
+def _compile_index(args):
+    i, arch, measure = args
+    return compile_variant(_POOL_VARIANTS[i], arch, measure)
+
+
+def precompile(arch: int, jobs: int, ops=None, quick=False, match=None, measure=False, on_row=None) -> list[dict]:
+    """Compile every variant (see `variants`) with `jobs` processes into Triton's cache; returns
+    one row per variant (`compile_variant`), calling on_row(row) as each is done."""
+    global _POOL_VARIANTS
+    _POOL_VARIANTS = variants(arch, ops, quick, match)
+    tasks = [(i, arch, measure) for i in range(len(_POOL_VARIANTS))]
+    rows = []
+    if jobs <= 1:
+        results = map(_compile_index, tasks)
+        for row in results:
+            rows.append(row)
+            on_row and on_row(row)
+        return rows
+    # fork: the workers inherit the captured variants (JIT functions do not pickle)
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        for row in pool.map(_compile_index, tasks, chunksize=1):
+            rows.append(row)
+            on_row and on_row(row)
+    return rows
+
+
+def _default_arch() -> int:
+    if _has_real_driver():
+        major, minor = torch.cuda.get_device_capability()
+        return 10 * major + minor
+    return 90
+
+
+def _known_arches():
+    from sigvlp.kernels._device import SHARED_MEMORY_LIMITS  # noqa: PLC0415  (imports Triton)
+
+    return set(SHARED_MEMORY_LIMITS)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sigvlp.precompile", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, default=None, help="compute capability, e.g. 90 (default: this GPU's, else 90)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: all cores)")
+    parser.add_argument("--ops", default=None, help="comma-separated op names (default: all)")
+    parser.add_argument("--quick", action="store_true", help="the representative subset only")
+    parser.add_argument("--match", default=None, help="only cases whose op/case name matches this regex")
+    parser.add_argument("--report", action="store_true", help="print one JSON row per variant (with registers/spills)")
+    parser.add_argument("--count", action="store_true",
+                        help="compile nothing: print the number of variants per kernel as JSON")
+    parser.add_argument("--verify", action="store_true",
+                        help="compile nothing new: say whether Triton's JIT finds each launch in the cache")
+    ns = parser.parse_args(argv)
+    if ns.jobs < 1:
+        parser.error(f"--jobs: expected a positive number of processes, got {ns.jobs}")
+    arch = ns.arch or _default_arch()
+    if arch not in _known_arches():
+        parser.error(f"--arch: expected one of {sorted(_known_arches())}, got {arch}")
+    ops = ns.ops.split(",") if ns.ops else None
+    unknown = set(ops or ()) - set(launch_matrix(True))
+    if unknown:
+        parser.error(f"--ops: unknown {sorted(unknown)}; expected some of {sorted(launch_matrix(True))}")
+    start = time.perf_counter()
+    if ns.count:
+        counts: dict = {}
+        for v in variants(arch, ops, ns.quick, ns.match):
+            key = f"{v.op}/{v.kernel}/{'fp32' if v.dtypes() == ['fp32'] else '16bit'}"
+            counts[key] = counts.get(key, 0) + 1
+        print(json.dumps(counts, sort_keys=True))
+        print(f"estimate: {estimate_seconds(counts, ns.jobs):.0f} s with {ns.jobs} jobs "
+              f"({sum(counts.values())} variants; sigvlp.precompile.COMPILE_SECONDS)")
+        return 0
+    if ns.verify:
+        rows = verify(arch, ops, ns.quick, ns.match)
+        for row in rows:
+            print(json.dumps(row))
+        misses = sum(not r["cache_hit"] for r in rows)
+        print(f"verified {len(rows)} JIT compiles for sm_{arch}: {len(rows) - misses} cache hits, {misses} misses")
+        print(f"cache: {cache_dir()}")
+        return 1 if misses else 0
+    on_row = (lambda row: print(json.dumps(row), flush=True)) if ns.report else None
+    rows = precompile(arch, ns.jobs, ops, ns.quick, ns.match, ns.report, on_row)
+    print(f"precompiled {len(rows)} variants for sm_{arch} with {ns.jobs} jobs in {time.perf_counter() - start:.1f} s "
+          f"(compile seconds summed: {sum(r['seconds'] for r in rows):.1f})")
+    print(f"cache: {cache_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""`python -m sigvlp.precompile` writes into Triton's cache exactly the entries Triton's JIT looks up
+for the ops' launches on an sm_90 GPU, so that on the GPU the ops compile nothing.
+
+Checked without a GPU: precompile compiles some cases into an empty cache folder; then
+`--verify` runs the same launches through Triton's own JIT (its binder, specialisation, options
+and cache-key code, for a compile-only sm_90 driver; nothing launched) with a compilation listener
+that reports, per compile, whether Triton's cache had it. Every precompiled case must hit; a case
+left out of the precompile must miss (the control: the check can fail).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DONE = "rope3d/(float32|bfloat16)"  # two of the three rope3d cases of the quick matrix
+
+
+def _precompile(cache, *args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(cache)
+    return subprocess.run([sys.executable, "-m", "sigvlp.precompile", *args], capture_output=True, text=True,
+                          env=env, timeout=1800, cwd=ROOT)
+
+
+def test_precompiled_cache_entries_are_the_ones_the_jit_looks_up(tmp_path):
+    cache = tmp_path / "triton-cache"
+    done = _precompile(cache, "--arch", "90", "--jobs", "2", "--ops", "rope3d", "--quick", "--match", DONE)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"cache: {cache}" in done.stdout
+    assert any(cache.iterdir()), "nothing written to the cache folder"
+
+    check = _precompile(cache, "--arch", "90", "--ops", "rope3d", "--quick", "--verify")
+    rows = [json.loads(line) for line in check.stdout.splitlines() if line.startswith("{")]
+    assert check.returncode == 1, check.stderr[-4000:]  # the control case misses
+    precompiled = [r for r in rows if r["case"].startswith(("float32", "bfloat16"))]
+    control = [r for r in rows if r["case"].startswith("float16")]
+    assert precompiled and control
+    assert all(r["cache_hit"] for r in precompiled), precompiled
+    assert not any(r["cache_hit"] for r in control), control
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    for args, words in ((["--jobs", "0"], "--jobs"), (["--ops", "nope"], "--ops: unknown ['nope']"),
+                        (["--arch", "75"], "--arch: expected one of")):
+        result = _precompile(tmp_path, *args)
+        assert result.returncode == 2 and words in result.stderr, (args, result.stderr[-2000:])
