@@ -120,7 +120,7 @@ fi
 say "building csrc/ for SIGVLP_CUDA_ARCHS=$SIGVLP_CUDA_ARCHS"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 if run_stage build 200 "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . \
-   && "$PY" -c "from sigvlp.ops import _cuda; import sys; r = _cuda.unavailable_reason(); print('CUDA backend:', r or 'available'); sys.exit(1 if r else 0)" 2>&1 | tee -a "$LOG"; then
+   && "$PY" -c "from sigvlp.ops import cuda_module; import sys; r = cuda_module.unavailable_reason(); print('CUDA backend:', r or 'available'); sys.exit(1 if r else 0)" 2>&1 | tee -a "$LOG"; then
   record build PASS
 else
   record build "FAIL (see logs/build.log; the CUDA backends will be skipped below)"
@@ -147,10 +147,10 @@ record gpu_tests "$res"
 
 # ----------------------------------------------------------------------------- 5. benches
 declare -A BENCH_CAP=([bench_flops_vs_slices]=70 [bench_attention]=150 [bench_rope]=25 [bench_sigmoid_loss]=45
-                      [bench_muon]=45 [bench_model]=65 [bench_eval]=30 [bench_data]=40)
+                      [bench_newton_schulz]=45 [bench_model]=65 [bench_eval]=30 [bench_data]=40)
 declare -A DONE=()
 # the key ratios' benches first, then the FLOP-vs-slices figure, then the rest
-for f in benches/bench_attention.py benches/bench_muon.py benches/bench_sigmoid_loss.py benches/bench_model.py \
+for f in benches/bench_attention.py benches/bench_newton_schulz.py benches/bench_sigmoid_loss.py benches/bench_model.py \
          benches/bench_flops_vs_slices.py benches/bench_rope.py $(ls benches/bench_*.py | sort); do
   name=$(basename "$f" .py)
   [[ -n "${DONE[$name]:-}" || ! -f "$f" ]] && continue

@@ -253,7 +253,7 @@ def _one(op, name, backend, dname, dtype, device, seed) -> Check:
 
 def header(device) -> str:
     import sigvlp
-    from sigvlp.ops import _backend
+    from sigvlp.ops import backends
 
     try:
         import triton
@@ -262,7 +262,7 @@ def header(device) -> str:
     except ImportError:
         tv = "not installed"
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    interp = " (Triton interpreter)" if _backend.triton_interpreter() else ""
+    interp = " (Triton interpreter)" if backends.triton_interpreter() else ""
     return (f"sigvlp {sigvlp.__version__} self-test on {device} [{dev}]: torch {torch.__version__}, "
             f"triton {tv}{interp}; error = max|got - fp64 oracle| / max|oracle|")
 

@@ -37,7 +37,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 import sigvlp.kernels._device as device_info  # noqa: E402
-from sigvlp.ops import _backend  # noqa: E402
+from sigvlp.ops import backends  # noqa: E402
 
 WARP = 32
 _captured: list = []
@@ -163,7 +163,7 @@ def _jit_of(name):
 def _install():
     JITFunction.run = _capture_jit
     Autotuner.run = _capture_autotune
-    _backend.triton_unavailable_reason = lambda device=None: None  # let "triton" serve CPU tensors
+    backends.triton_unavailable_reason = lambda device=None: None  # let "triton" serve CPU tensors
 
 
 def specialisation_keys(ops, sm=90):

@@ -66,11 +66,11 @@ def test_op_tests_pass_on_the_emulated_cuda_backend():
 def test_without_the_switch_cpu_tensors_get_no_cuda_backend():
     import torch
 
-    from sigvlp.ops import _cuda
+    from sigvlp.ops import cuda_module
 
-    if _cuda.emulated():
+    if cuda_module.emulated():
         pytest.skip("this process runs with SIGVLP_CUDA_EMULATE=1")
-    assert _cuda.unavailable_reason(torch.device("cpu")) is not None
+    assert cuda_module.unavailable_reason(torch.device("cpu")) is not None
 
 
 def test_info_reports_the_emulation():

@@ -7,7 +7,7 @@ from sigvlp.ops import attention as _attention
 from sigvlp.ops import newton_schulz as _newton_schulz
 from sigvlp.ops import rope as _rope
 from sigvlp.ops import sigmoid_loss as _sigmoid_loss
-from sigvlp.ops._backend import BACKEND_NAMES, BackendError, dispatch_log
+from sigvlp.ops.backends import BACKEND_NAMES, BackendError, dispatch_log
 from sigvlp.ops.attention import rope_attention_varlen, rope_attention_varlen_reference
 from sigvlp.ops.newton_schulz import newton_schulz, newton_schulz_reference
 from sigvlp.ops.rope import default_sections, rope3d, rope3d_reference

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import torch
 
 from sigvlp.ops import _attention_cuda, _checks
-from sigvlp.ops._backend import (Backend, BackendSet, device_guard, empty_output, resolve_request,
+from sigvlp.ops.backends import (Backend, BackendSet, device_guard, empty_output, resolve_request,
                                  validation_enabled)
 from sigvlp.ops.rope import _resolve_sections, rope3d_reference
 

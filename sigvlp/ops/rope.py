@@ -26,8 +26,8 @@ from typing import Optional, Sequence
 import torch
 
 from sigvlp.ops import _checks
-from sigvlp.ops import _cuda
-from sigvlp.ops._backend import Backend, BackendSet, empty_output, resolve_request, validation_enabled
+from sigvlp.ops import cuda_module
+from sigvlp.ops.backends import Backend, BackendSet, empty_output, resolve_request, validation_enabled
 
 __all__ = ["rope3d", "rope3d_reference", "default_sections", "grid_positions", "rotary_angles"]
 
@@ -126,15 +126,15 @@ def _run_triton(x, out, cu_seqlens, grid_thw, positions, theta, sections, interl
 
 def _run_cuda(x, out, cu_seqlens, grid_thw, positions, theta, sections, interleaved, inverse):
     total, nheads, head_dim = x.shape
-    _cuda.module().rope3d(
-        x=_cuda.ptr(x), out=_cuda.ptr(out), dtype=_cuda.dtype_code(x.dtype),
+    cuda_module.module().rope3d(
+        x=cuda_module.ptr(x), out=cuda_module.ptr(out), dtype=cuda_module.dtype_code(x.dtype),
         total_tokens=total, nheads=nheads, head_dim=head_dim,
         x_stride_token=x.stride(0), x_stride_head=x.stride(1),
         out_stride_token=out.stride(0), out_stride_head=out.stride(1),
-        cu_seqlens=_cuda.ptr(cu_seqlens), batch=cu_seqlens.shape[0] - 1,
-        grid_thw=_cuda.ptr(grid_thw), positions=_cuda.ptr(positions),
+        cu_seqlens=cuda_module.ptr(cu_seqlens), batch=cu_seqlens.shape[0] - 1,
+        grid_thw=cuda_module.ptr(grid_thw), positions=cuda_module.ptr(positions),
         log2_theta=math.log2(theta), n_t=sections[0], n_h=sections[1], n_w=sections[2],
-        interleaved=interleaved, inverse=inverse, stream=_cuda.stream_ptr(x.device),
+        interleaved=interleaved, inverse=inverse, stream=cuda_module.stream_ptr(x.device),
     )
 
 

@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 
 from sigvlp.ops import _checks
-from sigvlp.ops import _cuda
-from sigvlp.ops._backend import FLOAT_DTYPES, Backend, BackendSet, empty_output, resolve_request
+from sigvlp.ops import cuda_module
+from sigvlp.ops.backends import FLOAT_DTYPES, Backend, BackendSet, empty_output, resolve_request
 
 __all__ = ["sigmoid_loss", "sigmoid_loss_reference", "sigmoid_loss_dense"]
 
@@ -149,13 +149,13 @@ def _run_cuda(a, b, scale, bias, a_ids, b_ids, inv_norm, da):
         d_pad = -(-d // CUDA_BLOCK) * CUDA_BLOCK
         workspace = torch.zeros(blocks * CUDA_BLOCK, d_pad, dtype=torch.float32, device=a.device)
     partials = torch.empty(blocks, 3, dtype=torch.float32, device=a.device)
-    _cuda.module().sigmoid_loss_pass(
-        a=_cuda.ptr(a), b=_cuda.ptr(b), da=_cuda.ptr(da), workspace=_cuda.ptr(workspace),
-        workspace_ld=0 if workspace is None else workspace.stride(0), partials=_cuda.ptr(partials),
-        a_ids=_cuda.ptr(a_ids), b_ids=_cuda.ptr(b_ids), scale=_cuda.ptr(scale), bias=_cuda.ptr(bias),
-        dtype=_cuda.dtype_code(a.dtype), na=na, nb=b.shape[0], d=d, a_stride=a.stride(0),
+    cuda_module.module().sigmoid_loss_pass(
+        a=cuda_module.ptr(a), b=cuda_module.ptr(b), da=cuda_module.ptr(da), workspace=cuda_module.ptr(workspace),
+        workspace_ld=0 if workspace is None else workspace.stride(0), partials=cuda_module.ptr(partials),
+        a_ids=cuda_module.ptr(a_ids), b_ids=cuda_module.ptr(b_ids), scale=cuda_module.ptr(scale), bias=cuda_module.ptr(bias),
+        dtype=cuda_module.dtype_code(a.dtype), na=na, nb=b.shape[0], d=d, a_stride=a.stride(0),
         b_stride=b.stride(0), da_stride=0 if da is None else da.stride(0), inv_norm=float(inv_norm),
-        stream=_cuda.stream_ptr(a.device),
+        stream=cuda_module.stream_ptr(a.device),
     )
     sums = partials.sum(dim=0) * inv_norm  # fixed-order reduction: deterministic
     return sums[0], sums[1], sums[2]

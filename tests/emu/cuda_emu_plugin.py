@@ -51,9 +51,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
-    from sigvlp.ops import _cuda
+    from sigvlp.ops import cuda_module
 
-    mod = _cuda.module()
+    mod = cuda_module.module()
     return (f"CUDA emulation: SIGVLP_CUDA_EMULATE={os.environ.get('SIGVLP_CUDA_EMULATE')}, "
             f"module {getattr(mod, '__name__', None)}, schedule {mod.schedule() if mod else None}, "
             f"max_grid_y {mod.max_grid_y() if mod else None}")

@@ -15,14 +15,15 @@ import math
 import pytest
 import torch
 
-from sigvlp.ops import _cuda, newton_schulz, rope3d, sigmoid_loss
+from sigvlp.ops import cuda_module, newton_schulz, rope3d, sigmoid_loss
 from sigvlp.ops.sigmoid_loss import sigmoid_loss_dense
 from sigvlp.ops.tolerances import assert_at_floor, assert_rope3d_at_floor, max_err, newton_schulz_low_precision
+from sigvlp.optim import KELLER_COEFFICIENTS
 
-if not _cuda.emulated():  # this file only runs in the emulated subprocess
+if not cuda_module.emulated():  # this file only runs in the emulated subprocess
     pytest.skip("needs SIGVLP_CUDA_EMULATE=1 (run by tests/test_cuda_emu.py)", allow_module_level=True)
 
-EMU = _cuda.module()
+EMU = cuda_module.module()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -38,7 +39,7 @@ def emu():
 
 def test_the_cuda_backend_is_the_emulation():
     assert EMU.__name__ == "sigvlp._cuda_emu" and EMU.emulated
-    assert _cuda.unavailable_reason(torch.device("cpu")) is None
+    assert cuda_module.unavailable_reason(torch.device("cpu")) is None
     x = torch.randn(4, 1, 8)
     y = rope3d(x, torch.tensor([0, 4], dtype=torch.int32), torch.tensor([[1, 2, 2]], dtype=torch.int32), backend="cuda")
     assert y.shape == x.shape and torch.isfinite(y).all()
@@ -124,10 +125,8 @@ def test_bindings_refuse_missing_and_unknown_keywords():
 
 # ----------------------------------------------------------------------------- newton_schulz
 
-KELLER = (3.4445, -4.7750, 2.0315)
 
-
-def _ns_fp64(G, steps=5, coefficients=KELLER):
+def _ns_fp64(G, steps=5, coefficients=KELLER_COEFFICIENTS):
     X = G.double()
     X = X / torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).clamp(min=1e-7)
     tall = X.shape[-2] > X.shape[-1]
@@ -147,7 +146,7 @@ def test_newton_schulz_dtypes_and_tiles(dtype, shape):
     G = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     exact = _ns_fp64(G)
     out = newton_schulz(G.to(dtype), backend="cuda", precision="input")
-    floor_run = newton_schulz_low_precision(G, [KELLER] * 5, dtype)
+    floor_run = newton_schulz_low_precision(G, [KELLER_COEFFICIENTS] * 5, dtype)
     assert torch.isfinite(out).all()
     # The floor: the spec's iteration run at `dtype` (operands rounded to it, fp32 accumulation);
     # a kernel may differ in where it rounds, not in how much. fp32 runs on split TF32 (products
