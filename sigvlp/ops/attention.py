@@ -191,7 +191,7 @@ def _run_triton(q, k, v, out, lse, seq, theta, sections, interleaved, scale, cau
 
 def _run_triton_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, seq, theta, sections, interleaved, scale,
                          causal):
-    from sigvlp.kernels import attention as triton_attention  # noqa: PLC0415
+    from sigvlp.kernels import attention as triton_attention  # noqa: PLC0415 (Triton loads on first use)
 
     delta = empty_output(lse.shape, torch.float32, lse.device)
     triton_attention.backward(dout, dlse, q, k, v, out, lse, delta, dq, dk, dv, **seq, sections=sections,

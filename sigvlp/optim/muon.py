@@ -34,10 +34,12 @@ from collections.abc import Iterable
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from sigvlp.ops import newton_schulz
 from sigvlp.ops.newton_schulz import DEFAULT_COEFFICIENTS, resolve_coefficients
+from sigvlp.optim.split import split_params
 
 __all__ = ["Muon", "MuonWithAdamW", "ADJUST_LR_FNS", "adjusted_lr"]
 
@@ -301,8 +303,6 @@ class Muon(Optimizer):
         return owner
 
     def _distributed_orthogonalise(self, work: list[_Work], pg) -> None:
-        import torch.distributed as dist  # noqa: PLC0415
-
         world = dist.get_world_size(pg)
         rank = dist.get_rank(pg)
         owner = self.plan([w.cost for w in work], world)
@@ -384,8 +384,6 @@ class MuonWithAdamW(Muon):
                  adamw_betas=(0.9, 0.999), adamw_eps: float = 1e-8, adamw_weight_decay: float = 1e-2,
                  ns_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None, process_group=None):
         if isinstance(params, torch.nn.Module):
-            from sigvlp.optim.split import split_params  # noqa: PLC0415
-
             params = split_params(params)
         params = list(params) if isinstance(params, Iterable) else params
         if params and not all(isinstance(g, dict) for g in params):
