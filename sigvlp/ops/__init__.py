@@ -12,6 +12,7 @@ from sigvlp.ops.attention import rope_attention_varlen, rope_attention_varlen_re
 from sigvlp.ops.newton_schulz import newton_schulz, newton_schulz_reference
 from sigvlp.ops.rope import default_sections, rope3d, rope3d_reference
 from sigvlp.ops.sigmoid_loss import sigmoid_loss, sigmoid_loss_reference
+from sigvlp.ops.varlen import SUPPORTED_HEAD_DIMS, cu_seqlens_from_lengths
 
 #: every op family, name -> its BackendSet (for sigvlp.info and tests)
 OPS = {
@@ -25,6 +26,8 @@ __all__ = [
     "BACKEND_NAMES",
     "BackendError",
     "OPS",
+    "SUPPORTED_HEAD_DIMS",
+    "cu_seqlens_from_lengths",
     "default_sections",
     "dispatch_log",
     "newton_schulz",

@@ -15,8 +15,8 @@ import torch
 
 from sigvlp.ops import cuda_module
 from sigvlp.ops.backends import device_guard, empty_output
+from sigvlp.ops.varlen import SUPPORTED_HEAD_DIMS
 
-SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 
 

@@ -35,10 +35,10 @@ from sigvlp.ops import _attention_cuda, _checks
 from sigvlp.ops.backends import (Backend, BackendSet, device_guard, empty_output, resolve_request,
                                  validation_enabled)
 from sigvlp.ops.rope import _resolve_sections, rope3d_reference
+from sigvlp.ops.varlen import SUPPORTED_HEAD_DIMS
 
 __all__ = ["rope_attention_varlen", "rope_attention_varlen_reference", "SUPPORTED_HEAD_DIMS"]
 
-SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Query rows per chunk in the torch backend: bounds its scores buffer to chunk x seqlen per head.
 _REF_CHUNK = 1024
@@ -339,7 +339,7 @@ def rope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     """Attention within each packed sequence, q and k rotated by 3D RoPE inside the kernel.
 
     q (total_q, nheads, head_dim); k, v (total_k, nheads_kv, head_dim), nheads % nheads_kv == 0,
-    head_dim in (32, 64, 96, 128), one float dtype and device for all. cu_seqlens int32 (batch + 1,)
+    head_dim in SUPPORTED_HEAD_DIMS (32, 64, 96, 128), one float dtype and device for all. cu_seqlens int32 (batch + 1,)
     from 0 to total_q; max_seqlen (int) >= the longest query sequence.
     Self-attention (cu_seqlens_k None): total_k == total_q, k/v packed like q; grid_thw (int32
     (batch, 3)) or positions (float32 (total_q, 3)) rotate q and k as in `rope3d` (neither: none).

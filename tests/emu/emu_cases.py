@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from sigvlp.ops import cuda_module, newton_schulz, rope3d, sigmoid_loss
+from sigvlp.ops import cu_seqlens_from_lengths, cuda_module, newton_schulz, rope3d, sigmoid_loss
 from sigvlp.ops.sigmoid_loss import sigmoid_loss_dense
 from sigvlp.ops.tolerances import assert_at_floor, assert_rope3d_at_floor, max_err, newton_schulz_low_precision
 from sigvlp.optim import KELLER_COEFFICIENTS
@@ -53,7 +53,7 @@ def _rope_inputs(lengths, nheads, head_dim, dtype, seed=0, pad=0):
     total = sum(lengths)
     wide = torch.randn(total, nheads, head_dim + pad, generator=g).to(dtype)
     x = wide[..., :head_dim]  # pad > 0: head stride not a multiple of a 16-byte vector
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    cu = cu_seqlens_from_lengths(lengths)
     grid = []
     for n in lengths:  # (T, H, W) with T * H * W == n, W not always 1
         w = 3 if n % 3 == 0 and n else 1
