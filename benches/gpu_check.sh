@@ -146,18 +146,20 @@ res="$("$PY" benches/_bench.py junit "$WORK/gpu_tests.xml")"
 record gpu_tests "$res"
 
 # ----------------------------------------------------------------------------- 5. benches
-declare -A BENCH_CAP=([bench_flops_vs_slices]=70 [bench_attention]=150 [bench_rope]=25 [bench_sigmoid_loss]=45
-                      [bench_newton_schulz]=45 [bench_model]=65 [bench_eval]=30 [bench_data]=40)
-declare -A DONE=()
-# the key ratios' benches first, then the FLOP-vs-slices figure, then the rest
-for f in benches/bench_attention.py benches/bench_newton_schulz.py benches/bench_sigmoid_loss.py benches/bench_model.py \
-         benches/bench_flops_vs_slices.py benches/bench_rope.py $(ls benches/bench_*.py | sort); do
-  name=$(basename "$f" .py)
-  [[ -n "${DONE[$name]:-}" || ! -f "$f" ]] && continue
-  DONE[$name]=1
+# Order and per-file caps come from `_bench.py plan` (each op's bench and cap are in its OpSpec,
+# sigvlp.ops.registry): the key ratios' benches first, then the FLOP-vs-slices figure, then the rest.
+mapfile -t PLAN < <("$PY" benches/_bench.py plan)
+if (( ! ${#PLAN[@]} )); then
+  record bench_plan "FAIL (python benches/_bench.py plan printed nothing; every bench file gets a 40 s cap)"
+  mapfile -t PLAN < <(for f in benches/bench_*.py; do echo "$(basename "$f" .py) 40"; done)
+fi
+for line in "${PLAN[@]}"; do
+  name=${line% *}; bench_cap=${line##* }
+  f="benches/$name.py"
+  [[ -f "$f" ]] || continue
   if (( $(left) < 35 )); then record "$name" "NOT RUN (budget spent)"; continue; fi
   KOPT=(); [[ -n "$BENCH_K" ]] && KOPT=(-k "$BENCH_K")
-  run_stage "$name" "${BENCH_CAP[$name]:-40}" "$PY" -m pytest -p no:cacheprovider -q --bench-mode=$BENCH_MODE \
+  run_stage "$name" "$bench_cap" "$PY" -m pytest -p no:cacheprovider -q --bench-mode=$BENCH_MODE \
     --bench-out="$WORK/results/$name" --junitxml="$WORK/results/$name.xml" "${TIMEOUT_OPT[@]}" "${KOPT[@]}" "$f"
   rc=$?
   res="$("$PY" benches/_bench.py junit "$WORK/results/$name.xml")"

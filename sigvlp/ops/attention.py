@@ -34,8 +34,9 @@ import torch
 from sigvlp.ops import _attention_cuda, _checks
 from sigvlp.ops.backends import (Backend, BackendSet, device_guard, empty_output, resolve_request,
                                  validation_enabled)
+from sigvlp.ops.registry import KeyRatio, OpSpec, as64, leaf, rand64, register, weighted_grads
 from sigvlp.ops.rope import _resolve_sections, rope3d_reference
-from sigvlp.ops.varlen import SUPPORTED_HEAD_DIMS
+from sigvlp.ops.varlen import SUPPORTED_HEAD_DIMS, cu_seqlens_from_lengths
 
 __all__ = ["rope_attention_varlen", "rope_attention_varlen_reference", "SUPPORTED_HEAD_DIMS"]
 
@@ -416,3 +417,49 @@ def rope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
                              float(theta), list(sections), interleaved, float(softmax_scale), causal, cross,
                              validation_enabled(validate, device), backend)
     return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _selftest_case(dtype, device, gen):
+    """Three sequences (17, 40, 1 tokens), GQA with 4 query heads on 2 k/v heads of 64."""
+    grid = torch.tensor([[1, 1, 17], [2, 4, 5], [1, 1, 1]], dtype=torch.int32)
+    lengths = [17, 40, 1]
+    cu = cu_seqlens_from_lengths(lengths)
+    q = leaf(rand64(gen, 58, 4, 64), dtype, device)
+    k = leaf(rand64(gen, 58, 2, 64), dtype, device)
+    v = leaf(rand64(gen, 58, 2, 64), dtype, device)
+    w = rand64(gen, 58, 4, 64)
+
+    def run(backend):
+        out = rope_attention_varlen(q, k, v, cu.to(device), max(lengths), grid.to(device), backend=backend)
+        return [out], weighted_grads([out], [q, k, v], [w])
+
+    def oracle():
+        leaves = [as64(t) for t in (q, k, v)]
+        out, _ = rope_attention_varlen_reference(*leaves, cu, grid, compute_dtype=torch.float64)
+        return [out], weighted_grads([out], leaves, [w])
+
+    return run, oracle
+
+
+def _launch_survey(lengths, rows):
+    cu = cu_seqlens_from_lengths(lengths)
+    grid = torch.tensor([[1, 1, n] for n in lengths], dtype=torch.int32)
+    for head_dim in (64, 128):
+        q, k, v = (torch.randn(sum(lengths), 4, head_dim, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        out = rope_attention_varlen(q, k, v, cu, max(lengths), grid, backend="triton")
+        out.float().sum().backward()
+
+
+# emulated=False: the CUDA attention has its own emulated tests (tests/test_attention_cuda.py).
+SPEC = register(OpSpec(
+    name="rope_attention_varlen", backends=BACKENDS, selftest=_selftest_case,
+    selftest_facts={"head_dim": 64, "cross": False}, test_file="tests/test_attention.py", emulated=False,
+    launch_survey=_launch_survey, triton_autotuned=True, bench="benches/bench_attention.py", bench_cap_s=150,
+    key_ratios=(KeyRatio("attention: sigvlp fused (Triton, CUDA) vs rope3d + varlen attention", "attention",
+                         ("sigvlp", "sigvlp_cuda"), "rope3d+varlen_attn"),),
+    interpreter_no_bf16_dot=True,
+))

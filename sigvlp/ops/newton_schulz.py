@@ -34,6 +34,7 @@ import torch
 from sigvlp.ops import _checks
 from sigvlp.ops import cuda_module
 from sigvlp.ops.backends import Backend, BackendSet, empty_output, resolve_request
+from sigvlp.ops.registry import KeyRatio, OpSpec, rand64, register
 
 __all__ = [
     "newton_schulz",
@@ -245,3 +246,35 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients=DEFAULT_COEFFICI
     work_dtype = compute_dtype(G, precision)
     out = _newton_schulz_op(G.to(work_dtype), int(steps), flat, float(eps), backend)
     return out.to(G.dtype)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _selftest_case(dtype, device, gen):
+    """A batch of three wide 40 x 72 matrices and one tall 56 x 24 (handled as its transpose),
+    5 steps of the default coefficients in the input's precision. No backward."""
+    G = rand64(gen, 3, 40, 72).to(dtype)
+    T = rand64(gen, 56, 24).to(dtype)
+
+    def run(backend):
+        return [newton_schulz(g.to(device), backend=backend, precision="input") for g in (G, T)], []
+
+    def oracle():
+        return [newton_schulz_reference(g.double()) for g in (G, T)], []
+
+    return run, oracle
+
+
+def _launch_survey(lengths, rows):
+    for precision in ("bf16", "fp32"):
+        newton_schulz(torch.randn(2, 256, 512), steps=1, backend="triton", precision=precision)
+
+
+SPEC = register(OpSpec(
+    name="newton_schulz", backends=BACKENDS, selftest=_selftest_case, test_file="tests/test_newton_schulz.py",
+    launch_survey=_launch_survey, bench="benches/bench_newton_schulz.py", bench_cap_s=45,
+    key_ratios=(KeyRatio("newton_schulz: ours vs torch.optim.Muon's NS", "newton_schulz", ("triton", "cuda"),
+                         "torch_muon"),),
+    interpreter_no_bf16_dot=True,
+))

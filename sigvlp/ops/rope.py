@@ -28,6 +28,8 @@ import torch
 from sigvlp.ops import _checks
 from sigvlp.ops import cuda_module
 from sigvlp.ops.backends import Backend, BackendSet, empty_output, resolve_request, validation_enabled
+from sigvlp.ops.registry import OpSpec, as64, leaf, rand64, register, weighted_grads
+from sigvlp.ops.varlen import cu_seqlens_from_lengths
 
 __all__ = ["rope3d", "rope3d_reference", "default_sections", "grid_positions", "rotary_angles"]
 
@@ -225,3 +227,39 @@ def rope3d(x: torch.Tensor, cu_seqlens: torch.Tensor, grid_thw: Optional[torch.T
     backend = resolve_request(backend, BACKENDS.names) if backend not in (None, "auto") else "auto"
     return _rope3d_op(x, cu_seqlens, grid_thw, positions, float(theta), list(sections), interleaved, inverse, backend,
                       validate)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _selftest_case(dtype, device, gen):
+    """Three sequences (grids 2x3x4, 3x1x5, 1x1x1), 3 heads of 64: rope3d and its gradient."""
+    grid = torch.tensor([[2, 3, 4], [3, 1, 5], [1, 1, 1]], dtype=torch.int32)
+    cu = cu_seqlens_from_lengths([24, 15, 1])
+    x = leaf(rand64(gen, 40, 3, 64), dtype, device)
+    w = rand64(gen, 40, 3, 64)
+
+    def run(backend):
+        out = rope3d(x, cu.to(device), grid.to(device), backend=backend)
+        return [out], weighted_grads([out], [x], [w])
+
+    def oracle():
+        x64 = as64(x)
+        out = rope3d_reference(x64, cu, grid, compute_dtype=torch.float64)
+        return [out], weighted_grads([out], [x64], [w])
+
+    return run, oracle
+
+
+def _launch_survey(lengths, rows):
+    cu = cu_seqlens_from_lengths(lengths)
+    grid = torch.tensor([[1, 1, n] for n in lengths], dtype=torch.int32)
+    x = torch.randn(sum(lengths), 4, 64, dtype=torch.bfloat16)
+    rope3d(x, cu, grid, backend="triton")
+    rope3d(x.float(), cu, positions=torch.zeros(sum(lengths), 3), backend="triton")
+
+
+SPEC = register(OpSpec(
+    name="rope3d", backends=BACKENDS, selftest=_selftest_case, selftest_facts={"head_dim": 64},
+    test_file="tests/test_rope.py", launch_survey=_launch_survey, bench="benches/bench_rope.py", bench_cap_s=25,
+))

@@ -36,6 +36,7 @@ from sigvlp.ops._sigmoid_loss_pass import (_BYTES_PER_PAIR, BACKENDS, CUDA_BLOCK
                                            REFERENCE_MIN_BLOCK_BYTES, _block_rows, _pass_torch, _sigmoid_loss_op,
                                            _text_grad_op, sigmoid_loss_dense, sigmoid_loss_reference)
 from sigvlp.ops.backends import FLOAT_DTYPES, resolve_request
+from sigvlp.ops.registry import KeyRatio, OpSpec, as64, leaf, rand64, register, weighted_grads
 
 __all__ = ["sigmoid_loss", "sigmoid_loss_reference", "sigmoid_loss_dense"]
 
@@ -108,3 +109,47 @@ def sigmoid_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: t
         t.requires_grad for t in (image_emb, text_emb, logit_scale, logit_bias))
     return _sigmoid_loss_op(image_emb, text_emb, logit_scale, logit_bias, image_ids, text_ids, inv_norm,
                             with_grad, backend)[0]
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _selftest_case(dtype, device, gen):
+    """24 images against 30 texts of 64 dims, six texts repeating an image's id; t = 10, b = -10."""
+    x = leaf(torch.nn.functional.normalize(rand64(gen, 24, 64), dim=1), dtype, device)
+    y = leaf(torch.nn.functional.normalize(rand64(gen, 30, 64), dim=1), dtype, device)
+    t = torch.tensor(10.0, device=device, requires_grad=True)
+    b = torch.tensor(-10.0, device=device, requires_grad=True)
+    image_ids = torch.arange(24)
+    text_ids = torch.cat([torch.arange(24), torch.tensor([0, 3, 3, 7, 20, 23])])  # repeated texts
+    w = [torch.tensor(1.0, dtype=torch.float64)]
+
+    def run(backend):
+        loss = sigmoid_loss(x, y, t, b, image_ids=image_ids.to(device), text_ids=text_ids.to(device),
+                            backend=backend)
+        return [loss], weighted_grads([loss], [x, y, t, b], w)
+
+    def oracle():
+        leaves = [as64(v) for v in (x, y, t, b)]
+        loss = sigmoid_loss_dense(*leaves, image_ids=image_ids, text_ids=text_ids)
+        return [loss], weighted_grads([loss], leaves, w)
+
+    return run, oracle
+
+
+def _launch_survey(lengths, rows):
+    n, m = rows
+    for dtype, d in ((torch.float32, 256), (torch.bfloat16, 256), (torch.float32, 1024), (torch.bfloat16, 768)):
+        x = torch.randn(n, d, dtype=dtype, requires_grad=True)
+        y = torch.randn(m, d, dtype=dtype, requires_grad=True)
+        t, b = torch.tensor(10.0), torch.tensor(-10.0)
+        ids = torch.arange(n), torch.arange(m) % max(n, 1)
+        sigmoid_loss(x, y, t, b, image_ids=ids[0], text_ids=ids[1], backend="triton").backward()
+
+
+SPEC = register(OpSpec(
+    name="sigmoid_loss", backends=BACKENDS, selftest=_selftest_case, test_file="tests/test_sigmoid_loss.py",
+    launch_survey=_launch_survey, bench="benches/bench_sigmoid_loss.py", bench_cap_s=45,
+    key_ratios=(KeyRatio("sigmoid loss: ours vs dense", "sigmoid_loss", ("triton", "cuda"), "dense"),),
+    interpreter_no_bf16_dot=True,
+))

@@ -113,14 +113,19 @@ def test_rope_launcher_refuses_an_empty_batch_with_a_grid():
 
 
 def test_bindings_refuse_missing_and_unknown_keywords():
+    """The keywords come from csrc/launchers.h's X-macro lists (EMU.launcher_fields())."""
+    fields = EMU.launcher_fields()
+    assert fields["rope3d"][0] == "x" and len(fields["rope3d"]) == len(set(fields["rope3d"]))
     with pytest.raises(TypeError, match="missing keyword argument x"):
         EMU.rope3d(out=0)
-    kw = dict(x=0, out=0, dtype=0, total_tokens=0, nheads=1, head_dim=8, x_stride_token=8, x_stride_head=8,
-              out_stride_token=8, out_stride_head=8, cu_seqlens=0, batch=0, grid_thw=0, positions=0,
-              log2_theta=1.0, n_t=1, n_h=1, n_w=1, interleaved=False, inverse=False, stream=0)
+    kw = dict.fromkeys(fields["rope3d"], 0)
+    kw.update(nheads=1, head_dim=8, x_stride_token=8, x_stride_head=8, out_stride_token=8, out_stride_head=8,
+              log2_theta=1.0, n_t=1, n_h=1, n_w=1, interleaved=False, inverse=False)
     with pytest.raises(TypeError, match="unexpected keyword argument bogus"):
         EMU.rope3d(**kw, bogus=1)
     EMU.rope3d(**kw)  # zero tokens: nothing to do
+    for name, keywords in fields.items():  # every launcher is bound with its declared keywords
+        assert getattr(EMU, name).__doc__.rstrip().endswith("Keyword arguments: " + " ".join(keywords)), name
 
 
 # ----------------------------------------------------------------------------- newton_schulz
