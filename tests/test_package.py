@@ -95,7 +95,7 @@ def test_poisoned_outputs_under_tests(monkeypatch):
     environment variable makes the library touch the allocation."""
     import types
 
-    from sigvlp.ops import backends as _backend
+    from sigvlp.ops import backends
 
     assert torch.isnan(backends.empty_output((3, 2), torch.float16, torch.device("cpu"))).all()
     previous = backends.set_output_hook(None)
@@ -107,11 +107,11 @@ def test_poisoned_outputs_under_tests(monkeypatch):
                      "SIGVLP_VALIDATE", "SIGVLP_TEST", "PYTEST_CURRENT_TEST"):
             monkeypatch.setenv(name, "1")
         fake_torch = types.SimpleNamespace(empty=lambda shape, **kw: torch.full(shape, 7.0, **kw))
-        monkeypatch.setattr(_backend, "torch", fake_torch)
-        out = _backend.empty_output((3, 2), torch.float32, torch.device("cpu"))
+        monkeypatch.setattr(backends, "torch", fake_torch)
+        out = backends.empty_output((3, 2), torch.float32, torch.device("cpu"))
         assert torch.equal(out, torch.full((3, 2), 7.0))
     finally:
-        _backend.set_output_hook(previous)
+        backends.set_output_hook(previous)
 
 
 def test_every_kernel_backend_is_device_guarded():
