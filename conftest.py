@@ -1,6 +1,6 @@
 """Test and benchmark setup (tests/ and benches/): Triton runs in its interpreter when there is
 no GPU; in tests/, op outputs are NaN-poisoned before kernels write them (a test-only hook of
-sigvlp.ops._backend), so unwritten elements fail comparisons."""
+sigvlp.ops.backends), so unwritten elements fail comparisons."""
 
 import math
 import os
@@ -32,13 +32,13 @@ def _poison_op_outputs(request):
     if _BENCHES in pathlib.Path(str(request.path)).resolve().parents:
         yield
         return
-    from sigvlp.ops import _backend
+    from sigvlp.ops import backends
 
-    previous = _backend.set_output_hook(poison)
+    previous = backends.set_output_hook(poison)
     try:
         yield
     finally:
-        _backend.set_output_hook(previous)
+        backends.set_output_hook(previous)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -41,6 +41,8 @@ from typing import Callable
 
 import torch
 
+from sigvlp.ops.registry import SPECS, KeyRatio
+
 HAS_CUDA = torch.cuda.is_available()
 
 #: the columns of results.csv, in order (documented in the README's Benchmarks section)
@@ -512,19 +514,39 @@ def legacy_row(table: str, columns: dict, test: str = "") -> dict:
 
 
 # ----------------------------------------------------------------------------- gpu_check helpers
-# `python benches/_bench.py junit FILE.xml | merge OUT.csv IN.csv... | ratios RESULTS.csv`
+# `python benches/_bench.py junit FILE.xml | merge OUT.csv IN.csv... | ratios RESULTS.csv | plan`
 
-#: (title, op substring, providers (None: any but the baseline), baseline provider (substring match))
-KEY_RATIOS = (
-    ("attention: sigvlp fused (Triton, CUDA) vs rope3d + varlen attention", "attention", ("sigvlp", "sigvlp_cuda"),
-     "rope3d+varlen_attn"),
-    ("encoder forward: sigvlp vs rope3d + varlen attention", "encoder forward", ("sigvlp",), "rope3d+varlen_attn"),
-    ("newton_schulz: ours vs torch.optim.Muon's NS", "newton_schulz", ("triton", "cuda"), "torch_muon"),
-    ("Muon step: ours vs torch.optim.Muon", "Muon", ("sigvlp", "sigvlp-triton", "sigvlp-cuda"), "torch.optim.Muon"),
-    ("sigmoid loss: ours vs dense", "sigmoid_loss", ("triton", "cuda"), "dense"),
-    ("model training step: ours vs unfused (rope3d + varlen attention, dense loss, torch Muon)", "train step", None,
-     "unfused"),
+#: Ratios of benches that are not one op's (each op's own are in its OpSpec, sigvlp.ops.registry):
+#: (title, op substring, providers (None: any but the baseline), baseline provider (substring match)).
+OTHER_KEY_RATIOS = (
+    KeyRatio("encoder forward: sigvlp vs rope3d + varlen attention", "encoder forward", ("sigvlp",),
+             "rope3d+varlen_attn"),
+    KeyRatio("Muon step: ours vs torch.optim.Muon", "Muon", ("sigvlp", "sigvlp-triton", "sigvlp-cuda"),
+             "torch.optim.Muon"),
+    KeyRatio("model training step: ours vs unfused (rope3d + varlen attention, dense loss, torch Muon)",
+             "train step", None, "unfused"),
 )
+#: Every key ratio gpu_check.sh summarises: the ops' (registry order), then the others.
+KEY_RATIOS = tuple(r for spec in SPECS.values() for r in spec.key_ratios) + OTHER_KEY_RATIOS
+
+#: gpu_check.sh's time cap (seconds) of each bench file that is not one op's (an op's bench and cap
+#: are in its OpSpec); a file in neither gets DEFAULT_BENCH_CAP_S.
+OTHER_BENCH_CAPS = {"bench_model": 20, "bench_flops_vs_slices": 20, "bench_eval": 10, "bench_data": 10}
+DEFAULT_BENCH_CAP_S = 40
+
+
+def bench_plan() -> list[tuple[str, int]]:
+    """(bench file stem, cap in seconds) in gpu_check.sh's order: the benches of the key ratios first
+    (ops with key ratios, then bench_model), then the FLOP-vs-slices figure, then the rest (ops,
+    then the others, then any bench_*.py file not named anywhere)."""
+    ops = [(pathlib.Path(s.bench).stem, s.bench_cap_s) for s in SPECS.values()]
+    keyed = [ops[i] for i, s in enumerate(SPECS.values()) if s.key_ratios]
+    order = keyed + [("bench_model", OTHER_BENCH_CAPS["bench_model"]),
+                     ("bench_flops_vs_slices", OTHER_BENCH_CAPS["bench_flops_vs_slices"])]
+    order += ops + list(OTHER_BENCH_CAPS.items())
+    order += [(p.stem, DEFAULT_BENCH_CAP_S) for p in sorted(pathlib.Path(__file__).parent.glob("bench_*.py"))]
+    seen: set[str] = set()
+    return [(name, cap) for name, cap in order if not (name in seen or seen.add(name))]
 
 
 def read_rows(paths) -> list[dict]:
@@ -546,7 +568,7 @@ def key_ratios(rows: list[dict]) -> list[str]:
     """Lines 'title: provider median Nx (min, max) over k pairs', a ratio being baseline time / time
     for rows of the same op, shape and mode (and dtype when the baseline has one of it)."""
     lines = []
-    for title, op_sub, providers, base_sub in KEY_RATIOS:
+    for title, op_sub, providers, base_sub in (dataclasses.astuple(r) for r in KEY_RATIOS):
         mine = [r for r in rows if op_sub.lower() in r["op"].lower()]
         bases = [r for r in mine if base_sub in r["provider"] and _num(r["median_ms"])]
         found: dict[str, list[float]] = {}
@@ -605,7 +627,11 @@ def _main(argv: list[str]) -> int:
         for line in key_ratios(rows):
             print("  " + line)
         return 0
-    print("usage: python benches/_bench.py junit FILE.xml | merge OUT.csv IN.csv... | ratios RESULTS.csv")
+    if argv == ["plan"]:
+        for name, cap in bench_plan():
+            print(name, cap)
+        return 0
+    print("usage: python benches/_bench.py junit FILE.xml | merge OUT.csv IN.csv... | ratios RESULTS.csv | plan")
     return 2
 
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sigvlp.ops import rope3d, rope_attention_varlen
+from sigvlp.ops import cu_seqlens_from_lengths, rope3d, rope_attention_varlen
 from sigvlp.ops.rope import default_sections, grid_positions, rotary_angles
 
 from _bench import peak_memory, timed
@@ -61,8 +61,7 @@ def _case(lengths, head_dim, dtype):
         return torch.randn(*shape, device=DEVICE, dtype=dtype, generator=g)
 
     q, k, v = rnd(total, nheads, head_dim), rnd(total, nheads, head_dim), rnd(total, nheads, head_dim)
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths).cumsum(0)
+    cu = cu_seqlens_from_lengths(lengths)
     # CT chunks: T slices of 16 x 16 patches when the length allows it, else a T x 1 x 1 line.
     grid = torch.tensor([[n // 256, 16, 16] if n % 256 == 0 else [n, 1, 1] for n in lengths], dtype=torch.int32)
     return q, k, v, cu.to(DEVICE), grid.to(DEVICE)
@@ -279,9 +278,7 @@ def _cross_case(lengths_q, lengths_k, head_dim, dtype, rotate):
         return torch.randn(n, nheads, head_dim, device=DEVICE, dtype=dtype, generator=g).requires_grad_()
 
     def cu(lengths):
-        c = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-        c[1:] = torch.tensor(lengths).cumsum(0)
-        return c.to(DEVICE)
+        return cu_seqlens_from_lengths(lengths, DEVICE)
 
     q, k, v = rnd(sum(lengths_q)), rnd(sum(lengths_k)), rnd(sum(lengths_k))
     kw = dict(cu_seqlens_k=cu(lengths_k), max_seqlen_k=max(lengths_k))

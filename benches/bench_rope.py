@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sigvlp.ops import OPS, rope3d
+from sigvlp.ops import OPS, cu_seqlens_from_lengths, rope3d
 
 from _bench import timed
 
@@ -22,10 +22,8 @@ def _case(full: bool, dtype: torch.dtype):
     hw = 16 if full else 8
     grid = torch.tensor([[t, hw, hw] for t in ts], dtype=torch.int32, device=DEVICE)
     lengths = [t * hw * hw for t in ts]
-    cu = torch.zeros(len(ts) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths).cumsum(0)
     x = torch.randn(sum(lengths), heads, head_dim, device=DEVICE, dtype=dtype)
-    return x, cu.to(DEVICE), grid
+    return x, cu_seqlens_from_lengths(lengths, DEVICE), grid
 
 
 def _dtypes(full):

@@ -104,12 +104,15 @@ EST="$(env -u TRITON_INTERPRET "$PY" -m sigvlp.precompile --count --arch 90 --jo
 PRE_S=$(echo "$EST" | sed -n 's/^estimate: \([0-9]*\) s.*/\1/p'); PRE_S=${PRE_S:-999}
 PLAN_S[build+precompile]=$(( PRE_S > 90 ? PRE_S + 10 : 100 ))  # the CUDA build (one arch) runs beside it
 PLAN_S[selftest]=30; PLAN_S[gpu_tests]=75; PLAN_S[summary]=10
-declare -A BENCH_CAP=([bench_attention]=45 [bench_muon]=15 [bench_newton_schulz]=15 [bench_sigmoid_loss]=15
-                      [bench_model]=20 [bench_flops_vs_slices]=20 [bench_rope]=8 [bench_eval]=10 [bench_data]=10)
-BENCH_FILES=(); for f in benches/bench_attention.py benches/bench_newton_schulz.py benches/bench_muon.py \
-  benches/bench_sigmoid_loss.py benches/bench_model.py benches/bench_flops_vs_slices.py $(ls benches/bench_*.py | sort); do
-  [[ -f "$f" && ! " ${BENCH_FILES[*]} " == *" $f "* ]] && BENCH_FILES+=("$f")
-done
+# Bench order and caps come from `_bench.py plan` (each op's bench and cap are in its OpSpec,
+# sigvlp.ops.registry; the other benches' in _bench.OTHER_BENCH_CAPS): key ratios' benches first.
+declare -A BENCH_CAP=(); BENCH_FILES=()
+while read -r name cap; do
+  [[ -f "benches/$name.py" ]] && { BENCH_FILES+=("benches/$name.py"); BENCH_CAP[$name]=$cap; }
+done < <("$PY" benches/_bench.py plan 2>>"$LOG")
+if (( ! ${#BENCH_FILES[@]} )); then  # the plan printed nothing: every bench file, 10 s each
+  for f in benches/bench_*.py; do BENCH_FILES+=("$f"); done
+fi
 for f in "${BENCH_FILES[@]}"; do n=$(basename "$f" .py); PLAN_S[$n]=${BENCH_CAP[$n]:-10}; done
 PLAN_ORDER=(build+precompile selftest gpu_tests $(for f in "${BENCH_FILES[@]}"; do basename "$f" .py; done) summary)
 PLAN_TOTAL=0; for st in "${PLAN_ORDER[@]}"; do PLAN_TOTAL=$(( PLAN_TOTAL + PLAN_S[$st] )); done
@@ -151,7 +154,7 @@ fi
 say "building csrc/ for SIGVLP_CUDA_ARCHS=$SIGVLP_CUDA_ARCHS"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-4}"
 if run_stage build "${PLAN_S[build+precompile]}" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . \
-   && "$PY" -c "from sigvlp.ops import _cuda; import sys; r = _cuda.unavailable_reason(); print('CUDA backend:', r or 'available'); sys.exit(1 if r else 0)" 2>&1 | tee -a "$LOG"; then
+   && "$PY" -c "from sigvlp.ops import cuda_module; import sys; r = cuda_module.unavailable_reason(); print('CUDA backend:', r or 'available'); sys.exit(1 if r else 0)" 2>&1 | tee -a "$LOG"; then
   record build "PASS$(timed_out build)"
 else
   record build "FAIL$(timed_out build) (see logs/build.log; the CUDA backends will be skipped below)"

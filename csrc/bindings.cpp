@@ -3,9 +3,10 @@
 // explicit shapes and strides, so the module never sees a torch type; sigvlp/ops validates every
 // argument before calling here.
 //
-// Each launcher's Args struct is described once, as a list of (keyword, member) fields; one
-// generic binding turns the call's keyword arguments into the struct (pointers from integers,
-// DType from its code), and refuses missing or unknown keywords by name.
+// Each launcher's Args struct is declared once, as an X-macro list in launchers.h; from it each
+// launcher in SIGVLP_LAUNCHERS gets its (keyword, member) fields here, and one generic binding turns
+// the call's keyword arguments into the struct (pointers from integers, DType from its code) and
+// refuses missing or unknown keywords by name. No launcher or argument is named in this file.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
@@ -147,9 +148,6 @@ void bind_launcher(nb::module_& m, const char* name, int (*launcher)(const S&), 
 }  // namespace
 
 NB_MODULE(SIGVLP_MODULE_NAME, m) {
-  using sigvlp::NewtonSchulzArgs;
-  using sigvlp::Rope3dArgs;
-  using sigvlp::SigmoidLossPassArgs;
   m.doc() = "sigvlp CUDA kernels (no libtorch dependency; called from sigvlp.ops)";
   m.def("device_count", &sigvlp::device_count);
   m.def("runtime_version", &sigvlp::runtime_version);
@@ -160,92 +158,28 @@ NB_MODULE(SIGVLP_MODULE_NAME, m) {
     return code == 0 ? std::string() : std::string(sigvlp::error_string(code));
   }, "device"_a, "Empty string when this module has a kernel image for the device, else the reason.");
 
-  bind_launcher<Rope3dArgs>(
-      m, "rope3d", &sigvlp::rope3d, "3D RoPE over varlen packed sequences (csrc/rope.cu).",
-      field("x", &Rope3dArgs::x), field("out", &Rope3dArgs::out), field("dtype", &Rope3dArgs::dtype),
-      field("total_tokens", &Rope3dArgs::total_tokens), field("nheads", &Rope3dArgs::nheads),
-      field("head_dim", &Rope3dArgs::head_dim), field("x_stride_token", &Rope3dArgs::x_stride_token),
-      field("x_stride_head", &Rope3dArgs::x_stride_head), field("out_stride_token", &Rope3dArgs::out_stride_token),
-      field("out_stride_head", &Rope3dArgs::out_stride_head), field("cu_seqlens", &Rope3dArgs::cu_seqlens),
-      field("batch", &Rope3dArgs::batch), field("grid_thw", &Rope3dArgs::grid_thw),
-      field("positions", &Rope3dArgs::positions), field("log2_theta", &Rope3dArgs::log2_theta),
-      field("n_t", &Rope3dArgs::n_t), field("n_h", &Rope3dArgs::n_h), field("n_w", &Rope3dArgs::n_w),
-      field("interleaved", &Rope3dArgs::interleaved), field("inverse", &Rope3dArgs::inverse),
-      field("stream", &Rope3dArgs::stream));
-  // ---- sigmoid_loss (csrc/sigmoid_loss.cu) ----
-  bind_launcher<SigmoidLossPassArgs>(
-      m, "sigmoid_loss_pass", &sigvlp::sigmoid_loss_pass, "One blockwise sigmoid-loss pass (csrc/sigmoid_loss.cu).",
-      field("a", &SigmoidLossPassArgs::a), field("b", &SigmoidLossPassArgs::b), field("da", &SigmoidLossPassArgs::da),
-      field("workspace", &SigmoidLossPassArgs::workspace), field("workspace_ld", &SigmoidLossPassArgs::workspace_ld),
-      field("partials", &SigmoidLossPassArgs::partials), field("a_ids", &SigmoidLossPassArgs::a_ids),
-      field("b_ids", &SigmoidLossPassArgs::b_ids), field("scale", &SigmoidLossPassArgs::scale),
-      field("bias", &SigmoidLossPassArgs::bias), field("dtype", &SigmoidLossPassArgs::dtype),
-      field("na", &SigmoidLossPassArgs::na), field("nb", &SigmoidLossPassArgs::nb), field("d", &SigmoidLossPassArgs::d),
-      field("a_stride", &SigmoidLossPassArgs::a_stride), field("b_stride", &SigmoidLossPassArgs::b_stride),
-      field("da_stride", &SigmoidLossPassArgs::da_stride), field("inv_norm", &SigmoidLossPassArgs::inv_norm),
-      field("stream", &SigmoidLossPassArgs::stream));
-  // ---- end sigmoid_loss ----
-  // ---- newton_schulz (csrc/newton_schulz.cu) ----
-  bind_launcher<NewtonSchulzArgs>(
-      m, "newton_schulz", &sigvlp::newton_schulz, "Batched Newton-Schulz iterations (csrc/newton_schulz.cu).",
-      field("x", &NewtonSchulzArgs::x), field("out", &NewtonSchulzArgs::out), field("dtype", &NewtonSchulzArgs::dtype),
-      field("batch", &NewtonSchulzArgs::batch), field("rows", &NewtonSchulzArgs::rows),
-      field("cols", &NewtonSchulzArgs::cols), field("out_stride_batch", &NewtonSchulzArgs::out_stride_batch),
-      field("out_stride_row", &NewtonSchulzArgs::out_stride_row),
-      field("out_stride_col", &NewtonSchulzArgs::out_stride_col), field("inv_norm", &NewtonSchulzArgs::inv_norm),
-      field("steps", &NewtonSchulzArgs::steps),
-      HostFloats<NewtonSchulzArgs>{"coefficients", &NewtonSchulzArgs::coefficients, &NewtonSchulzArgs::steps, 3},
-      field("gram", &NewtonSchulzArgs::gram), field("poly", &NewtonSchulzArgs::poly),
-      field("scratch0", &NewtonSchulzArgs::scratch0), field("scratch1", &NewtonSchulzArgs::scratch1),
-      field("stream", &NewtonSchulzArgs::stream));
-  // ---- end newton_schulz ----
-  // ---- attention (csrc/attention.cu) ----
-  using sigvlp::AttentionArgs;
-  using sigvlp::AttentionTablesArgs;
-  bind_launcher<AttentionTablesArgs>(
-      m, "attention_rotary_tables", &sigvlp::attention_rotary_tables,
-      "Per-call cos/sin tables of the fused attention (csrc/attention.cu).",
-      field("cos", &AttentionTablesArgs::cos), field("sin", &AttentionTablesArgs::sin),
-      field("rows", &AttentionTablesArgs::rows), field("head_dim", &AttentionTablesArgs::head_dim),
-      field("positions", &AttentionTablesArgs::positions), field("log2_theta", &AttentionTablesArgs::log2_theta),
-      field("n_t", &AttentionTablesArgs::n_t), field("n_h", &AttentionTablesArgs::n_h),
-      field("n_w", &AttentionTablesArgs::n_w), field("stream", &AttentionTablesArgs::stream));
-#define SIGVLP_ATTENTION_FIELDS                                                                                     \
-  field("dtype", &AttentionArgs::dtype), field("q", &AttentionArgs::q), field("k", &AttentionArgs::k),             \
-      field("v", &AttentionArgs::v), field("out", &AttentionArgs::out), field("lse", &AttentionArgs::lse),         \
-      field("dout", &AttentionArgs::dout), field("dlse", &AttentionArgs::dlse), field("delta", &AttentionArgs::delta), \
-      field("dq", &AttentionArgs::dq), field("dk", &AttentionArgs::dk), field("dv", &AttentionArgs::dv),           \
-      field("total_q", &AttentionArgs::total_q), field("total_k", &AttentionArgs::total_k),                         \
-      field("nheads", &AttentionArgs::nheads), field("nheads_kv", &AttentionArgs::nheads_kv),                       \
-      field("head_dim", &AttentionArgs::head_dim), field("batch", &AttentionArgs::batch),                           \
-      field("max_q", &AttentionArgs::max_q), field("max_k", &AttentionArgs::max_k),                                 \
-      field("q_stride_token", &AttentionArgs::q_stride_token), field("q_stride_head", &AttentionArgs::q_stride_head), \
-      field("k_stride_token", &AttentionArgs::k_stride_token), field("k_stride_head", &AttentionArgs::k_stride_head), \
-      field("v_stride_token", &AttentionArgs::v_stride_token), field("v_stride_head", &AttentionArgs::v_stride_head), \
-      field("out_stride_token", &AttentionArgs::out_stride_token),                                                  \
-      field("out_stride_head", &AttentionArgs::out_stride_head),                                                    \
-      field("dout_stride_token", &AttentionArgs::dout_stride_token),                                                \
-      field("dout_stride_head", &AttentionArgs::dout_stride_head),                                                  \
-      field("dq_stride_token", &AttentionArgs::dq_stride_token), field("dq_stride_head", &AttentionArgs::dq_stride_head), \
-      field("dk_stride_token", &AttentionArgs::dk_stride_token), field("dk_stride_head", &AttentionArgs::dk_stride_head), \
-      field("dv_stride_token", &AttentionArgs::dv_stride_token), field("dv_stride_head", &AttentionArgs::dv_stride_head), \
-      field("lse_stride_head", &AttentionArgs::lse_stride_head),                                                    \
-      field("dlse_stride_head", &AttentionArgs::dlse_stride_head), field("cu_q", &AttentionArgs::cu_q),             \
-      field("cu_k", &AttentionArgs::cu_k), field("grid_q", &AttentionArgs::grid_q), field("grid_k", &AttentionArgs::grid_k), \
-      field("cos_q", &AttentionArgs::cos_q), field("sin_q", &AttentionArgs::sin_q), field("cos_k", &AttentionArgs::cos_k), \
-      field("sin_k", &AttentionArgs::sin_k), field("rows_q", &AttentionArgs::rows_q), field("rows_k", &AttentionArgs::rows_k), \
-      field("rotate", &AttentionArgs::rotate), field("positions_q", &AttentionArgs::positions_q),                   \
-      field("positions_k", &AttentionArgs::positions_k), field("interleaved", &AttentionArgs::interleaved),         \
-      field("causal", &AttentionArgs::causal), field("n_t", &AttentionArgs::n_t), field("n_h", &AttentionArgs::n_h), \
-      field("softmax_scale", &AttentionArgs::softmax_scale), field("stream", &AttentionArgs::stream)
-  bind_launcher<AttentionArgs>(m, "attention_forward", &sigvlp::attention_forward,
-                               "Fused 3D-RoPE varlen flash attention, forward (csrc/attention.cu).",
-                               SIGVLP_ATTENTION_FIELDS);
-  bind_launcher<AttentionArgs>(m, "attention_backward", &sigvlp::attention_backward,
-                               "Fused 3D-RoPE varlen flash attention, backward (csrc/attention.cu).",
-                               SIGVLP_ATTENTION_FIELDS);
-#undef SIGVLP_ATTENTION_FIELDS
-  // ---- end attention ----
+  // Every launcher of launchers.h, its keyword arguments generated from its Args X-macro list.
+  nb::dict fields;
+#define SIGVLP_BIND_FIELD(type, name) , field(#name, &Args::name)
+#define SIGVLP_BIND_HOST_FLOATS(name, count, per) , HostFloats<Args>{#name, &Args::name, &Args::count, per}
+#define SIGVLP_FIELD_NAME(type, name) names.append(#name);
+#define SIGVLP_HOST_FLOATS_NAME(name, count, per) names.append(#name);
+#define SIGVLP_BIND(name, ArgsType, LIST, doc)                                              \
+  {                                                                                         \
+    using Args = sigvlp::ArgsType;                                                          \
+    bind_launcher<Args>(m, #name, &sigvlp::name, doc LIST(SIGVLP_BIND_FIELD, SIGVLP_BIND_HOST_FLOATS)); \
+    nb::list names;                                                                         \
+    LIST(SIGVLP_FIELD_NAME, SIGVLP_HOST_FLOATS_NAME)                                        \
+    fields[#name] = names;                                                                  \
+  }
+  SIGVLP_LAUNCHERS(SIGVLP_BIND)
+#undef SIGVLP_BIND
+#undef SIGVLP_HOST_FLOATS_NAME
+#undef SIGVLP_FIELD_NAME
+#undef SIGVLP_BIND_HOST_FLOATS
+#undef SIGVLP_BIND_FIELD
+  m.def("launcher_fields", [fields]() { return fields; },
+        "{launcher name: [its keyword arguments, in declaration order]} (from csrc/launchers.h).");
 
 #ifdef SIGVLP_EMU
   // ---- emulation controls (sigvlp._cuda_emu only) ----

@@ -291,6 +291,7 @@ def embed_inputs(model, inputs: list[tuple[str, str]], *, tokens: bool = True, p
 
     from sigvlp.data.preprocess import preprocess_array
     from sigvlp.model import volume_batch
+    from sigvlp.ops import cu_seqlens_from_lengths
 
     cfg = model.config
     pre = cfg.preprocess_config()
@@ -324,9 +325,8 @@ def embed_inputs(model, inputs: list[tuple[str, str]], *, tokens: bool = True, p
     out = {}
     if names:
         grid = torch.cat(grids).to(torch.int32)
-        cu = torch.zeros(len(names) + 1, dtype=torch.int32)
-        cu[1:] = grid.prod(1).cumsum(0)
-        out = {"pooled": torch.cat(pooled).contiguous(), "grid_thw": grid.contiguous(), "cu_seqlens": cu,
+        out = {"pooled": torch.cat(pooled).contiguous(), "grid_thw": grid.contiguous(),
+               "cu_seqlens": cu_seqlens_from_lengths(grid.prod(1)),
                "depth": torch.tensor(depths, dtype=torch.int32)}
         if tokens:
             out["tokens"] = torch.cat(toks).contiguous()

@@ -10,7 +10,7 @@ def collect() -> dict:
     import torch
 
     import sigvlp
-    from sigvlp.ops import OPS, _backend, _cuda
+    from sigvlp.ops import OPS, backends, cuda_module
 
     info = {
         "sigvlp": sigvlp.__version__,
@@ -25,8 +25,8 @@ def collect() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    info["triton_interpreter"] = _backend.triton_interpreter()
-    build = _cuda.build_info()
+    info["triton_interpreter"] = backends.triton_interpreter()
+    build = cuda_module.build_info()
     info["cuda_module"] = {
         "built": bool(build.get("cuda_built")),
         "reason": build.get("reason"),
@@ -35,18 +35,18 @@ def collect() -> dict:
     }
     info["cuda_module"]["emu_built"] = bool(build.get("emu_built"))
     info["cuda_emulation"] = None
-    mod = _cuda.module()
-    if _cuda.emulated():
+    mod = cuda_module.module()
+    if cuda_module.emulated():
         info["cuda_emulation"] = {
             "module": getattr(mod, "__name__", None),
             "schedule": mod.schedule() if mod is not None else None,
             "workers": mod.workers() if mod is not None else None,
-            "reason": _cuda.module_unavailable_reason(),
+            "reason": cuda_module.module_unavailable_reason(),
         }
     elif mod is not None:
         info["cuda_module"]["compiled_arch_list"] = mod.compiled_arch_list()
         info["cuda_module"]["cuda_runtime"] = mod.runtime_version()
-    info["backends"] = {name: _backend.unavailable_reason(name) for name in _backend.BACKEND_NAMES}
+    info["backends"] = {name: backends.unavailable_reason(name) for name in backends.BACKEND_NAMES}
     info["ops"] = {op: list(bset.names) for op, bset in OPS.items()}
     return info
 

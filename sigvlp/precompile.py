@@ -218,7 +218,7 @@ def compile_only(arch: int, on_compile: Optional[Callable] = None):
     from triton.runtime.jit import JITFunction  # noqa: PLC0415
 
     import sigvlp.kernels._device as device_info  # noqa: PLC0415  (imports Triton)
-    from sigvlp.ops import _backend  # noqa: PLC0415
+    from sigvlp.ops import backends  # noqa: PLC0415
 
     jit_run = JITFunction.run
 
@@ -239,7 +239,7 @@ def compile_only(arch: int, on_compile: Optional[Callable] = None):
     patches = {(JITFunction, "run"): run_no_launch, (Autotuner, "run"): autotune_all,
                (device_info, "shared_memory_limit"): lambda device: device_info.SHARED_MEMORY_LIMITS[arch],
                (device_info, "arch"): lambda device: arch,
-               (_backend, "triton_unavailable_reason"): lambda device=None: None}
+               (backends, "triton_unavailable_reason"): lambda device=None: None}
     if on_compile is not None:
         patches[(JITFunction, "_do_compile")] = do_compile
     saved = [(obj, name, getattr(obj, name)) for obj, name in patches]

@@ -29,6 +29,10 @@ from typing import Callable
 
 import torch
 
+import sigvlp
+from sigvlp.ops import OPS, BackendError
+from sigvlp.ops.backends import triton_interpreter
+from sigvlp.ops.registry import SPECS
 from sigvlp.ops.tolerances import rel_err, tolerance  # noqa: F401 (rel_err: public here too)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -57,122 +61,7 @@ class Check:
         return text + (f"  {self.note}" if self.note else "")
 
 
-# ----------------------------------------------------------------------------- cases
-# A case builds its inputs once per (dtype, device) and returns:
-#   run(backend) -> (outputs, grads) with the op on `device`; oracle() -> (outputs, grads) in fp64.
-# Gradients are those of sum(output * w) for fixed random w (so every element matters).
-
-
-def _rand(gen, *shape, scale=1.0):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
-
-
-def _grads(outputs, leaves, weights):
-    total = sum((o.to(torch.float64) * w.to(o.device)).sum() for o, w in zip(outputs, weights))
-    return list(torch.autograd.grad(total, leaves))
-
-
-def _leaf(t64, dtype, device):
-    return t64.to(dtype).to(device).requires_grad_(True)
-
-
-def _as64(t):
-    return t.detach().to(torch.float64).cpu().requires_grad_(True)
-
-
-def case_rope3d(dtype, device, gen):
-    from sigvlp.ops import rope3d, rope3d_reference
-
-    grid = torch.tensor([[2, 3, 4], [3, 1, 5], [1, 1, 1]], dtype=torch.int32)
-    cu = torch.tensor([0, 24, 39, 40], dtype=torch.int32)
-    x = _leaf(_rand(gen, 40, 3, 64), dtype, device)
-    w = _rand(gen, 40, 3, 64)
-
-    def run(backend):
-        out = rope3d(x, cu.to(device), grid.to(device), backend=backend)
-        return [out], _grads([out], [x], [w])
-
-    def oracle():
-        x64 = _as64(x)
-        out = rope3d_reference(x64, cu, grid, compute_dtype=torch.float64)
-        return [out], _grads([out], [x64], [w])
-
-    return run, oracle
-
-
-def case_rope_attention_varlen(dtype, device, gen):
-    from sigvlp.ops import rope_attention_varlen, rope_attention_varlen_reference
-
-    grid = torch.tensor([[1, 1, 17], [2, 4, 5], [1, 1, 1]], dtype=torch.int32)
-    lengths = [17, 40, 1]
-    cu = torch.tensor([0, 17, 57, 58], dtype=torch.int32)
-    q = _leaf(_rand(gen, 58, 4, 64), dtype, device)
-    k = _leaf(_rand(gen, 58, 2, 64), dtype, device)  # GQA: 2 query heads per k/v head
-    v = _leaf(_rand(gen, 58, 2, 64), dtype, device)
-    w = _rand(gen, 58, 4, 64)
-
-    def run(backend):
-        out = rope_attention_varlen(q, k, v, cu.to(device), max(lengths), grid.to(device), backend=backend)
-        return [out], _grads([out], [q, k, v], [w])
-
-    def oracle():
-        leaves = [_as64(t) for t in (q, k, v)]
-        out, _ = rope_attention_varlen_reference(*leaves, cu, grid, compute_dtype=torch.float64)
-        return [out], _grads([out], leaves, [w])
-
-    return run, oracle
-
-
-def case_sigmoid_loss(dtype, device, gen):
-    import torch.nn.functional as F
-
-    from sigvlp.ops import sigmoid_loss
-    from sigvlp.ops.sigmoid_loss import sigmoid_loss_dense
-
-    x = _leaf(F.normalize(_rand(gen, 24, 64), dim=1), dtype, device)
-    y = _leaf(F.normalize(_rand(gen, 30, 64), dim=1), dtype, device)
-    t = torch.tensor(10.0, device=device, requires_grad=True)
-    b = torch.tensor(-10.0, device=device, requires_grad=True)
-    image_ids = torch.arange(24)
-    text_ids = torch.cat([torch.arange(24), torch.tensor([0, 3, 3, 7, 20, 23])])  # repeated texts
-    w = [torch.tensor(1.0, dtype=torch.float64)]
-
-    def run(backend):
-        loss = sigmoid_loss(x, y, t, b, image_ids=image_ids.to(device), text_ids=text_ids.to(device),
-                            backend=backend)
-        return [loss], _grads([loss], [x, y, t, b], w)
-
-    def oracle():
-        leaves = [_as64(v) for v in (x, y, t, b)]
-        loss = sigmoid_loss_dense(*leaves, image_ids=image_ids, text_ids=text_ids)
-        return [loss], _grads([loss], leaves, w)
-
-    return run, oracle
-
-
-def case_newton_schulz(dtype, device, gen):
-    from sigvlp.ops import newton_schulz, newton_schulz_reference
-
-    G = _rand(gen, 3, 40, 72).to(dtype)
-    T = _rand(gen, 56, 24).to(dtype)  # tall: handled as its transpose
-
-    def run(backend):
-        outs = [newton_schulz(g.to(device), backend=backend, precision="input") for g in (G, T)]
-        return outs, []
-
-    def oracle():
-        return [newton_schulz_reference(g.double()) for g in (G, T)], []
-
-    return run, oracle
-
-
-CASES: dict[str, Callable] = {
-    "rope3d": case_rope3d,
-    "rope_attention_varlen": case_rope_attention_varlen,
-    "sigmoid_loss": case_sigmoid_loss,
-    "newton_schulz": case_newton_schulz,
-}
-_FACTS = {"rope3d": {"head_dim": 64}, "rope_attention_varlen": {"head_dim": 64, "cross": False}}
+# The cases: each op's OpSpec.selftest (sigvlp.ops.registry), declared next to the op.
 
 
 # ----------------------------------------------------------------------------- running
@@ -188,8 +77,6 @@ def _refusal(backend, device, dtype, facts) -> str | None:
 def run_checks(device: str | torch.device | None = None, ops=None, backends=None, dtypes=None,
                seed: int = 0, progress: Callable[[Check], None] | None = None) -> list[Check]:
     """Run the checks (all ops / backends / dtypes unless narrowed); returns one Check each."""
-    from sigvlp.ops import OPS
-
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     unknown = set(ops or ()) - set(OPS)
     if unknown:
@@ -202,32 +89,27 @@ def run_checks(device: str | torch.device | None = None, ops=None, backends=None
     if unknown:
         raise ValueError(f"backends: expected names from {known}, got {sorted(unknown)}")
     checks = []
-    for op, bset in OPS.items():
+    for op, spec in SPECS.items():
         if ops and op not in ops:
             continue
-        for name, backend in bset.backends.items():
+        for name, backend in spec.backends.backends.items():
             if backends and name not in backends:
                 continue
             for dname, dtype in DTYPES.items():
                 if dtypes and dname not in dtypes:
                     continue
-                check = _one(op, name, backend, dname, dtype, device, seed)
+                check = _one(spec, name, backend, dname, dtype, device, seed)
                 checks.append(check)
                 if progress is not None:
                     progress(check)
     return checks
 
 
-#: ops whose Triton kernels use tl.dot, which Triton's CPU interpreter does not compute in bfloat16
-_INTERPRETER_NO_BF16_DOT = {"rope_attention_varlen", "sigmoid_loss", "newton_schulz"}
-
-
-def _one(op, name, backend, dname, dtype, device, seed) -> Check:
-    from sigvlp.ops import BackendError
-
-    reason = _refusal(backend, device, dtype, _FACTS.get(op, {}))
+def _one(spec, name, backend, dname, dtype, device, seed) -> Check:
+    op = spec.name
+    reason = _refusal(backend, device, dtype, spec.selftest_facts)
     if (not reason and name == "triton" and device.type == "cpu" and dtype == torch.bfloat16
-            and op in _INTERPRETER_NO_BF16_DOT):
+            and spec.interpreter_no_bf16_dot):
         reason = "Triton's CPU interpreter has no bfloat16 tl.dot (checked on a GPU)"
     if reason:
         return Check(op, name, dname, "SKIP", note=reason)
@@ -235,7 +117,7 @@ def _one(op, name, backend, dname, dtype, device, seed) -> Check:
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     try:
-        run, oracle = CASES[op](dtype, device, gen)
+        run, oracle = spec.selftest(dtype, device, gen)
         outs, grads = run(name)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -252,17 +134,14 @@ def _one(op, name, backend, dname, dtype, device, seed) -> Check:
 
 
 def header(device) -> str:
-    import sigvlp
-    from sigvlp.ops import _backend
-
     try:
-        import triton
+        import triton  # noqa: PLC0415 (optional dependency)
 
         tv = triton.__version__
     except ImportError:
         tv = "not installed"
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    interp = " (Triton interpreter)" if _backend.triton_interpreter() else ""
+    interp = " (Triton interpreter)" if triton_interpreter() else ""
     return (f"sigvlp {sigvlp.__version__} self-test on {device} [{dev}]: torch {torch.__version__}, "
             f"triton {tv}{interp}; error = max|got - fp64 oracle| / max|oracle|")
 
@@ -301,8 +180,6 @@ def run(args) -> int:
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
     """Unknown --ops / --backends / --dtypes names: parser.error (exit 2) listing the valid ones."""
-    from sigvlp.ops import OPS
-
     valid = {"ops": sorted(OPS), "backends": sorted({n for b in OPS.values() for n in b.backends}),
              "dtypes": list(DTYPES)}
     for flag, names in valid.items():

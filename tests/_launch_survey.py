@@ -37,7 +37,8 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 import sigvlp.kernels._device as device_info  # noqa: E402
-from sigvlp.ops import _backend  # noqa: E402
+from sigvlp.ops import backends  # noqa: E402
+from sigvlp.ops.registry import SPECS, SURVEY_VARIANTS  # noqa: E402
 
 WARP = 32
 _captured: list = []
@@ -86,71 +87,15 @@ def compile_launch(fn: JITFunction, args, kwargs, target: GPUTarget):
 
 
 # ----------------------------------------------------------------------------- the cases
+# Each op's launch survey is declared in its OpSpec (sigvlp.ops.registry); the sizes per variant are
+# registry.SURVEY_VARIANTS.
+
+VARIANTS = dict(enumerate(SURVEY_VARIANTS))
+CASES = {name: spec.launch_survey for name, spec in SPECS.items() if spec.launch_survey is not None}
 
 
-#: Per variant: sequence lengths (total not a multiple of 16, a multiple of 16, a single token;
-#: batch sizes 2, 16 and 1) and (N, M) of the sigmoid loss.
-VARIANTS = {
-    0: dict(lengths=[1000, 3 * 16 * 16], nm=(300, 257)),
-    1: dict(lengths=[64] * 16, nm=(320, 256)),
-    2: dict(lengths=[1], nm=(1, 1)),
-}
-
-
-def _grid_of(length):
-    return [1, 1, length]
-
-
-def _rope_cases(variant=0):
-    from sigvlp.ops import rope3d
-
-    lengths = VARIANTS[variant]["lengths"]
-    cu = torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32)
-    grid = torch.tensor([_grid_of(n) for n in lengths], dtype=torch.int32)
-    x = torch.randn(sum(lengths), 4, 64, dtype=torch.bfloat16)
-    rope3d(x, cu, grid, backend="triton")
-    rope3d(x.float(), cu, positions=torch.zeros(sum(lengths), 3), backend="triton")
-
-
-def _sigmoid_loss_cases(variant=0):
-    from sigvlp.ops import sigmoid_loss
-
-    n, m = VARIANTS[variant]["nm"]
-    for dtype, d in ((torch.float32, 256), (torch.bfloat16, 256), (torch.float32, 1024),
-                     (torch.bfloat16, 768)):
-        x = torch.randn(n, d, dtype=dtype, requires_grad=True)
-        y = torch.randn(m, d, dtype=dtype, requires_grad=True)
-        t, b = torch.tensor(10.0), torch.tensor(-10.0)
-        ids = torch.arange(n), torch.arange(m) % max(n, 1)
-        sigmoid_loss(x, y, t, b, image_ids=ids[0], text_ids=ids[1], backend="triton").backward()
-
-
-def _newton_schulz_cases(variant=0):
-    from sigvlp.ops import newton_schulz
-
-    for precision in ("bf16", "fp32"):
-        newton_schulz(torch.randn(2, 256, 512), steps=1, backend="triton", precision=precision)
-
-
-def _attention_cases(variant=0):
-    from sigvlp.ops import rope_attention_varlen
-
-    lengths = VARIANTS[variant]["lengths"]
-    cu = torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32)
-    grid = torch.tensor([_grid_of(n) for n in lengths], dtype=torch.int32)
-    for head_dim in (64, 128):
-        q, k, v = (torch.randn(sum(lengths), 4, head_dim, dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
-        out = rope_attention_varlen(q, k, v, cu, max(lengths), grid, backend="triton")
-        out.float().sum().backward()
-
-
-CASES = {
-    "rope3d": _rope_cases,
-    "sigmoid_loss": _sigmoid_loss_cases,
-    "newton_schulz": _newton_schulz_cases,
-    "rope_attention_varlen": _attention_cases,
-}
+def _run_case(op, variant=0):
+    CASES[op](VARIANTS[variant]["lengths"], VARIANTS[variant]["rows"])
 
 
 _JIT_BY_NAME: dict = {}
@@ -163,7 +108,7 @@ def _jit_of(name):
 def _install():
     JITFunction.run = _capture_jit
     Autotuner.run = _capture_autotune
-    _backend.triton_unavailable_reason = lambda device=None: None  # let "triton" serve CPU tensors
+    backends.triton_unavailable_reason = lambda device=None: None  # let "triton" serve CPU tensors
 
 
 def specialisation_keys(ops, sm=90):
@@ -177,7 +122,7 @@ def specialisation_keys(ops, sm=90):
         keys: dict = {}
         for variant in VARIANTS:
             _captured.clear()
-            CASES[op](variant)
+            _run_case(op, variant)
             for fn, args, kwargs, _cfg in list(_captured):
                 kwargs = dict(kwargs)
                 kwargs.setdefault("debug", False)
@@ -208,7 +153,7 @@ def survey(targets, ops):
         target = GPUTarget("cuda", sm, WARP)
         for op in ops:
             _captured.clear()
-            CASES[op]()
+            _run_case(op)
             for fn, args, kwargs, cfg in list(_captured):
                 meta = _describe(kwargs, fn.params)
                 key = (sm, fn.__name__, json.dumps(meta, sort_keys=True),

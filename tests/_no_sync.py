@@ -79,16 +79,16 @@ def forbid_host_reads():
 
 def gpu_validation_policy(monkeypatch):
     """CPU tensors validated as CUDA tensors are: only with validate=True or SIGVLP_VALIDATE=1."""
-    from sigvlp.ops import _backend
+    from sigvlp.ops import backends
 
-    real = _backend.validation_enabled
+    real = backends.validation_enabled
 
     def as_on_gpu(validate, device, name="validate"):
         return real(validate, torch.device("meta"), name)
 
     import importlib
 
-    for module in ("sigvlp.ops._backend", "sigvlp.ops.rope"):
+    for module in ("sigvlp.ops.backends", "sigvlp.ops.rope"):
         mod = importlib.import_module(module)
         if hasattr(mod, "validation_enabled"):
             monkeypatch.setattr(mod, "validation_enabled", as_on_gpu)

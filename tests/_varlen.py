@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from sigvlp.ops import cu_seqlens_from_lengths
+
 # Lengths that cover empty and single-token sequences and straddle power-of-two block sizes.
 EDGE_LENGTHS = (0, 1, 63, 65, 127, 129)
 
 
 def cu_seqlens_of(lengths, device="cpu") -> torch.Tensor:
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
-    return cu.to(device)
+    return cu_seqlens_from_lengths(list(lengths), device)
 
 
 def grid_for_length(n: int) -> tuple[int, int, int]:

@@ -218,7 +218,7 @@ def test_auto_backend_on_cpu_is_torch_and_op_is_registered():
         out.sum().backward()
     assert log and set(log) == {("rope_attention_varlen", "torch")}, log  # what ran, forward and backward
     assert torch.equal(out, rope_attention_varlen(q, k, v, cu, 5, grid, backend="torch"))
-    assert torch.isnan(ops._backend.empty_output((2,), torch.float32, q.device)).all()  # conftest poisons outputs
+    assert torch.isnan(ops.backends.empty_output((2,), torch.float32, q.device)).all()  # conftest poisons outputs
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

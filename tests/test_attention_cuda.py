@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sigvlp.ops import _cuda, rope3d, rope_attention_varlen
-from sigvlp.ops._backend import BackendError
+from sigvlp.ops import cuda_module as _cuda, rope3d, rope_attention_varlen
+from sigvlp.ops.backends import BackendError
 
 from test_attention import _inputs, _run_and_check
 

@@ -170,6 +170,24 @@ def test_gpu_check_helpers(tmp_path):
     assert _bench.junit_counts(tmp_path / "missing.xml").startswith("FAIL: no results")
 
 
+def test_gpu_check_plan_derives_from_the_op_registry():
+    """gpu_check.sh runs every bench file once, each op's with the cap of its OpSpec, the key
+    ratios' benches first."""
+    from sigvlp.ops.registry import SPECS
+
+    res = subprocess.run([sys.executable, str(BENCHES / "_bench.py"), "plan"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    plan = [(line.split()[0], int(line.split()[1])) for line in res.stdout.splitlines()]
+    names = [name for name, _ in plan]
+    assert len(names) == len(set(names)) and set(names) == {p.removesuffix(".py") for p in BENCH_FILES}
+    for spec in SPECS.values():
+        assert (ROOT / spec.bench).is_file() and (pathlib.Path(spec.bench).stem, spec.bench_cap_s) in plan
+    keyed = [pathlib.Path(s.bench).stem for s in SPECS.values() if s.key_ratios]
+    assert names[: len(keyed)] == keyed
+    assert [r.title for r in _bench.KEY_RATIOS[: len(keyed)]] == [r.title for s in SPECS.values() for r in s.key_ratios]
+
+
 def test_gpu_check_without_gpu_says_so(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

@@ -1,6 +1,6 @@
 """Every CUDA kernel in csrc/ runs on the CPU, under a SIMT emulation (csrc/emu), in CI.
 
-- The op tests (rope3d, newton_schulz, sigmoid_loss) run again in a subprocess with
+- The op tests (every op whose sigvlp.ops.registry spec is marked emulated) run again in a subprocess with
   SIGVLP_CUDA_EMULATE=1, where their backend parametrizations gain "cuda" (served on CPU tensors
   by sigvlp._cuda_emu) and only those cases are kept, plus tests/emu/emu_cases.py (dtypes, every
   launcher branch, batch chunking past a lowered grid limit, schedule independence, memory
@@ -26,12 +26,14 @@ import sys
 
 import pytest
 
+from sigvlp.ops.registry import SPECS
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "emu"))
 import emu_build  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = ROOT / "tests" / "emu_variants"
-OP_TESTS = ["tests/test_rope.py", "tests/test_newton_schulz.py", "tests/test_sigmoid_loss.py"]
+OP_TESTS = [spec.test_file for spec in SPECS.values() if spec.emulated]
 
 
 def _emulated_env() -> dict:
@@ -66,11 +68,11 @@ def test_op_tests_pass_on_the_emulated_cuda_backend():
 def test_without_the_switch_cpu_tensors_get_no_cuda_backend():
     import torch
 
-    from sigvlp.ops import _cuda
+    from sigvlp.ops import cuda_module
 
-    if _cuda.emulated():
+    if cuda_module.emulated():
         pytest.skip("this process runs with SIGVLP_CUDA_EMULATE=1")
-    assert _cuda.unavailable_reason(torch.device("cpu")) is not None
+    assert cuda_module.unavailable_reason(torch.device("cpu")) is not None
 
 
 def test_info_reports_the_emulation():

@@ -28,11 +28,14 @@ import pytest
 HERE = pathlib.Path(__file__).resolve().parent
 SURVEY = HERE / "_launch_survey.py"
 TARGETS = (80, 86, 89, 90)
-OWN_OPS = ("rope3d", "sigmoid_loss", "newton_schulz")
-ALL_OPS = OWN_OPS + ("rope_attention_varlen",)
-
 pytest.importorskip("triton")
 from sigvlp.kernels._device import SHARED_MEMORY_LIMITS  # noqa: E402
+from sigvlp.ops.registry import SPECS  # noqa: E402
+
+#: ops with Triton kernels (a launch survey in their spec): one chosen config per launch, or autotuned
+ALL_OPS = tuple(name for name, spec in SPECS.items() if spec.launch_survey is not None)
+OWN_OPS = tuple(name for name in ALL_OPS if not SPECS[name].triton_autotuned)
+AUTOTUNED_OPS = tuple(name for name in ALL_OPS if SPECS[name].triton_autotuned)
 
 
 def _survey(*args, timeout=1800):
@@ -59,19 +62,20 @@ def test_launch_configs_fit_shared_memory_of_every_target(op):
 
 
 @pytest.mark.slow
-def test_attention_autotune_candidates_fit_every_target():
-    """rope_attention_varlen is autotuned; its pruner keeps only candidates within the device's
+@pytest.mark.parametrize("op", AUTOTUNED_OPS)
+def test_autotune_candidates_fit_every_target(op):
+    """Autotuned ops (rope_attention_varlen): the pruner keeps only candidates within the device's
     shared-memory limit (sigvlp.kernels._device), so every candidate left must fit, and there must be
     one per kernel and head_dim. sm_80 and sm_89 compile like sm_86 (the same mma.sync code path:
     equal sizes for equal configs, as the other ops' rows show), and their limits are >= sm_86's, so
     sm_86's compile stands for all three (the attention kernels are the slowest to compile)."""
-    rows = _survey("--targets", "86,90", "--ops", "rope_attention_varlen")
+    rows = _survey("--targets", "86,90", "--ops", op)
     print(_table(rows))
     assert {r["target"] for r in rows} == {"sm_86", "sm_90"}
     assert min(SHARED_MEMORY_LIMITS[80], SHARED_MEMORY_LIMITS[89]) >= SHARED_MEMORY_LIMITS[86]
     over = [r for r in rows if r["shared"] > r["limit"]]
     assert not over, "over the shared-memory limit:\n" + _table(over)
-    for target in ("sm_86", "sm_90"):
+    for target in ("sm_86", "sm_90") if op == "rope_attention_varlen" else ():
         kernels = {(r["kernel"], r["config"].get("HEAD_DIM")) for r in rows if r["target"] == target}
         assert {k for k, hd in kernels} >= {"_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}, target
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sigvlp.model import HUEncodingConfig, SigVLP, SigVLPConfig, volume_batch
-from sigvlp.ops import sigmoid_loss
+from sigvlp.ops import cu_seqlens_from_lengths, sigmoid_loss
 
 
 @pytest.fixture(autouse=True)
@@ -161,7 +161,7 @@ def test_map_pooling_matches_fp64_oracle():
     pool = model.visual.pool
     lengths = [1, 16, 63, 65]
     x = torch.randn(sum(lengths), model.config.width)
-    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    cu = cu_seqlens_from_lengths(lengths)
     with torch.no_grad():
         got = pool(x, cu, max(lengths))
         h, d = pool.heads, pool.head_dim
@@ -434,7 +434,7 @@ def test_max_pool_matches_loop_and_gradient():
     torch.manual_seed(0)
     lengths = [3, 0, 1, 7]
     x = torch.randn(sum(lengths), 5, dtype=torch.float64, requires_grad=True)
-    cu = torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32)
+    cu = cu_seqlens_from_lengths(lengths)
     out = max_pool(x, cu)
     x2 = x.detach().clone().requires_grad_(True)
     ref = torch.stack([x2[a:b].max(0).values if b > a else torch.zeros(5, dtype=torch.float64)

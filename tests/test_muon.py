@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import sigvlp.optim.muon as muon_module
-from sigvlp.optim import (POLAR_EXPRESS, Muon, MuonWithAdamW, adjusted_lr, explain_split, split_params)
+from sigvlp.optim import (POLAR_EXPRESS_COEFFICIENTS, Muon, MuonWithAdamW, adjusted_lr, explain_split, split_params)
 
 HAS_CUDA = torch.cuda.is_available()
 SHAPES = [(64, 32), (32, 64), (48, 48), (48, 48)]
@@ -142,12 +142,12 @@ def test_same_shape_params_share_one_batched_call(monkeypatch):
 def test_polar_express_schedule_runs_and_differs():
     init, data = _problem(3, [(32, 48)])
     keller = _train(lambda ps: Muon(ps, lr=0.02), init, data, steps=3)
-    polar = _train(lambda ps: Muon(ps, lr=0.02, ns_coefficients=POLAR_EXPRESS), init, data, steps=3)
+    polar = _train(lambda ps: Muon(ps, lr=0.02, ns_coefficients=POLAR_EXPRESS_COEFFICIENTS), init, data, steps=3)
     assert _max(keller, polar) > 1e-4
     # Polar Express updates are closer to orthogonal: singular values of one update near 1.
     p = nn.Parameter(torch.zeros(32, 48))
     p.grad = torch.randn(32, 48, generator=torch.Generator().manual_seed(4))
-    Muon([p], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, ns_coefficients=POLAR_EXPRESS).step()
+    Muon([p], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, ns_coefficients=POLAR_EXPRESS_COEFFICIENTS).step()
     sv = torch.linalg.svdvals(-p.detach().double())
     assert sv.min() > 0.8 and sv.max() < 1.2
 
@@ -167,7 +167,7 @@ def test_state_dict_round_trip():
     g = torch.Generator().manual_seed(5)
     weights = [torch.randn(s, generator=g) for s in [(16, 24), (24, 16), (8, 2, 3, 3)]]
     a = [nn.Parameter(w.clone()) for w in weights]
-    opt_a = Muon(a, lr=0.02, ns_coefficients=POLAR_EXPRESS, adjust_lr_fn="match_rms_adamw")
+    opt_a = Muon(a, lr=0.02, ns_coefficients=POLAR_EXPRESS_COEFFICIENTS, adjust_lr_fn="match_rms_adamw")
     _steps(opt_a, a, 6, 3)
     buffer = io.BytesIO()
     torch.save(opt_a.state_dict(), buffer)
@@ -448,7 +448,7 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="^ns_coefficients: empty"):
         Muon([w], ns_coefficients=[])
     with pytest.raises(ValueError, match="^ns_coefficients:.*ns_steps=5"):
-        Muon([w], ns_coefficients=POLAR_EXPRESS, ns_steps=3)
+        Muon([w], ns_coefficients=POLAR_EXPRESS_COEFFICIENTS, ns_steps=3)
     with pytest.raises(ValueError, match="^adjust_lr_fn:"):
         Muon([w], adjust_lr_fn="sqrt")
     with pytest.raises(ValueError, match="^lr:"):

@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from sigvlp.ops import BackendError, dispatch_log, newton_schulz, newton_schulz_reference
-from sigvlp.optim import KELLER, POLAR_EXPRESS, POLAR_EXPRESS_NORM, POLAR_EXPRESS_RAW
+from sigvlp.optim import KELLER_COEFFICIENTS as KELLER
+from sigvlp.optim import POLAR_EXPRESS_COEFFICIENTS as POLAR_EXPRESS
+from sigvlp.optim import POLAR_EXPRESS_NORM
+from sigvlp.optim import POLAR_EXPRESS_PUBLISHED_COEFFICIENTS as POLAR_EXPRESS_RAW
 
 from sigvlp.ops.tolerances import max_err, newton_schulz_low_precision, rel_err, tolerance
 

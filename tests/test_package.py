@@ -22,12 +22,12 @@ def _run_python(code: str, cwd=ROOT, env=None) -> subprocess.CompletedProcess:
 
 
 def test_cuda_module_links_no_libtorch():
-    from sigvlp.ops import _cuda
+    from sigvlp.ops import cuda_module
 
-    if not _cuda.build_info().get("cuda_built"):
-        pytest.skip(f"CUDA module not built: {_cuda.build_info().get('reason')}")
-    mod = _cuda.module()
-    assert mod is not None, _cuda.module_unavailable_reason()
+    if not cuda_module.build_info().get("cuda_built"):
+        pytest.skip(f"CUDA module not built: {cuda_module.build_info().get('reason')}")
+    mod = cuda_module.module()
+    assert mod is not None, cuda_module.module_unavailable_reason()
     ldd = shutil.which("ldd")
     if ldd is None:
         pytest.skip("ldd not available")
@@ -95,27 +95,27 @@ def test_poisoned_outputs_under_tests(monkeypatch):
     environment variable makes the library touch the allocation."""
     import types
 
-    from sigvlp.ops import _backend
+    from sigvlp.ops import backends
 
-    assert torch.isnan(_backend.empty_output((3, 2), torch.float16, torch.device("cpu"))).all()
-    previous = _backend.set_output_hook(None)
+    assert torch.isnan(backends.empty_output((3, 2), torch.float16, torch.device("cpu"))).all()
+    previous = backends.set_output_hook(None)
     try:
-        out = _backend.empty_output((3, 2), torch.int32, torch.device("cpu"))
+        out = backends.empty_output((3, 2), torch.int32, torch.device("cpu"))
         assert out.dtype == torch.int32
         # torch.empty's memory handed back as it is: a recognisable "uninitialised" value survives.
         for name in ("SIGVLP_POISON", "SIGVLP_POISON_OUTPUTS", "SIGVLP_NAN_OUTPUTS", "SIGVLP_DEBUG",
                      "SIGVLP_VALIDATE", "SIGVLP_TEST", "PYTEST_CURRENT_TEST"):
             monkeypatch.setenv(name, "1")
         fake_torch = types.SimpleNamespace(empty=lambda shape, **kw: torch.full(shape, 7.0, **kw))
-        monkeypatch.setattr(_backend, "torch", fake_torch)
-        out = _backend.empty_output((3, 2), torch.float32, torch.device("cpu"))
+        monkeypatch.setattr(backends, "torch", fake_torch)
+        out = backends.empty_output((3, 2), torch.float32, torch.device("cpu"))
         assert torch.equal(out, torch.full((3, 2), 7.0))
     finally:
-        _backend.set_output_hook(previous)
+        backends.set_output_hook(previous)
 
 
 def test_every_kernel_backend_is_device_guarded():
-    """Every non-torch backend of every op runs under its tensors' device (sigvlp.ops._backend)."""
+    """Every non-torch backend of every op runs under its tensors' device (sigvlp.ops.backends)."""
     import sigvlp.ops as ops
 
     for op, backends in ops.OPS.items():
@@ -125,7 +125,7 @@ def test_every_kernel_backend_is_device_guarded():
 
 
 def test_validation_policy(monkeypatch):
-    from sigvlp.ops._backend import validation_enabled
+    from sigvlp.ops.backends import validation_enabled
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     monkeypatch.delenv("SIGVLP_VALIDATE", raising=False)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from sigvlp.data.tokenizers import ByteTokenizer
+from sigvlp.ops import cu_seqlens_from_lengths as _cu
 
 
 def patchify(chunk, patch: tuple[int, int, int]) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -83,13 +84,6 @@ def pair_ids(texts: Sequence[str], uids: Optional[Sequence[int]] = None) -> torc
             raise ValueError(f"uids must lie in [0, 2**62), got {u}")
         out.append(text_pair_id(t) if t else EMPTY_TEXT_ID_BASE + int(u))
     return torch.tensor(out, dtype=torch.int64)
-
-
-def _cu(lengths) -> torch.Tensor:
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    if len(lengths):
-        cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
-    return cu
 
 
 def collate_chunks(samples: Sequence[dict], tokenizer=None, patch: tuple[int, int, int] = (16, 16, 16),

@@ -7,6 +7,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from sigvlp.ops import cu_seqlens_from_lengths
+
 __all__ = ["volume_batch"]
 
 
@@ -40,7 +42,5 @@ def volume_batch(volumes: Sequence, patch_size: Sequence[int]) -> dict:
         patches.append(tok)
         grids.append(grid)
     lengths = [t * h * w for t, h, w in grids]
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
-    return {"patches": torch.cat(patches, 0), "cu_seqlens": cu, "max_seqlen": max(lengths),
+    return {"patches": torch.cat(patches, 0), "cu_seqlens": cu_seqlens_from_lengths(lengths), "max_seqlen": max(lengths),
             "grid_thw": torch.tensor(grids, dtype=torch.int32).reshape(-1, 3)}

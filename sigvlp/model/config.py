@@ -8,10 +8,10 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
+from sigvlp.ops import SUPPORTED_HEAD_DIMS as _HEAD_DIMS  # head_dim values the attention op serves
+
 __all__ = ["HUEncodingConfig", "SigVLPConfig", "PRESETS", "RUNTIME_FIELDS"]
 
-#: head_dim values the attention op serves (sigvlp.ops.attention.SUPPORTED_HEAD_DIMS)
-_HEAD_DIMS = (32, 64, 96, 128)
 #: fields that change how the model runs, not its weights (free to differ from a checkpoint's)
 RUNTIME_FIELDS = frozenset({"attn_backend", "grad_checkpointing"})
 #: config keys of the HU encoding before it became the ``hu`` sub-config (and the dotted form of

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from sigvlp.model.config import RUNTIME_FIELDS, SigVLPConfig
 from sigvlp.model.layers import Block, HUEncoding, MAPPool, _init_linear, last_pool, max_pool, mean_pool
 from sigvlp.model.siglip import load_siglip
+from sigvlp.ops import cu_seqlens_from_lengths
 
 __all__ = ["SigVLP", "SigVLPOutput", "VolumeEncoder", "TextEncoder"]
 
@@ -239,10 +240,9 @@ class SigVLP(nn.Module):
         if not texts:
             raise ValueError("texts: expected at least one text")
         ids = [self.tokenizer.encode(t, self.config.max_text_tokens) for t in texts]
-        cu = torch.zeros(len(ids) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor([len(r) for r in ids]).cumsum(0)
         return {"text_ids": torch.tensor([i for r in ids for i in r], dtype=torch.int64),
-                "text_cu_seqlens": cu, "text_max_seqlen": max(len(r) for r in ids)}
+                "text_cu_seqlens": cu_seqlens_from_lengths([len(r) for r in ids]),
+                "text_max_seqlen": max(len(r) for r in ids)}
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """list[str] -> (M, embed_dim) float32 L2-normalised (tokenised with the model's tokenizer)."""

@@ -13,15 +13,15 @@ import math
 
 import torch
 
-from sigvlp.ops import _cuda
-from sigvlp.ops._backend import device_guard, empty_output
+from sigvlp.ops import cuda_module
+from sigvlp.ops.backends import device_guard, empty_output
+from sigvlp.ops.varlen import SUPPORTED_HEAD_DIMS
 
-SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 
 
 def limits(head_dim: int, **_) -> str | None:
-    if not hasattr(_cuda.module(), "attention_forward"):
+    if not hasattr(cuda_module.module(), "attention_forward"):
         return "the CUDA module was built without csrc/attention.cu (rebuild: pip install -e . --no-build-isolation)"
     if head_dim not in SUPPORTED_HEAD_DIMS:
         return f"head_dim {head_dim} not supported by the CUDA attention kernels (supports {SUPPORTED_HEAD_DIMS})"
@@ -33,16 +33,16 @@ def _tables(q, seq, sections, theta):
     if seq["grid_q"] is None and seq["pos_q"] is None:
         return None, None, 1, None, None, 1
     half = q.shape[-1] // 2
-    mod = _cuda.module()
+    mod = cuda_module.module()
     grid_table = None
 
     def fill(rows, positions):
         cos = torch.empty(rows, half, dtype=torch.float32, device=q.device)
         sin = torch.empty(rows, half, dtype=torch.float32, device=q.device)
-        mod.attention_rotary_tables(cos=_cuda.ptr(cos), sin=_cuda.ptr(sin), rows=rows, head_dim=q.shape[-1],
-                                    positions=_cuda.ptr(positions), log2_theta=math.log2(theta),
+        mod.attention_rotary_tables(cos=cuda_module.ptr(cos), sin=cuda_module.ptr(sin), rows=rows, head_dim=q.shape[-1],
+                                    positions=cuda_module.ptr(positions), log2_theta=math.log2(theta),
                                     n_t=int(sections[0]), n_h=int(sections[1]), n_w=int(sections[2]),
-                                    stream=_cuda.stream_ptr(q.device))
+                                    stream=cuda_module.stream_ptr(q.device))
         return cos, sin, rows
 
     def side(pos):
@@ -60,9 +60,9 @@ def _tables(q, seq, sections, theta):
 
 def _args(q, k, v, seq, sections, theta, interleaved, scale, causal, tables):
     cos_q, sin_q, rows_q, cos_k, sin_k, rows_k = tables
-    p = _cuda.ptr
+    p = cuda_module.ptr
     return dict(
-        dtype=_cuda.dtype_code(q.dtype), q=p(q), k=p(k), v=p(v),
+        dtype=cuda_module.dtype_code(q.dtype), q=p(q), k=p(k), v=p(v),
         total_q=q.shape[0], total_k=k.shape[0], nheads=q.shape[1], nheads_kv=k.shape[1], head_dim=q.shape[2],
         batch=seq["cu_q"].shape[0] - 1, max_q=int(seq["max_q"]), max_k=int(seq["max_k"]),
         q_stride_token=q.stride(0), q_stride_head=q.stride(1), k_stride_token=k.stride(0),
@@ -71,7 +71,7 @@ def _args(q, k, v, seq, sections, theta, interleaved, scale, causal, tables):
         cos_q=p(cos_q), sin_q=p(sin_q), cos_k=p(cos_k), sin_k=p(sin_k), rows_q=rows_q, rows_k=rows_k,
         rotate=cos_q is not None, positions_q=seq["pos_q"] is not None, positions_k=seq["pos_k"] is not None,
         interleaved=bool(interleaved), causal=bool(causal), n_t=int(sections[0]), n_h=int(sections[1]),
-        softmax_scale=float(scale), stream=_cuda.stream_ptr(q.device),
+        softmax_scale=float(scale), stream=cuda_module.stream_ptr(q.device),
     )
 
 
@@ -81,11 +81,11 @@ def forward(q, k, v, out, lse, seq, theta, sections, interleaved, scale, causal)
         return
     tables = _tables(q, seq, sections, theta)  # held until the launch returns
     a = _args(q, k, v, seq, sections, theta, interleaved, scale, causal, tables)
-    a.update(out=_cuda.ptr(out), lse=_cuda.ptr(lse), out_stride_token=out.stride(0), out_stride_head=out.stride(1),
+    a.update(out=cuda_module.ptr(out), lse=cuda_module.ptr(lse), out_stride_token=out.stride(0), out_stride_head=out.stride(1),
              lse_stride_head=lse.stride(0), dout=0, dlse=0, delta=0, dq=0, dk=0, dv=0, dout_stride_token=0,
              dout_stride_head=0, dq_stride_token=0, dq_stride_head=0, dk_stride_token=0, dk_stride_head=0,
              dv_stride_token=0, dv_stride_head=0, dlse_stride_head=0)
-    _cuda.module().attention_forward(**a)
+    cuda_module.module().attention_forward(**a)
 
 
 def backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, seq, theta, sections, interleaved, scale, causal):
@@ -109,10 +109,10 @@ def _backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, seq, theta, sections, i
         dlse = dlse.to(torch.float32).contiguous()
     tables = _tables(q, seq, sections, theta)  # held until the launch returns
     a = _args(q, k, v, seq, sections, theta, interleaved, scale, causal, tables)
-    a.update(out=_cuda.ptr(out), lse=_cuda.ptr(lse), out_stride_token=out.stride(0), out_stride_head=out.stride(1),
-             lse_stride_head=lse.stride(0), dout=_cuda.ptr(dout), dlse=_cuda.ptr(dlse), delta=_cuda.ptr(delta),
-             dq=_cuda.ptr(dq), dk=_cuda.ptr(dk), dv=_cuda.ptr(dv), dout_stride_token=dout.stride(0),
+    a.update(out=cuda_module.ptr(out), lse=cuda_module.ptr(lse), out_stride_token=out.stride(0), out_stride_head=out.stride(1),
+             lse_stride_head=lse.stride(0), dout=cuda_module.ptr(dout), dlse=cuda_module.ptr(dlse), delta=cuda_module.ptr(delta),
+             dq=cuda_module.ptr(dq), dk=cuda_module.ptr(dk), dv=cuda_module.ptr(dv), dout_stride_token=dout.stride(0),
              dout_stride_head=dout.stride(1), dq_stride_token=dq.stride(0), dq_stride_head=dq.stride(1),
              dk_stride_token=dk.stride(0), dk_stride_head=dk.stride(1), dv_stride_token=dv.stride(0),
              dv_stride_head=dv.stride(1), dlse_stride_head=dlse.stride(0) if dlse is not None else 0)
-    _cuda.module().attention_backward(**a)
+    cuda_module.module().attention_backward(**a)

@@ -27,8 +27,9 @@ blocks with no row statistics, so the texts never need to be in one place:
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
-from sigvlp.ops.sigmoid_loss import _sigmoid_loss_op, _text_grad_op
+from sigvlp.ops._sigmoid_loss_pass import _sigmoid_loss_op, _text_grad_op
 
 __all__ = ["ring_loss", "distributed_inputs"]
 
@@ -39,8 +40,6 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, sizes, group):
-        import torch.distributed as dist  # noqa: PLC0415
-
         ctx.group = group
         ctx.sizes = sizes
         ctx.rank = dist.get_rank(group)
@@ -53,8 +52,6 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        import torch.distributed as dist  # noqa: PLC0415
-
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
         start = sum(ctx.sizes[: ctx.rank])
@@ -63,8 +60,6 @@ class _GatherRows(torch.autograd.Function):
 
 def _row_counts(x, y, image_ids, group):
     """Rows per rank, (images, texts), all-gathered (the only collective besides the text exchange)."""
-    import torch.distributed as dist  # noqa: PLC0415
-
     world = dist.get_world_size(group)
     local = torch.tensor([x.shape[0], y.shape[0]], dtype=torch.int64, device=x.device)
     gathered = [torch.empty_like(local) for _ in range(world)]
@@ -79,8 +74,6 @@ def _row_counts(x, y, image_ids, group):
 
 def distributed_inputs(x, y, image_ids, text_ids, group):
     """(Y_global, image_ids, text_ids_global, inv_norm) for this rank's share of the global loss."""
-    import torch.distributed as dist  # noqa: PLC0415
-
     rank = dist.get_rank(group)
     n_sizes, m_sizes = _row_counts(x, y, image_ids, group)
     if image_ids is None:
@@ -100,8 +93,6 @@ class _Ring:
     """This rank's place in the ring of `group`: sends go to rank + 1, receives come from rank - 1."""
 
     def __init__(self, group):
-        import torch.distributed as dist  # noqa: PLC0415
-
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -111,8 +102,6 @@ class _Ring:
     def exchange(self, send, recv, tag):
         """Post (asynchronously) sends of `send` to the next rank and receives into `recv` from the
         previous one, tensor k with tag `tag + k`; returns the works to wait on."""
-        import torch.distributed as dist  # noqa: PLC0415
-
         ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag + k) for k, t in enumerate(send)]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag + k) for k, t in enumerate(recv)]
         return dist.batch_isend_irecv(ops)
@@ -210,8 +199,6 @@ class _RingLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        import torch.distributed as dist  # noqa: PLC0415
-
         x, y, x_ids, y_ids, s, bb, dx, dy, dt, db = ctx.saved_tensors
         ring, inv_norm, backend, m_sizes, m_offsets, s_shape, s_dtype, b_shape, b_dtype = ctx.meta
         need = ctx.needs_input_grad
@@ -237,8 +224,6 @@ class _RingLoss(torch.autograd.Function):
 
 
 def ring_loss(x, y, scale, bias, image_ids, text_ids, group, backend):
-    import torch.distributed as dist  # noqa: PLC0415
-
     rank = dist.get_rank(group)
     n_sizes, m_sizes = _row_counts(x, y, image_ids, group)
     if image_ids is None:  # the diagonal of the global batch; text ids are generated per block

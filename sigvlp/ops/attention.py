@@ -32,13 +32,14 @@ from typing import Optional, Sequence
 import torch
 
 from sigvlp.ops import _attention_cuda, _checks
-from sigvlp.ops._backend import (Backend, BackendSet, device_guard, empty_output, resolve_request,
+from sigvlp.ops.backends import (Backend, BackendSet, device_guard, empty_output, resolve_request,
                                  validation_enabled)
+from sigvlp.ops.registry import KeyRatio, OpSpec, as64, leaf, rand64, register, weighted_grads
 from sigvlp.ops.rope import _resolve_sections, rope3d_reference
+from sigvlp.ops.varlen import SUPPORTED_HEAD_DIMS, cu_seqlens_from_lengths
 
 __all__ = ["rope_attention_varlen", "rope_attention_varlen_reference", "SUPPORTED_HEAD_DIMS"]
 
-SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Query rows per chunk in the torch backend: bounds its scores buffer to chunk x seqlen per head.
 _REF_CHUNK = 1024
@@ -191,7 +192,7 @@ def _run_triton(q, k, v, out, lse, seq, theta, sections, interleaved, scale, cau
 
 def _run_triton_backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, seq, theta, sections, interleaved, scale,
                          causal):
-    from sigvlp.kernels import attention as triton_attention  # noqa: PLC0415
+    from sigvlp.kernels import attention as triton_attention  # noqa: PLC0415 (Triton loads on first use)
 
     delta = empty_output(lse.shape, torch.float32, lse.device)
     triton_attention.backward(dout, dlse, q, k, v, out, lse, delta, dq, dk, dv, **seq, sections=sections,
@@ -339,7 +340,7 @@ def rope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     """Attention within each packed sequence, q and k rotated by 3D RoPE inside the kernel.
 
     q (total_q, nheads, head_dim); k, v (total_k, nheads_kv, head_dim), nheads % nheads_kv == 0,
-    head_dim in (32, 64, 96, 128), one float dtype and device for all. cu_seqlens int32 (batch + 1,)
+    head_dim in SUPPORTED_HEAD_DIMS (32, 64, 96, 128), one float dtype and device for all. cu_seqlens int32 (batch + 1,)
     from 0 to total_q; max_seqlen (int) >= the longest query sequence.
     Self-attention (cu_seqlens_k None): total_k == total_q, k/v packed like q; grid_thw (int32
     (batch, 3)) or positions (float32 (total_q, 3)) rotate q and k as in `rope3d` (neither: none).
@@ -416,3 +417,49 @@ def rope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
                              float(theta), list(sections), interleaved, float(softmax_scale), causal, cross,
                              validation_enabled(validate, device), backend)
     return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _selftest_case(dtype, device, gen):
+    """Three sequences (17, 40, 1 tokens), GQA with 4 query heads on 2 k/v heads of 64."""
+    grid = torch.tensor([[1, 1, 17], [2, 4, 5], [1, 1, 1]], dtype=torch.int32)
+    lengths = [17, 40, 1]
+    cu = cu_seqlens_from_lengths(lengths)
+    q = leaf(rand64(gen, 58, 4, 64), dtype, device)
+    k = leaf(rand64(gen, 58, 2, 64), dtype, device)
+    v = leaf(rand64(gen, 58, 2, 64), dtype, device)
+    w = rand64(gen, 58, 4, 64)
+
+    def run(backend):
+        out = rope_attention_varlen(q, k, v, cu.to(device), max(lengths), grid.to(device), backend=backend)
+        return [out], weighted_grads([out], [q, k, v], [w])
+
+    def oracle():
+        leaves = [as64(t) for t in (q, k, v)]
+        out, _ = rope_attention_varlen_reference(*leaves, cu, grid, compute_dtype=torch.float64)
+        return [out], weighted_grads([out], leaves, [w])
+
+    return run, oracle
+
+
+def _launch_survey(lengths, rows):
+    cu = cu_seqlens_from_lengths(lengths)
+    grid = torch.tensor([[1, 1, n] for n in lengths], dtype=torch.int32)
+    for head_dim in (64, 128):
+        q, k, v = (torch.randn(sum(lengths), 4, head_dim, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        out = rope_attention_varlen(q, k, v, cu, max(lengths), grid, backend="triton")
+        out.float().sum().backward()
+
+
+# emulated=False: the CUDA attention has its own emulated tests (tests/test_attention_cuda.py).
+SPEC = register(OpSpec(
+    name="rope_attention_varlen", backends=BACKENDS, selftest=_selftest_case,
+    selftest_facts={"head_dim": 64, "cross": False}, test_file="tests/test_attention.py", emulated=False,
+    launch_survey=_launch_survey, triton_autotuned=True, bench="benches/bench_attention.py", bench_cap_s=45,
+    key_ratios=(KeyRatio("attention: sigvlp fused (Triton, CUDA) vs rope3d + varlen attention", "attention",
+                         ("sigvlp", "sigvlp_cuda"), "rope3d+varlen_attn"),),
+    interpreter_no_bf16_dot=True,
+))

@@ -8,7 +8,7 @@ Semantics (the spec; `newton_schulz_reference` is its readable form):
   coefficients (a_k, b_k, c_k) computes
       A = X X^T,   B = b_k A + c_k A A,   X = a_k X + B X.
   coefficients is one (a, b, c) triple used for every step, or a sequence of exactly `steps`
-  per-step triples (a schedule such as sigvlp.optim.POLAR_EXPRESS).
+  per-step triples (such as sigvlp.optim.POLAR_EXPRESS_COEFFICIENTS).
 - Precision: operands (X, A, B) are held in a compute dtype and every product accumulates in
   fp32 (fp64 for fp64, torch backend only). `precision` chooses the compute dtype:
   None (default): bf16 for CUDA tensors (as torch.optim.Muon), fp32 elsewhere (fp64 input
@@ -32,8 +32,9 @@ from typing import Optional, Sequence
 import torch
 
 from sigvlp.ops import _checks
-from sigvlp.ops import _cuda
-from sigvlp.ops._backend import Backend, BackendSet, empty_output, resolve_request
+from sigvlp.ops import cuda_module
+from sigvlp.ops.backends import Backend, BackendSet, empty_output, resolve_request
+from sigvlp.ops.registry import KeyRatio, OpSpec, rand64, register
 
 __all__ = [
     "newton_schulz",
@@ -161,12 +162,12 @@ def _run_cuda(G, out, triples, eps):
     poly = torch.empty((batch, p, p), dtype=X.dtype, device=X.device)
     scratch0 = torch.empty((batch, p, q), dtype=X.dtype, device=X.device)
     scratch1 = Y if Y.is_contiguous() else torch.empty((batch, p, q), dtype=X.dtype, device=X.device)
-    _cuda.module().newton_schulz(
-        x=_cuda.ptr(X), out=_cuda.ptr(Y), dtype=_cuda.dtype_code(X.dtype), batch=batch, rows=p, cols=q,
+    cuda_module.module().newton_schulz(
+        x=cuda_module.ptr(X), out=cuda_module.ptr(Y), dtype=cuda_module.dtype_code(X.dtype), batch=batch, rows=p, cols=q,
         out_stride_batch=Y.stride(0), out_stride_row=Y.stride(1), out_stride_col=Y.stride(2),
-        inv_norm=_cuda.ptr(inv), coefficients=[float(v) for t in triples for v in t], steps=len(triples),
-        gram=_cuda.ptr(gram), poly=_cuda.ptr(poly), scratch0=_cuda.ptr(scratch0), scratch1=_cuda.ptr(scratch1),
-        stream=_cuda.stream_ptr(X.device),
+        inv_norm=cuda_module.ptr(inv), coefficients=[float(v) for t in triples for v in t], steps=len(triples),
+        gram=cuda_module.ptr(gram), poly=cuda_module.ptr(poly), scratch0=cuda_module.ptr(scratch0), scratch1=cuda_module.ptr(scratch1),
+        stream=cuda_module.stream_ptr(X.device),
     )
 
 
@@ -245,3 +246,35 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients=DEFAULT_COEFFICI
     work_dtype = compute_dtype(G, precision)
     out = _newton_schulz_op(G.to(work_dtype), int(steps), flat, float(eps), backend)
     return out.to(G.dtype)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _selftest_case(dtype, device, gen):
+    """A batch of three wide 40 x 72 matrices and one tall 56 x 24 (handled as its transpose),
+    5 steps of the default coefficients in the input's precision. No backward."""
+    G = rand64(gen, 3, 40, 72).to(dtype)
+    T = rand64(gen, 56, 24).to(dtype)
+
+    def run(backend):
+        return [newton_schulz(g.to(device), backend=backend, precision="input") for g in (G, T)], []
+
+    def oracle():
+        return [newton_schulz_reference(g.double()) for g in (G, T)], []
+
+    return run, oracle
+
+
+def _launch_survey(lengths, rows):
+    for precision in ("bf16", "fp32"):
+        newton_schulz(torch.randn(2, 256, 512), steps=1, backend="triton", precision=precision)
+
+
+SPEC = register(OpSpec(
+    name="newton_schulz", backends=BACKENDS, selftest=_selftest_case, test_file="tests/test_newton_schulz.py",
+    launch_survey=_launch_survey, bench="benches/bench_newton_schulz.py", bench_cap_s=15,
+    key_ratios=(KeyRatio("newton_schulz: ours vs torch.optim.Muon's NS", "newton_schulz", ("triton", "cuda"),
+                         "torch_muon"),),
+    interpreter_no_bf16_dot=True,
+))

@@ -26,8 +26,10 @@ from typing import Optional, Sequence
 import torch
 
 from sigvlp.ops import _checks
-from sigvlp.ops import _cuda
-from sigvlp.ops._backend import Backend, BackendSet, empty_output, resolve_request, validation_enabled
+from sigvlp.ops import cuda_module
+from sigvlp.ops.backends import Backend, BackendSet, empty_output, resolve_request, validation_enabled
+from sigvlp.ops.registry import OpSpec, as64, leaf, rand64, register, weighted_grads
+from sigvlp.ops.varlen import cu_seqlens_from_lengths
 
 __all__ = ["rope3d", "rope3d_reference", "default_sections", "grid_positions", "rotary_angles"]
 
@@ -126,15 +128,15 @@ def _run_triton(x, out, cu_seqlens, grid_thw, positions, theta, sections, interl
 
 def _run_cuda(x, out, cu_seqlens, grid_thw, positions, theta, sections, interleaved, inverse):
     total, nheads, head_dim = x.shape
-    _cuda.module().rope3d(
-        x=_cuda.ptr(x), out=_cuda.ptr(out), dtype=_cuda.dtype_code(x.dtype),
+    cuda_module.module().rope3d(
+        x=cuda_module.ptr(x), out=cuda_module.ptr(out), dtype=cuda_module.dtype_code(x.dtype),
         total_tokens=total, nheads=nheads, head_dim=head_dim,
         x_stride_token=x.stride(0), x_stride_head=x.stride(1),
         out_stride_token=out.stride(0), out_stride_head=out.stride(1),
-        cu_seqlens=_cuda.ptr(cu_seqlens), batch=cu_seqlens.shape[0] - 1,
-        grid_thw=_cuda.ptr(grid_thw), positions=_cuda.ptr(positions),
+        cu_seqlens=cuda_module.ptr(cu_seqlens), batch=cu_seqlens.shape[0] - 1,
+        grid_thw=cuda_module.ptr(grid_thw), positions=cuda_module.ptr(positions),
         log2_theta=math.log2(theta), n_t=sections[0], n_h=sections[1], n_w=sections[2],
-        interleaved=interleaved, inverse=inverse, stream=_cuda.stream_ptr(x.device),
+        interleaved=interleaved, inverse=inverse, stream=cuda_module.stream_ptr(x.device),
     )
 
 
@@ -225,3 +227,39 @@ def rope3d(x: torch.Tensor, cu_seqlens: torch.Tensor, grid_thw: Optional[torch.T
     backend = resolve_request(backend, BACKENDS.names) if backend not in (None, "auto") else "auto"
     return _rope3d_op(x, cu_seqlens, grid_thw, positions, float(theta), list(sections), interleaved, inverse, backend,
                       validate)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _selftest_case(dtype, device, gen):
+    """Three sequences (grids 2x3x4, 3x1x5, 1x1x1), 3 heads of 64: rope3d and its gradient."""
+    grid = torch.tensor([[2, 3, 4], [3, 1, 5], [1, 1, 1]], dtype=torch.int32)
+    cu = cu_seqlens_from_lengths([24, 15, 1])
+    x = leaf(rand64(gen, 40, 3, 64), dtype, device)
+    w = rand64(gen, 40, 3, 64)
+
+    def run(backend):
+        out = rope3d(x, cu.to(device), grid.to(device), backend=backend)
+        return [out], weighted_grads([out], [x], [w])
+
+    def oracle():
+        x64 = as64(x)
+        out = rope3d_reference(x64, cu, grid, compute_dtype=torch.float64)
+        return [out], weighted_grads([out], [x64], [w])
+
+    return run, oracle
+
+
+def _launch_survey(lengths, rows):
+    cu = cu_seqlens_from_lengths(lengths)
+    grid = torch.tensor([[1, 1, n] for n in lengths], dtype=torch.int32)
+    x = torch.randn(sum(lengths), 4, 64, dtype=torch.bfloat16)
+    rope3d(x, cu, grid, backend="triton")
+    rope3d(x.float(), cu, positions=torch.zeros(sum(lengths), 3), backend="triton")
+
+
+SPEC = register(OpSpec(
+    name="rope3d", backends=BACKENDS, selftest=_selftest_case, selftest_facts={"head_dim": 64},
+    test_file="tests/test_rope.py", launch_survey=_launch_survey, bench="benches/bench_rope.py", bench_cap_s=8,
+))

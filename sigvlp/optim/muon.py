@@ -34,17 +34,19 @@ from collections.abc import Iterable
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from sigvlp.ops import newton_schulz
-from sigvlp.ops.newton_schulz import resolve_coefficients
+from sigvlp.ops.newton_schulz import DEFAULT_COEFFICIENTS, resolve_coefficients
+from sigvlp.optim.split import split_params
 
 __all__ = ["Muon", "MuonWithAdamW", "ADJUST_LR_FNS", "adjusted_lr"]
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral_unclamped")
 
 _MUON_DEFAULTS = dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
-                      ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None,
+                      ns_coefficients=DEFAULT_COEFFICIENTS, eps=1e-7, ns_steps=5, adjust_lr_fn=None,
                       ns_dtype=None)
 _NS_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -147,7 +149,7 @@ class Muon(Optimizer):
     >2-D parameters, a backend choice and optional distribution of the NS work.
 
     Args (torch.optim.Muon's): lr, weight_decay, momentum, nesterov, ns_coefficients (one (a, b, c)
-        triple or a schedule of ns_steps triples, e.g. sigvlp.optim.POLAR_EXPRESS), eps, ns_steps,
+        triple or a schedule of ns_steps triples, e.g. sigvlp.optim.POLAR_EXPRESS_COEFFICIENTS), eps, ns_steps,
         adjust_lr_fn (None/"original", "match_rms_adamw", "spectral_unclamped").
     Extra keyword-only args:
         ns_dtype: dtype of the NS operands (None: bf16 on CUDA, fp32 on CPU); a group option.
@@ -158,7 +160,7 @@ class Muon(Optimizer):
     _allows_adamw = False
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_coefficients=(3.4445, -4.775, 2.0315), eps: float = 1e-7,
+                 nesterov: bool = True, ns_coefficients=DEFAULT_COEFFICIENTS, eps: float = 1e-7,
                  ns_steps: int = 5, adjust_lr_fn: Optional[str] = None, *, ns_dtype: Optional[torch.dtype] = None,
                  backend: Optional[str] = None, process_group=None):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
@@ -301,8 +303,6 @@ class Muon(Optimizer):
         return owner
 
     def _distributed_orthogonalise(self, work: list[_Work], pg) -> None:
-        import torch.distributed as dist  # noqa: PLC0415
-
         world = dist.get_world_size(pg)
         rank = dist.get_rank(pg)
         owner = self.plan([w.cost for w in work], world)
@@ -379,13 +379,11 @@ class MuonWithAdamW(Muon):
     _allows_adamw = True
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_coefficients=(3.4445, -4.775, 2.0315), eps: float = 1e-7,
+                 nesterov: bool = True, ns_coefficients=DEFAULT_COEFFICIENTS, eps: float = 1e-7,
                  ns_steps: int = 5, adjust_lr_fn: Optional[str] = None, *, adamw_lr: float = 1e-3,
                  adamw_betas=(0.9, 0.999), adamw_eps: float = 1e-8, adamw_weight_decay: float = 1e-2,
                  ns_dtype: Optional[torch.dtype] = None, backend: Optional[str] = None, process_group=None):
         if isinstance(params, torch.nn.Module):
-            from sigvlp.optim.split import split_params  # noqa: PLC0415
-
             params = split_params(params)
         params = list(params) if isinstance(params, Iterable) else params
         if params and not all(isinstance(g, dict) for g in params):

@@ -9,11 +9,14 @@ such parametrization also gets "cuda" (served on CPU tensors by sigvlp._cuda_emu
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 
-# Test modules whose backend parametrizations gain "cuda".
-TARGETS = ("test_rope", "test_newton_schulz", "test_sigmoid_loss")
+from sigvlp.ops.registry import SPECS
+
+# Test modules whose backend parametrizations gain "cuda": every op's test file marked emulated.
+TARGETS = tuple(pathlib.Path(spec.test_file).stem for spec in SPECS.values() if spec.emulated)
 
 
 def _is_target(module) -> bool:
@@ -51,9 +54,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
-    from sigvlp.ops import _cuda
+    from sigvlp.ops import cuda_module
 
-    mod = _cuda.module()
+    mod = cuda_module.module()
     return (f"CUDA emulation: SIGVLP_CUDA_EMULATE={os.environ.get('SIGVLP_CUDA_EMULATE')}, "
             f"module {getattr(mod, '__name__', None)}, schedule {mod.schedule() if mod else None}, "
             f"max_grid_y {mod.max_grid_y() if mod else None}")

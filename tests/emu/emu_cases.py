@@ -15,14 +15,15 @@ import math
 import pytest
 import torch
 
-from sigvlp.ops import _cuda, newton_schulz, rope3d, sigmoid_loss
+from sigvlp.ops import cu_seqlens_from_lengths, cuda_module, newton_schulz, rope3d, sigmoid_loss
 from sigvlp.ops.sigmoid_loss import sigmoid_loss_dense
 from sigvlp.ops.tolerances import assert_at_floor, assert_rope3d_at_floor, max_err, newton_schulz_low_precision
+from sigvlp.optim import KELLER_COEFFICIENTS
 
-if not _cuda.emulated():  # this file only runs in the emulated subprocess
+if not cuda_module.emulated():  # this file only runs in the emulated subprocess
     pytest.skip("needs SIGVLP_CUDA_EMULATE=1 (run by tests/test_cuda_emu.py)", allow_module_level=True)
 
-EMU = _cuda.module()
+EMU = cuda_module.module()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -38,7 +39,7 @@ def emu():
 
 def test_the_cuda_backend_is_the_emulation():
     assert EMU.__name__ == "sigvlp._cuda_emu" and EMU.emulated
-    assert _cuda.unavailable_reason(torch.device("cpu")) is None
+    assert cuda_module.unavailable_reason(torch.device("cpu")) is None
     x = torch.randn(4, 1, 8)
     y = rope3d(x, torch.tensor([0, 4], dtype=torch.int32), torch.tensor([[1, 2, 2]], dtype=torch.int32), backend="cuda")
     assert y.shape == x.shape and torch.isfinite(y).all()
@@ -52,7 +53,7 @@ def _rope_inputs(lengths, nheads, head_dim, dtype, seed=0, pad=0):
     total = sum(lengths)
     wide = torch.randn(total, nheads, head_dim + pad, generator=g).to(dtype)
     x = wide[..., :head_dim]  # pad > 0: head stride not a multiple of a 16-byte vector
-    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    cu = cu_seqlens_from_lengths(lengths)
     grid = []
     for n in lengths:  # (T, H, W) with T * H * W == n, W not always 1
         w = 3 if n % 3 == 0 and n else 1
@@ -112,22 +113,25 @@ def test_rope_launcher_refuses_an_empty_batch_with_a_grid():
 
 
 def test_bindings_refuse_missing_and_unknown_keywords():
+    """The keywords come from csrc/launchers.h's X-macro lists (EMU.launcher_fields())."""
+    fields = EMU.launcher_fields()
+    assert fields["rope3d"][0] == "x" and len(fields["rope3d"]) == len(set(fields["rope3d"]))
     with pytest.raises(TypeError, match="missing keyword argument x"):
         EMU.rope3d(out=0)
-    kw = dict(x=0, out=0, dtype=0, total_tokens=0, nheads=1, head_dim=8, x_stride_token=8, x_stride_head=8,
-              out_stride_token=8, out_stride_head=8, cu_seqlens=0, batch=0, grid_thw=0, positions=0,
-              log2_theta=1.0, n_t=1, n_h=1, n_w=1, interleaved=False, inverse=False, stream=0)
+    kw = dict.fromkeys(fields["rope3d"], 0)
+    kw.update(nheads=1, head_dim=8, x_stride_token=8, x_stride_head=8, out_stride_token=8, out_stride_head=8,
+              log2_theta=1.0, n_t=1, n_h=1, n_w=1, interleaved=False, inverse=False)
     with pytest.raises(TypeError, match="unexpected keyword argument bogus"):
         EMU.rope3d(**kw, bogus=1)
     EMU.rope3d(**kw)  # zero tokens: nothing to do
+    for name, keywords in fields.items():  # every launcher is bound with its declared keywords
+        assert getattr(EMU, name).__doc__.rstrip().endswith("Keyword arguments: " + " ".join(keywords)), name
 
 
 # ----------------------------------------------------------------------------- newton_schulz
 
-KELLER = (3.4445, -4.7750, 2.0315)
 
-
-def _ns_fp64(G, steps=5, coefficients=KELLER):
+def _ns_fp64(G, steps=5, coefficients=KELLER_COEFFICIENTS):
     X = G.double()
     X = X / torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).clamp(min=1e-7)
     tall = X.shape[-2] > X.shape[-1]
@@ -147,7 +151,7 @@ def test_newton_schulz_dtypes_and_tiles(dtype, shape):
     G = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     exact = _ns_fp64(G)
     out = newton_schulz(G.to(dtype), backend="cuda", precision="input")
-    floor_run = newton_schulz_low_precision(G, [KELLER] * 5, dtype)
+    floor_run = newton_schulz_low_precision(G, [KELLER_COEFFICIENTS] * 5, dtype)
     assert torch.isfinite(out).all()
     # The floor: the spec's iteration run at `dtype` (operands rounded to it, fp32 accumulation);
     # a kernel may differ in where it rounds, not in how much. fp32 runs on split TF32 (products

@@ -1,4 +1,7 @@
-"""Access to the compiled CUDA module ``sigvlp._cuda`` (built from csrc/ when nvcc was found).
+"""The loader of the compiled CUDA extension ``sigvlp._cuda`` (built from csrc/ when nvcc was found).
+
+(This Python module, ``sigvlp.ops.cuda_module``, finds and checks the extension; the extension
+itself is ``sigvlp._cuda``, or ``sigvlp._cuda_emu`` under emulation.)
 
 The module has no torch dependency: tensors are passed as data pointers plus shapes and
 strides. Nothing here touches a GPU at import time.
@@ -45,14 +48,14 @@ def emulated() -> bool:
 def _load():
     if emulated():
         try:
-            from sigvlp import _cuda_emu  # noqa: PLC0415
+            from sigvlp import _cuda_emu  # noqa: PLC0415 (optional: built only with a host compiler)
         except ImportError as exc:
             built = build_info().get("emu_built")
             why = f"import failed: {exc}" if built else "the package was built without it (no host C++ compiler?)"
             return None, f"{EMULATE_ENV_VAR}=1 but the CUDA emulation module sigvlp._cuda_emu is missing: {why}"
         return _cuda_emu, None
     try:
-        from sigvlp import _cuda  # noqa: PLC0415
+        from sigvlp import _cuda  # noqa: PLC0415 (optional: built only where nvcc was found)
     except ImportError as exc:
         info = build_info()
         reason = info.get("reason") if not info.get("cuda_built") else f"import failed: {exc}"

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from sigvlp.kernels import interpreter as _kernels_interpreter
-from sigvlp.ops import _cuda
+from sigvlp.ops import cuda_module
 
 BACKEND_NAMES = ("torch", "triton", "cuda")
 ENV_VAR = "SIGVLP_BACKEND"
@@ -94,7 +94,7 @@ def _guarded(fn: Callable) -> Callable:
 @functools.lru_cache(maxsize=None)
 def _triton_import_reason() -> str | None:
     try:
-        import triton  # noqa: F401, PLC0415
+        import triton  # noqa: F401, PLC0415 (optional dependency, and slow to import)
     except ImportError as exc:
         return f"triton is not installed ({exc})"
     return None
@@ -122,7 +122,7 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str | N
     if name == "triton":
         return triton_unavailable_reason(device)
     if name == "cuda":
-        return _cuda.unavailable_reason(device)
+        return cuda_module.unavailable_reason(device)
     raise ValueError(f"backend: expected one of {BACKEND_NAMES}, got {name!r}")
 
 

@@ -17,13 +17,12 @@ import torch
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 from sigvlp.ops import OPS, newton_schulz
-from sigvlp.optim import Muon
+from sigvlp.optim import KELLER_COEFFICIENTS, Muon
 
 from _bench import timed
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-KELLER = (3.4445, -4.775, 2.0315)
 
 FULL_SHAPES = [(768, 768), (768, 3072), (1024, 4096), (4096, 4096), (24, 1024, 1024)]
 QUICK_SHAPES = [(96, 96), (96, 384), (128, 512), (384, 384), (8, 128, 128)]
@@ -52,7 +51,7 @@ def test_newton_schulz_time(bench, benchmark, bench_report, full_mode, index, pr
     benchmark.group = f"newton_schulz {_shape_id(shape)}"
     if provider == "torch_muon":
         mats = list(G) if G.dim() == 3 else [G]
-        fn = lambda: [_zeropower_via_newtonschulz(g, KELLER, 5, 1e-7) for g in mats]  # noqa: E731
+        fn = lambda: [_zeropower_via_newtonschulz(g, KELLER_COEFFICIENTS, 5, 1e-7) for g in mats]  # noqa: E731
     else:
         Gd = G.to(dtype)
         reason = OPS["newton_schulz"].backends[provider].refusal(Gd.device, Gd.dtype)
