@@ -3,7 +3,8 @@
 Inputs: NIfTI files (.nii, .nii.gz), folders (searched recursively for NIfTI files and for DICOM
 series: a folder holding DICOM files is one series), or a DICOM series folder. Each volume is read
 as HU in canonical RAS+ (z, y, x) order (``sigvlp.data.load_volume``; DICOM through
-``load_dicom_series``), preprocessed with the checkpoint's preprocess preset (whole depth, the
+``sigvlp.data.dicom.load_dicom_series``: dcm2niix, a series it cannot make right is skipped with
+the reason), preprocessed with the checkpoint's preprocess preset (whole depth, the
 slice axis is never cropped), and encoded by the model in one sequence of any length.
 
 Output (safetensors): ``pooled`` (N, embed_dim) float32 L2-normalised; ``grid_thw`` (N, 3) int32
@@ -20,11 +21,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
-import numpy as np
+from sigvlp.data.dicom import is_dicom_file, load_dicom_series
 
 __all__ = ["add_arguments", "run", "find_inputs", "load_dicom_series", "load_any", "embed_inputs",
            "resolve_checkpoint", "MetadataLookup"]
@@ -37,17 +37,6 @@ def _is_nifti(p: Path) -> bool:
     return p.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def _is_dicom_file(p: Path) -> bool:
-    if p.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(p, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 def find_inputs(paths: Iterable) -> list[tuple[str, str]]:
     """Expand INPUT arguments into (kind, path) with kind "nifti" or "dicom" (a series folder).
     A missing path or a folder with nothing readable gives ("missing", path) so it is reported."""
@@ -55,7 +44,7 @@ def find_inputs(paths: Iterable) -> list[tuple[str, str]]:
     for raw in paths:
         p = Path(raw)
         if p.is_file():
-            found.append(("dicom", str(p.parent)) if _is_dicom_file(p) and not _is_nifti(p) else ("nifti", str(p)))
+            found.append(("dicom", str(p.parent)) if is_dicom_file(p) and not _is_nifti(p) else ("nifti", str(p)))
         elif p.is_dir():
             before = len(found)
             for d, subdirs, files in os.walk(p):
@@ -63,7 +52,7 @@ def find_inputs(paths: Iterable) -> list[tuple[str, str]]:
                 files = sorted(files)
                 dpath = Path(d)
                 found.extend(("nifti", str(dpath / f)) for f in files if _is_nifti(Path(f)))
-                if any(_is_dicom_file(dpath / f) for f in files if not _is_nifti(Path(f))):
+                if any(is_dicom_file(dpath / f) for f in files if not _is_nifti(Path(f))):
                     found.append(("dicom", str(dpath)))
             if len(found) == before:
                 found.append(("missing", str(p)))
@@ -75,117 +64,6 @@ def find_inputs(paths: Iterable) -> list[tuple[str, str]]:
             seen.add(item)
             unique.append(item)
     return unique
-
-
-# ----------------------------------------------------------------------------- DICOM
-
-
-def load_dicom_series(folder):
-    """Read a folder holding one DICOM CT series as a ``sigvlp.data.Volume``: HU (RescaleSlope /
-    RescaleIntercept of each slice, applied once), slices ordered by ImagePositionPatient along the
-    slice normal (ImageOrientationPatient row x column), affine from the DICOM geometry (LPS)
-    turned to RAS and canonicalised exactly as NIfTI files are (``sigvlp.data.volume``): the same
-    scan gives the same (z, y, x) array from DICOM and from NIfTI.
-    Errors (ValueError naming the folder): no DICOM slices, several series, mixed orientations or
-    sizes, duplicate positions. Needs pydicom (``pip install sigvlp[dicom]``)."""
-    from sigvlp.data.volume import Volume, to_canonical_zyx
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such DICOM folder")
-    slices = _dicom_slices(folder)
-    slices, row_dir, col_dir, normal, pos, dz = _dicom_geometry(folder, slices)
-    dr, dc = (float(v) for v in slices[0].PixelSpacing)  # between rows, between columns (mm)
-    hu_krc = _dicom_hu(folder, slices)  # (slice k, row j, column i)
-    # Voxel (i, j, k) = (column, row, slice) -> LPS mm, then LPS -> RAS (negate x and y).
-    affine = np.eye(4)
-    affine[:3, 0] = row_dir * dc
-    affine[:3, 1] = col_dir * dr
-    affine[:3, 2] = normal * dz
-    affine[:3, 3] = pos[0]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
-    hu, affine_zyx = to_canonical_zyx(hu_krc.transpose(2, 1, 0), affine)  # as load_volume does
-    spacing = tuple(float(s) for s in np.sqrt((affine_zyx[:3, :3] ** 2).sum(axis=0)))
-    return Volume(hu=hu, spacing=spacing, affine=affine_zyx, path=str(folder))
-
-
-def _dicom_slices(folder: Path) -> list:
-    """The image slices (pydicom datasets) of a folder holding one series."""
-    try:  # optional dependency: only DICOM input needs pydicom
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-    except ImportError as e:
-        raise ImportError("reading DICOM needs pydicom: pip install 'sigvlp[dicom]'") from e
-    slices = []
-    for p in sorted(folder.iterdir()):
-        if not p.is_file() or _is_nifti(p):
-            continue
-        try:
-            ds = pydicom.dcmread(str(p))
-        except (InvalidDicomError, OSError, EOFError):
-            continue
-        if "PixelData" in ds and "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
-            slices.append(ds)
-    if not slices:
-        raise ValueError(f"{folder}: no DICOM image slices with ImagePositionPatient found")
-    series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for ds in slices})
-    if len(series) > 1:
-        counts = {s: sum(str(getattr(ds, "SeriesInstanceUID", "")) == s for ds in slices) for s in series}
-        raise ValueError(f"{folder}: holds {len(series)} series ({counts}); put each series in its own folder")
-    return slices
-
-
-def _dicom_geometry(folder: Path, slices: list):
-    """(slices ordered along the normal, row_dir, col_dir, normal, positions (N, 3) mm, slice step
-    dz mm): row_dir / col_dir are the directions of increasing column / row index (LPS)."""
-    iop = np.array([float(v) for v in slices[0].ImageOrientationPatient], dtype=np.float64)
-    for ds in slices[1:]:
-        if not np.allclose([float(v) for v in ds.ImageOrientationPatient], iop, atol=1e-4):
-            raise ValueError(f"{folder}: slices have different ImageOrientationPatient")
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    pos = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in slices], dtype=np.float64)
-    order = np.argsort(pos @ normal, kind="stable")
-    slices = [slices[i] for i in order]
-    pos = pos[order]
-    dist = pos @ normal
-    if len(slices) > 1:
-        steps = np.diff(dist)
-        if np.any(steps < 1e-4):
-            raise ValueError(f"{folder}: two or more slices share a position along the slice normal")
-        dz = float(np.mean(steps))
-        if np.max(np.abs(steps - dz)) > 0.01 * dz + 1e-3:
-            warnings.warn(f"{folder}: uneven slice spacing ({steps.min():.3f}..{steps.max():.3f} mm); "
-                          f"using the mean {dz:.3f} mm", stacklevel=3)
-    else:
-        dz = float(getattr(slices[0], "SpacingBetweenSlices", None) or getattr(slices[0], "SliceThickness", 1.0))
-    return slices, row_dir, col_dir, normal, pos, dz
-
-
-def _dicom_hu(folder: Path, slices: list) -> np.ndarray:
-    """(slices, rows, columns) HU: int16 when every rescale is integral and fits, else float32."""
-    shape = (int(slices[0].Rows), int(slices[0].Columns))
-    scalings = []
-    for ds in slices:
-        if (int(ds.Rows), int(ds.Columns)) != shape:
-            raise ValueError(f"{folder}: slices have different sizes ({shape} vs {(int(ds.Rows), int(ds.Columns))})")
-        scalings.append((float(getattr(ds, "RescaleSlope", 1.0) or 1.0),
-                         float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)))
-    exact = all(s.is_integer() and i.is_integer() for s, i in scalings)
-    planes = []
-    for ds, (slope, inter) in zip(slices, scalings):
-        raw = np.asarray(ds.pixel_array)
-        if raw.ndim != 2:
-            raise ValueError(f"{folder}: expected single-frame 2-D slices, got pixel array shape {raw.shape}")
-        if exact and np.issubdtype(raw.dtype, np.integer):
-            planes.append(raw.astype(np.int32) * int(slope) + int(inter))
-        else:
-            planes.append(raw.astype(np.float32) * np.float32(slope) + np.float32(inter))
-    hu_krc = np.stack(planes)
-    if hu_krc.dtype == np.int32:
-        hu_krc = hu_krc.astype(np.int16) if hu_krc.min() >= -32768 and hu_krc.max() <= 32767 else \
-            hu_krc.astype(np.float32)
-    return hu_krc
 
 
 def resolve_checkpoint(ckpt) -> Path:
