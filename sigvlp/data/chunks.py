@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 
+from sigvlp.data.csvfiles import check_text
 from sigvlp.data.organs import ORGANS
 
 
@@ -140,16 +141,21 @@ def _check_entry(entry, where: str) -> tuple[str, dict]:
     general = entry.get("general", "")
     if not isinstance(general, str):
         raise ValueError(f"{where}: 'general' of {entry['VolumeName']} must be a string")
+    check_text(entry["VolumeName"], f"{where}: VolumeName")
+    check_text({"organs": organs, "general": general}, f"{where} ({entry['VolumeName']})")
     return entry["VolumeName"], {"organs": organs, "general": general}
 
 
 def load_findings_bank(path) -> dict[str, dict]:
-    """VolumeName -> {"organs": {organ: [sentences]}, "general": str} from a .jsonl or .json file."""
+    """VolumeName -> {"organs": {organ: [sentences]}, "general": str} from a .jsonl or .json file
+    (UTF-8, BOM allowed). ValueError naming the file (and line or index) for invalid JSON or entries,
+    and for text with no UTF-8 encoding (invalid bytes, lone surrogate escapes), naming the volume."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such findings bank")
     bank: dict[str, dict] = {}
-    text = path.read_text(encoding="utf-8")
+    # invalid UTF-8 bytes become lone surrogates, reported with the entry by _check_entry
+    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
     if path.suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -157,6 +163,7 @@ def load_findings_bank(path) -> dict[str, dict]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
+                check_text(line, f"{path}:{n}")
                 raise ValueError(f"{path}:{n}: invalid JSON ({e})") from None
             name, entry = _check_entry(obj, f"{path}:{n}")
             bank[name] = entry

@@ -48,7 +48,6 @@ Commands that read a dataset take ``--layout`` through ``add_layout_argument(par
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -57,6 +56,7 @@ from pathlib import Path
 from typing import Optional
 
 from sigvlp.data.chunks import load_findings_bank
+from sigvlp.data.csvfiles import read_csv_rows  # noqa: F401  (CSV reading lives there; importers use this name)
 from sigvlp.data.preprocess import as_cache
 from sigvlp.data.volume import load_volume
 
@@ -128,18 +128,6 @@ def add_layout_argument(parser) -> None:
     parser.add_argument("--layout", default="auto", choices=LAYOUTS,
                         help="CT-RATE layout: v2 (dataset/<split>_fixed/..., HU files), v1 (dataset/<split>/..., "
                              "metadata rescale), auto (v2 when present, else v1)")
-
-
-def read_csv_rows(path, key="VolumeName") -> dict[str, dict]:
-    path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or key not in reader.fieldnames:
-            raise ValueError(f"{path}: no {key!r} column (columns: {reader.fieldnames})")
-        rows = {}
-        for row in reader:
-            rows[row[key]] = row
-    return rows
 
 
 def _find_csv(root: Path, split: str, kind: str) -> Optional[Path]:

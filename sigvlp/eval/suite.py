@@ -191,18 +191,15 @@ def _labels_csv(root: Path, split: str) -> Optional[Path]:
 
 def read_labels(csv_path: Path, names: Optional[Sequence[str]], volumes: Sequence[str]) -> tuple[np.ndarray, list]:
     """(N, L) 0/1 labels of `volumes` from a labels CSV; names None: the 18 CT-RATE labels.
-    ValueError for a missing column (naming it and the CSV), a volume without a row, or a
-    non-0/1 value."""
-    import csv
-
+    ValueError for a missing column (naming it and the CSV), a volume without a row, a
+    non-0/1 value, or two rows for a volume that disagree (``sigvlp.data.csvfiles``)."""
+    from sigvlp.data.csvfiles import read_csv_table
     from sigvlp.data.ctrate import CTRATE_LABELS
 
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        rows = {r.get("VolumeName"): r for r in reader}
-    if "VolumeName" not in columns:
-        raise ValueError(f"labels CSV {csv_path}: no 'VolumeName' column (columns: {columns})")
+    try:  # BOM, CRLF, repeated rows (identical: dropped; disagreeing: an error), non-UTF-8 text
+        columns, rows = read_csv_table(csv_path)
+    except ValueError as e:
+        raise ValueError(f"labels CSV {e}") from None
     wanted = list(names) if names is not None else list(CTRATE_LABELS)
     missing = [n for n in wanted if n not in columns]
     if missing:
