@@ -24,6 +24,8 @@ SUBCOMMANDS = {
                                              "the fVLM / RadGenome organ-wise reports)"),
     "info": ("sigvlp.info", "versions, CUDA build and backend availability"),
 }
+SUBCOMMANDS["preprocess"] = ("sigvlp.data.preprocess_cli", "build the preprocessing cache before training: N "
+                             "processes, --shard I/N per machine, resumable")
 # Subcommands whose module may not exist yet: the parser says where they come from.
 PLACEHOLDERS = {
     "eval": "evaluation arrives with the evaluation issue (sigvlp.eval is not installed)",

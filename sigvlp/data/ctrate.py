@@ -419,15 +419,16 @@ def _tracked(args):
     return fn(job)
 
 
-def _run_pool(jobs, workers, fn=None):
+def _run_pool(jobs, workers, fn=None, on_result=None):
     """fn (default _cache_one: job -> (ok, value)) over jobs in `workers` spawned processes. A job
     whose process dies (e.g. the out-of-memory killer) takes the pool down with it; the jobs that
     had started and not finished are then the suspects: each is rerun alone in its own process
     (the one that dies again is reported as failed, (False, message)), the rest go to a fresh pool.
-    Each broken pool costs at most `workers` single-process reruns."""
+    Each broken pool costs at most `workers` single-process reruns. on_result(i, result) is called
+    as each job finishes (in completion order)."""
     import multiprocessing as mp
     import tempfile
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
     fn = fn or _cache_one
@@ -440,17 +441,21 @@ def _run_pool(jobs, workers, fn=None):
                 results[i] = ex.submit(fn, jobs[i]).result()
         except BrokenProcessPool:
             results[i] = (False, f"{jobs[i][1]}: the worker process died (killed by the system, out of memory?)")
+        if on_result:
+            on_result(i, results[i])
 
     pending = list(range(len(jobs)))
     while pending:
         with tempfile.TemporaryDirectory() as marks:
             with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-                futures = {i: ex.submit(_tracked, (fn, i, jobs[i], marks)) for i in pending}
-                for i, f in futures.items():
+                futures = {ex.submit(_tracked, (fn, i, jobs[i], marks)): i for i in pending}
+                for f in as_completed(futures):
                     try:
-                        results[i] = f.result()
+                        results[futures[f]] = f.result()
                     except BrokenProcessPool:
-                        pass
+                        continue
+                    if on_result:
+                        on_result(futures[f], results[futures[f]])
             started = {int(n) for n in os.listdir(marks)}
         suspects = [i for i in pending if results[i] is None and i in started]
         for i in suspects:

@@ -19,6 +19,12 @@ file name when no root is given), its size and a content fingerprint (``file_fin
 same for the mask, the metadata fields that steer loading (RescaleSlope/Intercept, XYSpacing,
 ZSpacing) and the already_hu option. No absolute path and no mtime: moving or copying the
 dataset (without preserved times) keeps every entry, and a changed file changes its key.
+Manifest (``manifest/*.jsonl`` in the cache directory): a line per built (or failed) entry keyed
+by the source's absolute path, size and mtime (the same for the mask), the steering metadata and
+already_hu; ``get`` finds an entry through it with one stat per file, without opening or
+fingerprinting the source, and falls back to the content key when the line is missing or stale.
+Each process appends to its own file (``<host>-<pid>.jsonl``), so processes and machines sharing
+the folder never write the same file; a torn last line is ignored.
 An entry of another CACHE_FORMAT is never read as this one: ``CachedVolume.open`` refuses it and
 ``PreprocessCache.get`` rebuilds it. tests/test_data_cache.py holds a golden output per
 CACHE_FORMAT and fails when preprocessing results change without a bump.
@@ -30,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,6 +365,57 @@ class PreprocessCache:
         self.dir = Path(root) / f"pp-{config.key()}"
         self.hits = 0
         self.misses = 0
+        self._manifest: Optional[dict] = None
+
+    def __getstate__(self):  # worker processes read the manifest themselves
+        return {**self.__dict__, "_manifest": None}
+
+    @staticmethod
+    def manifest_key(path, mask_path=None, metadata: Optional[Mapping] = None,
+                     already_hu: Optional[bool] = None) -> str:
+        """The manifest key of a source: absolute paths, sizes and mtimes (ns) of the volume and
+        its mask (a mask folder: its files'), the steering metadata fields, already_hu."""
+        def stat(p):
+            if p is None:
+                return None
+            p = Path(os.path.abspath(p))
+            if p.is_dir():
+                return [str(p), [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.iterdir())]]
+            st = p.stat()
+            return [str(p), st.st_size, st.st_mtime_ns]
+
+        fields = None if metadata is None else [str(metadata.get(k, "")) for k in _KEY_METADATA]
+        return json.dumps([stat(path), stat(mask_path), fields, already_hu])
+
+    def manifest(self, reload: bool = False) -> dict:
+        """{manifest key: {"entry": file name} or {"error": message}} from every process's file."""
+        if self._manifest is None or reload:
+            out: dict = {}
+            for f in sorted((self.dir / "manifest").glob("*.jsonl")):
+                for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+                    try:
+                        rec = json.loads(line)
+                        out[rec["key"]] = {k: v for k, v in rec.items() if k != "key"}
+                    except (ValueError, KeyError, TypeError):  # a torn last line of a killed writer
+                        continue
+            self._manifest = out
+        return self._manifest
+
+    def record(self, key: str, *, entry: Optional[Path] = None, error: Optional[str] = None) -> None:
+        """Append a manifest line (this process's own file) for a built entry or a failure."""
+        rec = {"key": key, **({"entry": Path(entry).name} if entry is not None else {"error": str(error)})}
+        folder = self.dir / "manifest"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{socket.gethostname()}-{os.getpid()}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        self.manifest()[key] = {k: v for k, v in rec.items() if k != "key"}
+
+    def lookup(self, key: str) -> Optional[dict]:
+        """The manifest record of a key whose entry file still exists (or a failure), else None."""
+        rec = self.manifest().get(key)
+        if rec is not None and "entry" in rec and not (self.dir / rec["entry"]).exists():
+            return None
+        return rec
 
     def entry_path(self, path, mask_path=None, metadata: Optional[Mapping] = None, *, root=None,
                    already_hu: Optional[bool] = None) -> Path:
@@ -374,17 +432,31 @@ class PreprocessCache:
         """The cached volume for this source (built when missing, torn or of an old format).
         root: the dataset folder (the key uses the path relative to it). Errors: those of
         load_volume / load_mask (ValueError naming the file), FileNotFoundError."""
-        entry = self.entry_path(path, mask_path, metadata, root=root, already_hu=already_hu)
-        if entry.exists():
-            try:
-                cached = CachedVolume.open(entry)
-                cached.source = os.fspath(path)
-                self.hits += 1
+        key = self.manifest_key(path, mask_path, metadata, already_hu)
+        rec = self.lookup(key)
+        if rec and "entry" in rec:  # one stat per file: no fingerprint read
+            cached = self._open(self.dir / rec["entry"], path)
+            if cached is not None:
                 return cached
-            except Exception:  # a torn, foreign or old-format file: rebuild it
-                pass
-        self.misses += 1
-        return self._build(entry, path, mask_path, metadata, name, already_hu)
+        entry = self.entry_path(path, mask_path, metadata, root=root, already_hu=already_hu)
+        cached = self._open(entry, path)
+        if cached is None:
+            self.misses += 1
+            cached = self._build(entry, path, mask_path, metadata, name, already_hu)
+        if not rec or rec.get("entry") != entry.name:
+            self.record(key, entry=entry)
+        return cached
+
+    def _open(self, entry: Path, path) -> Optional[CachedVolume]:
+        if not entry.exists():
+            return None
+        try:
+            cached = CachedVolume.open(entry)
+        except Exception:  # a torn, foreign or old-format file: rebuilt by the caller
+            return None
+        cached.source = os.fspath(path)
+        self.hits += 1
+        return cached
 
     def _build(self, entry: Path, path, mask_path, metadata, name, already_hu) -> CachedVolume:
         from safetensors.numpy import save_file

@@ -194,16 +194,16 @@ class TrainData:
     present_organs: list
 
 
-def _preprocessed(ds, cache, config: TrainConfig, runtime: Runtime) -> list:
-    """[(record, CachedVolume)]: rank 0 preprocesses into the cache, the others wait and read it.
+def _preprocessed(ds, cache, config: TrainConfig, runtime: Runtime, log: Callable[[str], None] = print) -> list:
+    """[(record, CachedVolume)]. Under DDP every rank preprocesses its share of the missing entries,
+    then waits on the cache folder, with no collective timeout (sigvlp.data.shards.ddp_preprocess).
     num_workers > 1: that many processes preprocess (spawned: a script needs a main guard)."""
-    if runtime.distributed and not runtime.is_main:
-        dist.barrier()
+    if runtime.distributed:
+        from sigvlp.data.shards import ddp_preprocess
+
+        return ddp_preprocess(ds, cache, workers=config.num_workers, say=log)
     workers = config.num_workers if config.num_workers > 1 and len(ds) > 8 else 0
-    entries = ds.cached(cache, workers=workers)
-    if runtime.distributed and runtime.is_main:
-        dist.barrier()
-    return entries
+    return ds.cached(cache, workers=workers)
 
 
 def build_data(config: TrainConfig, model_config: SigVLPConfig, tokenizer, runtime: Runtime,
@@ -222,7 +222,7 @@ def build_data(config: TrainConfig, model_config: SigVLPConfig, tokenizer, runti
     if ds.scan.skipped:
         log(ds.scan.summary())
     cache_root = Path(config.cache) if config.cache else default_cache_root(paths["root"])
-    entries = _preprocessed(ds, PreprocessCache(cache_root, preset(model_config.preprocess)), config, runtime)
+    entries = _preprocessed(ds, PreprocessCache(cache_root, preset(model_config.preprocess)), config, runtime, log)
     if not entries:
         raise ValueError(f"data: no volume of {paths['root']} could be preprocessed")
     log(f"data: {len(entries)} {config.split} volumes from {paths['root']} (preprocess {model_config.preprocess!r}, "
