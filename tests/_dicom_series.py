@@ -30,6 +30,23 @@ def phantom_hu(p: np.ndarray) -> np.ndarray:
     return np.where(marker, MARKER_HU_PER_MM * z, hu)
 
 
+def ct_dataset(series_uid: str):
+    """An empty CT image dataset with its file meta (explicit VR little endian) and UIDs."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID = "CT", series_uid
+    return ds
+
+
 def write_series(folder: Path, z_positions: Sequence[float], *, tilt_deg: float = 0.0, size: int = 96,
                  pixel_mm: float = 2.0, series_uid: str = "1.2.826.0.1.3680043.8.498.7",
                  rescale: Optional[tuple] = (1, -1024), tags: Optional[tuple] = None,
@@ -41,11 +58,9 @@ def write_series(folder: Path, z_positions: Sequence[float], *, tilt_deg: float 
     (RescaleSlope, RescaleIntercept) written (default: rescale; "" writes an empty element, any
     other string is written verbatim); rescale None stores HU and writes neither tag.
     Files are written in shuffled order."""
-    import pydicom
     from pydicom.dataelem import RawDataElement
-    from pydicom.dataset import FileMetaDataset
     from pydicom.tag import Tag
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
     t = np.deg2rad(tilt_deg)
@@ -61,14 +76,8 @@ def write_series(folder: Path, z_positions: Sequence[float], *, tilt_deg: float 
         ipp = np.array([-half, -half * np.cos(t), float(z_positions[k]) + half * np.sin(t)])
         pts = ipp + ii[..., None] * pixel_mm * row_dir + jj[..., None] * pixel_mm * col_dir
         stored = np.round((phantom_hu(pts) - inter) / slope).astype(np.int16)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "CT", study, series_uid
+        ds = ct_dataset(series_uid)
+        ds.StudyInstanceUID = study
         ds.SeriesNumber, ds.InstanceNumber, ds.PatientID = 1, int(k + 1), "PHANTOM"
         ds.ImagePositionPatient = [round(float(v), 4) for v in ipp]
         ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row_dir, *col_dir)]

@@ -57,9 +57,7 @@ def write_dicom_series(vol, folder, *, seed=0, series_uid="1.2.826.0.1.3680043.8
     """Write a Volume (HU, canonical RAS (z, y, x)) as a DICOM CT series in the usual axial LPS
     display orientation (columns to patient left, rows to posterior: both axes flipped against
     RAS), stored = HU + 1024 with RescaleIntercept -1024, files in shuffled order."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from _dicom_series import ct_dataset
 
     folder.mkdir(parents=True, exist_ok=True)
     A = vol.affine  # (z, y, x, 1) -> RAS mm
@@ -70,14 +68,8 @@ def write_dicom_series(vol, folder, *, seed=0, series_uid="1.2.826.0.1.3680043.8
     order = np.random.default_rng(seed).permutation(nz)
     for n, z in enumerate(order):
         ipp = to_lps * (A @ np.array([z, ny - 1, nx - 1, 1.0]))[:3]
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "CT", series_uid, int(n + 1)
+        ds = ct_dataset(series_uid)
+        ds.InstanceNumber = int(n + 1)
         ds.ImagePositionPatient = [float(v) for v in ipp]
         ds.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
         ds.PixelSpacing = [float(vol.spacing[1]), float(vol.spacing[2])]
