@@ -111,7 +111,7 @@ def test_ddp_ranks_each_build_half_of_an_empty_cache_and_train(phantoms, tmp_pat
            f"--master-port={_free_port()}", "-m", "sigvlp", "train", "--data", str(phantoms),
            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--model", "tiny", *sets,
            "--steps", "2", "--warmup-steps", "1", "--token-budget", "512", "--num-workers", "0", "--threads", "1",
-           "--max-text-tokens", "48", "--no-progress", "--no-tensorboard"]
+           "--no-progress", "--no-tensorboard"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     built = {name: [r for r in lines if "entry" in r] for name, lines in _manifest_lines(tmp_path / "cache").items()}
