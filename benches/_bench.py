@@ -45,7 +45,7 @@ from sigvlp.ops.registry import SPECS, KeyRatio
 
 HAS_CUDA = torch.cuda.is_available()
 
-#: the columns of results.csv, in order (documented in the README's Benchmarks section)
+#: the columns of results.csv, in order (documented in docs/benchmarks.md)
 COLUMNS = (
     "timestamp", "mode", "op", "provider", "shape", "dtype", "device", "torch", "triton",
     "median_ms", "iqr_ms", "rounds", "tflops", "gbps", "peak_mib", "baseline", "ratio_to_baseline",

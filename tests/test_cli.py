@@ -73,7 +73,7 @@ def test_demo_negative_threads_is_an_argparse_error(tmp_path, capsys):
 
 def test_demo_end_to_end_on_a_small_set(tmp_path, monkeypatch, capsys):
     """`sigvlp demo` with the demo's model and recipe on 24 training / 30 held-out phantoms of its
-    preset and 3 steps: the metrics file holds what the README lists, per-label counts agree with
+    preset and 3 steps: the metrics file holds what docs/demo.md lists, per-label counts agree with
     the held-out labels CSV, and labels with fewer than MIN_COUNT positives are listed as skipped."""
     import csv
     import json

@@ -51,7 +51,7 @@ Negated statements keep their organ ("No pleural effusion was detected." -> lung
 with no organ go to "general", followed by the impression.
 
 Sentence accuracy of the lexicon on the held-out half of tests/data/findings_sentences.jsonl is
-asserted by tests/test_findings.py and reported in the README.
+asserted by tests/test_findings.py and reported in docs/data.md.
 """
 
 from __future__ import annotations

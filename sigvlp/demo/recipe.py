@@ -1,5 +1,5 @@
 """The demo's recipe: its phantom sets, the model overrides of the "tiny" preset and the training
-values (the measurements behind each choice are in the README's demo section)."""
+values (the measurements behind each choice are in docs/demo.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ DEMO_DATA = {"train": {"n_train": 1000, "n_valid": 0, "seed": 0, "preset": "demo
              "heldout_chunks_per_volume": 3}
 #: SigVLPConfig overrides of the "tiny" preset used by the demo:
 #: - pool "max": a finding seen by one or two tokens of a volume's ~400 survives pooling (MAP with
-#:   one probe and mean pooling dilute it: 0.65 and below in the measurements of the README);
+#:   one probe and mean pooling dilute it: 0.65 and below in the measurements of docs/demo.md);
 #: - hu: the HU encoding of patch tokens (per sub-block of the default 1 x 4 x 4 grid, the share of
 #:   voxels in each HU interval: emphysema, ground glass, soft tissue, fluid, calcium, metal become
 #:   linear features);
@@ -28,7 +28,7 @@ DEMO_MODEL: dict = {"text_pool": "map", "pool": "max", "tokenizer": "word",
 #: "is present" statement is only known true for chunks covering most of the volume), prompt
 #: statements weighted 24 with the topic-direction decorrelation weighted 24 (without it the
 #: labels' score directions stay nearly parallel), Muon at lr 0.01, 2000 steps (the measurements
-#: and the recipe search are in the README's demo section)
+#: and the recipe search are in docs/demo.md)
 DEMO_TRAIN = dict(model="tiny", steps=2000, warmup_steps=30, lr=0.01, adamw_lr=2e-3, token_budget=4096,
                   chunks_per_volume=2, min_slices=8, max_slices=128, whole_fraction=0.3, num_workers=1,
                   prompt_weight=24.0, prompt_decorrelation=24.0, ckpt_every=100, keep_last=1, log_every=5, seed=0)

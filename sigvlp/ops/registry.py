@@ -11,7 +11,7 @@ Readers of the registry (each takes its op list from `SPECS`, none keeps its own
 - benches/_bench.py and benches/gpu_check.sh: each op's bench file, its time cap and key ratios
   (spec.bench, spec.bench_cap_s, spec.key_ratios).
 
-Adding an op: README.md, "Contributing", has the checklist of files.
+Adding an op: docs/contributing.md has the checklist of files.
 """
 
 from __future__ import annotations

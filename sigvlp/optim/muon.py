@@ -373,7 +373,7 @@ class MuonWithAdamW(Muon):
     eps, weight_decay). Group keys override the defaults below; Muon defaults are Muon's
     arguments (torch.optim.Muon's), AdamW defaults the adamw_* arguments, which default to
     torch.optim.AdamW's (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2); the SigVLP
-    recipe's values are in the README. LR schedulers see every group's "lr".
+    recipe's values are in docs/ops.md. LR schedulers see every group's "lr".
     """
 
     _allows_adamw = True
