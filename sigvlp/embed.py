@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from sigvlp.data.dicom import is_dicom_file, load_dicom_series
+from sigvlp.fileperm import apply_umask
 
 __all__ = ["add_arguments", "run", "find_inputs", "load_dicom_series", "load_any", "embed_inputs",
            "resolve_checkpoint", "MetadataLookup"]
@@ -304,8 +305,6 @@ def run(args) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
-    from sigvlp._fileperm import apply_umask
-
     apply_umask(tmp)  # safetensors writes 0600
     os.replace(tmp, out_path)
     print(f"sigvlp embed: {len(names)} volume(s) -> {out_path}"

@@ -30,6 +30,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from sigvlp.fileperm import apply_umask
+
 SCHEMA = "sigvlp.eval/1"
 SECTIONS = ("zero_shot", "organs", "retrieval", "segmentation", "depth_sweep", "embedding_map")
 _TOP = {"schema": str, "seconds": (int, float), "device": str, "checkpoint": dict, "dataset": dict, "config": dict,
@@ -137,8 +139,6 @@ def write_report(report: dict, path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
-    from sigvlp._fileperm import apply_umask
-
     apply_umask(tmp)  # mkstemp creates 0600; give the report the usual 0o666 & ~umask
     os.replace(tmp, path)
     return path

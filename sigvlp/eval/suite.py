@@ -40,6 +40,7 @@ from sigvlp.eval.sections import (depth_sweep_point, dice_counts, fit_linear_pro
                                   organ_section, pair_probability, predict_voxels, retrieval_section,
                                   segmentation_section, zero_shot_section)
 from sigvlp.prompts import ABNORMALITY_PROMPTS, ORGAN_PROMPTS
+from sigvlp.fileperm import apply_umask
 
 EMB_FORMAT = 1  # bump when what the embedding cache stores changes meaning
 
@@ -380,8 +381,6 @@ def _save_embeddings(path: Path, pooled: np.ndarray, tokens: dict, key: str):
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"sigvlp_eval": json.dumps({"key": key, "format": EMB_FORMAT})})
-        from sigvlp._fileperm import apply_umask
-
         apply_umask(tmp)  # mkstemp / save_file create 0600
         os.replace(tmp, path)
     finally:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sigvlp.fileperm import apply_umask
 from sigvlp.model.config import RUNTIME_FIELDS, SigVLPConfig
 from sigvlp.model.layers import Block, HUEncoding, MAPPool, _init_linear, last_pool, max_pool, mean_pool
 from sigvlp.model.siglip import load_siglip
@@ -259,8 +260,6 @@ class SigVLP(nn.Module):
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         tmp = d / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "sigvlp", "format_version": str(FORMAT_VERSION)})
-        from sigvlp._fileperm import apply_umask
-
         apply_umask(tmp)  # safetensors writes 0600; use the usual 0o666 & ~umask
         os.replace(tmp, d / WEIGHTS_NAME)
         cfg = {"format_version": FORMAT_VERSION, "config": self.config.to_dict()}
