@@ -150,6 +150,39 @@ def test_retrieval_by_hand():
         retrieval_metrics(sim, np.zeros((3, 3), bool))
 
 
+def test_retrieval_ties_count_against_the_query():
+    # a negative scored equal to the query's best positive ranks ahead of it (not a hit)
+    sim = np.array([[0.5, 0.5, 0.1],
+                    [0.2, 0.9, 0.9],
+                    [0.3, 0.3, 0.3]])
+    r = retrieval_metrics(sim, np.eye(3, dtype=bool), ks=(1, 2, 3))
+    # ranks: q0 -> 2 (tie with col 1), q1 -> 2 (tie with col 2), q2 -> 3 (tied with both)
+    assert r["R@1"] == 0.0 and r["R@2"] == pytest.approx(2 / 3) and r["R@3"] == 1.0
+    assert r["mean_rank"] == pytest.approx(7 / 3)
+    # a tie between two positives is still a hit
+    pos = np.eye(3, dtype=bool)
+    pos[0, 1] = True
+    assert retrieval_metrics(sim, pos, ks=(1,))["R@1"] == pytest.approx(1 / 3)
+
+
+def test_retrieval_collapsed_model_is_not_above_chance():
+    # every embedding equal: every candidate scores the same, so no query can be retrieved
+    # better than chance (k / C); with ties counted against the query recall@k is 0 for k < C
+    rng = np.random.default_rng(0)
+    n = 50
+    e = np.tile(rng.normal(size=(1, 8)), (n, 1))
+    sim = e @ e.T
+    for s in (sim, sim.T):
+        r = retrieval_metrics(s, np.eye(n, dtype=bool), ks=(1, 5, 10, 50))
+        for k in (1, 5, 10, 50):
+            assert r[f"R@{k}"] <= k / n
+        assert r["R@1"] == 0.0 and r["R@50"] == 1.0 and r["median_rank"] == n
+    # random (uninformative) embeddings sit at chance: mean over queries of R@k ~ k / C
+    v, t = rng.normal(size=(2000, 16)), rng.normal(size=(2000, 16))
+    r = retrieval_metrics(v @ t.T, np.eye(2000, dtype=bool), ks=(100,))
+    assert abs(r["R@100"] - 100 / 2000) < 4 * np.sqrt(0.05 * 0.95 / 2000)
+
+
 def test_dice_by_hand():
     g = np.array([[0, 1, 1, 2], [0, 1, 2, 2]])
     p = np.array([[0, 1, 2, 2], [0, 1, 1, 0]])

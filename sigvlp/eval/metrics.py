@@ -271,8 +271,11 @@ def retrieval_metrics(sim, positives, ks: Sequence[int] = (1, 5, 10, 50)) -> dic
 
     sim (Q, C) float; positives (Q, C) bool, at least one per row (candidates with the same
     text as the query's own count as correct). A query's rank is 1 + the number of negative
-    candidates scored strictly above its best positive. Returns {"R@k": fraction for each k,
-    "median_rank", "mean_rank", "n_queries", "n_candidates"}.
+    candidates scored at or above its best positive: ties count against the query (a negative
+    scored equal to the best positive ranks ahead of it, so a tie is never a hit), the
+    pessimistic rank. A collapsed model (every score equal) therefore gets rank C - P + 1 for a
+    query with P positives and recall@k = 0 for every k below that, never above chance (k / C).
+    Returns {"R@k": fraction for each k, "median_rank", "mean_rank", "n_queries", "n_candidates"}.
     """
     sim = np.asarray(sim, dtype=np.float64)
     pos = np.asarray(positives, dtype=bool)
@@ -283,7 +286,7 @@ def retrieval_metrics(sim, positives, ks: Sequence[int] = (1, 5, 10, 50)) -> dic
     if not pos.any(1).all():
         raise ValueError(f"positives: rows {np.flatnonzero(~pos.any(1))[:5].tolist()} have no positive candidate")
     best = np.where(pos, sim, -np.inf).max(1)
-    ranks = 1 + (np.where(pos, -np.inf, sim) > best[:, None]).sum(1)
+    ranks = 1 + (np.where(pos, -np.inf, sim) >= best[:, None]).sum(1)  # ties count against the query
     out = {f"R@{k}": float((ranks <= k).mean()) for k in ks}
     out.update(median_rank=float(np.median(ranks)), mean_rank=float(ranks.mean()), n_queries=int(sim.shape[0]),
                n_candidates=int(sim.shape[1]))
