@@ -40,18 +40,25 @@ def _available(module_name: str) -> bool:
         return False
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The `sigvlp` parser. commands: the subcommands whose options are added (their modules
+    imported); None: all of them. Every subcommand is listed either way, so `sigvlp --help`
+    and `sigvlp --version` import no subcommand module (and no torch)."""
     from sigvlp import __version__
+    from sigvlp.cliargs import HelpFormatter
 
     parser = argparse.ArgumentParser(prog="sigvlp", description="SigVLP: CT volume-language pretraining")
     parser.add_argument("--version", action="version", version=f"sigvlp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if commands is not None and name not in commands:
+            sub.add_parser(name, help=help_text, add_help=False)  # listed only: never parsed in this call
+            continue
         if not _available(module_name):
             sp = sub.add_parser(name, help=f"(not available) {PLACEHOLDERS.get(name, help_text)}")
             sp.set_defaults(_module=None, _placeholder=PLACEHOLDERS.get(name, f"{module_name} is not installed"))
             continue
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         sp.set_defaults(_module=module_name)
         module = importlib.import_module(module_name)
         if hasattr(module, "add_arguments"):
@@ -59,8 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(argv) -> str | None:
+    """The subcommand named in argv (the first argument that is not an option), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser([_command(argv)])
     args = parser.parse_args(argv)
     threads = getattr(args, "threads", None)  # demo's --threads (train's is checked with its config)
     if isinstance(threads, int) and not isinstance(threads, bool) and threads < 0:
@@ -72,7 +85,6 @@ def main(argv=None) -> int:
     if hasattr(module, "run"):
         return int(module.run(args) or 0)
     return int(module.main([]) or 0)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -224,13 +224,13 @@ def add_arguments(parser) -> None:
                         help="a SigVLP.save_pretrained folder, or a training run folder (its latest checkpoint)")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU); default fp32")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on a GPU (default: fp32)")
     parser.add_argument("--no-tokens", action="store_true", help="write pooled embeddings only")
     parser.add_argument("--backend", default=None, choices=BACKENDS,
                         help="attention backend (default: the checkpoint's, auto)")
     parser.add_argument("--metadata", action="append", default=None, metavar="CSV",
-                        help="CT-RATE metadata CSV (VolumeName, RescaleSlope, RescaleIntercept, ...; "
-                             "repeatable). Files in the CT-RATE layout find their dataset's CSV without it")
+                        help="CT-RATE metadata CSV (VolumeName, RescaleSlope, RescaleIntercept, ...; repeatable) "
+                             "(default: files in the CT-RATE layout find their dataset's CSV)")
     parser.add_argument("--already-hu", default="auto", choices=("auto", "yes", "no"),
                         help="yes: the files (after their header scaling) are HU, never apply the metadata "
                              "rescale (CT-RATE v2); no: apply the metadata rescale (v1); auto: yes for files in the v2 "

@@ -5,6 +5,7 @@ last point is capped at the longest volume, written files follow the umask."""
 import argparse
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,18 +47,29 @@ def test_default_out_is_outside_rotated_checkpoints(tmp_path):
     assert default_out(plain, "valid") == tmp_path.resolve() / "eval-valid-exported"
 
 
+def _main(argv, capsys):
+    from sigvlp.cli import main
+
+    try:
+        rc = main(["eval", *argv])
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--max-volumes", "0"], "--max-volumes"),
     (["--max-volumes", "-3"], "--max-volumes"),
     (["--max-train-volumes", "0"], "--max-train-volumes"),
     (["--min-count", "-1"], "--min-count"),
     (["--bootstrap", "0"], "--bootstrap"),
+    (["--seg-volumes", "0"], "--seg-volumes"),
+    (["--depths", "8", "0"], "--depths"),
 ])
 def test_bad_counts_exit_2_naming_the_flag(tmp_path, capsys, argv, flag):
-    rc = _cli(["--ckpt", str(tmp_path / "nockpt"), "--data", str(tmp_path / "nodata"), *argv])
-    err = capsys.readouterr().err
+    rc, err = _main(["--ckpt", str(tmp_path / "nockpt"), "--data", str(tmp_path / "nodata"), *argv], capsys)
     assert rc == 2
-    assert err.startswith(f"sigvlp eval: error: {flag}:") and len(err.strip().splitlines()) == 1
+    assert err.strip().splitlines()[-1].startswith(f"sigvlp eval: error: argument {flag}:") and "Traceback" not in err
 
 
 def test_out_existing_file_exits_2_up_front(tmp_path, capsys):
@@ -68,6 +80,58 @@ def test_out_existing_file_exits_2_up_front(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("sigvlp eval: error: --out:") and "not a folder" in err
     assert f.read_text() == "x"
+
+
+def test_out_with_an_earlier_run_is_refused(tmp_path, capsys):
+    # a second eval into the folder of a first one would replace report.json and leave old plots beside it
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    (out / "f1_vs_slices.png").write_bytes(b"png")
+    rc = _cli(["--ckpt", str(tmp_path / "nockpt"), "--data", str(tmp_path / "nodata"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "not empty" in err and "f1_vs_slices.png" in err and "report.json" in err
+    assert sorted(p.name for p in out.iterdir()) == ["f1_vs_slices.png", "report.json"]
+    assert (out / "report.json").read_text() == "{}"
+
+
+def test_default_out_is_a_new_timestamped_folder(tmp_path):
+    from sigvlp.eval.cli import output_folder
+
+    run = tmp_path / "run"
+    _step(run, 100)
+    args = argparse.Namespace(out=None, ckpt=str(run), split="valid")
+    first = output_folder(args)
+    assert first.parent == run.resolve() and first.name.startswith("eval-valid-step_00000100-")
+    assert not first.exists()  # nothing is created before the work is done
+    first.mkdir()
+    (first / "report.json").write_text("{}")
+    second = output_folder(args)
+    assert second != first and not second.exists() and second.name.startswith("eval-valid-step_00000100-")
+    # an absent or empty --out is used as given
+    assert output_folder(argparse.Namespace(out=str(tmp_path / "new"), ckpt=None, split="valid")) == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    assert output_folder(argparse.Namespace(out=str(tmp_path / "empty"), ckpt=None, split="valid")).is_dir()
+
+
+def readonly_folder(tmp_path):
+    """A folder nothing can be written into: chmod 0555, or (as root, who ignores modes) a path
+    under /sys, which is read-only for everyone."""
+    if os.geteuid() == 0:
+        return Path("/sys/sigvlp-readonly-test")
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    return d
+
+
+def test_read_only_out_exits_2_before_work(tmp_path, capsys):
+    out = readonly_folder(tmp_path) / "eval"
+    rc = _cli(["--ckpt", str(tmp_path / "nockpt"), "--data", str(tmp_path / "nodata"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("sigvlp eval: error: --out:") and "cannot write" in err
 
 
 def test_default_depths_capped_at_longest_volume():

@@ -62,7 +62,11 @@ def test_bad_key_names_itself_and_lists_valid_keys(tmp_path, capsys):
 def test_unknown_preset_and_model_field(tmp_path, capsys):
     from sigvlp.cli import main
 
-    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--model", "huge"]) == 2
+    with pytest.raises(SystemExit) as e:  # --model lists the presets: argparse's one-line error
+        main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--model", "huge"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'huge'" in err and "tiny" in err
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "model=huge"]) == 2
     err = capsys.readouterr().err
     assert "unknown SigVLP preset 'huge'" in err and "tiny" in err
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "model.widht=3"]) == 2

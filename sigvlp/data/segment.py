@@ -105,7 +105,7 @@ def segment_one(segment, volume: Path, out: Path, *, metadata=None, already_hu=N
 
 def add_arguments(parser) -> None:
     parser.add_argument("data", metavar="DATA", help="dataset folder in the CT-RATE layout")
-    parser.add_argument("--split", default="train", choices=("train", "valid"))
+    parser.add_argument("--split", default="train", choices=("train", "valid"), help="split to segment")
     parser.add_argument("--fast", action="store_true", help="TotalSegmentator's 3 mm model (use it on a CPU)")
     parser.add_argument("--device", default="gpu", choices=("gpu", "cpu"), help="where TotalSegmentator runs")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

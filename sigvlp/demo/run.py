@@ -150,8 +150,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="where the phantom sets live (default: next to sigvlp.demo.synth's default dataset, "
                              "~/.cache/sigvlp or $SIGVLP_CACHE)")
-    parser.add_argument("--steps", type=int, default=None, help=f"training steps (default {DEMO_TRAIN['steps']})")
-    parser.add_argument("--threads", type=int, default=None,
+    from sigvlp.cliargs import int_at_least
+
+    parser.add_argument("--steps", type=int_at_least(1), default=None,
+                        help=f"training steps (default {DEMO_TRAIN['steps']})")
+    parser.add_argument("--threads", type=int_at_least(0), default=None,
                         help="torch CPU threads for training (default 2; the data loader runs in another "
                              "process beside them)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -7,9 +7,11 @@ import sys
 
 
 def add_arguments(parser):
+    from sigvlp.cliargs import int_at_least
     from sigvlp.data.ctrate import add_layout_argument
     from sigvlp.eval.report import SECTIONS
 
+    positive = int_at_least(1)
     parser.add_argument("--ckpt", required=True,
                         help="checkpoint folder (SigVLP.save_pretrained output, or a training run: latest step)")
     parser.add_argument("--data", required=True, help="dataset root in the CT-RATE layout (real or `sigvlp synth`)")
@@ -18,36 +20,44 @@ def add_arguments(parser):
                         help="split the linear and segmentation probes are fitted on ('none' to skip)")
     parser.add_argument("--train-data", default=None, help="dataset root of the probe split (default: --data)")
     parser.add_argument("--out", default=None,
-                        help="output folder for report.json and plots (default: RUN/eval-SPLIT-step_N for a "
-                             "training run or a checkpoint inside one, else eval-SPLIT-NAME next to the "
-                             "checkpoint folder; "
-                             "never inside a checkpoints/step_* folder, which training rotates away)")
+                        help="output folder for report.json and plots, absent or empty (default: a new "
+                             "RUN/eval-SPLIT-step_N-TIME for a training run or a checkpoint inside one, else "
+                             "eval-SPLIT-NAME-TIME next to the checkpoint folder)")
     parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
                         help="abnormality columns of the labels CSV to score (default: the 18 CT-RATE labels)")
     parser.add_argument("--prompt", nargs=2, default=None, metavar=("POS", "NEG"),
-                        help="zero-shot prompt templates with {label} (default CT-CLIP's)")
+                        help="zero-shot prompt templates with {label} (default: CT-CLIP's)")
     parser.add_argument("--organ-prompt", nargs=2, default=None, metavar=("POS", "NEG"),
-                        help="organ prompt templates with {organ}")
-    parser.add_argument("--min-count", type=int, default=5,
+                        help="organ prompt templates with {organ} (default: 'The {organ} is visible.' / "
+                             "'... is not visible.')")
+    parser.add_argument("--min-count", type=positive, default=5,
                         help="score a label/organ only with at least this many positives and negatives")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--chunks-per-volume", type=int, default=4)
-    parser.add_argument("--depths", type=int, nargs="+", default=None, help="slice counts of the depth sweep")
-    parser.add_argument("--seg-volumes", type=int, default=32, help="volumes per split for the segmentation probe")
-    parser.add_argument("--max-volumes", type=int, default=None, help="evaluate at most this many volumes")
-    parser.add_argument("--max-train-volumes", type=int, default=None, help="fit probes on at most this many")
-    parser.add_argument("--token-budget", type=int, default=16384, help="image tokens per encoder batch")
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    parser.add_argument("--bootstrap", type=positive, default=1000, help="bootstrap resamples")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the bootstrap and the probes")
+    parser.add_argument("--chunks-per-volume", type=positive, default=4, help="chunks per volume for the organ tasks")
+    parser.add_argument("--depths", type=positive, nargs="+", default=None,
+                        help="slice counts of the depth sweep (default: powers of two from the chunk preset's "
+                             "min_slices up to the longest volume)")
+    parser.add_argument("--seg-volumes", type=positive, default=32, help="volumes per split for the segmentation probe")
+    parser.add_argument("--max-volumes", type=positive, default=None,
+                        help="evaluate at most this many volumes (default: all)")
+    parser.add_argument("--max-train-volumes", type=positive, default=None,
+                        help="fit probes on at most this many volumes (default: all)")
+    parser.add_argument("--token-budget", type=positive, default=16384, help="image tokens per encoder batch")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
+                        help="sections to run")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast on CUDA")
-    parser.add_argument("--cache", default=None, help="cache root (preprocessing + embeddings)")
+    parser.add_argument("--cache", default=None,
+                        help="cache root for preprocessing and embeddings (default: $SIGVLP_CACHE, else "
+                             "DATA/.sigvlp_cache when writable, else ~/.cache/sigvlp)")
     parser.add_argument("--masks", default=None, help="organ masks folder (default: DATA/masks, "
                         "DATA/dataset/ts_seg/ts_total, ... when present; see sigvlp.data.ctrate)")
     add_layout_argument(parser)
-    parser.add_argument("--preset", default=None, help="fail unless the checkpoint has this SigVLPConfig preset")
-    parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--preset", default=None,
+                        help="fail unless the checkpoint has this SigVLPConfig preset (default: any)")
+    parser.add_argument("--no-plots", action="store_true", help="write report.json only, no plots")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def config_from_args(args):
@@ -81,32 +91,47 @@ def default_out(ckpt, split: str):
     return resolved.parent / f"eval-{split}-{resolved.name}"
 
 
-def _check_args(args) -> None:
+def output_folder(args):
+    """The folder this evaluation writes, checked before any work: --out when it is absent or an
+    empty folder (ValueError naming what is there otherwise), else a new folder default_out(...)
+    + "-YYYYmmdd-HHMMSS" (a "-2", "-3", ... suffix if that exists), never a folder that holds an
+    earlier run's files. ValueError (one line) when the location cannot be written."""
+    import time
     from pathlib import Path
 
-    for flag, name in (("--max-volumes", "max_volumes"), ("--max-train-volumes", "max_train_volumes")):
-        v = getattr(args, name, None)
-        if v is not None and v < 1:
-            raise ValueError(f"{flag}: expected a positive number of volumes (>= 1), got {v}")
-    for flag, name in (("--min-count", "min_count"), ("--bootstrap", "bootstrap"),
-                       ("--chunks-per-volume", "chunks_per_volume"), ("--token-budget", "token_budget")):
-        v = getattr(args, name, None)
-        if v is not None and v < 1:
-            raise ValueError(f"{flag}: expected a positive int (>= 1), got {v}")
-    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out: {args.out} exists and is not a folder (expected an output folder)")
+    from sigvlp.cliargs import check_writable
+
+    if args.out is not None:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out: {out} exists and is not a folder (expected an output folder)")
+        held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if held:
+            shown = ", ".join(held[:5]) + (f", ... ({len(held)} entries)" if len(held) > 5 else "")
+            raise ValueError(f"--out: {out} is not empty ({shown}); give a new or empty folder, or leave --out "
+                             f"out for a new timestamped folder (an evaluation never writes beside an earlier "
+                             f"one's files)")
+    else:
+        base = default_out(args.ckpt, args.split)
+        out = base.with_name(f"{base.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 2
+        while out.exists():
+            out = base.with_name(f"{base.name}-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+            n += 1
+    try:
+        check_writable(out)
+    except ValueError as e:
+        raise ValueError(f"--out: {e}") from None
+    return out
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from sigvlp.eval.report import format_table
     from sigvlp.eval.suite import evaluate
 
     try:
-        _check_args(args)
         config = config_from_args(args)
-        out = Path(args.out) if args.out else default_out(args.ckpt, args.split)
+        out = output_folder(args)
         report = evaluate(args.ckpt, args.data, config, out=out)
     except (ValueError, FileNotFoundError) as e:
         print(f"sigvlp eval: error: {e}", file=sys.stderr)

@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -28,8 +31,23 @@ def _figure(w, h):
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path)
+    """Lay out and write the figure atomically (a temporary file beside path, then os.replace;
+    the file gets the usual 0o666 & ~umask mode). tight_layout's warning for a figure it cannot
+    fit is kept out of the user's console (the figure is written as laid out)."""
+    from sigvlp._fileperm import apply_umask
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png.tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        apply_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)  # the temporary file this call created
+        raise
     return path
 
 

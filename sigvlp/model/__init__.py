@@ -4,12 +4,15 @@
     model = SigVLP(SigVLPConfig.preset("tiny"))
     out = model(batch)          # batch: the sigvlp.data collate dict
 
-The model calls only ``sigvlp.ops`` (rope_attention_varlen for every attention).
+The model calls only ``sigvlp.ops`` (rope_attention_varlen for every attention). Names are
+imported on first use, so ``sigvlp.model.config`` (preset names for command-line help) imports
+no torch.
 """
 
-from sigvlp.model.batch import volume_batch
-from sigvlp.model.config import PRESETS, RUNTIME_FIELDS, HUEncodingConfig, SigVLPConfig
-from sigvlp.model.modeling import SigVLP, SigVLPOutput, TextEncoder, VolumeEncoder
+from sigvlp.lazy import lazy_exports
 
-__all__ = ["HUEncodingConfig", "PRESETS", "RUNTIME_FIELDS", "SigVLP", "SigVLPConfig", "SigVLPOutput", "TextEncoder", "VolumeEncoder",
-           "volume_batch"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "sigvlp.model.batch": ["volume_batch"],
+    "sigvlp.model.config": ["HUEncodingConfig", "PRESETS", "RUNTIME_FIELDS", "SigVLPConfig"],
+    "sigvlp.model.modeling": ["SigVLP", "SigVLPOutput", "TextEncoder", "VolumeEncoder"],
+}, globals())

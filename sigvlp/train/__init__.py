@@ -4,10 +4,13 @@ sigvlp.demo.run).
 
     from sigvlp.train import TrainConfig, train
     train(TrainConfig(data="phantoms", out="runs/tiny", steps=200))
+
+Names are imported on first use, so the command-line parser (sigvlp.train.cli) imports no torch.
 """
 
-from sigvlp.train.config import TrainConfig, apply_overrides, load_config, parse_override, save_config
-from sigvlp.train.trainer import Trainer, TrainingDiverged, lr_factor, train
+from sigvlp.lazy import lazy_exports
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "apply_overrides", "load_config", "lr_factor",
-           "parse_override", "save_config", "train"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "sigvlp.train.config": ["TrainConfig", "apply_overrides", "load_config", "parse_override", "save_config"],
+    "sigvlp.train.trainer": ["Trainer", "TrainingDiverged", "lr_factor", "train"],
+}, globals())

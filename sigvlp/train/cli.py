@@ -21,8 +21,65 @@ def _flag_type(hint):
     return hint
 
 
+#: one-line description of every TrainConfig key's flag (tests/test_help.py checks each field has one)
+FIELD_HELP = {
+    "data": "dataset root in the CT-RATE layout, real or `sigvlp synth` output (default: none, required)",
+    "split": "split to train on",
+    "layout": "CT-RATE layout: v2 (<split>_fixed, HU files), v1 (<split>, metadata rescale), auto",
+    "masks": "organ masks folder (default: DATA/masks when present)",
+    "findings": "findings bank (default: DATA/findings/<split>_findings.jsonl when present)",
+    "cache": "preprocessing cache root (default: $SIGVLP_CACHE, else DATA/.sigvlp_cache when writable, "
+             "else ~/.cache/sigvlp)",
+    "preprocess": "sigvlp.data preprocessing preset (default: the model config's)",
+    "chunk": "sigvlp.data chunk preset (default: the model config's)",
+    "min_slices": "shortest chunk, in slices after preprocessing (default: the chunk preset's)",
+    "max_slices": "longest chunk, in slices after preprocessing (default: the chunk preset's)",
+    "whole_fraction": "share of chunks that are whole volumes, in [0, 1] (default: the chunk preset's)",
+    "token_budget": "image tokens per micro-batch per rank",
+    "chunks_per_volume": "chunks drawn from each volume per epoch",
+    "num_workers": "data loader processes (0: in the training process)",
+    "max_text_tokens": "texts are cut to this many tokens",
+    "prompt_weight": "weight of the CT-CLIP statement loss (0: off)",
+    "prompt_decorrelation": "weight of the topic-direction decorrelation penalty (needs prompt_weight > 0)",
+    "model": "SigVLPConfig preset (not used with --init-siglip)",
+    "init_from": "a save_pretrained folder to start from (default: none, random weights)",
+    "init_siglip": "a Hugging Face SigLIP folder to start from (default: none, random weights)",
+    "steps": "optimizer steps (after accumulation)",
+    "grad_accum": "micro-batches per optimizer step",
+    "optimizer": "muon: Muon for hidden matrices + AdamW for the rest; adamw: AdamW for all",
+    "lr": "peak learning rate of Muon (hidden matrices)",
+    "adamw_lr": "peak learning rate of AdamW (embeddings, norms, heads, scalars)",
+    "weight_decay": "Muon's weight decay",
+    "adamw_weight_decay": "AdamW's weight decay",
+    "momentum": "Muon's momentum, in [0, 1)",
+    "warmup_steps": "linear warm-up steps",
+    "min_lr_ratio": "cosine floor as a fraction of the peak lr, in [0, 1]",
+    "clip_grad": "max global gradient norm (0: off)",
+    "precision": "auto: bf16 autocast on GPU, fp32 on CPU",
+    "compile": "torch.compile the model",
+    "backend": "sigvlp.ops backend for every op (default: auto, the fastest that serves the input)",
+    "seed": "seed of the weights, the data order and the chunk draws",
+    "out": "run folder: config.yaml, log.txt, metrics.jsonl, checkpoints/",
+    "ckpt_every": "steps between checkpoints (the last step always saves)",
+    "keep_last": "checkpoints kept (older ones are removed)",
+    "log_every": "steps between metrics lines",
+    "progress": "a progress bar",
+    "tensorboard": "TensorBoard logs when the tensorboard package is installed",
+    "threads": "torch CPU threads, 0: torch's default (default: torch's default)",
+}
+#: the values of the enumerated keys (TrainConfig.validate and the model/ops layers check them)
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+def _choices(name: str):
+    from sigvlp.model.config import PRESETS  # no torch: sigvlp.model imports on first use
+
+    return {"optimizer": ("muon", "adamw"), "precision": ("auto", "bf16", "fp32"), "split": ("train", "valid"),
+            "layout": ("auto", "v2", "v1"), "model": tuple(PRESETS), "backend": BACKENDS}.get(name)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML or JSON file of config keys (see `sigvlp train --help`)")
+    parser.add_argument("--config", help="YAML or JSON file of config keys (default: none, the built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one key (repeatable); model preset fields as model.FIELD=VALUE")
     parser.add_argument("--resume", action="store_true",
@@ -33,12 +90,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         hint = _flag_type(hints[name])
         default = f.default if f.default is not dataclasses.MISSING else "{}"
         flag = "--" + name.replace("_", "-")
+        text = FIELD_HELP.get(name, "")
+        if "default" not in text:
+            text += f" (default: {default})"
         if hint is bool:
             group.add_argument(flag, dest=f"cfg_{name}", action=argparse.BooleanOptionalAction, default=None,
-                               help=f"(default {default})")
+                               help=text)
         elif hint in (int, float, str):
-            group.add_argument(flag, dest=f"cfg_{name}", type=str, default=None, metavar=hint.__name__.upper(),
-                               help=f"(default {default})")
+            choices = _choices(name)
+            group.add_argument(flag, dest=f"cfg_{name}", type=str, default=None, choices=choices, help=text,
+                               metavar=None if choices else hint.__name__.upper())
 
 
 def config_from_args(args) -> TrainConfig:

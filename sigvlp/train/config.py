@@ -108,8 +108,13 @@ class TrainConfig:
         for name in ("token_budget", "chunks_per_volume", "steps", "grad_accum", "ckpt_every",
                      "keep_last", "log_every"):
             positive(name)
-        for name in ("num_workers", "warmup_steps"):
+        for name in ("num_workers", "warmup_steps", "seed"):
             positive(name, allow_zero=True)
+        for name in ("min_slices", "max_slices"):
+            if getattr(self, name) is not None:
+                positive(name)
+        if self.min_slices is not None and self.max_slices is not None and self.min_slices > self.max_slices:
+            raise ValueError(f"min_slices ({self.min_slices}) > max_slices ({self.max_slices})")
         for name in ("lr", "adamw_lr", "weight_decay", "adamw_weight_decay", "clip_grad", "prompt_weight",
                      "prompt_decorrelation"):
             v = getattr(self, name)

@@ -58,7 +58,7 @@ def add_arguments(parser):
                         help="output folder (must be empty or absent, unless --overwrite)")
     parser.add_argument("--n-train", type=_int_at_least(0), default=200, help="training volumes")
     parser.add_argument("--n-valid", type=_int_at_least(0), default=50, help="validation volumes")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed")
+    parser.add_argument("--seed", type=_int_at_least(0), default=0, help="dataset seed")
     parser.add_argument("--preset", default="small", choices=sorted(SYNTH_PRESETS),
                         help="size preset (small: 64-96 px in-plane, 60-400 slices; tiny: 40-48 px, 24-64 slices of "
                              "5-8 mm; demo: 64 px, 3-5 mm slices, lesions drawn twice their size and at least 9 mm "
