@@ -86,5 +86,6 @@ def main(argv=None) -> int:
         return int(module.run(args) or 0)
     return int(module.main([]) or 0)
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from sigvlp.cliargs import int_at_least
 from sigvlp.demo.recipe import DEMO_DATA, DEMO_MODEL, DEMO_TRAIN, MIN_COUNT
 from sigvlp.demo.synth import default_dataset_dir, ensure_default_dataset
 
@@ -150,8 +151,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="where the phantom sets live (default: next to sigvlp.demo.synth's default dataset, "
                              "~/.cache/sigvlp or $SIGVLP_CACHE)")
-    from sigvlp.cliargs import int_at_least
-
     parser.add_argument("--steps", type=int_at_least(1), default=None,
                         help=f"training steps (default {DEMO_TRAIN['steps']})")
     parser.add_argument("--threads", type=int_at_least(0), default=None,

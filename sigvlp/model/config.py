@@ -8,8 +8,6 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
-from sigvlp.ops import SUPPORTED_HEAD_DIMS as _HEAD_DIMS  # head_dim values the attention op serves
-
 __all__ = ["HUEncodingConfig", "SigVLPConfig", "PRESETS", "RUNTIME_FIELDS"]
 
 #: fields that change how the model runs, not its weights (free to differ from a checkpoint's)
@@ -165,6 +163,9 @@ class SigVLPConfig:
             raise ValueError(f"patch_size: expected three positive ints (pt, ph, pw), got {self.patch_size!r}")
         if self.rope_sections is not None:
             self.rope_sections = tuple(self.rope_sections)
+        # import cost: sigvlp.ops imports torch, and the preset names (command-line help) must not
+        from sigvlp.ops import SUPPORTED_HEAD_DIMS as _HEAD_DIMS  # head_dim values the attention op serves
+
         for prefix, width, heads in (("", self.width, self.heads), ("text_", self.text_width, self.text_heads)):
             if not (isinstance(heads, int) and heads >= 1 and isinstance(width, int) and width % heads == 0):
                 raise ValueError(f"{prefix}width ({width}) must be a positive multiple of {prefix}heads ({heads})")
