@@ -21,9 +21,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
+from sigvlp.cliargs import check_writable
 from sigvlp.data.dicom import is_dicom_file, load_dicom_series
 from sigvlp.fileperm import apply_umask
 
@@ -222,7 +224,8 @@ def add_arguments(parser) -> None:
                         help="NIfTI files, folders of them, or DICOM series folders")
     parser.add_argument("--ckpt", required=True,
                         help="a SigVLP.save_pretrained folder, or a training run folder (its latest checkpoint)")
-    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--out", required=True, help="output .safetensors file (an existing one only with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on a GPU (default: fp32)")
     parser.add_argument("--no-tokens", action="store_true", help="write pooled embeddings only")
@@ -266,6 +269,12 @@ def _check_args(args):
         raise ValueError(f"--out: expected a .safetensors file name, got {args.out!r}")
     if out_path.is_dir():
         raise ValueError(f"--out: {args.out} is an existing folder (expected a .safetensors file name)")
+    if out_path.exists() and not getattr(args, "overwrite", False):
+        raise ValueError(f"--out: {args.out} exists; pass --overwrite to replace it, or name a new file")
+    try:
+        check_writable(out_path, kind="file")
+    except ValueError as e:
+        raise ValueError(f"--out: {e}") from None
     p = Path(args.ckpt)
     if not p.exists():
         raise FileNotFoundError(f"--ckpt: no such checkpoint folder {p}")
@@ -303,10 +312,15 @@ def run(args) -> int:
     meta = {"inputs": json.dumps(names), "skipped": json.dumps(skipped), "checkpoint": str(ckpt),
             "config": json.dumps(model.config.to_dict())}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    apply_umask(tmp)  # safetensors writes 0600
-    os.replace(tmp, out_path)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}-", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        apply_umask(tmp)  # safetensors writes 0600
+        os.replace(tmp, out_path)
+    except BaseException:
+        os.unlink(tmp)  # the temporary file this call created
+        raise
     print(f"sigvlp embed: {len(names)} volume(s) -> {out_path}"
           + (f"; {len(skipped)} skipped: " + ", ".join(s["input"] for s in skipped) if skipped else ""))
     return 1 if skipped else 0

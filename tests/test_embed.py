@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,8 +238,8 @@ def test_ctrate_v1_file_uses_the_metadata_csv(tmp_path, ckpt, phantom):
     hu = load_volume(raw, {"RescaleSlope": "1", "RescaleIntercept": "-1024"}).hu
     assert np.array_equal(hu, load_volume(ref_file).hu)
     # found by layout, from the file and from the dataset folder
-    for inp in (raw, root / "dataset" / "valid"):
-        rc, got, _ = _embed(ckpt, tmp_path / "lay.safetensors", inp)
+    for i, inp in enumerate((raw, root / "dataset" / "valid")):
+        rc, got, _ = _embed(ckpt, tmp_path / f"lay{i}.safetensors", inp)
         assert rc == 0
         torch.testing.assert_close(got["pooled"], ref["pooled"], rtol=0, atol=1e-6)
     # the same file outside the layout: --metadata gives the row
@@ -285,6 +287,41 @@ def test_bad_out_device_backend_exit_2(tmp_path, capsys, ckpt, phantom):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_existing_out_needs_overwrite(tmp_path, capsys, ckpt, phantom):
+    save_nifti(phantom, tmp_path / "a.nii.gz")
+    out = tmp_path / "earlier.safetensors"
+    out.write_bytes(b"the user's earlier embeddings")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    rc = run(parser.parse_args([str(tmp_path / "a.nii.gz"), "--ckpt", str(ckpt), "--out", str(out), "--quiet"]))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("sigvlp embed: error: --out:") and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == b"the user's earlier embeddings"
+    rc, tensors, _ = _embed(ckpt, out, tmp_path / "a.nii.gz", extra=("--overwrite",))
+    assert rc == 0 and tensors, rc
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "earlier.safetensors"]  # no temporary left
+
+
+def test_read_only_out_exits_2_before_work(tmp_path, capsys, ckpt, phantom, monkeypatch):
+    import sigvlp.model
+
+    save_nifti(phantom, tmp_path / "a.nii.gz")
+    ro = Path("/sys/sigvlp-readonly-test") if os.geteuid() == 0 else tmp_path / "ro"
+    if os.geteuid() != 0:
+        ro.mkdir()
+        ro.chmod(0o555)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(sigvlp.model.SigVLP, "from_pretrained", no_model)
+    rc, _, _ = _embed(ckpt, ro / "e.safetensors", tmp_path / "a.nii.gz")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("sigvlp embed: error: --out:") and "cannot write" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_embed_output_follows_umask(tmp_path, ckpt, phantom):
     import os
     import stat
@@ -318,5 +355,5 @@ def test_ambiguous_file_is_skipped_with_load_volume_message(tmp_path, ckpt, caps
     err = capsys.readouterr().err
     assert rc == 2 and not (tmp_path / "o.safetensors").exists()
     assert str(e.value).splitlines()[0] in err
-    rc, t, _ = _embed(ckpt, tmp_path / "o.safetensors", f, extra=("--already-hu", "no"))
+    rc, t, _ = _embed(ckpt, tmp_path / "o2.safetensors", f, extra=("--already-hu", "no"))
     assert rc == 0 and t["pooled"].shape[0] == 1

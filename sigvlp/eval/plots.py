@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from sigvlp.fileperm import apply_umask
+
 
 def _figure(w, h):
     try:
@@ -34,8 +36,6 @@ def _save(fig, path: Path) -> Path:
     """Lay out and write the figure atomically (a temporary file beside path, then os.replace;
     the file gets the usual 0o666 & ~umask mode). tight_layout's warning for a figure it cannot
     fit is kept out of the user's console (the figure is written as laid out)."""
-    from sigvlp._fileperm import apply_umask
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         fig.tight_layout()
