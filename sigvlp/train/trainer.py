@@ -38,6 +38,7 @@ from sigvlp.train.builders import (build_autocast, build_data, build_model, buil
                                    check_model_config, lr_factor, setup_runtime, wrap_model)
 from sigvlp.train.config import TrainConfig, save_config
 from sigvlp.train.losses import TERM_NAMES, build_losses
+from sigvlp.train.runfolder import RunLock, check_run_folder
 from sigvlp.train.step import Batch, train_step
 
 __all__ = ["Trainer", "TrainingDiverged", "lr_factor", "train"]
@@ -82,9 +83,31 @@ class Trainer:
         self.distributed, self.is_main = rt.distributed, rt.is_main
         self.out = Path(config.out)
         self.ckpt_dir = self.out / "checkpoints"
-        if self.is_main:
+        self.lock = RunLock(self.out)
+        if self.is_main:  # before anything is written: a folder holding another run is refused
+            check_run_folder(self.out, resume)
             self.out.mkdir(parents=True, exist_ok=True)
         self.log = _Log(self.out / "log.txt" if self.is_main else None, self.is_main)
+        self._lock()
+        try:
+            self._build(config, resume, model, batch_source)
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> None:
+        """Hold the run folder's lock (main rank; a stale one taken over is logged)."""
+        if self.is_main and not self.lock.held:
+            note = self.lock.acquire()
+            if note:
+                self.log(note)
+
+    def close(self) -> None:
+        """Release the run folder's lock (run() does it when it returns; safe to call twice)."""
+        self.lock.release()
+
+    def _build(self, config, resume, model, batch_source) -> None:
+        rt = self.runtime
         torch.manual_seed(config.seed)
         if model is None:
             model = build_model(config, resume_dir=self.ckpt_dir if resume else None,
@@ -103,12 +126,9 @@ class Trainer:
         self._open_run_folder(resume)
 
     def _open_run_folder(self, resume: bool) -> None:
-        """Resume from the latest checkpoint, or refuse a run folder that holds one; write config.yaml."""
+        """Resume from the latest checkpoint (check_run_folder refused other runs' folders); write config.yaml."""
         if resume:
             self._resume()
-        elif self.is_main and (self.out / "metrics.jsonl").exists() and latest_checkpoint(self.ckpt_dir):
-            raise FileExistsError(f"out: {self.out} already holds a run with checkpoints; pass --resume to continue "
-                                  "it or choose another --out")
         if self.is_main and not (resume and self.step >= self.config.steps):  # a finished run keeps its config
             save_config(self.config, self.out / "config.yaml")
             if not resume:
@@ -301,6 +321,14 @@ class Trainer:
         the checkpoint folder."""
         cfg = self.config
         end = cfg.steps if max_steps is None else min(cfg.steps, self.step + max_steps)
+        self._lock()
+        try:
+            return self._run(end)
+        finally:
+            self.close()
+
+    def _run(self, end: int) -> dict:
+        cfg = self.config
         bar = None
         if self.is_main and cfg.progress:
             from tqdm.auto import tqdm

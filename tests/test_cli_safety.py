@@ -1,0 +1,130 @@
+"""Run folders that never lose or mix work: one run per folder (a lock naming its holder; stale
+locks of dead local holders taken over, other machines' never), a folder holding another run's
+checkpoints refused without --resume, --resume only on a run folder."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from _train_helpers import TEST_MODEL, collate, samples
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(out, steps=2, **kw):
+    from sigvlp.train import TrainConfig
+
+    return TrainConfig(out=str(out), model="tiny", model_overrides=dict(TEST_MODEL), steps=steps, warmup_steps=1,
+                       ckpt_every=1, keep_last=5, progress=False, tensorboard=False, **kw)
+
+
+def _trainer(out, resume=False, steps=2, **kw):
+    from sigvlp.train import Trainer
+
+    batches = [collate(samples(s, 4)) for s in range(steps)]
+    return Trainer(_config(out, steps, **kw), resume=resume, batch_source=lambda rank, world: iter(batches))
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A live process holding the lock of tmp_path/run (as a running `sigvlp train` would)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    code = ("import sys, time; from sigvlp.train.runfolder import RunLock; lock = RunLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); time.sleep(120)")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True, env=env)
+    assert p.stdout.readline().strip() == "held"
+    yield run, p.pid
+    p.kill()
+    p.wait()
+
+
+def test_second_run_into_a_locked_folder_is_refused(holder, capsys, monkeypatch):
+    import sigvlp.train.trainer as trainer_mod
+    from sigvlp.cli import main
+
+    run, pid = holder
+    before = _snapshot(run)
+    with pytest.raises(FileExistsError, match=rf"in use by another run \(host={socket.gethostname()} pid={pid} "):
+        _trainer(run)
+    real = trainer_mod.Trainer
+    batches = [collate(samples(0, 4))]
+    monkeypatch.setattr(trainer_mod, "Trainer",
+                        lambda cfg, **kw: real(cfg, batch_source=lambda rank, world: iter(batches), **kw))
+    assert main(["train", "--out", str(run), "--model", "tiny", "--steps", "1", "--threads", "1",
+                 *[f"--set=model.{k}={v}" for k, v in TEST_MODEL.items()]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sigvlp train: error: out:") and f"pid={pid}" in err and "\n" not in err
+    assert _snapshot(run) == before  # nothing written by the refused runs
+
+
+def test_stale_lock_of_a_dead_local_holder_is_taken_over(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / ".sigvlp-lock").write_text(f"host={socket.gethostname()} pid={dead.pid} since=2026-01-01T00:00:00\n")
+    trainer = _trainer(run)
+    trainer.run()
+    log = (run / "log.txt").read_text()
+    assert f"took over the stale lock of pid {dead.pid} on {socket.gethostname()}" in log
+    assert (run / ".sigvlp-lock").read_text() == ""  # released at the end of the run
+
+
+def test_lock_of_another_host_is_never_taken_over(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".sigvlp-lock").write_text("host=gpu-node-7 pid=4242 since=2026-01-01T00:00:00\n")
+    with pytest.raises(FileExistsError, match=r"locked by pid 4242 on host gpu-node-7 .*delete .*\.sigvlp-lock"):
+        _trainer(run)
+    assert sorted(p.name for p in run.iterdir()) == [".sigvlp-lock"]
+
+
+def test_lock_is_released_after_a_run_and_a_failed_start(tmp_path):
+    run = tmp_path / "run"
+    _trainer(run).run()
+    resumed = _trainer(run, resume=True, steps=3)  # the first run's lock is gone
+    with pytest.raises(FileExistsError, match="in use by another run"):
+        _trainer(run, resume=True, steps=3)  # while `resumed` holds it
+    resumed.run()
+    with pytest.raises(ValueError, match="trained with optimizer 'muon'"):
+        _trainer(run, resume=True, steps=4, optimizer="adamw")
+    _trainer(run, resume=True, steps=4).close()  # the failed start released its lock
+
+
+def test_folder_with_old_checkpoints_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    _trainer(run).run()
+    (run / "metrics.jsonl").unlink()  # an old run's checkpoints without its metrics file
+    before = _snapshot(run)
+    with pytest.raises(FileExistsError) as e:
+        _trainer(run, steps=3)
+    msg = str(e.value)
+    assert "step_00000002" in msg and "--resume" in msg and "another --out" in msg
+    assert _snapshot(run) == before  # no checkpoint rotated away, no log line, no config written
+
+
+def test_resume_needs_a_run_folder(tmp_path, capsys):
+    from sigvlp.cli import main
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    for out in (notes, tmp_path / "absent"):
+        assert main(["train", "--resume", "--out", str(out), "--threads", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("sigvlp train: error: --resume:") and "\n" not in err, err
+        assert "no dataset folder given" not in err
+        assert ("todo.txt" in err and "not a run folder" in err) if out == notes else "no run folder" in err
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"] and not (tmp_path / "absent").exists()
