@@ -20,8 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _config(out, steps=2, **kw):
     from sigvlp.train import TrainConfig
 
-    return TrainConfig(out=str(out), model="tiny", model_overrides=dict(TEST_MODEL), steps=steps, warmup_steps=1,
-                       ckpt_every=1, keep_last=5, progress=False, tensorboard=False, **kw)
+    return TrainConfig(**{"out": str(out), "model": "tiny", "model_overrides": dict(TEST_MODEL), "steps": steps,
+                          "warmup_steps": 1, "ckpt_every": 1, "keep_last": 5, "progress": False, "tensorboard": False,
+                          **kw})
 
 
 def _trainer(out, resume=False, steps=2, **kw):
@@ -128,3 +129,22 @@ def test_resume_needs_a_run_folder(tmp_path, capsys):
         assert "no dataset folder given" not in err
         assert ("todo.txt" in err and "not a run folder" in err) if out == notes else "no run folder" in err
     assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"] and not (tmp_path / "absent").exists()
+
+
+def test_nan_stop_then_resume_leaves_one_metrics_row_per_step(tmp_path):
+    import json
+
+    from sigvlp.train import Trainer, TrainingDiverged
+
+    run = tmp_path / "run"
+    batches = [collate(samples(s, 4)) for s in range(6)]
+    bad = list(batches)
+    bad[3] = dict(bad[3], patches=bad[3]["patches"] * float("nan"))  # step 4's batch: the loss is NaN
+    first = Trainer(_config(run, 6, ckpt_every=5), batch_source=lambda rank, world: iter(bad))
+    with pytest.raises(TrainingDiverged):
+        first.run()  # steps 1-3 logged, no checkpoint written before the stop
+    assert "stopped: step 4: the loss is nan" in (run / "log.txt").read_text()
+    assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
+    Trainer(_config(run, 6, ckpt_every=5), resume=True, batch_source=lambda rank, world: iter(batches)).run()
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

@@ -262,6 +262,7 @@ class Trainer:
         ckpt = latest_checkpoint(self.ckpt_dir)
         if ckpt is None:
             self.log(f"resume: no checkpoint under {self.ckpt_dir}; starting from step 0")
+            self._drop_metrics_after(0)
             return
         check_model_config(SigVLP.load_config(ckpt), self.model.config, f"resume: checkpoint {ckpt}")
         state = load_trainer_state(ckpt)
@@ -290,13 +291,17 @@ class Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.resumed_from = ckpt
-        if self.is_main:  # metrics past the checkpoint were written by the interrupted run: drop them
-            mpath = self.out / "metrics.jsonl"
-            if mpath.exists():
-                keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-                mpath.write_text("".join(ln + "\n" for ln in keep))
+        self._drop_metrics_after(self.step)
         self.log(f"resumed from {ckpt} (step {self.step}, data epoch {self.data_pos['epoch']} batch "
                  f"{self.data_pos['batch']})")
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """metrics.jsonl rows past `step` were written by the interrupted run this one redoes: drop them
+        (one row per step after the resume)."""
+        mpath = self.out / "metrics.jsonl"
+        if self.is_main and mpath.exists():
+            keep = [ln for ln in mpath.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            mpath.write_text("".join(ln + "\n" for ln in keep))
 
     # ------------------------------------------------------------------ run
     def _metrics(self, m: dict):
@@ -342,7 +347,11 @@ class Trainer:
                  f"params) on {self.device} x {self.world}, steps {self.step} -> {end}")
         try:
             while self.step < end:
-                last = self.train_step(batches)
+                try:
+                    last = self.train_step(batches)
+                except TrainingDiverged as e:
+                    self.log(f"stopped: {e}")  # in log.txt too, not only on the console
+                    raise
                 if self.step % cfg.log_every == 0 or self.step == end:
                     self._metrics(last)
                 if bar is not None:
