@@ -9,26 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+from sigvlp.cliargs import int_at_least
 from sigvlp.demo.synth.config import SYNTH_PRESETS
 from sigvlp.demo.synth.writing import check_overwritable, write_dataset
 
 __all__ = ["add_arguments", "run"]
-
-
-def _int_at_least(low: int):
-    """argparse type: an integer >= low, else a one-line usage error."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
 
 
 def _out_folder(text: str) -> str:
@@ -56,9 +41,9 @@ def add_arguments(parser):
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--out", required=True, type=_out_folder, default=argparse.SUPPRESS,
                         help="output folder (must be empty or absent, unless --overwrite)")
-    parser.add_argument("--n-train", type=_int_at_least(0), default=200, help="training volumes")
-    parser.add_argument("--n-valid", type=_int_at_least(0), default=50, help="validation volumes")
-    parser.add_argument("--seed", type=_int_at_least(0), default=0, help="dataset seed")
+    parser.add_argument("--n-train", type=int_at_least(0), default=200, help="training volumes")
+    parser.add_argument("--n-valid", type=int_at_least(0), default=50, help="validation volumes")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="dataset seed")
     parser.add_argument("--preset", default="small", choices=sorted(SYNTH_PRESETS),
                         help="size preset (small: 64-96 px in-plane, 60-400 slices; tiny: 40-48 px, 24-64 slices of "
                              "5-8 mm; demo: 64 px, 3-5 mm slices, lesions drawn twice their size and at least 9 mm "
@@ -67,7 +52,7 @@ def add_arguments(parser):
                         default=argparse.SUPPRESS, help="in-plane matrix range (default: the preset's)")
     parser.add_argument("--slices", type=int, nargs=2, metavar=("MIN", "MAX"), action=_range_action(1),
                         default=argparse.SUPPRESS, help="slice-count range (default: the preset's)")
-    parser.add_argument("--workers", type=_int_at_least(0), default=0, help="processes (0: one per core)")
+    parser.add_argument("--workers", type=int_at_least(0), default=0, help="processes (0: one per core)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a previous synth output (a folder with synth.json), first removing only the files "
                              "that run wrote; other folders are refused")
