@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from sigvlp.cliargs import int_at_least
+
 SPLITS = ("train", "valid", "all")
 
 
@@ -24,7 +26,7 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("data", metavar="DATA", help="dataset folder in the CT-RATE layout")
     parser.add_argument("--split", default="all", choices=SPLITS, help="split(s) to preprocess (default: all)")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
+    parser.add_argument("--workers", type=int_at_least(1), default=1, metavar="N",
                         help="processes on this machine (default: 1); about one per core, memory permitting")
     parser.add_argument("--shard", default="0/1", metavar="I/N",
                         help="take share I of N (I from 0: 0/4 ... 3/4), one per machine or array job (default: 0/1)")
