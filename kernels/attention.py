@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _device, interpreter
+from . import device_info, interpreter
 from .rope import grid_index, pair_columns, rotary_tables
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128)
@@ -549,7 +549,7 @@ def _smem_estimate(which, cfg, *, head_dim, elt, rotate, arch):
         held = bm * d_pad * elt * (2 if which == "dq" else 1)  # q (and dO)
     if arch >= 90 or arch == 0:
         return cfg.num_stages * tiles + held
-    return (cfg.num_stages - 1) * tiles + held + _device.SCRATCH_BYTES
+    return (cfg.num_stages - 1) * tiles + held + device_info.SCRATCH_BYTES
 
 
 def _pruner(which, tags):
@@ -567,8 +567,8 @@ def _pruner(which, tags):
             tag = "fp32" if tag == "small" else "fp32_large"
         mine = [c for c, t in zip(configs, tags) if t == tag] or list(configs)
         q = named_args["Q"]
-        limit = _device.shared_memory_limit(q.device)
-        arch = _device.arch(q.device)
+        limit = device_info.shared_memory_limit(q.device)
+        arch = device_info.arch(q.device)
         size = {id(c): _smem_estimate(which, c, head_dim=kwargs["HEAD_DIM"], elt=q.element_size(),
                                       rotate=kwargs["ROTATE"], arch=arch) for c in mine}
         fits = [c for c in mine if size[id(c)] <= limit]

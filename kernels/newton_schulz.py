@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _device, interpreter
+from . import device_info, interpreter
 
 
 @triton.jit
@@ -190,8 +190,8 @@ def _config(dtype: torch.dtype, limit: int, interpreted: bool) -> dict:
         # Small tiles so that the tests' small matrices still span several triangle tiles.
         return dict(syrk=(16, 32, 1, 1), gemm=(16, 32, 32, 1, 1))
     elem = 4 if dtype == torch.float32 else 2
-    syrk = _device.pick_config(SYRK_CONFIGS[elem], lambda c: syrk_shared_bytes(*c, elem), limit)
-    gemm = _device.pick_config(GEMM_CONFIGS[elem], lambda c: gemm_shared_bytes(*c, elem), limit)
+    syrk = device_info.pick_config(SYRK_CONFIGS[elem], lambda c: syrk_shared_bytes(*c, elem), limit)
+    gemm = device_info.pick_config(GEMM_CONFIGS[elem], lambda c: gemm_shared_bytes(*c, elem), limit)
     return dict(syrk=syrk, gemm=gemm)
 
 
@@ -203,7 +203,7 @@ def newton_schulz(X, out, inv_norm, triples):
     batch, p, q = X.shape
     if batch == 0 or p == 0 or q == 0:
         return out
-    cfg = _config(out.dtype, _device.shared_memory_limit(X.device), interpreter())
+    cfg = _config(out.dtype, device_info.shared_memory_limit(X.device), interpreter())
     dtype = out.dtype
     dev = X.device
     ieee = dtype == torch.float32

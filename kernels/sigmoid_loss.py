@@ -23,7 +23,7 @@ sums, so the result is deterministic (no atomics).
 import triton
 import triton.language as tl
 
-from . import _device
+from . import device_info
 
 MAX_FULL_D = 256
 
@@ -189,7 +189,7 @@ def choose_config(d: int, elem: int, limit: int, sm: int = 80) -> dict:
             if full_d_shared_bytes(bm, bn, block_k, stages, elem, sm) <= limit:
                 return dict(FULL_D=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, num_stages=stages,
                             num_warps=8 if block_k >= 256 and elem == 2 else 4)
-    cfg = _device.pick_config(CHUNKED_CONFIGS, lambda c: chunked_shared_bytes(*c, elem, sm), limit)
+    cfg = device_info.pick_config(CHUNKED_CONFIGS, lambda c: chunked_shared_bytes(*c, elem, sm), limit)
     bm, bn, bk, stages = cfg
     return dict(FULL_D=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=4)
 
@@ -206,7 +206,7 @@ def sigmoid_loss_pass(a, b, scale, bias, a_ids, b_ids, inv_norm, da):
 
     na, d = a.shape
     nb = b.shape[0]
-    cfg = choose_config(d, a.element_size(), _device.shared_memory_limit(a.device), _device.arch(a.device))
+    cfg = choose_config(d, a.element_size(), device_info.shared_memory_limit(a.device), device_info.arch(a.device))
     full_d = cfg.pop("FULL_D")
     grid = (triton.cdiv(na, cfg["BLOCK_M"]),)
     partials = torch.empty(grid[0], 3, dtype=torch.float32, device=a.device)

@@ -34,6 +34,7 @@ import json
 import multiprocessing
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["Variant", "launch_matrix", "variants", "compile_variant", "precompile", "cache_dir", "main"]
+__all__ = ["Variant", "launch_matrix", "compile_only", "capture", "variants", "compile_variant", "precompile",
+           "cache_dir", "main"]
 
 WARP = 32
 
@@ -58,6 +60,7 @@ class Variant:
     constexprs: dict
     attrs: dict
     options: object  # the backend's options (a frozen dataclass)
+    autotuned: bool = False  # one candidate of an autotuned kernel
 
     @property
     def kernel(self) -> str:
@@ -74,6 +77,10 @@ class Variant:
     def dtypes(self) -> list[str]:
         return sorted({t.lstrip("*") for t in self.signature.values()
                        if isinstance(t, str) and t.startswith("*") and t[1:3] in ("fp", "bf")})
+
+    def family(self) -> str:
+        """The kernel family, "op/kernel/fp32" or "op/kernel/16bit": the key of COMPILE_SECONDS."""
+        return f"{self.op}/{self.kernel}/{'fp32' if self.dtypes() == ['fp32'] else '16bit'}"
 
     def identity(self) -> tuple:
         return (self.kernel, repr(sorted(self.signature.items())), repr(sorted(self.constexprs.items())),
@@ -155,7 +162,8 @@ def launch_matrix(quick: bool = False) -> dict[str, list[tuple[str, Callable]]]:
         rope = [(d, hd, False, False) for d, hd in zip(_FLOATS, (64, 128, 96))]
         att = [(d, hd, "grid", False, False) for d in _FLOATS for hd in (64, 128)]
         att += [(torch.bfloat16, 32, "positions", True, True), (torch.float16, 96, "none", True, False)]
-        sig = [(d, dim, True, True) for d, dim in zip(_FLOATS * 2, _EMBED_DIMS)]
+        # every dim class once, each dtype twice, fp32 at D 256 (the largest resident-A tiling)
+        sig = [(d, dim, True, True) for d, dim in zip(_FLOATS + _FLOATS[1::-1] + _FLOATS[2:], _EMBED_DIMS)]
         ns = [("bf16", (2, 96, 160)), ("fp32", (96, 160))]
     else:
         rope = list(itertools.product(_FLOATS, _HEAD_DIMS, (False, True), (False, True)))
@@ -205,36 +213,45 @@ def _compile_only_driver(target):
 
 
 @contextlib.contextmanager
-def compile_only(arch: int, on_compile: Optional[Callable] = None):
+def compile_only(arch: int, on_compile: Optional[Callable] = None, on_launch: Optional[Callable] = None):
     """Within: Triton's JIT binds every launch for sm_`arch` (a compile-only driver: no GPU needed)
     and launches nothing. With on_compile, the JIT calls on_compile(fn, signature, constexprs,
-    options, attrs) where it would compile and compiles nothing; without, it compiles through its
-    own code (Triton's cache first), as on that GPU. Autotuned kernels launch every candidate left
-    by their pruning (the autotuner compiles them all to time them); the launchers see sm_`arch`'s
+    options, attrs, autotuned=bool) where it would compile and compiles nothing; without, it
+    compiles through its own code (Triton's cache first), as on that GPU. With on_launch, every
+    launch first calls on_launch(fn, args, kwargs) (the JITFunction and its launch arguments, for
+    callers that bind them themselves). Autotuned kernels launch every candidate left by their
+    pruning (the autotuner compiles them all to time them); the launchers see sm_`arch`'s
     shared-memory limit; ops accept CPU tensors for backend="triton"."""
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415  (Triton: optional dependency)
     from triton.runtime import driver  # noqa: PLC0415
     from triton.runtime.autotuner import Autotuner  # noqa: PLC0415
     from triton.runtime.jit import JITFunction  # noqa: PLC0415
 
-    import sigvlp.kernels._device as device_info  # noqa: PLC0415  (imports Triton)
+    import sigvlp.kernels.device_info as device_info  # noqa: PLC0415  (imports Triton)
     from sigvlp.ops import backends  # noqa: PLC0415
 
     jit_run = JITFunction.run
+    state = {"autotuned": False}
 
     def run_no_launch(self, *args, grid, warmup, **kwargs):
+        if on_launch is not None:
+            on_launch(self, args, kwargs)
         return jit_run(self, *args, grid=grid, warmup=True, **kwargs)  # warmup: compile, never launch
 
     def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
-        on_compile(self, signature, constexprs, options, attrs)
+        on_compile(self, signature, constexprs, options, attrs, autotuned=state["autotuned"])
         return None  # the JIT returns without launching
 
     def autotune_all(self, *args, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
         self.nargs = dict(zip(self.arg_names, args))
-        for cfg in self.prune_configs(kwargs):
-            self.fn.run(*args, grid=None, warmup=True, **kwargs, **cfg.all_kwargs())
-        self.nargs = None
+        state["autotuned"] = True
+        try:
+            for cfg in self.prune_configs(kwargs):
+                self.fn.run(*args, grid=None, warmup=True, **kwargs, **cfg.all_kwargs())
+        finally:
+            state["autotuned"] = False
+            self.nargs = None
 
     patches = {(JITFunction, "run"): run_no_launch, (Autotuner, "run"): autotune_all,
                (device_info, "shared_memory_limit"): lambda device: device_info.SHARED_MEMORY_LIMITS[arch],
@@ -277,22 +294,29 @@ def _cases(ops, quick, match) -> Iterator[tuple[str, str, Callable]]:
                 yield op, name, case
 
 
+def capture(arch: int, cases) -> list[Variant]:
+    """The distinct compiles for sm_`arch` of running `cases`, an iterable of (op, case name,
+    callable that calls the op with backend="triton" on CPU tensors), nothing compiled."""
+    found: dict = {}
+    current = {}
+
+    def record(fn, signature, constexprs, options, attrs, autotuned):
+        v = Variant(current["op"], current["case"], fn, dict(signature), dict(constexprs), dict(attrs), options,
+                    autotuned)
+        found.setdefault(v.identity(), v)
+
+    with compile_only(arch, record):
+        for op, name, case in cases:
+            current.update(op=op, case=name)
+            case()
+    return list(found.values())
+
+
 def variants(arch: int = 90, ops: Optional[list[str]] = None, quick: bool = False,
              match: Optional[str] = None) -> list[Variant]:
     """The distinct compiles of the launch matrix (quick: the representative subset; match: only
     the cases whose "op/case" name contains this regular expression) for sm_`arch`."""
-    found: dict = {}
-    current = {}
-
-    def record(fn, signature, constexprs, options, attrs):
-        v = Variant(current["op"], current["case"], fn, dict(signature), dict(constexprs), dict(attrs), options)
-        found.setdefault(v.identity(), v)
-
-    with compile_only(arch, record):
-        for op, name, case in _cases(ops, quick, match):
-            current.update(op=op, case=name)
-            case()
-    return list(found.values())
+    return capture(arch, _cases(ops, quick, match))
 
 
 def verify(arch: int = 90, ops: Optional[list[str]] = None, quick: bool = False,
@@ -350,18 +374,26 @@ def resources(cubin: bytes) -> dict:
     return dict(regs=regs, stack=stack, local=local)
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its finished children (ptxas): a compile's cost
+    that does not depend on how loaded the machine is."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def compile_variant(v: Variant, arch: int, measure: bool = False) -> dict:
     """Compile `v` for sm_`arch` into Triton's cache (as the JIT would: same source, target and
     options); a row: op, case, kernel, config, dtypes, seconds, shared (bytes), and with
-    measure=True regs / stack / local from the cubin."""
+    measure=True regs / stack / local from the cubin; seconds: wall, cpu_seconds: CPU (with ptxas)."""
     import triton  # noqa: PLC0415  (Triton: optional dependency)
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     src = triton.compiler.ASTSource(v.fn, v.signature, v.constexprs, v.attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, WARP), options=v.options.__dict__)
-    row = dict(op=v.op, case=v.case, kernel=v.kernel, target=f"sm_{arch}", config=v.config(), dtypes=v.dtypes(),
-               seconds=round(time.perf_counter() - start, 3), shared=int(compiled.metadata.shared))
+    row = dict(op=v.op, case=v.case, kernel=v.kernel, family=v.family(), target=f"sm_{arch}", config=v.config(),
+               dtypes=v.dtypes(), seconds=round(time.perf_counter() - start, 3),
+               cpu_seconds=round(_cpu_seconds() - cpu, 3), shared=int(compiled.metadata.shared))
     if measure:
         row.update(resources(compiled.asm["cubin"]))
     return row
@@ -421,7 +453,7 @@ def _default_arch() -> int:
 
 
 def _known_arches():
-    from sigvlp.kernels._device import SHARED_MEMORY_LIMITS  # noqa: PLC0415  (imports Triton)
+    from sigvlp.kernels.device_info import SHARED_MEMORY_LIMITS  # noqa: PLC0415  (imports Triton)
 
     return set(SHARED_MEMORY_LIMITS)
 
@@ -452,8 +484,7 @@ def main(argv=None) -> int:
     if ns.count:
         counts: dict = {}
         for v in variants(arch, ops, ns.quick, ns.match):
-            key = f"{v.op}/{v.kernel}/{'fp32' if v.dtypes() == ['fp32'] else '16bit'}"
-            counts[key] = counts.get(key, 0) + 1
+            counts[v.family()] = counts.get(v.family(), 0) + 1
         print(json.dumps(counts, sort_keys=True))
         print(f"estimate: {estimate_seconds(counts, ns.jobs):.0f} s with {ns.jobs} jobs "
               f"({sum(counts.values())} variants; sigvlp.precompile.COMPILE_SECONDS)")

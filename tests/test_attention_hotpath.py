@@ -254,11 +254,11 @@ def test_autotune_pruning_keeps_configs_within_shared_memory(monkeypatch, arch, 
     """For every head_dim, dtype and rotation mode, each kernel's pruner keeps at least one config
     and only configs whose shared-memory bound fits the device (compiled sizes are checked against
     the limits by tests/test_launch_limits.py)."""
-    from sigvlp.kernels import _device
+    from sigvlp.kernels import device_info
     from sigvlp.kernels import attention as kern
 
-    monkeypatch.setattr(_device, "shared_memory_limit", lambda device: limit)
-    monkeypatch.setattr(_device, "arch", lambda device: arch)
+    monkeypatch.setattr(device_info, "shared_memory_limit", lambda device: limit)
+    monkeypatch.setattr(device_info, "arch", lambda device: arch)
     for which, tuned in (("fwd", kern._fwd_tuned), ("dkdv", kern._dkdv_tuned), ("dq", kern._dq_tuned)):
         prune = tuned.early_config_prune
         for head_dim in kern.SUPPORTED_HEAD_DIMS:

@@ -29,7 +29,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 SURVEY = HERE / "_launch_survey.py"
 TARGETS = (80, 86, 89, 90)
 pytest.importorskip("triton")
-from sigvlp.kernels._device import SHARED_MEMORY_LIMITS  # noqa: E402
+from sigvlp.kernels.device_info import SHARED_MEMORY_LIMITS  # noqa: E402
 from sigvlp.ops.registry import SPECS  # noqa: E402
 
 #: ops with Triton kernels (a launch survey in their spec): one chosen config per launch, or autotuned
@@ -65,7 +65,7 @@ def test_launch_configs_fit_shared_memory_of_every_target(op):
 @pytest.mark.parametrize("op", AUTOTUNED_OPS)
 def test_autotune_candidates_fit_every_target(op):
     """Autotuned ops (rope_attention_varlen): the pruner keeps only candidates within the device's
-    shared-memory limit (sigvlp.kernels._device), so every candidate left must fit, and there must be
+    shared-memory limit (sigvlp.kernels.device_info), so every candidate left must fit, and there must be
     one per kernel and head_dim. sm_80 and sm_89 compile like sm_86 (the same mma.sync code path:
     equal sizes for equal configs, as the other ops' rows show), and their limits are >= sm_86's, so
     sm_86's compile stands for all three (the attention kernels are the slowest to compile)."""

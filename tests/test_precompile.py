@@ -53,3 +53,14 @@ def test_bad_arguments_are_clear_errors(tmp_path):
                         (["--arch", "75"], "--arch: expected one of")):
         result = _precompile(tmp_path, *args)
         assert result.returncode == 2 and words in result.stderr, (args, result.stderr[-2000:])
+
+
+def test_the_launch_matrix_covers_every_op_with_triton_kernels():
+    """Each op with Triton kernels (a launch survey in its OpSpec) has precompile cases, and the
+    quick matrix has every op of the full one."""
+    from sigvlp import precompile
+    from sigvlp.ops.registry import SPECS
+
+    triton_ops = {name for name, spec in SPECS.items() if spec.launch_survey is not None}
+    assert triton_ops and set(precompile.launch_matrix()) == triton_ops
+    assert all(precompile.launch_matrix(quick=True)[op] for op in triton_ops)

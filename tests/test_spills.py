@@ -38,7 +38,7 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
-from sigvlp.kernels._device import SHARED_MEMORY_LIMITS  # noqa: E402
+from sigvlp.kernels.device_info import SHARED_MEMORY_LIMITS  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ATTENTION_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
