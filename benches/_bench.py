@@ -564,23 +564,33 @@ def _num(v):
         return None
 
 
+def _ours(row: dict, ratio: KeyRatio) -> bool:
+    """Whether `row` is one of `ratio`'s measured providers (not its baseline) with a time."""
+    if ratio.baseline in row["provider"] or not _num(row["median_ms"]):
+        return False
+    return ratio.providers is None or row["provider"] in ratio.providers
+
+
+def _ratio_pairs(rows: list[dict], ratio: KeyRatio) -> dict[str, list[float]]:
+    """provider -> [baseline time / time] over the rows of `ratio`'s op paired with a baseline row
+    of the same op, shape and mode (and dtype when the baseline has one of it)."""
+    mine = [r for r in rows if ratio.op.lower() in r["op"].lower()]
+    bases = [r for r in mine if ratio.baseline in r["provider"] and _num(r["median_ms"])]
+    found: dict[str, list[float]] = {}
+    for r in (r for r in mine if _ours(r, ratio)):
+        same = [b for b in bases if (b["op"], b["shape"], b["mode"]) == (r["op"], r["shape"], r["mode"])]
+        exact = [b for b in same if b["dtype"] == r["dtype"]] or same
+        if exact:
+            found.setdefault(r["provider"], []).append(_num(exact[0]["median_ms"]) / _num(r["median_ms"]))
+    return found
+
+
 def key_ratios(rows: list[dict]) -> list[str]:
     """Lines 'title: provider median Nx (min, max) over k pairs', a ratio being baseline time / time
     for rows of the same op, shape and mode (and dtype when the baseline has one of it)."""
     lines = []
-    for title, op_sub, providers, base_sub in (dataclasses.astuple(r) for r in KEY_RATIOS):
-        mine = [r for r in rows if op_sub.lower() in r["op"].lower()]
-        bases = [r for r in mine if base_sub in r["provider"] and _num(r["median_ms"])]
-        found: dict[str, list[float]] = {}
-        for r in mine:
-            if base_sub in r["provider"] or not _num(r["median_ms"]):
-                continue
-            if providers is not None and r["provider"] not in providers:
-                continue
-            same = [b for b in bases if (b["op"], b["shape"], b["mode"]) == (r["op"], r["shape"], r["mode"])]
-            exact = [b for b in same if b["dtype"] == r["dtype"]] or same
-            if exact:
-                found.setdefault(r["provider"], []).append(_num(exact[0]["median_ms"]) / _num(r["median_ms"]))
+    for ratio in KEY_RATIOS:
+        title, found = ratio.title, _ratio_pairs(rows, ratio)
         if not found:
             lines.append(f"{title}: no pairs measured")
             continue
@@ -588,6 +598,101 @@ def key_ratios(rows: list[dict]) -> list[str]:
             ratios.sort()
             lines.append(f"{title}: {provider} {statistics.median(ratios):.2f}x median "
                          f"(min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x) over {len(ratios)} cases")
+    return lines
+
+
+#: The dtypes of the per-op table, each with the spellings found in test ids and dtype cells.
+TABLE_DTYPES = {"float32": ("float32", "fp32"), "float16": ("float16", "fp16"), "bfloat16": ("bfloat16", "bf16")}
+
+
+def dtype_in(text: str) -> str:
+    """The first dtype of TABLE_DTYPES that `text` (a test id, a dtype cell) names as a word, else ""."""
+    for name, spellings in TABLE_DTYPES.items():
+        if any(re.search(rf"(?<![a-z0-9]){s}(?![a-z0-9])", text.lower()) for s in spellings):
+            return name
+    return ""
+
+
+def _test_op(classname: str) -> str:
+    """The op whose test file (OpSpec.test_file; stems that extend it too, e.g. test_attention_cuda)
+    holds the JUnit test class `classname` ("tests.test_rope"), else "other"."""
+    stem = next((part for part in classname.split(".") if part.startswith("test_")), "")
+    for name, spec in SPECS.items():
+        if stem.startswith(pathlib.Path(spec.test_file).stem):
+            return name
+    return "other"
+
+
+def junit_by_op(path) -> dict[tuple[str, str], list[int]]:
+    """(op, dtype named in the test id or "") -> [passed, failed] (errors count as failed; skipped
+    tests are not counted) from a JUnit XML file; empty when the file is missing or unreadable."""
+    import xml.etree.ElementTree as ET  # noqa: PLC0415  (only the summary reads XML)
+
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return {}
+    counts: dict[tuple[str, str], list[int]] = {}
+    for case in root.iter("testcase"):
+        outcome = {child.tag for child in case}
+        if "skipped" in outcome:
+            continue
+        cell = counts.setdefault((_test_op(case.get("classname", "")), dtype_in(case.get("name", ""))), [0, 0])
+        cell[bool(outcome & {"failure", "error"})] += 1
+    return counts
+
+
+def _selftest_cells(path) -> dict[tuple[str, str], str]:
+    """(op, dtype) -> "PASS n/m" / "FAIL k of m" / "SKIP" over the backends of `python -m
+    sigvlp.selftest --json` output; empty when the file is missing."""
+    try:
+        checks = json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    cells: dict[tuple[str, str], list[str]] = {}
+    for c in checks:
+        cells.setdefault((c["op"], c["dtype"]), []).append(c["status"])
+    out = {}
+    for key, statuses in cells.items():
+        ran = [s for s in statuses if s != "SKIP"]
+        failed = ran.count("FAIL")
+        out[key] = "SKIP" if not ran else f"FAIL {failed} of {len(ran)}" if failed else f"PASS {len(ran)}/{len(ran)}"
+    return out
+
+
+def _bench_cells(rows: list[dict], ratio: KeyRatio | None, dtype: str) -> tuple[str, str]:
+    """(median TFLOP/s of `ratio`'s providers, median ratio to its baseline) over the rows in `dtype`."""
+    if ratio is None:
+        return "", ""
+    rows = [r for r in rows if dtype_in(r["dtype"]) == dtype]
+    tflops = [_num(r["tflops"]) for r in rows if ratio.op.lower() in r["op"].lower() and _ours(r, ratio)
+              and _num(r.get("tflops"))]
+    ratios = [x for found in _ratio_pairs(rows, ratio).values() for x in found]
+    return (f"{statistics.median(tflops):.3g}" if tflops else "",
+            f"{statistics.median(ratios):.2f}x vs {ratio.baseline}" if ratios else "")
+
+
+def op_table(results_csv, selftest_json, junit_xml) -> list[str]:
+    """gpu_check's per-op table: per op (SPECS, then the other key ratios) and dtype, the
+    self-test result, the GPU tests passed/failed, the median TFLOP/s of our providers and the
+    median ratio to the named baseline (baseline time / ours), under the device's name."""
+    rows = read_rows([results_csv]) if pathlib.Path(results_csv).exists() else []
+    selftest, tests = _selftest_cells(selftest_json), junit_by_op(junit_xml)
+    devices = sorted({r["device"] for r in rows if r.get("device")})
+    lines = [f"device: {', '.join(devices) or 'no bench rows'}",
+             f"  {'op':22} {'dtype':9} {'selftest':12} {'tests p/f':10} {'TFLOP/s':8} x baseline"]
+    entries = [(name, spec.key_ratios[0] if spec.key_ratios else None) for name, spec in SPECS.items()]
+    entries += [(r.title.split(":")[0], r) for r in OTHER_KEY_RATIOS]
+    for name, ratio in entries:
+        for dtype in (*TABLE_DTYPES, ""):
+            passed, failed = tests.get((name, dtype), (0, 0))
+            tflops, x = _bench_cells(rows, ratio, dtype)
+            cells = (selftest.get((name, dtype), ""), f"{passed}/{failed}" if passed or failed else "", tflops, x)
+            if any(cells):
+                lines.append(f"  {name:22} {dtype or 'any':9} {cells[0]:12} {cells[1]:10} {cells[2]:8} {cells[3]}".rstrip())
+    other = [cell for (name, _), cell in tests.items() if name == "other"]
+    if other:
+        lines.append(f"  other GPU tests: {sum(c[0] for c in other)} passed, {sum(c[1] for c in other)} failed")
     return lines
 
 
@@ -627,11 +732,15 @@ def _main(argv: list[str]) -> int:
         for line in key_ratios(rows):
             print("  " + line)
         return 0
+    if len(argv) == 4 and argv[0] == "table":
+        print("\n".join(op_table(*argv[1:])))
+        return 0
     if argv == ["plan"]:
         for name, cap in bench_plan():
             print(name, cap)
         return 0
-    print("usage: python benches/_bench.py junit FILE.xml | merge OUT.csv IN.csv... | ratios RESULTS.csv | plan")
+    print("usage: python benches/_bench.py junit FILE.xml | merge OUT.csv IN.csv... | ratios RESULTS.csv | plan"
+          " | table RESULTS.csv SELFTEST.json JUNIT.xml")
     return 2
 
 

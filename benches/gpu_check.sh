@@ -12,7 +12,8 @@
 #   Every stage runs under timeout: SIGINT at its cap (pytest still writes its JUnit file, so
 #   partial counts are kept), SIGKILL 15 s later; exit 124 is reported as TIMED OUT.
 #   --dry-run prints the plan: per stage its seconds (precompile: variant counts from
-#   `python -m sigvlp.precompile --count` times sigvlp.precompile.COMPILE_SECONDS) and the total.
+#   `python -m sigvlp.precompile --count` times sigvlp.precompile.COMPILE_CPU_SECONDS, measured per
+#   kernel family, times its HOST_FACTOR, over the jobs; capped by what the other stages leave) and the total.
 #   3. python -m sigvlp.selftest (every backend of every op, fp32/fp16/bf16, vs fp64 oracles)
 #   4. every GPU test: pytest -m gpu over the test files that have GPU tests
 #   5. the bench suite in full mode, one pytest run per bench file (a slow file cannot take the
@@ -31,7 +32,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) OUT_DIR="$arg" ;;
   esac
 done
@@ -102,7 +103,6 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 JOBS=$(( CORES > 4 ? CORES - 2 : CORES ))
 EST="$(env -u TRITON_INTERPRET "$PY" -m sigvlp.precompile --count --arch 90 --jobs "$JOBS" 2>>"$LOG" | tee -a "$LOG" | tail -n 1)"
 PRE_S=$(echo "$EST" | sed -n 's/^estimate: \([0-9]*\) s.*/\1/p'); PRE_S=${PRE_S:-999}
-PLAN_S[build+precompile]=$(( PRE_S > 90 ? PRE_S + 10 : 100 ))  # the CUDA build (one arch) runs beside it
 PLAN_S[selftest]=30; PLAN_S[gpu_tests]=75; PLAN_S[summary]=10
 # Bench order and caps come from `_bench.py plan` (each op's bench and cap are in its OpSpec,
 # sigvlp.ops.registry; the other benches' in _bench.OTHER_BENCH_CAPS): key ratios' benches first.
@@ -115,8 +115,15 @@ if (( ! ${#BENCH_FILES[@]} )); then  # the plan printed nothing: every bench fil
 fi
 for f in "${BENCH_FILES[@]}"; do n=$(basename "$f" .py); PLAN_S[$n]=${BENCH_CAP[$n]:-10}; done
 PLAN_ORDER=(build+precompile selftest gpu_tests $(for f in "${BENCH_FILES[@]}"; do basename "$f" .py; done) summary)
+# build+precompile: the estimate + 10 s (at least 100 s: the CUDA build of one arch runs beside it),
+# within what the other stages leave of the budget; past that cap the variants not yet compiled
+# (the representative ones go first) compile on first use.
+OTHERS=0; for st in "${PLAN_ORDER[@]:1}"; do OTHERS=$(( OTHERS + PLAN_S[$st] )); done
+WANT=$(( PRE_S + 10 > 100 ? PRE_S + 10 : 100 )); ROOM=$(( BUDGET - OTHERS ))
+PLAN_S[build+precompile]=$(( WANT < ROOM ? WANT : ROOM ))
 PLAN_TOTAL=0; for st in "${PLAN_ORDER[@]}"; do PLAN_TOTAL=$(( PLAN_TOTAL + PLAN_S[$st] )); done
 say "plan for $CORES cores (precompile: $EST):"
+(( WANT > ROOM )) && say "  precompile capped at ${ROOM} s of the ${WANT} s it needs: the representative variants first, the rest compile on first use"
 for st in "${PLAN_ORDER[@]}"; do say "$(printf '  %-24s %4d s' "$st" "${PLAN_S[$st]}")"; done
 say "total: $PLAN_TOTAL s"
 if (( DRY_RUN )); then
@@ -217,6 +224,9 @@ import triton; print('triton', triton.__version__)" 2>/dev/null
     printf '  %-24s %8s %8s  %s\n' "$st" "$plan" "${TOOK[$st]:--}" "${s#*|}"
   done
   echo "  plan total: $PLAN_TOTAL s; took: $(( $(date +%s) - START )) s"
+  echo
+  echo "per op and dtype (selftest over the backends, GPU tests passed/failed, bench medians):"
+  "$PY" benches/_bench.py table "$OUT_DIR/results.csv" "$WORK/selftest.json" "$WORK/gpu_tests.xml"
   echo
   "$PY" benches/_bench.py ratios "$OUT_DIR/results.csv"
 } > "$OUT_DIR/summary.txt" 2>&1
