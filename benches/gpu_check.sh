@@ -135,6 +135,10 @@ BENCH_MODE=full
 if (( FORCE_CPU )); then
   say "GPU_CHECK_FORCE_CPU=1: running the stages on the CPU (no build, quick benches) to test this script"
   BENCH_MODE=quick
+  # the CPU is slower than the GPU the caps are planned for: every cap and the budget times this
+  CPU_SCALE="${GPU_CHECK_CPU_SCALE:-4}"
+  for st in "${!PLAN_S[@]}"; do PLAN_S[$st]=$(( PLAN_S[$st] * CPU_SCALE )); done
+  BUDGET=$(( BUDGET * CPU_SCALE )); say "caps and budget x$CPU_SCALE on the CPU (GPU_CHECK_CPU_SCALE): budget ${BUDGET}s"
 elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   say "NEEDS A GPU: torch sees no CUDA device (torch.cuda.is_available() is False), so there is nothing to"
   say "validate here. Run this script on a machine with an NVIDIA GPU (sm_80 or newer) and nvcc on PATH;"
