@@ -150,24 +150,56 @@ def test_retrieval_by_hand():
         retrieval_metrics(sim, np.zeros((3, 3), bool))
 
 
-def test_retrieval_ties_count_against_the_query():
-    # a negative scored equal to the query's best positive ranks ahead of it (not a hit)
+def test_retrieval_ties_are_broken_at_random_in_expectation():
+    # a negative scored equal to the query's best positive shares the place with it: the hit
+    # probability at k is the chance a uniformly random order of the tied group puts a
+    # positive within the first k - G places (G = negatives strictly above)
     sim = np.array([[0.5, 0.5, 0.1],
                     [0.2, 0.9, 0.9],
                     [0.3, 0.3, 0.3]])
     r = retrieval_metrics(sim, np.eye(3, dtype=bool), ks=(1, 2, 3))
-    # ranks: q0 -> 2 (tie with col 1), q1 -> 2 (tie with col 2), q2 -> 3 (tied with both)
-    assert r["R@1"] == 0.0 and r["R@2"] == pytest.approx(2 / 3) and r["R@3"] == 1.0
-    assert r["mean_rank"] == pytest.approx(7 / 3)
-    # a tie between two positives is still a hit
+    # q0, q1: tied with one negative -> 1/2 at k=1, 1 at k=2, rank 1.5
+    # q2: tied with two negatives -> 1/3, 2/3, 1; rank 1 + 2/2 = 2
+    assert r["R@1"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 3) / 3, rel=1e-12)
+    assert r["R@2"] == pytest.approx((1 + 1 + 2 / 3) / 3, rel=1e-12) and r["R@3"] == 1.0
+    assert r["mean_rank"] == pytest.approx((1.5 + 1.5 + 2) / 3, rel=1e-12)
+    assert r["median_rank"] == pytest.approx(1.5, rel=1e-12)
+    # a tie between two positives (and nothing else) is a full hit
     pos = np.eye(3, dtype=bool)
     pos[0, 1] = True
-    assert retrieval_metrics(sim, pos, ks=(1,))["R@1"] == pytest.approx(1 / 3)
+    assert retrieval_metrics(sim, pos, ks=(1,))["R@1"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3, rel=1e-12)
+    # one negative strictly above (G=1), two tied positives and one tied negative (T=1):
+    # of the random orders of {p, p, n} a positive comes first in 2 of 3
+    row = np.array([[0.9, 0.5, 0.5, 0.5, 0.1]])
+    p = np.array([[False, True, True, False, False]])
+    r = retrieval_metrics(row, p, ks=(1, 2, 3))
+    assert r["R@1"] == 0.0 and r["R@2"] == pytest.approx(2 / 3, rel=1e-12) and r["R@3"] == 1.0
+    assert r["mean_rank"] == pytest.approx(1 + 1 + 1 / 3, rel=1e-12)  # G + 1 + T / (P + 1)
 
 
-def test_retrieval_collapsed_model_is_not_above_chance():
-    # every embedding equal: every candidate scores the same, so no query can be retrieved
-    # better than chance (k / C); with ties counted against the query recall@k is 0 for k < C
+def test_retrieval_ties_agree_with_random_tie_breaking():
+    # the expectation equals the average over every order of the tied candidates (brute force)
+    import itertools
+    sim = np.array([[0.4, 0.4, 0.4, 0.4, 0.9, 0.1]])
+    pos = np.array([[True, True, False, False, False, False]])
+    tied = [0, 1, 2, 3]
+    hits = {k: [] for k in (1, 2, 3, 4)}
+    ranks = []
+    for order in itertools.permutations(tied):
+        first = next(i for i, c in enumerate(order) if pos[0, c])
+        rank = 1 + 1 + first  # one negative (col 4) strictly above
+        ranks.append(rank)
+        for k in hits:
+            hits[k].append(rank <= k)
+    r = retrieval_metrics(sim, pos, ks=(1, 2, 3, 4))
+    for k in hits:
+        assert r[f"R@{k}"] == pytest.approx(np.mean(hits[k]), rel=1e-12, abs=1e-15)
+    assert r["mean_rank"] == pytest.approx(np.mean(ranks), rel=1e-12)
+
+
+def test_retrieval_collapsed_model_is_at_chance():
+    # every embedding equal: every candidate scores the same, so a query's positive sits at a
+    # uniformly random place among the C candidates and recall@k is exactly k / C
     rng = np.random.default_rng(0)
     n = 50
     e = np.tile(rng.normal(size=(1, 8)), (n, 1))
@@ -175,8 +207,8 @@ def test_retrieval_collapsed_model_is_not_above_chance():
     for s in (sim, sim.T):
         r = retrieval_metrics(s, np.eye(n, dtype=bool), ks=(1, 5, 10, 50))
         for k in (1, 5, 10, 50):
-            assert r[f"R@{k}"] <= k / n
-        assert r["R@1"] == 0.0 and r["R@50"] == 1.0 and r["median_rank"] == n
+            assert r[f"R@{k}"] == pytest.approx(k / n, rel=1e-12)
+        assert r["mean_rank"] == pytest.approx((n + 1) / 2, rel=1e-12)
     # random (uninformative) embeddings sit at chance: mean over queries of R@k ~ k / C
     v, t = rng.normal(size=(2000, 16)), rng.normal(size=(2000, 16))
     r = retrieval_metrics(v @ t.T, np.eye(2000, dtype=bool), ks=(100,))

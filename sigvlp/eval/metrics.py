@@ -266,16 +266,36 @@ def _as_2d_binary(y, name: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- retrieval
+def _tie_hit_probability(m: np.ndarray, n_neg: np.ndarray, n_pos: np.ndarray) -> np.ndarray:
+    """P(a positive is among the first m places) for n_pos positives and n_neg negatives in a
+    uniformly random order: 1 - C(n_neg, m) / C(n_neg + n_pos, m)
+    = 1 - prod_{j=1..n_pos} (n_neg - m + j) / (n_neg + j) for 0 <= m <= n_neg + 1 (m clipped
+    to that range here); exactly m / (n_neg + 1) for one positive. All arrays (Q,)."""
+    m = np.clip(m, 0, n_neg + 1).astype(np.float64)
+    t = n_neg.astype(np.float64)
+    miss = np.ones_like(m)
+    for j in range(1, int(n_pos.max()) + 1):
+        miss = np.where(n_pos >= j, miss * (t - m + j) / (t + j), miss)
+    return np.where(n_pos == 1, m / (t + 1), 1.0 - miss)
+
+
 def retrieval_metrics(sim, positives, ks: Sequence[int] = (1, 5, 10, 50)) -> dict:
     """Recall@K and ranks of a query x candidate similarity matrix.
 
     sim (Q, C) float; positives (Q, C) bool, at least one per row (candidates with the same
-    text as the query's own count as correct). A query's rank is 1 + the number of negative
-    candidates scored at or above its best positive: ties count against the query (a negative
-    scored equal to the best positive ranks ahead of it, so a tie is never a hit), the
-    pessimistic rank. A collapsed model (every score equal) therefore gets rank C - P + 1 for a
-    query with P positives and recall@k = 0 for every k below that, never above chance (k / C).
-    Returns {"R@k": fraction for each k, "median_rank", "mean_rank", "n_queries", "n_candidates"}.
+    text as the query's own count as correct).
+
+    Ties are broken uniformly at random, in expectation. For a query, let G be the number of
+    negatives scored strictly above its best positive, T the negatives scored equal to it and
+    P (>= 1) the positives scored equal to it. Its recall@k is the probability that a random
+    order of the tied group puts a positive within the first k - G places:
+    1 - C(T, k - G) / C(T + P, k - G), i.e. clamp((k - G) / (T + 1), 0, 1) for P = 1; its rank
+    is the expected one, G + 1 + T / (P + 1). So a tie with a negative is never a full hit, a
+    tie among positives alone is, and a collapsed model (every score equal, one positive per
+    query) gets recall@k = k / C exactly, i.e. chance, and mean rank (C + 1) / 2.
+    Returns {"R@k": mean over queries for each k, "median_rank" (median of the expected ranks),
+    "mean_rank", "n_queries", "n_candidates"}. ValueError on mismatched shapes, no queries or
+    a query without a positive.
     """
     sim = np.asarray(sim, dtype=np.float64)
     pos = np.asarray(positives, dtype=bool)
@@ -285,9 +305,12 @@ def retrieval_metrics(sim, positives, ks: Sequence[int] = (1, 5, 10, 50)) -> dic
         raise ValueError("sim: no queries")
     if not pos.any(1).all():
         raise ValueError(f"positives: rows {np.flatnonzero(~pos.any(1))[:5].tolist()} have no positive candidate")
-    best = np.where(pos, sim, -np.inf).max(1)
-    ranks = 1 + (np.where(pos, -np.inf, sim) >= best[:, None]).sum(1)  # ties count against the query
-    out = {f"R@{k}": float((ranks <= k).mean()) for k in ks}
+    best = np.where(pos, sim, -np.inf).max(1)[:, None]
+    above = ((sim > best) & ~pos).sum(1)
+    tied_neg = ((sim == best) & ~pos).sum(1)
+    tied_pos = ((sim == best) & pos).sum(1)
+    out = {f"R@{k}": float(_tie_hit_probability(k - above, tied_neg, tied_pos).mean()) for k in ks}
+    ranks = above + 1 + tied_neg / (tied_pos + 1)
     out.update(median_rank=float(np.median(ranks)), mean_rank=float(ranks.mean()), n_queries=int(sim.shape[0]),
                n_candidates=int(sim.shape[1]))
     return out
