@@ -5,6 +5,7 @@ checkpoints refused without --resume, --resume only on a run folder."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -148,3 +149,53 @@ def test_nan_stop_then_resume_leaves_one_metrics_row_per_step(tmp_path):
     Trainer(_config(run, 6, ckpt_every=5), resume=True, batch_source=lambda rank, world: iter(batches)).run()
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _train_cmd(data, out, *extra):
+    sets = [f"--set=model.{k}={v}" for k, v in TEST_MODEL.items()]
+    return [sys.executable, "-m", "sigvlp", "train", "--data", str(data), "--cache", str(out.parent / "cache"),
+            "--out", str(out), "--model", "tiny", *sets, "--warmup-steps", "1", "--token-budget", "512",
+            "--num-workers", "0", "--threads", "1", "--no-progress", "--no-tensorboard", *extra]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_saves_a_checkpoint_prints_one_line_and_resumes(tmp_path_factory, tmp_path, sig):
+    import json
+
+    from _data_helpers import tiny_dataset
+
+    data = tiny_dataset(tmp_path_factory, n_train=6, n_valid=2)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(data, run, "--steps", "500", "--ckpt-every", "1000"), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
+    lines = [ln for ln in out.splitlines() if "interrupted" in ln]
+    assert len(lines) == 1 and f"resume with: sigvlp train --resume --out {run}" in lines[0], out
+    step = int(lines[0].split("after step ")[1].split(":")[0])
+    assert f"saved {run / 'checkpoints' / f'step_{step:08d}'}" in lines[0]
+    assert f"({sig.name})" in lines[0]
+    assert lines[0] in (run / "log.txt").read_text().splitlines()
+    assert (run / "checkpoints" / f"step_{step:08d}" / "trainer.pt").is_file()
+    assert not (run / ".sigvlp-lock").read_text()  # released
+    # the resume continues from the saved step, one metrics row per step
+    done = subprocess.run([sys.executable, "-m", "sigvlp", "train", "--resume", "--out", str(run),
+                           "--steps", str(step + 2), "--threads", "1"], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{step:08d}'} (step {step}," in done.stdout
+    steps = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]
+    assert steps == list(range(1, step + 3))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -206,6 +207,20 @@ def _preprocessed(ds, cache, config: TrainConfig, runtime: Runtime, log: Callabl
     return ds.cached(cache, workers=workers)
 
 
+class IgnoreSigint:
+    """A DataLoader worker_init_fn that makes the worker ignore SIGINT, then calls `inner`: a
+    Ctrl-C in the terminal reaches the whole process group, and the trainer (which stops after the
+    step in progress) needs its workers alive for that step."""
+
+    def __init__(self, inner: Optional[Callable] = None):
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
 def build_data(config: TrainConfig, model_config: SigVLPConfig, tokenizer, runtime: Runtime,
                log: Callable[[str], None] = print) -> TrainData:
     """The dataset of config.data preprocessed with the model's preset, drawn in the model's chunk
@@ -238,6 +253,7 @@ def build_data(config: TrainConfig, model_config: SigVLPConfig, tokenizer, runti
                               max_text_tokens=model_config.max_text_tokens)
     loader = make_loader(sources, chunk_config, loader_cfg, tokenizer=tokenizer, rank=runtime.rank,
                          world_size=runtime.world)
+    loader.worker_init_fn = IgnoreSigint(loader.worker_init_fn)  # Ctrl-C is the trainer's to handle
     present = [ORGANS[i] for i in range(len(ORGANS))
                if any(cv.organ_profile is not None and cv.organ_profile[i].sum() > 0 for _, cv in entries)]
     return TrainData(loader, chunk_config, [rec for rec, _ in entries],

@@ -117,17 +117,68 @@ def config_from_args(args) -> TrainConfig:
     return load_config(base, overrides)
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _interrupted_early(config, trainer) -> int:
+    """A signal before the training loop (building, preprocessing) or a finished trainer's
+    teardown: one line naming what there is to resume from; exit status 130."""
+    from pathlib import Path
+
+    from sigvlp.checkpoint import latest_checkpoint
+    from sigvlp.train.trainer import resume_command
+
+    if config is None:
+        print("sigvlp train: interrupted before the configuration was read; nothing was written", file=sys.stderr)
+        return 130
+    out = Path(config.out)
+    last = latest_checkpoint(out / "checkpoints")
+    if (out / "config.yaml").is_file():
+        msg = (f"interrupted; last good checkpoint: {last or 'none (a resume starts from step 0)'}; "
+               f"resume with: {resume_command(out)}")
+    else:
+        msg = "interrupted before the run folder was written; nothing to resume, run the same command again"
+    if trainer is not None:
+        trainer.log(msg)
+    else:
+        print(f"sigvlp train: {msg}", file=sys.stderr)
+        if (out / "log.txt").is_file():
+            with open(out / "log.txt", "a", encoding="utf-8") as f:
+                f.write(msg + "\n")
+    return 130
+
+
 def run(args) -> int:
+    """`sigvlp train`: exit 0 when done, 2 on bad configuration or data, 3 when the loss diverged,
+    130 when SIGINT/SIGTERM stopped it (one line naming the checkpoint and the resume command)."""
+    import signal
+    import threading
+
+    restore = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM ends like Ctrl-C, not silently
+        restore = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _run(args)
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
+
+
+def _run(args) -> int:
     import torch.distributed as dist
 
-    from sigvlp.train.trainer import Trainer, TrainingDiverged
+    from sigvlp.train.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
+    config = trainer = None
     try:  # configuration, model and data errors: one clear line, exit status 2
         config = config_from_args(args)
         trainer = Trainer(config, resume=args.resume)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"sigvlp train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted_early(config, None)
     try:
         if trainer.step >= config.steps:  # a finished run resumed: nothing to train, nothing to report
             if trainer.is_main:
@@ -138,6 +189,10 @@ def run(args) -> int:
     except TrainingDiverged as e:
         print(f"sigvlp train: {e}", file=sys.stderr)
         return 3
+    except TrainingInterrupted:  # its one line is already on the console and in log.txt
+        return 130
+    except KeyboardInterrupt:
+        return _interrupted_early(config, trainer)
     finally:
         if trainer.distributed and dist.is_initialized():
             dist.destroy_process_group()

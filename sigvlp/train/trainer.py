@@ -15,6 +15,13 @@ bar, the metrics and the finite check), never one per layer.
 Run folder (``config.out``): ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line
 per logged step), ``log.txt``, ``checkpoints/step_XXXXXXXX/`` (see sigvlp.checkpoint),
 ``tensorboard/`` when the tensorboard package is installed.
+
+Interrupts: during ``run`` the first SIGINT (Ctrl-C) or SIGTERM only asks the run to stop; the
+step in progress finishes, a checkpoint of that consistent state is saved (unless that step was
+just saved), one line naming it and the resume command goes to the console and log.txt, and
+``TrainingInterrupted`` is raised (``sigvlp train`` exits 130). A second signal aborts at once;
+the line then names the last good checkpoint instead. Data loader workers ignore SIGINT, so a
+Ctrl-C in the terminal reaches the training process alone.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ import contextlib
 import json
 import math
 import random
+import shlex
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -41,11 +51,25 @@ from sigvlp.train.losses import TERM_NAMES, build_losses
 from sigvlp.train.runfolder import RunLock, check_run_folder
 from sigvlp.train.step import Batch, train_step
 
-__all__ = ["Trainer", "TrainingDiverged", "lr_factor", "train"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "lr_factor", "resume_command", "train"]
 
 
 class TrainingDiverged(FloatingPointError):
     """The loss or the gradient norm became NaN/inf; no optimizer step was taken with it."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run. checkpoint: the folder to resume from (None: none written
+    yet), saved: whether this interrupt wrote it, step: the step it holds."""
+
+    def __init__(self, message: str, checkpoint: Optional[Path], saved: bool, step: int):
+        super().__init__(message)
+        self.checkpoint, self.saved, self.step = checkpoint, saved, step
+
+
+def resume_command(out) -> str:
+    """The command that continues the run in folder `out` (its config.yaml holds the rest)."""
+    return f"sigvlp train --resume --out {shlex.quote(str(out))}"
 
 
 class _Log:
@@ -123,6 +147,7 @@ class Trainer:
         self.net = wrap_model(self.model, config, rt)
         self.optimizer, self.scheduler = build_optimizer(config, self.model, self.group)
         self.step, self.data_pos, self.resumed_from, self._tb = 0, {"epoch": 0, "batch": 0}, None, None
+        self._stop_signal, self._stop_agreed = None, False
         self._open_run_folder(resume)
 
     def _open_run_folder(self, resume: bool) -> None:
@@ -201,14 +226,16 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
-        stats = torch.stack([*(v / cfg.grad_accum for v in sums.values()), gnorm.detach().float()])
+        stop = torch.tensor(float(self._stop_signal is not None), device=self.device)
+        stats = torch.stack([*(v / cfg.grad_accum for v in sums.values()), gnorm.detach().float(), stop])
         if self.distributed:
             counts_t = torch.tensor(counts, dtype=torch.float64, device=self.device)
             dist.all_reduce(counts_t)
             counts = [int(v) for v in counts_t.tolist()]
             dist.all_reduce(stats)
             stats /= self.world  # loss: mean of per-rank losses = global loss; gnorm identical on every rank
-        *values, gnorm_v = stats.tolist()  # the step's one read-back
+        *values, gnorm_v, stop_v = stats.tolist()  # the step's one read-back
+        self._stop_agreed = stop_v > 0  # every rank sees the same value: they stop after the same step
         losses = dict(zip(sums, values))
         loss_v = losses["main"]
         for term in self.losses.terms:
@@ -345,6 +372,7 @@ class Trainer:
         ckpt = latest_checkpoint(self.ckpt_dir) if self.is_main else None
         self.log(f"training {type(self.model).__name__} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M "
                  f"params) on {self.device} x {self.world}, steps {self.step} -> {end}")
+        restore = self._catch_signals()
         try:
             while self.step < end:
                 try:
@@ -352,15 +380,22 @@ class Trainer:
                 except TrainingDiverged as e:
                     self.log(f"stopped: {e}")  # in log.txt too, not only on the console
                     raise
+                except KeyboardInterrupt:  # a second signal: mid-step, nothing consistent to save
+                    self._interrupted(latest_checkpoint(self.ckpt_dir), consistent=False)
                 if self.step % cfg.log_every == 0 or self.step == end:
                     self._metrics(last)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
                                     slices_s=f"{last['slices_per_s']:.1f}", refresh=False)
-                if self.step % cfg.ckpt_every == 0 or self.step == end:
+                saved = self.step % cfg.ckpt_every == 0 or self.step == end
+                if saved:
                     ckpt = self.save()
+                stop = self._stop_agreed or (not self.distributed and self._stop_signal is not None)
+                if stop and self.step < end:
+                    self._interrupted(ckpt if saved else self.save(), consistent=True)
         finally:
+            restore()
             if bar is not None:
                 bar.close()
                 self.log.bar = None
@@ -369,6 +404,41 @@ class Trainer:
         if ckpt is not None:
             self.log(f"checkpoint: {ckpt}")
         return {**last, "checkpoint": str(ckpt) if ckpt else None}
+
+
+    # ------------------------------------------------------------------ interrupts
+    def _catch_signals(self) -> Callable[[], None]:
+        """SIGINT/SIGTERM handlers for the loop (main thread only): the first signal sets
+        _stop_signal (the step finishes, then the run saves and stops), a second raises
+        KeyboardInterrupt at once. Returns the function restoring the previous handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore():
+            for sig, h in old.items():
+                signal.signal(sig, h)
+        return restore
+
+    def _interrupted(self, ckpt: Optional[Path], consistent: bool) -> None:
+        """Log the one interrupt line and raise TrainingInterrupted. consistent: the stop came
+        between steps and ckpt holds the current step (None on ranks other than the main);
+        otherwise it came mid-step and ckpt is the last good checkpoint (None: none yet)."""
+        what = self._stop_signal or "signal"
+        if consistent:
+            msg = f"interrupted ({what}) after step {self.step}: saved {ckpt}"
+        else:
+            msg = (f"interrupted ({what}) again during step {self.step + 1}, which was not saved; last good checkpoint: "
+                   f"{ckpt or 'none written yet (a resume starts from step 0)'}")
+        self.log(f"{msg}; resume with: {resume_command(self.out)}")
+        step = self.step if consistent else (int(ckpt.name.split("_")[-1]) if ckpt is not None else 0)
+        raise TrainingInterrupted(msg, ckpt, consistent, step)
 
 
 def train(config: TrainConfig, *, resume: bool = False, **kwargs) -> dict:
