@@ -199,3 +199,49 @@ def test_interrupt_saves_a_checkpoint_prints_one_line_and_resumes(tmp_path_facto
     assert f"resumed from {run / 'checkpoints' / f'step_{step:08d}'} (step {step}," in done.stdout
     steps = [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()]
     assert steps == list(range(1, step + 3))
+
+
+def test_resume_applies_changed_optimisation_settings_and_lists_them(tmp_path):
+    import json
+
+    import yaml
+
+    from sigvlp.train.builders import lr_factor
+
+    run = tmp_path / "run"
+    _trainer(run, steps=2, lr=0.02, adamw_lr=0.003, weight_decay=0.1, warmup_steps=1).run()
+    new = dict(lr=0.005, adamw_lr=0.001, weight_decay=0.05, adamw_weight_decay=0.2, momentum=0.9, warmup_steps=1,
+               min_lr_ratio=0.2, seed=7)
+    t = _trainer(run, resume=True, steps=5, **new)
+    f = lr_factor(2, 5, 1, 0.2)  # the schedule of the new settings at the resumed step
+    for g in t.optimizer.param_groups:  # the lr and decays of the next step follow the new config
+        if g["use_muon"]:
+            assert g["lr"] == pytest.approx(0.005 * f, rel=1e-12)
+            assert g["weight_decay"] == 0.05 and g["momentum"] == 0.9
+        else:
+            assert g["lr"] == pytest.approx(0.001 * f, rel=1e-12) and g["weight_decay"] == 0.2
+    t.run()
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    for step in (3, 4, 5):
+        assert rows[step]["lr"] == pytest.approx(0.005 * lr_factor(step - 1, 5, 1, 0.2), rel=1e-12)
+        assert rows[step]["adamw_lr"] == pytest.approx(0.001 * lr_factor(step - 1, 5, 1, 0.2), rel=1e-12)
+    log = (run / "log.txt").read_text()
+    line = next(ln for ln in log.splitlines() if ln.startswith("resume: settings changed"))
+    for change in ("lr 0.02 -> 0.005 (applied", "adamw_lr 0.003 -> 0.001 (applied", "steps 2 -> 5 (applied",
+                   "weight_decay 0.1 -> 0.05 (applied", "min_lr_ratio", "seed 0 -> 7"):
+        assert change in line, line
+    assert "seed 0 -> 7 (applied" not in line
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["lr"] == 0.005 and saved["adamw_lr"] == 0.001 and saved["steps"] == 5
+
+
+def test_resume_refuses_settings_that_change_what_the_weights_mean(tmp_path):
+    run = tmp_path / "run"
+    _trainer(run, steps=2).run()
+    before = _snapshot(run)
+    for over in ({"patch_size": [2, 16, 16]}, {"width": 128}, {"preprocess": "ctclip"},
+                 {"tokenizer": "word", "vocab": ["lung", "nodule"]}):
+        with pytest.raises(ValueError, match=rf"resume: checkpoint .*cannot change.*{list(over)[0]}"):
+            _trainer(run, resume=True, steps=3, model_overrides={**TEST_MODEL, **over})
+    assert _snapshot(run) == before
+

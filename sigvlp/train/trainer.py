@@ -54,6 +54,13 @@ from sigvlp.train.step import Batch, train_step
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "lr_factor", "resume_command", "train"]
 
 
+#: optimisation settings a resume applies over the restored optimizer/scheduler state
+RESUME_APPLIED = ("lr", "adamw_lr", "weight_decay", "adamw_weight_decay", "momentum", "warmup_steps", "steps",
+                  "min_lr_ratio")
+#: the param-group keys rebuilt from the config on resume (initial_lr: LambdaLR's peak lr)
+OPTIM_GROUP_KEYS = ("lr", "initial_lr", "weight_decay", "momentum")
+
+
 class TrainingDiverged(FloatingPointError):
     """The loss or the gradient norm became NaN/inf; no optimizer step was taken with it."""
 
@@ -138,6 +145,8 @@ class Trainer:
                                 from_dataset=batch_source is None, log=self.log)
         self.model = model.to(self.device)
         self.model_config = self.model.config
+        if resume:  # weights of another model are refused before the data is read
+            self._check_resumable_model()
         self.tokenizer = build_tokenizer(self.model_config)
         self._batch_source = batch_source
         self.data = build_data(config, self.model_config, self.tokenizer, rt, self.log) if batch_source is None else None
@@ -291,7 +300,6 @@ class Trainer:
             self.log(f"resume: no checkpoint under {self.ckpt_dir}; starting from step 0")
             self._drop_metrics_after(0)
             return
-        check_model_config(SigVLP.load_config(ckpt), self.model.config, f"resume: checkpoint {ckpt}")
         state = load_trainer_state(ckpt)
         weights = load_file(str(ckpt / "model.safetensors"), device=str(self.device))
         self.model.load_state_dict(weights, strict=True)
@@ -300,9 +308,11 @@ class Trainer:
             was = "adamw" if saved_kinds == [False] else "muon"  # "adamw" runs hold one AdamW group
             raise ValueError(f"resume: checkpoint {ckpt} was trained with optimizer {was!r}, this run "
                              f"asks for {self.config.optimizer!r}; resume with --optimizer {was}")
+        fresh = [{k: g[k] for k in OPTIM_GROUP_KEYS if k in g} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+        self._apply_settings(fresh, state.get("config") or {}, ckpt)
         positions = state["data_positions"]
         if state.get("world_size", 1) == self.world:
             self.data_pos = dict(positions[self.rank])
@@ -321,6 +331,33 @@ class Trainer:
         self._drop_metrics_after(self.step)
         self.log(f"resumed from {ckpt} (step {self.step}, data epoch {self.data_pos['epoch']} batch "
                  f"{self.data_pos['batch']})")
+
+    def _check_resumable_model(self) -> None:
+        """ValueError when the latest checkpoint's model differs from this run's in a field that
+        changes what the weights mean (geometry, tokenizer, patch size, preprocessing)."""
+        ckpt = latest_checkpoint(self.ckpt_dir)
+        if ckpt is not None:
+            check_model_config(SigVLP.load_config(ckpt), self.model.config,
+                               f"resume: checkpoint {ckpt} (settings that change what the weights mean cannot change)")
+
+    def _apply_settings(self, fresh: list[dict], saved: dict, ckpt: Path) -> None:
+        """After the optimizer/scheduler state is restored: put back this config's optimisation
+        settings (fresh: each group's OPTIM_GROUP_KEYS as built from it; the peak lr is its
+        "initial_lr") and the schedule at the resumed step, so that lr, adamw_lr, the weight
+        decays, momentum, warmup_steps, steps and min_lr_ratio follow the new config; log every
+        setting that differs from `saved` (the checkpoint's config dict), old -> new."""
+        sched = self.scheduler
+        for i, (g, new) in enumerate(zip(self.optimizer.param_groups, fresh)):
+            g.update({k: v for k, v in new.items() if k != "lr"})
+            sched.base_lrs[i] = g["initial_lr"] = new["initial_lr"]
+            g["lr"] = new["initial_lr"] * sched.lr_lambdas[i](sched.last_epoch)  # LambdaLR's own formula
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        now = self.config.to_dict()
+        changed = [k for k in now if k in saved and saved[k] != now[k]]
+        if changed:
+            self.log(f"resume: settings changed against checkpoint {ckpt.name}: " + ", ".join(
+                f"{k} {saved[k]!r} -> {now[k]!r}" + (" (applied to the optimizer and schedule)"
+                                                     if k in RESUME_APPLIED else "") for k in changed))
 
     def _drop_metrics_after(self, step: int) -> None:
         """metrics.jsonl rows past `step` were written by the interrupted run this one redoes: drop them
