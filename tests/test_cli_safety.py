@@ -245,3 +245,31 @@ def test_resume_refuses_settings_that_change_what_the_weights_mean(tmp_path):
             _trainer(run, resume=True, steps=3, model_overrides={**TEST_MODEL, **over})
     assert _snapshot(run) == before
 
+
+def test_demo_checks_options_first_and_never_removes_user_files(tmp_path, monkeypatch, capsys):
+    import sigvlp.demo.run as demo
+    import sigvlp.train.trainer as trainer_mod
+    from sigvlp.cli import main
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the demo went on to generate data or train")
+
+    monkeypatch.setattr(demo, "ensure_default_dataset", must_not_run)
+    monkeypatch.setattr(trainer_mod, "train", must_not_run)
+    out = tmp_path / "demo"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "notes.txt").write_text("mine")
+    data_file = tmp_path / "data.txt"
+    data_file.write_text("not a folder")
+    before = _snapshot(tmp_path)
+    with pytest.raises(SystemExit) as e:  # a bad option: the parser's one line
+        main(["demo", "--out", str(out), "--steps", "0"])
+    assert e.value.code == 2
+    with pytest.raises(ValueError, match="steps"):  # the same through the Python API
+        demo.run_demo(out / "fresh", steps=0)
+    assert main(["demo", "--out", str(tmp_path / "fresh"), "--data-dir", str(data_file), "--steps", "1"]) == 2
+    assert "--data-dir:" in capsys.readouterr().err
+    assert main(["demo", "--out", str(out), "--steps", "1"]) == 2  # the folder holds a run: refused
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sigvlp demo: error: --out:") and "run" in err and "another --out" in err and "\n" not in err
+    assert _snapshot(tmp_path) == before  # nothing removed, nothing created

@@ -17,18 +17,19 @@ The scoring lives in one function, ``score_zero_shot``, which runs the evaluatio
 from __future__ import annotations
 
 import json
-import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from sigvlp.cliargs import int_at_least
+from sigvlp.cliargs import check_writable, int_at_least
 from sigvlp.demo.recipe import DEMO_DATA, DEMO_MODEL, DEMO_TRAIN, MIN_COUNT
 from sigvlp.demo.synth import default_dataset_dir, ensure_default_dataset
 
-__all__ = ["DEMO_DATA", "DEMO_MODEL", "DEMO_TRAIN", "MIN_COUNT", "format_table", "run_demo", "score_zero_shot"]
+__all__ = ["DEMO_DATA", "DEMO_MODEL", "DEMO_OUTPUTS", "DEMO_TRAIN", "MIN_COUNT", "check_demo_out", "format_table",
+           "prepare_demo", "run_demo", "score_zero_shot"]
 
 
 def _dataset_dirs(data_dir: Optional[str]) -> tuple[Path, Path]:
@@ -91,32 +92,63 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out="sigvlp-demo", *, data_dir=None, steps: Optional[int] = None, threads: Optional[int] = None,
-             progress: bool = True) -> dict:
-    """The whole demo; returns the dict written to OUT/demo_metrics.json."""
-    import torch  # import cost, as for the imports below: `sigvlp --help` imports this module
+#: what a demo writes under --out; a folder already holding any of them is refused (never replaced)
+DEMO_OUTPUTS = ("run", "eval", "demo_metrics.json")
 
-    from sigvlp.train.config import TrainConfig
-    from sigvlp.train.trainer import train
 
-    t0 = time.perf_counter()
+def check_demo_out(out: Path) -> None:
+    """ValueError (one line) unless `out` can take a demo: a folder (absent, or one where none of
+    DEMO_OUTPUTS exists non-empty) that can be written. Touches nothing but a probe file."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} is a file, not a folder")
+    taken = [n for n in DEMO_OUTPUTS if (out / n).is_file() or ((out / n).is_dir() and any((out / n).iterdir()))]
+    if taken:
+        raise ValueError(f"--out: {out} already holds {', '.join(taken)} (an earlier demo's or your own files; the "
+                         "demo never replaces them): pass another --out, or move them away")
+    check_writable(out)
+
+
+def prepare_demo(out, *, data_dir=None, steps: Optional[int] = None, threads: Optional[int] = None,
+                 progress: bool = True):
+    """The demo's TrainConfig, after checking every option and the output folder (check_demo_out);
+    writes nothing. ValueError (one line) naming the option otherwise."""
+    from sigvlp.train.config import TrainConfig  # import cost: `sigvlp --help` imports this module
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     train_dir, heldout_dir = _dataset_dirs(data_dir)
-    print(f"phantoms: {train_dir} (training), {heldout_dir} (held out)", flush=True)
-    d = DEMO_DATA
-    ensure_default_dataset(train_dir, **d["train"])
-    ensure_default_dataset(heldout_dir, **d["heldout"])
-    t_data = time.perf_counter() - t0
+    for name, folder in (("--data-dir", train_dir.parent), ("--data-dir", train_dir), ("--data-dir", heldout_dir)):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{name}: {folder} is a file, not a folder")
     run_dir = out / "run"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # the demo always trains from scratch
     values = dict(DEMO_TRAIN, data=str(train_dir), out=str(run_dir), model_overrides=dict(DEMO_MODEL),
                   progress=progress, threads=threads or 2)  # 0.24 s a step on 2 cores, 0.30 with 1 thread
     if steps is not None:
         values["steps"] = int(steps)
         values["warmup_steps"] = min(values["warmup_steps"], max(int(steps) // 10, 1))
-    config = TrainConfig(**values)
+    config = TrainConfig(**values)  # validates every training option before disk is touched
+    check_demo_out(out)
+    return config
+
+
+def run_demo(out="sigvlp-demo", *, data_dir=None, steps: Optional[int] = None, threads: Optional[int] = None,
+             progress: bool = True) -> dict:
+    """The whole demo; returns the dict written to OUT/demo_metrics.json. Every option and the
+    output folder are checked before anything is written (ValueError, one line); OUT/run,
+    OUT/eval and OUT/demo_metrics.json must not exist yet (check_demo_out)."""
+    import torch  # import cost, as for the imports below: `sigvlp --help` imports this module
+
+    from sigvlp.train.trainer import train
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    config = prepare_demo(out, data_dir=data_dir, steps=steps, threads=threads, progress=progress)
+    train_dir, heldout_dir = _dataset_dirs(data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"phantoms: {train_dir} (training), {heldout_dir} (held out)", flush=True)
+    d = DEMO_DATA
+    ensure_default_dataset(train_dir, **d["train"])
+    ensure_default_dataset(heldout_dir, **d["heldout"])
+    t_data = time.perf_counter() - t0
     summary = train(config)
     t_train = time.perf_counter() - t0 - t_data
     ckpt = summary["checkpoint"]
@@ -160,6 +192,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    """`sigvlp demo`: run_demo with the parsed options; 0."""
-    run_demo(args.out, data_dir=args.data_dir, steps=args.steps, threads=args.threads, progress=args.progress)
+    """`sigvlp demo`: run_demo with the parsed options; 0, or 2 with one line for a bad option or
+    an --out folder that already holds a demo's outputs."""
+    options = dict(data_dir=args.data_dir, steps=args.steps, threads=args.threads, progress=args.progress)
+    try:
+        prepare_demo(args.out, **options)
+    except ValueError as e:
+        print(f"sigvlp demo: error: {e}", file=sys.stderr)
+        return 2
+    run_demo(args.out, **options)
     return 0
