@@ -273,3 +273,20 @@ def test_demo_checks_options_first_and_never_removes_user_files(tmp_path, monkey
     err = capsys.readouterr().err.strip()
     assert err.startswith("sigvlp demo: error: --out:") and "run" in err and "another --out" in err and "\n" not in err
     assert _snapshot(tmp_path) == before  # nothing removed, nothing created
+
+
+def test_train_and_synth_refuse_an_unwritable_out_before_work(tmp_path, capsys):
+    from sigvlp.cli import main
+
+    blocker = tmp_path / "file.txt"  # root ignores permission bits; a path under a regular file fails for anyone
+    blocker.write_text("mine")
+    out = blocker / "run"
+    data = tmp_path / "empty-data"  # no dataset: an error about it would mean the data was read first
+    data.mkdir()
+    assert main(["train", "--data", str(data), "--out", str(out), "--model", "tiny", "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sigvlp train: error: out:") and "is a file, not a folder" in err and "\n" not in err, err
+    assert main(["synth", "--out", str(out), "--n-train", "1", "--n-valid", "0", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sigvlp synth: error: argument --out:") and "is a file" in err and "\n" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty-data", "file.txt"] and blocker.read_text() == "mine"

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from sigvlp.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from sigvlp.cliargs import check_writable
 from sigvlp.model import SigVLP
 from sigvlp.train.builders import (build_autocast, build_data, build_model, build_optimizer, build_tokenizer,
                                    check_model_config, lr_factor, setup_runtime, wrap_model)
@@ -117,6 +118,10 @@ class Trainer:
         self.lock = RunLock(self.out)
         if self.is_main:  # before anything is written: a folder holding another run is refused
             check_run_folder(self.out, resume)
+            try:
+                check_writable(self.out)
+            except ValueError as e:
+                raise ValueError(f"out: {e}") from None
             self.out.mkdir(parents=True, exist_ok=True)
         self.log = _Log(self.out / "log.txt" if self.is_main else None, self.is_main)
         self._lock()

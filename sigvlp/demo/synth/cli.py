@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from sigvlp.cliargs import int_at_least
+from sigvlp.cliargs import check_writable, int_at_least
 from sigvlp.demo.synth.config import SYNTH_PRESETS
 from sigvlp.demo.synth.writing import check_overwritable, write_dataset
 
@@ -69,6 +69,7 @@ def run(args) -> int:
     out = Path(args.out)
     try:
         check_overwritable(out)
+        check_writable(out)  # before any work: e.g. a folder under a regular file, or a read-only one
     except ValueError as e:
         print(f"sigvlp synth: error: argument --out: {e}", file=sys.stderr)
         return 2
