@@ -197,6 +197,66 @@ def test_torch_backend_over_65536_tokens_sampled_rows():
         assert max_err(out[r], expected) < 2e-5, f"row {r}"
 
 
+# ----------------------------------------------------------------------------- cpu backend (grouped batches)
+# Non-causal without a gradient on lse: torch's fused CPU attention per group; causal or with an lse
+# gradient: the explicit matmul formulas. Both paths against the fp64 oracle.
+
+
+@pytest.mark.parametrize("mode", ["grid", "positions", "none"])
+@pytest.mark.parametrize("causal,use_lse_grad", [(False, False), (False, True), (True, False)])
+def test_cpu_backend_edge_lengths(mode, causal, use_lse_grad):
+    _run_and_check(EDGE_LENGTHS, backend="cpu", nheads=4, nheads_kv=2, head_dim=32, mode=mode, causal=causal,
+                   use_lse_grad=use_lse_grad)
+
+
+@pytest.mark.parametrize("nheads,nheads_kv,head_dim,interleaved,causal", [
+    (1, 1, 32, False, False), (16, 16, 64, True, True), (16, 4, 96, False, False), (4, 1, 128, True, False)])
+def test_cpu_backend_heads_and_dims(nheads, nheads_kv, head_dim, interleaved, causal):
+    _run_and_check([1, 33, 0, 70, 16, 48], backend="cpu", nheads=nheads, nheads_kv=nheads_kv, head_dim=head_dim,
+                   interleaved=interleaved, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_backend_half_dtypes(dtype):
+    _run_and_check([65, 1, 0, 127, 32, 32], backend="cpu", nheads=2, nheads_kv=1, head_dim=32, dtype=dtype)
+
+
+def test_cpu_backend_over_65536_tokens():
+    """66,000+ packed tokens (many sequences of the demo's lengths, a long one, empty and single ones),
+    forward, lse and gradients against the fp64 oracle (the fused path; causal rows use the explicit
+    path, checked above at the edge lengths)."""
+    lengths = [0, 1, 1024, 65, 129] + [16 * (2 + i % 31) for i in range(250)]
+    assert sum(lengths) > 65536
+    _run_and_check(lengths, backend="cpu", nheads=1, nheads_kv=1, head_dim=32)
+
+
+def test_cpu_backend_row_blocks(monkeypatch):
+    """Query rows in blocks (a scores buffer cap far below one group): the same answer."""
+    from sigvlp.ops import attention_cpu
+
+    monkeypatch.setattr(attention_cpu, "BLOCK_ELEMENTS", 300)
+    _run_and_check([1, 63, 0, 130, 129], backend="cpu", nheads=2, nheads_kv=1, head_dim=32, causal=True,
+                   use_lse_grad=True)
+
+
+def test_cpu_backend_group_plan():
+    """Every sequence with queries and keys in exactly one group; each group's padded score elements
+    within the slack of its real ones plus the overhead; equal lengths pad nothing."""
+    from sigvlp.ops.attention_cpu import GROUP_OVERHEAD, GROUP_SLACK, plan_groups
+
+    g = torch.Generator().manual_seed(0)
+    lens_q = torch.randint(0, 600, (300,), generator=g).tolist()
+    lens_k = [n if i % 3 else int(m) for i, (n, m) in enumerate(zip(lens_q, torch.randint(0, 90, (300,))))]
+    groups = plan_groups(tuple(lens_q), tuple(lens_k))
+    members = sorted(b for grp in groups for b in grp)
+    assert members == [b for b in range(300) if lens_q[b] and lens_k[b]]
+    for grp in groups:
+        padded = len(grp) * max(lens_q[b] for b in grp) * max(lens_k[b] for b in grp)
+        assert padded <= (1 + GROUP_SLACK) * sum(lens_q[b] * lens_k[b] for b in grp) + GROUP_OVERHEAD
+    assert len(groups) < 60
+    assert plan_groups((256,) * 8, (256,) * 8) == [list(range(8))]
+
+
 def test_relative_position_property():
     """Scores depend only on relative (t, h, w) offsets: shifting every position changes nothing."""
     q, k, v, cu, _, positions = _inputs([40, 25], nheads=2, nheads_kv=2)
@@ -208,20 +268,26 @@ def test_relative_position_property():
     assert max_err(a, plain) > 1e-2  # the rotation does something
 
 
-def test_auto_backend_on_cpu_is_torch_and_op_is_registered():
+def test_auto_backend_on_cpu_is_cpu_and_op_is_registered():
     assert "rope_attention_varlen" in ops.OPS
-    assert ops.OPS["rope_attention_varlen"].names == ("triton", "cuda", "torch")
+    assert ops.OPS["rope_attention_varlen"].names == ("triton", "cuda", "cpu", "torch")
     q, k, v, cu, grid, _ = _inputs([5, 3])
     qr = q.clone().requires_grad_(True)
     with ops.dispatch_log() as log:
         out = rope_attention_varlen(qr, k, v, cu, 5, grid)
         out.sum().backward()
-    assert log and set(log) == {("rope_attention_varlen", "torch")}, log  # what ran, forward and backward
-    assert torch.equal(out, rope_attention_varlen(q, k, v, cu, 5, grid, backend="torch"))
+    assert log and set(log) == {("rope_attention_varlen", "cpu")}, log  # what ran, forward and backward
+    assert torch.equal(out, rope_attention_varlen(q, k, v, cu, 5, grid, backend="cpu"))
+    torch.testing.assert_close(out, rope_attention_varlen(q, k, v, cu, 5, grid, backend="torch"))
     assert torch.isnan(ops.backends.empty_output((2,), torch.float32, q.device)).all()  # conftest poisons outputs
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cpu_backend_refuses_other_devices():
+    reason = ops.OPS["rope_attention_varlen"].backends["cpu"].refusal(torch.device("cuda"), torch.float32)
+    assert reason is not None and "CPU tensors only" in reason
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_no_tokens(backend):
     q, k, v, cu, grid, _ = _inputs([0, 0])
     out, lse = rope_attention_varlen(q, k, v, cu, 0, grid, return_lse=True, backend=backend)
@@ -345,14 +411,14 @@ def test_triton_fused_rotation_is_rope3d_at_large_positions():
 # (causal then leaves most rows with no visible key), lengths straddling the block sizes.
 CROSS_Q = (0, 1, 63, 65, 129, 1, 65, 3)
 CROSS_K = (65, 129, 0, 1, 63, 1, 65, 40)
-CROSS_BACKENDS = ["torch", "triton"]
+CROSS_BACKENDS = ["torch", "cpu", "triton"]
 
 
 _CROSS_CASES = [("grid", "grid", False), ("grid", "positions", True), ("positions", "positions", False),
                 ("none", "none", True)]
 
 
-@pytest.mark.parametrize("backend,mode,mode_k,causal", [("torch", *c) for c in _CROSS_CASES] + [
+@pytest.mark.parametrize("backend,mode,mode_k,causal", [(b, *c) for b in ("torch", "cpu") for c in _CROSS_CASES] + [
     ("triton", *c) for c in _CROSS_CASES[1:3] if "triton" in CROSS_BACKENDS])
 def test_cross_edge_lengths(backend, mode, mode_k, causal):
     _run_and_check(CROSS_Q, lengths_k=CROSS_K, backend=backend, nheads=2, nheads_kv=1, head_dim=32, mode=mode,
@@ -451,7 +517,7 @@ def _op_args(backend, requires_grad=True):
             True, backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_opcheck(backend):
     torch.library.opcheck(torch.ops.sigvlp.rope_attention_varlen.default, _op_args(backend))
 
@@ -464,7 +530,7 @@ def test_opcheck_backward_op():
     torch.library.opcheck(torch.ops.sigvlp.rope_attention_varlen_backward.default, args)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_torch_compile_fullgraph(backend):
     q, k, v, cu, grid, _ = _inputs([9, 0, 30], nheads=4, nheads_kv=2, head_dim=32)
 

@@ -159,6 +159,7 @@ class HUEncoding(nn.Module):
         t, h, w = torch.meshgrid(torch.arange(pt), torch.arange(ph), torch.arange(pw), indexing="ij")
         sub = ((t // (pt // gt)) * gh + h // (ph // gh)) * gw + w // (pw // gw)  # voxel -> sub-block (t, h, w order)
         self.register_buffer("sub", sub.reshape(1, -1), persistent=False)
+        self.register_buffer("sub_bins", (sub.reshape(1, -1) * self.n_bins).to(torch.int32), persistent=False)
         self.n_sub, self.per_sub = gt * gh * gw, (pt // gt) * (ph // gh) * (pw // gw)
         self.embed = nn.Linear(self.n_bins * math.prod(self.grid), width)
         nn.init.trunc_normal_(self.embed.weight, std=self.embed.in_features ** -0.5)
@@ -170,15 +171,18 @@ class HUEncoding(nn.Module):
         are binned through a table at 1/LUT_STEPS of the [-1, 1] window (0.5 HU for the usual
         2000 HU window, finer than the fp16 cache stores them); values outside the window count as
         its ends, NaN as its bottom (memory-safe for any input). One gather, one index_add, no
-        host sync."""
+        host sync (index_select and an expanded ones tensor: about 5x faster on the CPU than
+        advanced indexing and a materialised ones)."""
         n, nb = patches.shape[0], self.n_bins
-        q = ((patches.float() + 1.0) * (self.LUT_STEPS / 2)).round_().nan_to_num_(0.0).clamp_(0, self.LUT_STEPS)
-        bins = self.lut[q.to(torch.int32)]  # number of thresholds below each voxel (NaN counts as the bottom)
+        q = patches.to(torch.float32, copy=True).add_(1.0).mul_(self.LUT_STEPS / 2).round_()
+        q = q.nan_to_num_(0.0).clamp_(0, self.LUT_STEPS).to(torch.int32)
+        # per voxel: sub-block * n_bins + the number of thresholds below it (NaN counts as the bottom)
+        local = self.lut.index_select(0, q.view(-1)).view(n, -1).add_(self.sub_bins)
         index_dtype = torch.int32 if n * self.n_sub * nb < 2 ** 31 else torch.int64
-        flat = torch.arange(n, device=patches.device, dtype=index_dtype)[:, None] * self.n_sub + self.sub
-        flat = flat * nb + bins
+        flat = local.to(index_dtype).add_(torch.arange(n, device=patches.device, dtype=index_dtype)[:, None]
+                                          * (self.n_sub * nb))
         counts = torch.zeros(n * self.n_sub * nb, device=patches.device, dtype=torch.float32)
-        counts.index_add_(0, flat.view(-1), torch.ones(flat.numel(), device=patches.device, dtype=torch.float32))
+        counts.index_add_(0, flat.view(-1), torch.ones((), device=patches.device).expand(flat.numel()))
         return counts.view(n, self.n_sub, nb) / self.per_sub
 
     def forward(self, patches):

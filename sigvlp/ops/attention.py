@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from sigvlp.ops import _attention_cuda, _checks
+from sigvlp.ops import _attention_cuda, _checks, attention_cpu
 from sigvlp.ops.backends import (Backend, BackendSet, device_guard, empty_output, resolve_request,
                                  validation_enabled)
 from sigvlp.ops.registry import KeyRatio, OpSpec, as64, leaf, rand64, register, weighted_grads
@@ -207,9 +207,11 @@ def _triton_limits(head_dim: int, **_):
 BACKENDS = BackendSet("rope_attention_varlen", [
     Backend("triton", _run_triton, limits=_triton_limits),
     Backend("cuda", _attention_cuda.forward, dtypes=_attention_cuda.DTYPES, limits=_attention_cuda.limits),
+    Backend("cpu", attention_cpu.forward),
     Backend("torch", _run_torch),
 ])
-_BACKWARD = {"triton": _run_triton_backward, "cuda": _attention_cuda.backward, "torch": _run_torch_backward}
+_BACKWARD = {"triton": _run_triton_backward, "cuda": _attention_cuda.backward, "cpu": attention_cpu.backward,
+             "torch": _run_torch_backward}
 
 
 # ----------------------------------------------------------------------------- torch ops
@@ -298,6 +300,7 @@ def _setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, grid_q, pos_q, grid_k, pos_k, theta, sections, interleaved, scale, causal,
      cross, _validate, backend) = inputs
     out, lse = output
+    ctx.set_materialize_grads(False)  # dlse None when lse is unused (most callers): backends skip its term
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, grid_q, pos_q, grid_k, pos_k)
     ctx.args = (max_q, max_k, theta, sections, interleaved, scale, causal, cross, backend)
 
@@ -305,6 +308,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, grid_q, pos_q, grid_k, pos_k = ctx.saved_tensors
     max_q, max_k, theta, sections, interleaved, scale, causal, cross, backend = ctx.args
+    if dout is None:  # only lse was used
+        dout = torch.zeros_like(out)
     dq, dk, dv = _attention_backward_op(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, grid_q, pos_q,
                                         grid_k, pos_k, theta, sections, interleaved, scale, causal, cross, backend)
     return (dq, dk, dv) + (None,) * 16

@@ -1,13 +1,15 @@
 """Backends of sigvlp ops and how one is chosen.
 
 Every op has a pure-torch reference backend ("torch") and, where written, "triton" and
-"cuda" backends. Each backend declares what it supports; `BackendSet.select` picks one:
+"cuda" backends, and a "cpu" backend (batched torch for CPU tensors only, e.g. varlen attention
+without a Python loop per sequence). Each backend declares what it supports; `BackendSet.select` picks one:
 
 - ``backend=`` given to the op forces that backend (error if it cannot serve the input);
 - otherwise the environment variable SIGVLP_BACKEND, when it names a backend the op has,
   forces it the same way;
 - otherwise ("auto") the first backend in the op's priority order that can serve the input.
-  On CPU tensors auto is always "torch": Triton on CPU (TRITON_INTERPRET=1) is a test mode.
+  On CPU tensors auto is "cpu" where the op has one, else "torch": Triton on CPU
+  (TRITON_INTERPRET=1) and the CUDA emulation are test modes, never picked automatically.
 
 Every non-torch backend runs under the device of its tensors (`device_guard`): Triton launches on
 the current device and CUDA launches use its context, so tensors on cuda:1 while cuda:0 is
@@ -32,7 +34,7 @@ import torch
 from sigvlp.kernels import interpreter as _kernels_interpreter
 from sigvlp.ops import cuda_module
 
-BACKEND_NAMES = ("torch", "triton", "cuda")
+BACKEND_NAMES = ("torch", "cpu", "triton", "cuda")
 ENV_VAR = "SIGVLP_BACKEND"
 VALIDATE_ENV_VAR = "SIGVLP_VALIDATE"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -119,6 +121,10 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str | N
     """None if backend `name` can run on `device` (on this machine at all, if None), else why not."""
     if name == "torch":
         return None
+    if name == "cpu":
+        if device is not None and device.type != "cpu":
+            return f"runs on CPU tensors only (reads sequence lengths on the host), got a {device.type} tensor"
+        return None
     if name == "triton":
         return triton_unavailable_reason(device)
     if name == "cuda":
@@ -131,7 +137,7 @@ class Backend:
     """One implementation of an op.
 
     run: the implementation, called with the op's (validated) arguments. For every backend but
-        "torch" it is wrapped so that it runs under the device of its first tensor argument
+        "torch" and "cpu" it is wrapped so that it runs under the device of its first tensor argument
         (the op's main input): every Triton and CUDA launch of every op is device-guarded here.
     dtypes: the element types it accepts.
     limits: optional op-specific check, called with the facts passed to `select`; returns why
@@ -144,7 +150,7 @@ class Backend:
     limits: Callable[..., str | None] | None = None
 
     def __post_init__(self):
-        if self.name != "torch" and not hasattr(self.run, "unguarded"):
+        if self.name not in ("torch", "cpu") and not hasattr(self.run, "unguarded"):
             object.__setattr__(self, "run", _guarded(self.run))
 
     def refusal(self, device: torch.device, dtype: torch.dtype, **facts) -> str | None:
