@@ -62,8 +62,9 @@ def test_info_reports_every_backend():
     from sigvlp import info
 
     data = info.collect()
-    assert set(data["backends"]) == {"torch", "triton", "cuda"}
-    assert data["backends"]["torch"] is None
+    assert set(data["backends"]) == {"torch", "cpu", "triton", "cuda"}
+    assert data["backends"]["torch"] is None and data["backends"]["cpu"] is None
+    assert "cpu" in data["ops"]["rope_attention_varlen"]
     for name, reason in data["backends"].items():
         assert reason is None or (isinstance(reason, str) and reason), name
     if not torch.cuda.is_available():
@@ -71,7 +72,7 @@ def test_info_reports_every_backend():
     assert "rope3d" in data["ops"]
     result = subprocess.run([sys.executable, "-m", "sigvlp.info"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    for name in ("torch", "triton", "cuda"):
+    for name in ("torch", "cpu", "triton", "cuda"):
         assert f"  {name}" in result.stdout
     assert "CUDA module:" in result.stdout
 
