@@ -33,7 +33,7 @@ __all__ = ["add_arguments", "run", "find_inputs", "load_dicom_series", "load_any
            "resolve_checkpoint", "MetadataLookup"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
 
 def _is_nifti(p: Path) -> bool:

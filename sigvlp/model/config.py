@@ -111,7 +111,7 @@ class SigVLPConfig:
     ``logit_bias_init`` the initial b of the sigmoid loss.
     Data: ``preprocess`` names a sigvlp.data.preprocess preset, ``chunk`` a sigvlp.data.chunks
     preset (``chunk_config()`` returns it with this config's patch size).
-    Runtime only (not part of the weights): ``attn_backend`` (None/"auto", "torch", "triton"),
+    Runtime only (not part of the weights): ``attn_backend`` (None/"auto", "torch", "cpu", "triton"),
     ``grad_checkpointing``.
     """
 
