@@ -41,7 +41,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["ABNORMALITY_PROMPTS", "ORGAN_PROMPTS", "LABEL_ORGANS", "PromptTopics", "abnormality_prompts",
+__all__ = ["ABNORMALITY_PROMPTS", "ORGAN_PROMPTS", "LABEL_ORGANS", "PromptTopics", "abnormality_prompts", "topic_sigmoid_loss",
            "direction_decorrelation", "organ_prompts"]
 
 #: CT-CLIP's zero-shot prompt pair (positive first)
@@ -164,3 +164,35 @@ def direction_decorrelation(statements: torch.Tensor) -> torch.Tensor:
     cos = d @ d.T
     off = cos - torch.diag_embed(torch.diagonal(cos))
     return off.square().sum() / (k * (k - 1))
+
+
+def topic_sigmoid_loss(image: torch.Tensor, statements: torch.Tensor, scale: torch.Tensor,
+                       truth: torch.Tensor) -> torch.Tensor:
+    """Prompt supervision's loss for every topic at once (one matmul; the value of two
+    ``sigvlp.ops.sigmoid_loss`` calls per topic, bias 0, weighted 0.5 each, averaged over topics).
+
+    image: (B, D) float chunk embeddings; statements: (2 * K, D), topic k's positive statement at
+    row 2k and its negative at 2k + 1 (``PromptTopics.texts``); scale: the logit multiplier t (a
+    scalar tensor); truth: (K, B) int (``PromptTopics.truth``: 1 positive true, 0 negative true, -1
+    unknown), on any device. With logits l = t * image @ statements^T and s = +1 (truth 1) / -1
+    (truth 0), chunk i's loss for topic k is SigLIP's sigmoid loss against the two statements,
+    softplus(-s * l[i, 2k]) + softplus(s * l[i, 2k + 1]) (-log sigmoid(x) = softplus(-x), Zhai et
+    al. 2023), weighted 0.5 / (number of chunks with the same truth for topic k): the chunks where
+    "present" is true and those where "not present" is true count equally. Unknown chunks are left
+    out. Returns the float32 scalar sum over topics / K (0 for K = 0).
+    """
+    k = truth.shape[0]
+    if statements.shape[0] != 2 * k or truth.dim() != 2 or truth.shape[1] != image.shape[0]:
+        raise ValueError(f"truth: expected ({statements.shape[0] // 2}, {image.shape[0]}) for (topics, chunks), "
+                         f"got {tuple(truth.shape)} (statements {tuple(statements.shape)})")
+    if k == 0:
+        return image.new_zeros((), dtype=torch.float32)
+    truth = truth.to(image.device, non_blocking=True)
+    pos, neg = truth == 1, truth == 0
+    per_pos = 0.5 / pos.sum(1, keepdim=True).clamp_min(1)
+    per_neg = 0.5 / neg.sum(1, keepdim=True).clamp_min(1)
+    weight = torch.where(pos, per_pos, torch.where(neg, per_neg, 0.0))  # (K, B)
+    sign = pos.float() - neg.float()
+    logits = (scale.float() * (image.float() @ statements.float().T)).T  # (2K, B)
+    nll = torch.nn.functional.softplus(-sign * logits[0::2]) + torch.nn.functional.softplus(sign * logits[1::2])
+    return (weight * nll).sum() / k

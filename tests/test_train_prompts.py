@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 
@@ -75,3 +76,47 @@ def test_direction_decorrelation_matches_loops_and_extremes():
                 torch.zeros(4, 3, dtype=torch.bool)):
         with pytest.raises(TypeError, match="statements"):
             direction_decorrelation(bad)
+
+
+def _per_topic_loop(img, ptxt, scale, truth):
+    """The prompt loss as two sigvlp.ops.sigmoid_loss calls per topic (the loop it replaced)."""
+    from sigvlp.ops import sigmoid_loss
+
+    text_ids = torch.tensor([0, 1])
+    zero = torch.zeros_like(scale)
+    total = img.new_zeros(())
+    for k in range(truth.shape[0]):
+        for value in (1, 0):
+            rows = truth[k] == value
+            n = int(rows.sum())
+            if n == 0:
+                continue
+            x = img if n == truth.shape[1] else img[rows.nonzero()[:, 0]]
+            ids = torch.full((n,), 1 - value, dtype=torch.int64)
+            total = total + 0.5 * sigmoid_loss(x, ptxt[2 * k:2 * k + 2], scale, zero, image_ids=ids,
+                                               text_ids=text_ids)
+    return total / max(truth.shape[0], 1)
+
+
+def test_topic_sigmoid_loss_equals_the_per_topic_sigmoid_loss_loop():
+    """Value and gradients (image, statements, scale) of the batched loss against the per-topic
+    sigmoid_loss calls, to float32 rounding; topics all present, all absent, all unknown, mixed."""
+    from sigvlp.prompts import topic_sigmoid_loss
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0], [-1] * 7, [1, 0, -1, 1, 0, 0, 1],
+                          [0, -1, -1, -1, 1, -1, -1]])
+    img = torch.nn.functional.normalize(torch.randn(7, 24, generator=g), dim=1)
+    stm = torch.nn.functional.normalize(torch.randn(10, 24, generator=g), dim=1)
+    results = []
+    for fn in (_per_topic_loop, topic_sigmoid_loss):
+        leaves = [x.clone().requires_grad_() for x in (img, stm, torch.tensor(9.0))]
+        loss = fn(*leaves, truth)
+        loss.backward()
+        results.append((loss.detach(), *[x.grad for x in leaves]))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
+    assert results[1][0] > 0 and results[1][2][4:6].abs().sum() == 0  # the unknown topic has no gradient
+    assert float(topic_sigmoid_loss(img, stm[:0], torch.tensor(9.0), truth[:0])) == 0.0
+    with pytest.raises(ValueError, match="truth"):
+        topic_sigmoid_loss(img, stm, torch.tensor(9.0), truth[:, :3])

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from sigvlp.ops import sigmoid_loss
-from sigvlp.prompts import PromptTopics, direction_decorrelation
+from sigvlp.prompts import PromptTopics, direction_decorrelation, topic_sigmoid_loss
 from sigvlp.train.step import Batch
 
 __all__ = ["Embeddings", "Losses", "PromptStatements", "PromptSupervision", "TERM_NAMES", "TopicDecorrelation",
@@ -89,13 +89,15 @@ class PromptStatements:
 
 
 class PromptSupervision:
-    """Per topic, sigmoid_loss of the chunks against the topic's two statements, image id = the
-    index of the true one; chunks where "present" is true and those where "not present" is true are
-    two calls weighted 0.5 each (balanced: most abnormalities are rare); unknown chunks are left
-    out. Mean over topics. Bias 0, not the model's (about -10, set by the many negatives of the
-    main loss): the false statement is pushed away as hard as the true one is pulled (the two-way
-    softmax of zero-shot scoring does not see the bias). Under DDP each rank balances its own
-    chunks and DDP averages the ranks' gradients."""
+    """Per topic, SigLIP's sigmoid loss of the chunks against the topic's two statements, the true
+    one the positive; chunks where "present" is true and those where "not present" is true are
+    weighted 0.5 each (balanced: most abnormalities are rare); unknown chunks are left out. Mean
+    over topics. Bias 0, not the model's (about -10, set by the many negatives of the main loss):
+    the false statement is pushed away as hard as the true one is pulled (the two-way softmax of
+    zero-shot scoring does not see the bias). All topics in one call (sigvlp.prompts.
+    topic_sigmoid_loss: the value of two sigmoid_loss calls per topic). Under DDP each rank
+    balances its own chunks and DDP averages the ranks' gradients. backend: kept for callers;
+    the batched loss is plain torch on every device."""
 
     name = "prompt"
 
@@ -105,24 +107,7 @@ class PromptSupervision:
         self.backend = backend
 
     def __call__(self, emb: Embeddings) -> torch.Tensor:
-        img, ptxt = emb.image, emb.statements
-        truth = self.statements.truth(emb.batch)
-        text_ids = torch.tensor([0, 1], device=img.device)
-        zero = torch.zeros_like(emb.bias)
-        total = img.new_zeros(())
-        parts = 0
-        for k in range(truth.shape[0]):
-            for value in (1, 0):
-                rows = truth[k] == value
-                n = int(rows.sum())
-                if n == 0:
-                    continue
-                x = img if n == truth.shape[1] else img[rows.nonzero()[:, 0].to(img.device)]
-                ids = torch.full((n,), 1 - value, dtype=torch.int64, device=img.device)  # 0: "present" is true
-                total = total + 0.5 * sigmoid_loss(x, ptxt[2 * k:2 * k + 2], emb.scale, zero, image_ids=ids,
-                                                   text_ids=text_ids, backend=self.backend)
-            parts += 1
-        return total / max(parts, 1)
+        return topic_sigmoid_loss(emb.image, emb.statements, emb.scale, self.statements.truth(emb.batch))
 
 
 class TopicDecorrelation:
