@@ -12,13 +12,19 @@ Full mode (GPU): the "base" preset, 256 x 256 in-plane (16 x 16 patches), chunks
 slices, bf16 autocast; and the "siglip2-large" geometry (what SigVLP.from_siglip builds from
 google/siglip2-large-patch16-256, here with random weights: no download), chunks of 64 slices,
 8192 image tokens, unfused vs sigvlp only (an 880M-parameter step, kept short for the GPU check's
-time plan). Quick mode (CPU): "tiny", 64 x 64, chunks of 16 slices.
+time plan). Quick mode (CPU): "tiny", 64 x 64, chunks of 16 slices; and the demo's step on the CPU
+(`test_cpu_attention_training_step`: the "tiny" preset with the demo's model overrides, a byte
+tokenizer, ~4096 image tokens in chunks of 8..128 slices at 64 x 64 px) with the attention on
+its "cpu" backend (sequences grouped into padded batches, auto's choice) against the per-sequence
+reference ("torch" backend, SIGVLP_BACKEND=torch), the two timed alternately in one run, the
+load average and torch's thread count recorded beside them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import pytest
 import torch
@@ -42,6 +48,21 @@ def _cases():
     setups = (FULL, SIGLIP2) if _bench.full() else (QUICK,)
     return [pytest.param(s, d, p, id=f"{s['preset']}-{d}-{p}") for s in setups for d in s["depths"]
             for p in s.get("providers", PROVIDERS)]
+
+
+@contextlib.contextmanager
+def _env(values: dict):
+    """os.environ updated with `values` inside the block, restored after."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _batch(depth: int, cfg, setup) -> dict:
@@ -129,21 +150,12 @@ def test_training_step(bench, setup, depth, provider):
         opt.zero_grad(set_to_none=True)
         return loss
 
-    old = {k: os.environ.get(k) for k in backend_env}
-    os.environ.update(backend_env)
-    try:
-        with attention:
-            try:
-                peak = bench.peak_memory(step)
-                timing = bench.time(step, rounds=3 if HAS_CUDA else 2)
-            except torch.OutOfMemoryError:
-                pytest.skip("out of memory")
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with _env(backend_env), attention:
+        try:
+            peak = bench.peak_memory(step)
+            timing = bench.time(step, rounds=3 if HAS_CUDA else 2)
+        except torch.OutOfMemoryError:
+            pytest.skip("out of memory")
     tokens = int(batch["patches"].shape[0])
     chunks = int(batch["cu_seqlens"].numel()) - 1
     slices = chunks * depth
@@ -152,3 +164,63 @@ def test_training_step(bench, setup, depth, provider):
                  dtype=torch.bfloat16 if HAS_CUDA else torch.float32, timing=timing, peak_bytes=peak,
                  baseline="unfused" if provider != "unfused" else None, tokens=tokens, chunks=chunks,
                  tokens_per_s=tokens / timing.median, slices_per_s=slices / timing.median)
+
+
+#: the demo's chunk depths (slices; min_slices 8 .. max_slices 128), cycled up to DEMO_STEP's budget
+DEMO_DEPTHS = (16, 128, 40, 96, 64, 24, 112, 8, 80, 48, 32, 120, 56, 104, 72, 88)
+DEMO_STEP = {"inplane": 64, "token_budget": 4096, "rounds": 6}
+
+
+def _demo_batch(cfg) -> dict:
+    from sigvlp.data.collate import collate_chunks
+
+    pt, ph, pw = cfg.patch_size
+    per_slice_group = (DEMO_STEP["inplane"] // ph) * (DEMO_STEP["inplane"] // pw)
+    g = torch.Generator().manual_seed(0)
+    samples, tokens = [], 0
+    for i, depth in enumerate(DEMO_DEPTHS * 4):
+        tokens += depth // pt * per_slice_group
+        if tokens > DEMO_STEP["token_budget"]:
+            break
+        image = torch.rand(depth, DEMO_STEP["inplane"], DEMO_STEP["inplane"], generator=g) * 2 - 1
+        samples.append({"image": image.numpy(), "text": TEXTS[i % len(TEXTS)], "uid": i})
+    return collate_chunks(samples, patch=cfg.patch_size, max_text_tokens=cfg.max_text_tokens)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU attention backends are compared on a machine without a GPU")
+def test_cpu_attention_training_step(bench):
+    """The demo's training step with the "cpu" attention backend vs the per-sequence reference."""
+    from sigvlp.demo.recipe import DEMO_MODEL
+    from sigvlp.model import SigVLP, SigVLPConfig
+    from sigvlp.ops import sigmoid_loss
+
+    torch.manual_seed(0)
+    overrides = {k: v for k, v in DEMO_MODEL.items() if k != "tokenizer"}  # bytes: no vocabulary to build
+    model = SigVLP(SigVLPConfig.preset("tiny", **overrides))
+    batch = _demo_batch(model.config)
+    opt = _optimizer(model, "sigvlp")
+
+    def step():
+        out = model(batch)
+        loss = sigmoid_loss(out.image_emb, out.text_emb, out.logit_scale, out.logit_bias,
+                            image_ids=batch["image_pair_ids"], text_ids=batch["text_pair_ids"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    providers = {"sigvlp-torch": "torch", "sigvlp": "auto"}  # SIGVLP_BACKEND of each
+    samples = {p: [] for p in providers}
+    load = os.getloadavg()[0]
+    for r in range(DEMO_STEP["rounds"] + 1):  # round 0: warm-up; then alternate, in both orders
+        for provider in (list(providers) if r % 2 else list(providers)[::-1]):
+            with _env({"SIGVLP_BACKEND": providers[provider]}):
+                t0 = time.perf_counter()
+                step()
+                if r:
+                    samples[provider].append(time.perf_counter() - t0)
+    shape = f"{int(batch['cu_seqlens'].numel()) - 1} chunks, {int(batch['patches'].shape[0])} tokens"
+    for provider, times in samples.items():
+        bench.record(op="train step tiny (demo shapes, CPU attention)", provider=provider, shape=shape,
+                     dtype=torch.float32, timing=_bench.Timing(times),
+                     baseline="sigvlp-torch" if provider == "sigvlp" else None,
+                     threads=torch.get_num_threads(), load_avg_1min=round((load + os.getloadavg()[0]) / 2, 2))

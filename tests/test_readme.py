@@ -231,7 +231,7 @@ def _run_command(words, where, env):
         assert status == 0, f"{where}: `{shlex.join(words)}` exited {status}:\n{text[-3000:]}"
         return
     proc = subprocess.run(["bash", "-c", shlex.join(words)], capture_output=True, text=True, timeout=600,
-                          env={**env, **assign})
+                          env={**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **assign})
     assert proc.returncode == 0, (
         f"{where}: `{shlex.join(words)}` exited {proc.returncode}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
 

@@ -32,6 +32,7 @@ def _cmd(data, cache, out, *extra):
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one thread each: tests run side by side
     return env
 
 

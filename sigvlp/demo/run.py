@@ -121,7 +121,7 @@ def prepare_demo(out, *, data_dir=None, steps: Optional[int] = None, threads: Op
             raise ValueError(f"{name}: {folder} is a file, not a folder")
     run_dir = out / "run"
     values = dict(DEMO_TRAIN, data=str(train_dir), out=str(run_dir), model_overrides=dict(DEMO_MODEL),
-                  progress=progress, threads=threads or 2)  # 0.24 s a step on 2 cores, 0.30 with 1 thread
+                  progress=progress, threads=threads)  # None: one thread per free core (sigvlp.threads)
     if steps is not None:
         values["steps"] = int(steps)
         values["warmup_steps"] = min(values["warmup_steps"], max(int(steps) // 10, 1))
@@ -186,8 +186,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int_at_least(1), default=None,
                         help=f"training steps (default {DEMO_TRAIN['steps']})")
     parser.add_argument("--threads", type=int_at_least(0), default=None,
-                        help="torch CPU threads for training (default 2; the data loader runs in another "
-                             "process beside them)")
+                        help="torch CPU threads for training (default: one per core free at the start, at "
+                             "most 8; 0: torch's default; the data loader runs in another process)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
+from sigvlp.threads import apply_threads
+
 
 def add_arguments(parser):
     from sigvlp.cliargs import int_at_least
@@ -56,6 +60,9 @@ def add_arguments(parser):
     add_layout_argument(parser)
     parser.add_argument("--preset", default=None,
                         help="fail unless the checkpoint has this SigVLPConfig preset (default: any)")
+    parser.add_argument("--threads", type=int_at_least(0), default=None,
+                        help="torch CPU threads on the CPU (default: one per core free at the start, at most 8; "
+                             "0: torch's default)")
     parser.add_argument("--no-plots", action="store_true", help="write report.json only, no plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -130,6 +137,8 @@ def run(args) -> int:
     from sigvlp.eval.suite import evaluate
 
     try:
+        if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+            apply_threads(getattr(args, "threads", None))
         config = config_from_args(args)
         out = output_folder(args)
         report = evaluate(args.ckpt, args.data, config, out=out)

@@ -31,6 +31,7 @@ from sigvlp.model import SigVLP, SigVLPConfig
 from sigvlp.model.modeling import short_repr
 from sigvlp.optim import MuonWithAdamW, split_params
 from sigvlp.prompts import LABEL_ORGANS, abnormality_prompts, organ_prompts
+from sigvlp.threads import apply_threads
 from sigvlp.train.config import TrainConfig
 
 __all__ = ["Runtime", "TrainData", "build_autocast", "build_data", "build_model", "build_optimizer",
@@ -60,7 +61,8 @@ class Runtime:
 def setup_runtime(config: TrainConfig) -> Runtime:
     """Rank and world size from torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK; one process
     without them), the device (cuda:LOCAL_RANK when CUDA is available, else the CPU), the process
-    group (NCCL on GPU, gloo on CPU; initialised here when needed) and config.threads."""
+    group (NCCL on GPU, gloo on CPU; initialised here when needed) and config.threads (on the CPU,
+    None applies sigvlp.threads' rule)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -71,7 +73,9 @@ def setup_runtime(config: TrainConfig) -> Runtime:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if config.threads:
+    if device.type == "cpu":
+        apply_threads(config.threads)  # None: one thread per free core (sigvlp.threads)
+    elif config.threads:
         torch.set_num_threads(config.threads)
     return Runtime(rank, world, device, dist.group.WORLD if world > 1 else None)
 

@@ -94,7 +94,7 @@ class TrainConfig:
     log_every: int = 1                      # steps between metrics lines
     progress: bool = True                   # tqdm bar
     tensorboard: bool = True                # when the tensorboard package is installed
-    threads: Optional[int] = None           # torch CPU threads (None: torch's default)
+    threads: Optional[int] = None           # torch CPU threads (None: sigvlp.threads' rule; 0: torch's default)
 
     def __post_init__(self):
         self.validate()
@@ -144,7 +144,8 @@ class TrainConfig:
             raise ValueError(f"layout: expected 'auto', 'v2' or 'v1', got {self.layout!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
                                          or self.threads < 0):
-            raise ValueError(f"threads: expected an integer >= 0 (0 or null: torch's default), got {self.threads!r}")
+            raise ValueError(f"threads: expected an integer >= 0 (0: torch's default; null: one per free core), "
+                             f"got {self.threads!r}")
         if self.init_from and self.init_siglip:
             raise ValueError(f"init_from ({self.init_from}) and init_siglip ({self.init_siglip}): give one of them "
                              f"(a SigVLP checkpoint or a SigLIP folder to start from)")
