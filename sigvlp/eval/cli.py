@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
-from sigvlp.threads import apply_threads
-
 
 def add_arguments(parser):
     from sigvlp.cliargs import int_at_least
@@ -133,8 +129,11 @@ def output_folder(args):
 
 
 def run(args) -> int:
+    import torch  # here, not at import: `sigvlp eval --help` stays fast and torch-free
+
     from sigvlp.eval.report import format_table
     from sigvlp.eval.suite import evaluate
+    from sigvlp.threads import apply_threads
 
     try:
         if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
