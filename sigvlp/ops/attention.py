@@ -334,6 +334,61 @@ def _check_rotation(grid_thw, positions, batch, total, device, grid_name, pos_na
         _checks.check_positions(positions, total, device, name=pos_name)
 
 
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cross: bool) -> None:
+    """rope_attention_varlen's checks of q, k and v (dtypes, devices, shapes, head counts)."""
+    _checks.check_tensor(q, "q", dtypes=_DTYPES, ndim=3)
+    for name, t in (("k", k), ("v", v)):
+        _checks.check_tensor(t, name, ndim=3, device=q.device)
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected q's dtype {str(q.dtype).removeprefix('torch.')}, "
+                            f"got {str(t.dtype).removeprefix('torch.')}")
+    total, nheads, head_dim = q.shape
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: head_dim (last dim) must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    if (not cross and k.shape[0] != total) or k.shape[2] != head_dim:
+        rows = "total_k" if cross else f"total_tokens={total}"
+        raise ValueError(f"k: expected shape ({rows}, nheads_kv, head_dim={head_dim}), got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[1] == 0 or nheads % k.shape[1] != 0:
+        raise ValueError(f"k: nheads_kv ({k.shape[1]}) must divide q's nheads ({nheads})")
+
+
+def _check_cross_keys(cu_seqlens, cu_seqlens_k, max_seqlen_k, grid_thw_k, positions_k, total_k: int,
+                      q_rot: bool) -> None:
+    """The cross form's key-side checks: cu_seqlens_k, max_seqlen_k, k's rotation (given iff q's)."""
+    device = cu_seqlens.device
+    _checks.check_cu_seqlens(cu_seqlens_k, device, name="cu_seqlens_k")
+    if cu_seqlens_k.shape != cu_seqlens.shape:
+        raise ValueError(f"cu_seqlens_k: expected cu_seqlens' shape {tuple(cu_seqlens.shape)} (one key "
+                         f"sequence per query sequence), got {tuple(cu_seqlens_k.shape)}")
+    _check_max_seqlen(max_seqlen_k, "max_seqlen_k")
+    _check_rotation(grid_thw_k, positions_k, cu_seqlens.shape[0] - 1, total_k, device, "grid_thw_k", "positions_k")
+    k_rot = grid_thw_k is not None or positions_k is not None
+    if q_rot != k_rot:
+        given, missing = (("grid_thw/positions", "grid_thw_k/positions_k") if q_rot
+                          else ("grid_thw_k/positions_k", "grid_thw/positions"))
+        raise ValueError(f"{missing}: the cross form rotates q and k by their own positions; {given} was "
+                         f"given, so give {missing} too (or neither side for no rotation)")
+
+
+def _check_scalars(theta, sections, softmax_scale, head_dim: int, **flags) -> tuple[list, float]:
+    """theta, sections, softmax_scale and the bool flags of rope_attention_varlen, checked; returns the
+    resolved (sections, softmax_scale)."""
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1.0:
+        raise ValueError(f"theta: expected a finite number > 1, got {theta!r}")
+    sections = _resolve_sections(sections, head_dim)
+    if softmax_scale is None:
+        softmax_scale = head_dim ** -0.5
+    elif (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+          or not math.isfinite(softmax_scale) or softmax_scale <= 0):
+        raise ValueError(f"softmax_scale: expected a finite number > 0 or None, got {softmax_scale!r}")
+    for flag_name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{flag_name}: expected a bool, got {type(flag).__name__}")
+    return sections, softmax_scale
+
+
 def rope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                           max_seqlen: int, grid_thw: Optional[torch.Tensor] = None, *,
                           cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_k: Optional[int] = None,
@@ -362,44 +417,16 @@ def rope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     ValueError naming the argument; unchecked bad values give wrong numbers, never bad accesses.
     Errors: TypeError/ValueError naming the argument; BackendError when the backend cannot serve.
     """
-    _checks.check_tensor(q, "q", dtypes=_DTYPES, ndim=3)
-    device = q.device
-    for name, t in (("k", k), ("v", v)):
-        _checks.check_tensor(t, name, ndim=3, device=device)
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}: expected q's dtype {str(q.dtype).removeprefix('torch.')}, "
-                            f"got {str(t.dtype).removeprefix('torch.')}")
-    total, nheads, head_dim = q.shape
-    total_k = k.shape[0]
     cross = cu_seqlens_k is not None
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q: head_dim (last dim) must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
-    if (not cross and total_k != total) or k.shape[2] != head_dim:
-        rows = "total_k" if cross else f"total_tokens={total}"
-        raise ValueError(f"k: expected shape ({rows}, nheads_kv, head_dim={head_dim}), got {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v: expected k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if k.shape[1] == 0 or nheads % k.shape[1] != 0:
-        raise ValueError(f"k: nheads_kv ({k.shape[1]}) must divide q's nheads ({nheads})")
+    _check_qkv(q, k, v, cross)
+    device = q.device
     _checks.check_cu_seqlens(cu_seqlens, device)
     _check_max_seqlen(max_seqlen, "max_seqlen")
-    batch = cu_seqlens.shape[0] - 1
-    _check_rotation(grid_thw, positions, batch, total, device, "grid_thw", "positions")
+    _check_rotation(grid_thw, positions, cu_seqlens.shape[0] - 1, q.shape[0], device, "grid_thw", "positions")
     if cross:
-        _checks.check_cu_seqlens(cu_seqlens_k, device, name="cu_seqlens_k")
-        if cu_seqlens_k.shape != cu_seqlens.shape:
-            raise ValueError(f"cu_seqlens_k: expected cu_seqlens' shape {tuple(cu_seqlens.shape)} (one key "
-                             f"sequence per query sequence), got {tuple(cu_seqlens_k.shape)}")
         max_seqlen_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
-        _check_max_seqlen(max_seqlen_k, "max_seqlen_k")
-        _check_rotation(grid_thw_k, positions_k, batch, total_k, device, "grid_thw_k", "positions_k")
-        q_rot = grid_thw is not None or positions is not None
-        k_rot = grid_thw_k is not None or positions_k is not None
-        if q_rot != k_rot:
-            given, missing = (("grid_thw/positions", "grid_thw_k/positions_k") if q_rot
-                              else ("grid_thw_k/positions_k", "grid_thw/positions"))
-            raise ValueError(f"{missing}: the cross form rotates q and k by their own positions; {given} was "
-                             f"given, so give {missing} too (or neither side for no rotation)")
+        _check_cross_keys(cu_seqlens, cu_seqlens_k, max_seqlen_k, grid_thw_k, positions_k, k.shape[0],
+                          grid_thw is not None or positions is not None)
         cu_k, grid_k, pos_k = cu_seqlens_k, grid_thw_k, positions_k
     else:
         for name, value in (("max_seqlen_k", max_seqlen_k), ("grid_thw_k", grid_thw_k),
@@ -408,17 +435,8 @@ def rope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
                 raise ValueError(f"{name}: only for the cross form; give cu_seqlens_k too (self-attention "
                                  f"rotates k by grid_thw/positions)")
         max_seqlen_k, cu_k, grid_k, pos_k = max_seqlen, cu_seqlens, grid_thw, positions
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1.0:
-        raise ValueError(f"theta: expected a finite number > 1, got {theta!r}")
-    sections = _resolve_sections(sections, head_dim)
-    if softmax_scale is None:
-        softmax_scale = head_dim ** -0.5
-    elif (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
-          or not math.isfinite(softmax_scale) or softmax_scale <= 0):
-        raise ValueError(f"softmax_scale: expected a finite number > 0 or None, got {softmax_scale!r}")
-    for flag_name, flag in (("interleaved", interleaved), ("causal", causal), ("return_lse", return_lse)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{flag_name}: expected a bool, got {type(flag).__name__}")
+    sections, softmax_scale = _check_scalars(theta, sections, softmax_scale, q.shape[2],
+                                             interleaved=interleaved, causal=causal, return_lse=return_lse)
     backend = resolve_request(backend, BACKENDS.names) if backend not in (None, "auto") else "auto"
     out, lse = _attention_op(q, k, v, cu_seqlens, cu_k, max_seqlen, max_seqlen_k, grid_thw, positions, grid_k, pos_k,
                              float(theta), list(sections), interleaved, float(softmax_scale), causal, cross,
