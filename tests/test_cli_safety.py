@@ -290,3 +290,20 @@ def test_train_and_synth_refuse_an_unwritable_out_before_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("sigvlp synth: error: argument --out:") and "is a file" in err and "\n" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty-data", "file.txt"] and blocker.read_text() == "mine"
+
+
+def test_findings_and_preprocess_refuse_an_unwritable_output_before_work(tmp_path, capsys):
+    """A bank or cache path under a regular file is a one-line error (exit 2), not a traceback."""
+    from sigvlp.cli import main
+
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("mine")
+    data = tmp_path / "empty-data"
+    data.mkdir()
+    assert main(["findings", str(data), "--out", str(blocker / "bank.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sigvlp findings: error: argument --out:") and "is a file" in err and "\n" not in err, err
+    assert main(["preprocess", str(data), "--cache", str(blocker / "cache"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sigvlp preprocess: error: --cache:") and "is a file" in err and "\n" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty-data", "file.txt"] and blocker.read_text() == "mine"

@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from sigvlp.cliargs import check_writable
 from sigvlp.data.ctrate import CTRateDataset, add_layout_argument
 from sigvlp.data.findings import fvlm_entries, radgenome_entries, split_report, write_bank
 from sigvlp.data.organs import ORGANS
@@ -139,6 +140,10 @@ def run(args) -> int:
         return _error(f"argument --out: {out} exists; pass --overwrite to replace it")
     if out.suffix not in (".jsonl", ".json") or out.is_dir():
         return _error(f"argument --out: expected a .jsonl file path, got {out}")
+    try:
+        check_writable(out, kind="file")
+    except ValueError as e:
+        return _error(f"argument --out: {e}")
     try:
         ds = _dataset(args)
     except (FileNotFoundError, ValueError) as e:

@@ -42,6 +42,7 @@ def add_arguments(parser) -> None:
 
 def _check(args):
     """(shard, workers, cache root) or ValueError naming the flag."""
+    from sigvlp.cliargs import check_writable
     from sigvlp.data.preprocess import default_cache_root
     from sigvlp.data.shards import parse_shard
 
@@ -52,6 +53,10 @@ def _check(args):
     if not root.is_dir():
         raise ValueError(f"DATA: no such dataset folder {root}")
     cache_root = Path(args.cache) if args.cache else default_cache_root(root)
+    try:
+        check_writable(cache_root)
+    except ValueError as e:
+        raise ValueError(f"--cache: {e}") from None
     return shard, cache_root
 
 
