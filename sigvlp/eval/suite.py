@@ -242,15 +242,8 @@ def open_split(root, split: str, model_config, config: EvalConfig, *, need_label
     records = list(ds.records)
     cache_root = _cache_root(root, config)
     cache = PreprocessCache(cache_root, model_config.preprocess_config())
-    if hasattr(ds, "cached"):
-        entries = ds.cached(cache)
-        skipped = list(getattr(getattr(ds, "cache_report", None), "skipped", []))
-    else:  # older sigvlp.data
-        from sigvlp.data import build_cache
-
-        entries, rep = build_cache(ds, cache)
-        skipped = list(rep.skipped)
-    skipped = list(ds.scan.skipped) + skipped
+    entries = ds.cached(cache)
+    skipped = list(ds.scan.skipped) + list(ds.cache_report.skipped)
     entries = sorted(entries, key=lambda e: e[0].name)
     cap = config.max_train_volumes if role == "train" else config.max_volumes
     if cap is not None:
