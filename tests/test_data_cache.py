@@ -310,3 +310,14 @@ def test_a_killed_worker_fails_only_its_own_volume():
             assert not ok and f"{jobs[i][1]}: the worker process died" in value
         else:
             assert (ok, value) == (True, jobs[i][1])
+
+
+def test_preprocessing_shows_a_progress_bar_when_asked(tmp_path_factory, tmp_path, capsys):
+    """progress=True (what train and eval pass from their progress option): a tqdm bar over the
+    volumes on stderr, ending at the volume count; progress=False: nothing."""
+    data = tiny_dataset(tmp_path_factory)
+    CTRateDataset(data, "train").cached(PreprocessCache(tmp_path / "quiet", preset("tiny")))
+    assert capsys.readouterr().err == ""
+    entries = CTRateDataset(data, "train").cached(PreprocessCache(tmp_path / "shown", preset("tiny")), progress=True)
+    err = capsys.readouterr().err
+    assert "preprocess train" in err and f"{len(entries)}/{len(entries)}" in err and "vol" in err, err

@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from tqdm import tqdm
+
 from sigvlp.data.chunks import load_findings_bank
 from sigvlp.data.csvfiles import read_csv_rows  # noqa: F401  (CSV reading lives there; importers use this name)
 from sigvlp.data.preprocess import as_cache
@@ -395,10 +397,17 @@ def build_cache(dataset: CTRateDataset, cache, *, on_error: Optional[str] = None
     report = ScanReport(seen=len(dataset.records))
     jobs = [(cache, r.path, r.mask_path, r.metadata, r.name, str(dataset.root), dataset.already_hu)
             for r in dataset.records]
-    if workers and workers > 1 and len(jobs) > 1:
-        results = _run_pool(jobs, workers)
-    else:
-        results = [_cache_one(j) for j in jobs]
+    # progress: a tqdm bar over the volumes (volumes/s, ETA): first-time preprocessing takes minutes
+    bar = tqdm(total=len(jobs), desc=f"preprocess {dataset.split}", unit="vol", disable=not progress or not jobs,
+               dynamic_ncols=True)
+    with bar:
+        if workers and workers > 1 and len(jobs) > 1:
+            results = _run_pool(jobs, workers, on_result=lambda i, r: bar.update(1))
+        else:
+            results = []
+            for job in jobs:
+                results.append(_cache_one(job))
+                bar.update(1)
     entries = []
     for rec, (ok, value) in zip(dataset.records, results):
         if ok:

@@ -242,7 +242,7 @@ def open_split(root, split: str, model_config, config: EvalConfig, *, need_label
     records = list(ds.records)
     cache_root = _cache_root(root, config)
     cache = PreprocessCache(cache_root, model_config.preprocess_config())
-    entries = ds.cached(cache)
+    entries = ds.cached(cache, progress=config.progress)
     skipped = list(ds.scan.skipped) + list(ds.cache_report.skipped)
     entries = sorted(entries, key=lambda e: e[0].name)
     cap = config.max_train_volumes if role == "train" else config.max_volumes

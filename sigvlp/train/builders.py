@@ -208,7 +208,7 @@ def _preprocessed(ds, cache, config: TrainConfig, runtime: Runtime, log: Callabl
 
         return ddp_preprocess(ds, cache, workers=config.num_workers, say=log)
     workers = config.num_workers if config.num_workers > 1 and len(ds) > 8 else 0
-    return ds.cached(cache, workers=workers)
+    return ds.cached(cache, workers=workers, progress=config.progress)
 
 
 class IgnoreSigint:
