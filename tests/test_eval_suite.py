@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("sklearn", reason="the eval extra (scikit-learn) is not installed")
 pytest.importorskip("matplotlib", reason="the eval extra (matplotlib) is not installed")
 
+from sigvlp.checkpoint import checkpoint_hash  # noqa: E402
 from sigvlp.demo.synth import SYNTH_PRESETS, write_dataset  # noqa: E402
 from sigvlp.eval import suite as S  # noqa: E402
 from sigvlp.eval.report import validate_report  # noqa: E402
@@ -121,7 +122,7 @@ def test_cli_writes_report_table_and_plots(data, trained, tmp_path, capsys):
                  "Variable depth", "report.json"):
         assert word in text
     report = validate_report(json.loads((out / "report.json").read_text()))
-    assert report["checkpoint"]["sha256"] == S.checkpoint_hash(trained)
+    assert report["checkpoint"]["sha256"] == checkpoint_hash(trained)
     assert report["dataset"]["split"] == "valid" and report["dataset"]["n_volumes"] == 24
     assert report["zero_shot"]["bootstrap"]["n_resamples"] == 100
     assert report["organs"]["linear_probe"]["n_train"] == 24  # 12 volumes x 2 chunks

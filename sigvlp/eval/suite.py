@@ -152,16 +152,6 @@ def resolve_checkpoint(path) -> Path:
     return ckpt_io.resolve_checkpoint(path, what="ckpt")
 
 
-def checkpoint_hash(folder) -> str:
-    """sha256 over the checkpoint's config.json and model.safetensors bytes (sigvlp.checkpoint)."""
-    return ckpt_io.checkpoint_hash(folder)
-
-
-def state_hash(model) -> str:
-    """sha256 of an in-memory model's config and weights (for a model passed without a folder)."""
-    return ckpt_io.state_hash(model)
-
-
 def load_checkpoint(ckpt, *, expect_preset: Optional[str] = None, map_location="cpu"):
     """(model, folder, sha256) of a checkpoint folder. expect_preset: the SigVLPConfig preset the
     checkpoint must have (ValueError naming the differing fields otherwise)."""
@@ -757,8 +747,8 @@ def _model_and_hash(ckpt, model, config: EvalConfig) -> tuple:
             raise ValueError("ckpt: a checkpoint folder (or model=) is required")
         return load_checkpoint(ckpt, expect_preset=config.expect_preset)
     folder = Path(ckpt) if ckpt is not None else None
-    sha = checkpoint_hash(folder) if folder is not None and (folder / "model.safetensors").is_file() \
-        else state_hash(model)
+    sha = ckpt_io.checkpoint_hash(folder) if folder is not None and (folder / "model.safetensors").is_file() \
+        else ckpt_io.state_hash(model)
     return model, folder, sha
 
 
