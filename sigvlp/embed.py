@@ -137,9 +137,9 @@ class MetadataLookup:
         root, split, _ = found
         key = (str(root), split)
         if key not in self._found:
-            from sigvlp.data.ctrate import _find_csv, read_csv_rows
+            from sigvlp.data.ctrate import find_csv, read_csv_rows
 
-            csv_path = _find_csv(root, split, "metadata")
+            csv_path = find_csv(root, split, "metadata")
             self._found[key] = read_csv_rows(csv_path) if csv_path is not None else {}
         return self._found[key].get(name)
 

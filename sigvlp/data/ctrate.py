@@ -132,7 +132,9 @@ def add_layout_argument(parser) -> None:
                              "metadata rescale), auto (v2 when present, else v1)")
 
 
-def _find_csv(root: Path, split: str, kind: str) -> Optional[Path]:
+def find_csv(root: Path, split: str, kind: str) -> Optional[Path]:
+    """The split's `kind` CSV ("reports", "labels", "metadata") under root, or None (train, eval and
+    embed find CT-RATE's CSVs through this one rule)."""
     found = []
     for p in sorted(root.rglob(f"*{kind}*.csv")):
         stem = p.name.lower()
@@ -198,7 +200,7 @@ class CTRateDataset:
         self.on_error = on_error
         csvs = {}
         for kind, given in (("reports", reports_csv), ("labels", labels_csv), ("metadata", metadata_csv)):
-            p = Path(given) if given is not None else _find_csv(self.root, split, kind)
+            p = Path(given) if given is not None else find_csv(self.root, split, kind)
             if p is not None and not p.exists():
                 raise FileNotFoundError(f"{p}: no such {kind} CSV")
             csvs[kind] = read_csv_rows(p) if p is not None else None

@@ -175,9 +175,9 @@ class Split:
 
 
 def _labels_csv(root: Path, split: str) -> Optional[Path]:
-    from sigvlp.data.ctrate import _find_csv
+    from sigvlp.data.ctrate import find_csv
 
-    return _find_csv(root, split, "labels")
+    return find_csv(root, split, "labels")
 
 
 def read_labels(csv_path: Path, names: Optional[Sequence[str]], volumes: Sequence[str]) -> tuple[np.ndarray, list]:
