@@ -10,7 +10,7 @@ import importlib
 
 _EXPORTS = {
     "sigvlp.eval.metrics": ["binary_metrics", "bootstrap_ci", "ctclip_threshold", "detection_metrics",
-                            "dice_scores", "multilabel_metrics", "retrieval_metrics"],
+                            "dice_scores", "InsufficientData", "multilabel_metrics", "retrieval_metrics"],
     "sigvlp.eval.suite": ["EvalConfig", "evaluate", "load_checkpoint"],
     "sigvlp.eval.report": ["format_table", "validate_report", "write_report"],
     "sigvlp.eval.plots": ["write_plots"],

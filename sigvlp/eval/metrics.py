@@ -123,10 +123,30 @@ def detection_metrics(y_true, y_score, threshold: float) -> dict:
     }
 
 
+class InsufficientData(ValueError):
+    """Too little data for a metric or a report section (too few positives or negatives, too few
+    volumes). str(e) is one line for the report's {"skipped": reason}; detail holds structured
+    extras that the skipped entry carries beside it (e.g. {"labels_skipped": {...}})."""
+
+    def __init__(self, reason: str, detail: Optional[dict] = None):
+        super().__init__(reason)
+        self.detail = dict(detail or {})
+
+    def entry(self) -> dict:
+        """The report entry of the skipped section: {"skipped": str(self), **detail}."""
+        return {"skipped": str(self), **self.detail}
+
+
+def count_of(n: int, unit: str) -> str:
+    """'1 volume', '3 volumes': n and the unit, plural unless n == 1."""
+    return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
+
+
 def select_labels(y_true: np.ndarray, names: Sequence[str], min_positives: int = 1,
-                  min_negatives: int = 1) -> tuple[list[int], dict[str, str]]:
+                  min_negatives: int = 1, *, unit: str = "row") -> tuple[list[int], dict[str, dict]]:
     """Columns of y_true (N, L) with at least min_positives ones and min_negatives zeros.
-    Returns (kept column indices, {skipped name: {"positives", "negatives", "reason"}})."""
+    Returns (kept column indices, {skipped name: {"positives", "negatives", "skipped"}}), where
+    "skipped" is one line naming the label and its counts of `unit` (e.g. "volume")."""
     y = np.asarray(y_true)
     if y.ndim != 2 or y.shape[1] != len(names):
         raise ValueError(f"y_true: expected shape (N, {len(names)}), got {y.shape}")
@@ -136,28 +156,40 @@ def select_labels(y_true: np.ndarray, names: Sequence[str], min_positives: int =
         neg = int(y.shape[0] - pos)
         if pos < min_positives or neg < min_negatives:
             skipped[name] = {"positives": pos, "negatives": neg,
-                             "reason": f"needs >= {min_positives} positives and >= {min_negatives} negatives"}
+                             "skipped": f"{name!r} has {pos} positive and {neg} negative {unit}s (needs >= "
+                                        f"{min_positives} positive and >= {min_negatives} negative)"}
         else:
             kept.append(j)
     return kept, skipped
 
 
+def too_few(n_rows: int, skipped: dict, min_positives: int, min_negatives: int, *, what: str = "label",
+            unit: str = "row", detail_key: str = "labels_skipped") -> InsufficientData:
+    """The InsufficientData for "no column qualifies" (select_labels kept none): one line with the
+    row count, the thresholds and the closest column; detail {detail_key: skipped}."""
+    closest = max(skipped, key=lambda k: min(skipped[k]["positives"], skipped[k]["negatives"]), default=None)
+    near = (f" (closest: {closest!r}, {skipped[closest]['positives']} positive / "
+            f"{skipped[closest]['negatives']} negative)") if closest is not None else ""
+    return InsufficientData(f"{count_of(n_rows, unit)}: no {what} has >= {min_positives} positive and >= "
+                            f"{min_negatives} negative {unit}s{near}", {detail_key: skipped})
+
+
 def multilabel_metrics(y_true, y_score, names: Sequence[str], *, min_positives: int = 1,
-                       min_negatives: int = 1) -> dict:
+                       min_negatives: int = 1, unit: str = "volume") -> dict:
     """`binary_metrics` for every label column with enough of both classes, and their means.
 
-    y_true (N, L) 0/1, y_score (N, L). Returns {"per_label": {name: metrics + n_pos, n_neg},
-    "mean": {auroc, f1_weighted, accuracy, precision}, "labels_used": [...],
-    "labels_skipped": {name: {"positives", "negatives", "reason"}}}. ValueError when no label
-    qualifies.
+    y_true (N, L) 0/1, y_score (N, L); unit names the rows in messages. Returns {"per_label":
+    {name: metrics + n_pos, n_neg}, "mean": {auroc, f1_weighted, accuracy, precision},
+    "labels_used": [...], "labels_skipped": {name: {"positives", "negatives", "skipped"}}}.
+    InsufficientData (a ValueError; one line, labels_skipped in its detail) when no label qualifies.
     """
     y = np.asarray(y_true)
     s = np.asarray(y_score, dtype=np.float64)
     if y.ndim != 2 or s.shape != y.shape:
         raise ValueError(f"y_true, y_score: expected equal (N, L) shapes, got {y.shape} and {s.shape}")
-    kept, skipped = select_labels(y, names, min_positives, min_negatives)
+    kept, skipped = select_labels(y, names, min_positives, min_negatives, unit=unit)
     if not kept:
-        raise ValueError(f"no label has >= {min_positives} positives and >= {min_negatives} negatives: {skipped}")
+        raise too_few(y.shape[0], skipped, min_positives, min_negatives, unit=unit)
     per = {}
     for j in kept:
         m = binary_metrics(y[:, j], s[:, j])

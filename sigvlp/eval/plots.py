@@ -5,7 +5,12 @@
 - ``f1_vs_slices.png``: weighted F1 (and AUROC) against the number of slices the encoder
   sees, point area proportional to the encoder FLOPs;
 - ``embedding_map.png``: a 2-D map of the volume embeddings (UMAP when umap-learn is
-  installed, PCA otherwise), one panel per abnormality, positives highlighted.
+  installed, PCA otherwise), one panel per abnormality, positives highlighted (one uncoloured
+  panel when no abnormality was scored).
+
+A plot whose data is missing or too thin to draw (a skipped section, fewer than two depths with a
+score, fewer than three organs for a radar, no map) is not written; `unplottable` says why, and
+the report keeps it under ``plots_skipped``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from sigvlp.eval.metrics import InsufficientData, count_of
 from sigvlp.fileperm import apply_umask
+
+#: the fewest volumes a 2-D embedding map is drawn for
+MIN_MAP_POINTS = 3
 
 
 def _figure(w, h):
@@ -73,9 +82,11 @@ def plot_auroc_bars(zero_shot: dict, path) -> Path:
 
 
 def plot_organ_radar(organs: dict, path) -> Path:
+    """The organ section's per-organ F1 and AUROC on a radar; ValueError with fewer than 3 organs
+    (a radar needs three axes)."""
     names = list(organs["organs_used"])
-    if len(names) < 3:  # a radar needs three axes; pad with blanks
-        names = names + [""] * (3 - len(names))
+    if len(names) < 3:
+        raise ValueError(f"organs: a radar needs >= 3 organs_used, got {len(names)}")
     angles = np.linspace(0, 2 * np.pi, len(names), endpoint=False)
     fig = _figure(6, 6)
     ax = fig.add_subplot(projection="polar")
@@ -85,7 +96,7 @@ def plot_organ_radar(organs: dict, path) -> Path:
         sec = organs.get(part, {})
         if "per_organ" not in sec:
             continue
-        vals = np.array([sec["per_organ"].get(n, {}).get(key, np.nan) if n else np.nan for n in names], dtype=float)
+        vals = np.array([sec["per_organ"].get(n, {}).get(key, np.nan) for n in names], dtype=float)
         vals = np.nan_to_num(vals, nan=0.0)
         ax.plot(np.r_[angles, angles[:1]], np.r_[vals, vals[:1]], color=color, ls=ls, lw=1.5,
                 label=f"{part.replace('_', ' ')} {key.upper()}")
@@ -129,6 +140,8 @@ def plot_embedding_map(coords: np.ndarray, labels: np.ndarray, names: Sequence[s
                        max_panels: int = 6) -> Path:
     coords = np.asarray(coords)
     labels = np.asarray(labels)
+    """One panel per name (labels (N, len(names)) 0/1: positives in red, with a legend), or one
+    uncoloured panel without a legend when names is empty."""
     k = min(max(len(names), 1), max_panels)
     cols = min(3, k)
     rows = -(-k // cols)
@@ -144,15 +157,19 @@ def plot_embedding_map(coords: np.ndarray, labels: np.ndarray, names: Sequence[s
             ax.scatter(coords[:, 0], coords[:, 1], s=8)
         ax.set_xticks([])
         ax.set_yticks([])
-        if i == 0:
+        if i == 0 and len(names):
             ax.legend(fontsize=7)
     fig.suptitle(f"Volume embeddings ({method.upper()})")
     return _save(fig, Path(path))
 
 
 def embedding_map(emb: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
-    """(N, D) embeddings -> ((N, 2) coordinates, "umap" | "pca")."""
+    """(N, D) embeddings -> ((N, 2) coordinates, "umap" | "pca"). InsufficientData with fewer
+    than MIN_MAP_POINTS rows. Zero-variance embeddings (a collapsed model) map to zeros, without
+    numpy's divide warnings."""
     emb = np.asarray(emb, dtype=np.float64)
+    if emb.shape[0] < MIN_MAP_POINTS:
+        raise InsufficientData(f"{count_of(emb.shape[0], 'volume')}: a 2-D map needs >= {MIN_MAP_POINTS}")
     if emb.shape[0] >= 5:
         try:
             import umap  # noqa: F401
@@ -164,31 +181,57 @@ def embedding_map(emb: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     from sklearn.decomposition import PCA
 
     n = min(2, emb.shape[0], emb.shape[1])
-    xy = PCA(n_components=n, random_state=seed).fit_transform(emb)
+    with np.errstate(invalid="ignore", divide="ignore"):  # explained-variance ratios of zero variance
+        xy = PCA(n_components=n, random_state=seed).fit_transform(emb)
     if xy.shape[1] < 2:
         xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
     return xy, "pca"
 
 
+#: the plots write_plots draws: name -> the report section it draws
+PLOTS = {"zero_shot_auroc": "zero_shot", "organ_radar": "organs", "f1_vs_slices": "depth_sweep",
+         "embedding_map": "embedding_map"}
+
+
+def unplottable(report: dict, *, map_coords: Optional[np.ndarray] = None) -> dict:
+    """{plot name: one-line reason} for each plot of PLOTS that write_plots does not draw: its
+    section is absent or skipped, fewer than 3 organs (radar), fewer than 2 depths with a score
+    (a curve), no map coordinates."""
+    why = {}
+    for name, key in PLOTS.items():
+        sec = report.get(key)
+        if not isinstance(sec, dict) or not sec:
+            why[name] = f"no {key} section"
+        elif "skipped" in sec:
+            why[name] = f"the {key} section was skipped"
+    organs = report.get("organs") or {}
+    if "organ_radar" not in why and len(organs.get("organs_used", [])) < 3:
+        why["organ_radar"] = f"{count_of(len(organs.get('organs_used', [])), 'organ')} scored, a radar needs >= 3"
+    if "f1_vs_slices" not in why:
+        scored = [p for p in report["depth_sweep"]["points"] if p.get("mean_f1_weighted") is not None]
+        if len(scored) < 2:
+            why["f1_vs_slices"] = f"{count_of(len(scored), 'depth')} with a zero-shot score, a curve needs >= 2"
+    if "embedding_map" not in why and map_coords is None:
+        why["embedding_map"] = "no map coordinates"
+    return why
+
+
 def write_plots(report: dict, out_dir, *, map_coords: Optional[np.ndarray] = None,
                 map_labels: Optional[np.ndarray] = None, map_names: Sequence[str] = ()) -> dict:
-    """Write every plot the report has data for under out_dir; returns {name: path}."""
+    """Write every plot the report has data for under out_dir (those `unplottable` names are
+    not written); returns {name: path}. map_labels (N, len(map_names)) 0/1 colour the map."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    draw = [name for name in PLOTS if name not in unplottable(report, map_coords=map_coords)]
     paths = {}
-
-    def ok(key):
-        sec = report.get(key)
-        return isinstance(sec, dict) and sec and set(sec) != {"skipped"}
-
-    if ok("zero_shot"):
+    if "zero_shot_auroc" in draw:
         paths["zero_shot_auroc"] = str(plot_auroc_bars(report["zero_shot"], out / "zero_shot_auroc.png"))
-    if ok("organs") and report["organs"].get("organs_used"):
+    if "organ_radar" in draw:
         paths["organ_radar"] = str(plot_organ_radar(report["organs"], out / "organ_radar.png"))
-    if ok("depth_sweep") and report["depth_sweep"]["points"]:
+    if "f1_vs_slices" in draw:
         paths["f1_vs_slices"] = str(plot_f1_vs_slices(report["depth_sweep"], out / "f1_vs_slices.png"))
-    if map_coords is not None:
-        method = report.get("embedding_map", {}).get("method", "pca")
+    if "embedding_map" in draw:
+        method = report["embedding_map"].get("method", "pca")
         labels = map_labels if map_labels is not None else np.zeros((len(map_coords), 0))
         paths["embedding_map"] = str(plot_embedding_map(map_coords, labels, list(map_names), method,
                                                         out / "embedding_map.png"))

@@ -1,13 +1,17 @@
 """The evaluation report: its JSON schema, a checker, the stdout table and the writer.
 
-Top-level keys of a report (``SCHEMA`` = "sigvlp.eval/1"); a section that was not run holds
-{"skipped": reason}:
+Top-level keys of a report (``SCHEMA`` = "sigvlp.eval/2"). A section (or part of one) that was
+not run or cannot be computed holds {"skipped": reason, ...}: the reason is one line of text (at
+most SKIP_REASON_MAX characters, never a dict's repr), beside structured details where there are
+some (e.g. a skipped zero_shot keeps "labels_skipped"). Each label or organ that is not scored is
+{"positives", "negatives", "skipped": reason} under labels_skipped / organs_skipped.
 
 - ``schema``, ``seconds``, ``device``
 - ``checkpoint``: {"path", "sha256" (of model.safetensors + config.json), "config"}
 - ``dataset``: {"root", "split", "train_split", "n_volumes", "n_chunks", "skipped"}
 - ``config``: the EvalConfig used (prompts, labels, thresholds of the protocol, seeds, ...)
-- ``zero_shot``: {"protocol", "prompts", "labels_used", "labels_skipped", "per_label": {label:
+- ``zero_shot``: {"protocol", "prompts", "labels_used", "labels_skipped": {label: {"positives",
+  "negatives", "skipped"}}, "per_label": {label:
   {auroc, f1_weighted, accuracy, precision, threshold, n_pos, n_neg, auroc_ci}}, "mean":
   {auroc, f1_weighted, accuracy, precision}, "bootstrap": bootstrap_ci(...)}
 - ``organs``: {"organs_used", "organs_skipped", "zero_shot": {"prompts", "per_organ": {organ:
@@ -19,7 +23,8 @@ Top-level keys of a report (``SCHEMA`` = "sigvlp.eval/1"); a section that was no
 - ``depth_sweep``: {"points": [{"slices", "tokens", "encoder_flops", "flops_counted",
   "flops_attention_analytic", "mean_auroc", "mean_f1_weighted", "n_volumes"}]}
 - ``embedding_map``: {"method": "umap" | "pca", "n"}
-- ``plots``: {name: path}
+- ``plots``: {name: path}; ``plots_skipped`` (when plots were requested): {name: reason} for each
+  plot not written because its data is missing or too thin (sigvlp.eval.plots.unplottable)
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from pathlib import Path
 
 from sigvlp.fileperm import apply_umask
 
-SCHEMA = "sigvlp.eval/1"
+SCHEMA = "sigvlp.eval/2"
+SKIP_REASON_MAX = 200
 SECTIONS = ("zero_shot", "organs", "retrieval", "segmentation", "depth_sweep", "embedding_map")
 _TOP = {"schema": str, "seconds": (int, float), "device": str, "checkpoint": dict, "dataset": dict, "config": dict,
         "plots": dict, **{s: dict for s in SECTIONS}}
@@ -53,7 +59,38 @@ def _num(x, where: str):
 
 
 def _skipped(section) -> bool:
-    return isinstance(section, dict) and set(section) == {"skipped"}
+    return isinstance(section, dict) and "skipped" in section
+
+
+def check_skipped(entry, where: str) -> None:
+    """ValueError unless entry is {"skipped": reason, ...} with reason one line of text of at most
+    SKIP_REASON_MAX characters that is not a dict's repr (structured details go beside it)."""
+    reason = entry.get("skipped") if isinstance(entry, dict) else None
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError(f"report: {where}.skipped must be a non-empty string, got {type(reason).__name__}")
+    if "\n" in reason or len(reason) > SKIP_REASON_MAX or "{'" in reason or '{"' in reason:
+        raise ValueError(f"report: {where}.skipped must be one line of at most {SKIP_REASON_MAX} characters "
+                         f"without a dict in it, got {reason[:80]!r}...")
+
+
+def _check_skips(report: dict) -> None:
+    """check_skipped on every skipped section, part, label, organ and plot of the report."""
+    for key in SECTIONS:
+        sec = report[key]
+        if _skipped(sec):
+            check_skipped(sec, key)
+        for part, value in sec.items():
+            if isinstance(value, dict) and _skipped(value):
+                check_skipped(value, f"{key}.{part}")
+        for group in ("labels_skipped", "organs_skipped"):
+            for name, entry in sec.get(group, {}).items():
+                check_skipped(entry, f"{key}.{group}[{name!r}]")
+                _need(entry, ("positives", "negatives"), f"{key}.{group}[{name!r}]")
+    plots_skipped = report.get("plots_skipped", {})
+    if not isinstance(plots_skipped, dict):
+        raise ValueError(f"report: 'plots_skipped' has type {type(plots_skipped).__name__}")
+    for name, reason in plots_skipped.items():
+        check_skipped({"skipped": reason}, f"plots_skipped[{name!r}]")
 
 
 def validate_report(report: dict) -> dict:
@@ -70,6 +107,7 @@ def validate_report(report: dict) -> dict:
         raise ValueError(f"report: schema {report['schema']!r}, expected {SCHEMA!r}")
     _need(report["checkpoint"], ("path", "sha256", "config"), "checkpoint")
     _need(report["dataset"], ("root", "split", "n_volumes"), "dataset")
+    _check_skips(report)
     zs = report["zero_shot"]
     if not _skipped(zs):
         _need(zs, ("prompts", "labels_used", "labels_skipped", "per_label", "mean", "bootstrap"), "zero_shot")
@@ -227,7 +265,10 @@ def format_table(report: dict) -> str:
         sec = report.get(key)
         if isinstance(sec, dict) and _skipped(sec):
             lines.append(f"{key}: skipped ({sec['skipped']})")
-    if report.get("plots"):
+    if report.get("plots") or report.get("plots_skipped"):
         lines.append("")
+    if report.get("plots"):
         lines.append("plots: " + ", ".join(str(p) for p in report["plots"].values()))
+    if report.get("plots_skipped"):
+        lines.append("plots not written: " + "; ".join(f"{k} ({v})" for k, v in report["plots_skipped"].items()))
     return "\n".join(lines)

@@ -10,8 +10,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from sigvlp.eval.metrics import (bootstrap_ci, ctclip_threshold, detection_metrics, dice_scores, multilabel_metrics,
-                                 retrieval_metrics, select_labels)
+from sigvlp.eval.metrics import (InsufficientData, bootstrap_ci, count_of, ctclip_threshold, detection_metrics,
+                                 dice_scores, multilabel_metrics, retrieval_metrics, select_labels, too_few)
 
 
 def pair_probability(emb: np.ndarray, pos_text: np.ndarray, neg_text: np.ndarray, logit_scale: float,
@@ -34,8 +34,10 @@ def pair_probability(emb: np.ndarray, pos_text: np.ndarray, neg_text: np.ndarray
 def zero_shot_section(y_true, scores, names: Sequence[str], prompts: Sequence[str], *, min_positives: int = 5,
                       min_negatives: int = 5, n_bootstrap: int = 1000, seed: int = 0) -> dict:
     """Zero-shot abnormality section: multilabel_metrics + bootstrap CIs (mean AUROC, mean
-    weighted F1, per-label AUROC) over the labels used."""
-    out = multilabel_metrics(y_true, scores, list(names), min_positives=min_positives, min_negatives=min_negatives)
+    weighted F1, per-label AUROC) over the labels used. InsufficientData (its entry() is the
+    skipped section, with labels_skipped) when no label has enough positive and negative volumes."""
+    out = multilabel_metrics(y_true, scores, list(names), min_positives=min_positives, min_negatives=min_negatives,
+                             unit="volume")
     cols = [list(names).index(n) for n in out["labels_used"]]
     y = np.asarray(y_true)[:, cols]
     s = np.asarray(scores, dtype=np.float64)[:, cols]
@@ -100,11 +102,13 @@ def organ_section(y_true, zs_scores, names: Sequence[str], prompts: Sequence[str
     """Organ presence per chunk: zero-shot (two-way softmax, CT-CLIP threshold rule) and the
     linear probe (probabilities at 0.5, the logistic regression's decision). y_true (M, O) 0/1
     on the evaluated chunks; zs_scores / probe_scores (M, O); probe_train (N, O) the train
-    chunks' labels (an organ needs both classes there too)."""
+    chunks' labels (an organ needs both classes there too). InsufficientData (entry() with
+    organs_skipped) when no organ has enough positive and negative chunks."""
     y = np.asarray(y_true)
-    kept, skipped = select_labels(y, list(names), min_positives, min_negatives)
+    kept, skipped = select_labels(y, list(names), min_positives, min_negatives, unit="chunk")
     if not kept:
-        raise ValueError(f"no organ has >= {min_positives} positive and >= {min_negatives} negative chunks: {skipped}")
+        raise too_few(y.shape[0], skipped, min_positives, min_negatives, what="organ", unit="chunk",
+                      detail_key="organs_skipped")
     used = [names[j] for j in kept]
     out = {"organs_used": used, "organs_skipped": skipped, "n_chunks": int(y.shape[0])}
     zs = _organ_block(y[:, kept], np.asarray(zs_scores)[:, kept], used, None)
@@ -130,26 +134,31 @@ def organ_section(y_true, zs_scores, names: Sequence[str], prompts: Sequence[str
 def retrieval_section(vol_emb, report_emb, report_texts: Sequence[str], chunk_emb=None, chunk_text_emb=None,
                       chunk_texts: Optional[Sequence[str]] = None, ks=(1, 5, 10, 50)) -> dict:
     """Volume <-> report retrieval (both directions) and chunk -> organ-text retrieval over the
-    split. Identical texts count as correct for each other's queries."""
+    split. Identical texts count as correct for each other's queries. Needs >= 2 volumes
+    (InsufficientData otherwise: one candidate is always found); chunk retrieval with fewer than
+    2 chunks with text is {"skipped": reason}."""
     def same_text(a, b):
         a, b = np.asarray(a, dtype=object), np.asarray(b, dtype=object)
         return a[:, None] == b[None, :]
 
     v = np.asarray(vol_emb, dtype=np.float64)
+    if v.shape[0] < 2:
+        raise InsufficientData(f"{count_of(v.shape[0], 'volume')} with report text: retrieval needs >= 2")
     r = np.asarray(report_emb, dtype=np.float64)
     sim = v @ r.T
     pos = same_text(report_texts, report_texts)
     out = {"volume_to_report": retrieval_metrics(sim, pos, ks), "report_to_volume": retrieval_metrics(sim.T, pos.T, ks)}
     if chunk_emb is not None and chunk_texts is not None and len(chunk_texts):
         keep = np.array([bool(t) for t in chunk_texts])
-        if keep.any():
+        if keep.sum() >= 2:
             c = np.asarray(chunk_emb, dtype=np.float64)[keep]
             t = np.asarray(chunk_text_emb, dtype=np.float64)[keep]
             texts = [x for x, k in zip(chunk_texts, keep) if k]
             out["chunk_to_organ_text"] = retrieval_metrics(c @ t.T, same_text(texts, texts), ks)
             out["chunk_to_organ_text"]["n_without_text"] = int((~keep).sum())
         else:
-            out["chunk_to_organ_text"] = {"skipped": "no chunk has organ text (no findings bank)"}
+            out["chunk_to_organ_text"] = {"skipped": f"{count_of(int(keep.sum()), 'chunk')} with organ text "
+                                                     "(needs >= 2; organ text comes from the findings bank)"}
     else:
         out["chunk_to_organ_text"] = {"skipped": "no chunks"}
     return out
@@ -160,7 +169,7 @@ def fit_segmentation_probe(features, labels, *, n_classes: int, seed: int = 0, m
                            c: float = 1.0):
     """Multinomial logistic regression from token features (N, width) to patch organ labels
     (N,) in [0, n_classes) (0 = background); at most max_tokens tokens, drawn with the seed.
-    Returns a fitted sklearn pipeline."""
+    Returns a fitted sklearn pipeline. InsufficientData when the labels hold one class only."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -170,7 +179,8 @@ def fit_segmentation_probe(features, labels, *, n_classes: int, seed: int = 0, m
     if x.shape[0] != y.shape[0] or x.ndim != 2:
         raise ValueError(f"features, labels: expected (N, width) and (N,), got {x.shape} and {y.shape}")
     if len(np.unique(y)) < 2:
-        raise ValueError("labels: the segmentation probe needs at least two classes among the train patches")
+        raise InsufficientData("the segmentation probe needs >= 2 classes among the train patches, found "
+                               f"{len(np.unique(y))}")
     if x.shape[0] > max_tokens:
         idx = np.random.default_rng(seed).choice(x.shape[0], max_tokens, replace=False)
         x, y = x[idx], y[idx]

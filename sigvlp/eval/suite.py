@@ -33,7 +33,8 @@ from sigvlp import checkpoint as ckpt_io
 from sigvlp.data.chunks import chunk_text, organs_in_chunk
 from sigvlp.data.organs import ORGANS
 from sigvlp.eval.flops import encoder_flops
-from sigvlp.eval.plots import embedding_map, write_plots
+from sigvlp.eval.metrics import InsufficientData, count_of
+from sigvlp.eval.plots import embedding_map, unplottable, write_plots
 from sigvlp.eval.report import SCHEMA, validate_report, write_report
 from sigvlp.eval.report import SECTIONS as SECTION_NAMES
 from sigvlp.eval.sections import (depth_sweep_point, dice_counts, fit_linear_probe, fit_segmentation_probe,
@@ -566,7 +567,8 @@ def _open_train(ctx: EvalContext, data) -> tuple[Optional[Split], Optional[str]]
 # ----------------------------------------------------------------------------- sections
 def run_zero_shot(ctx: EvalContext) -> dict:
     """Zero-shot abnormality classification of whole volumes (sections.zero_shot_section); sets
-    ctx.labels_used ([] when no label has enough positives and negatives: the section is skipped)."""
+    ctx.labels_used ([] when no label has enough positives and negatives: the section is skipped,
+    with labels_skipped)."""
     cfg = ctx.config
     pos_t, neg_t = ctx.label_prompts
     scores = pair_probability(ctx.rows(ctx.spans), pos_t, neg_t, ctx.scale, ctx.bias)
@@ -574,9 +576,9 @@ def run_zero_shot(ctx: EvalContext) -> dict:
         sec = zero_shot_section(ctx.valid.labels, scores, ctx.valid.label_names, cfg.prompts,
                                 min_positives=cfg.min_positives, min_negatives=cfg.min_negatives,
                                 n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
-    except ValueError as e:  # no label with enough positives and negatives in this split
+    except InsufficientData as e:  # no label with enough positives and negatives in this split
         ctx.labels_used = []
-        return {"skipped": str(e)}
+        return e.entry()
     ctx.labels_used = sec["labels_used"]
     return sec
 
@@ -595,8 +597,8 @@ def run_organs(ctx: EvalContext) -> dict:
         return organ_section(ctx.chunk_targets[0], zs, list(ORGANS), cfg.organ_prompts, probe_train=probe_train,
                              probe_scores=probe_scores, min_positives=cfg.min_positives,
                              min_negatives=cfg.min_negatives)
-    except ValueError as e:
-        return {"skipped": str(e)}
+    except InsufficientData as e:  # no organ with enough positive and negative chunks
+        return e.entry()
 
 
 def _organ_probe(ctx: EvalContext, chunk_emb: np.ndarray) -> tuple:
@@ -621,8 +623,11 @@ def run_retrieval(ctx: EvalContext) -> dict:
     chunk_texts = ctx.chunk_targets[1]
     chunk_emb = ctx.rows(ctx.chunk_spans) if chunk_texts else None
     ctext_emb = encode_texts(ctx.model, [t or " " for t in chunk_texts]) if chunk_texts else None
-    sec = retrieval_section(ctx.rows(ctx.spans)[keep], encode_texts(ctx.model, texts), texts, chunk_emb, ctext_emb,
-                            chunk_texts)
+    try:
+        sec = retrieval_section(ctx.rows(ctx.spans)[keep], encode_texts(ctx.model, texts), texts, chunk_emb,
+                                ctext_emb, chunk_texts)
+    except InsufficientData as e:  # fewer than two volumes with text
+        return e.entry()
     sec["n_volumes_without_text"] = len(vtexts) - len(keep)
     return sec
 
@@ -634,7 +639,10 @@ def run_segmentation(ctx: EvalContext) -> dict:
         return {"skipped": "the preprocessing cache holds no organ maps (no organ masks)"}
     if ctx.train is None or not _has_maps(ctx.train):
         return {"skipped": f"needs the {ctx.config.train_split!r} split with organ masks to fit the probe"}
-    probe, n_tokens, n_volumes = _fit_segmentation(ctx)
+    try:
+        probe, n_tokens, n_volumes = _fit_segmentation(ctx)
+    except InsufficientData as e:  # one class only among the train patches
+        return e.entry()
     vox, patch, n_eval = _segmentation_counts(ctx, probe)
     sec = segmentation_section(vox[0], vox[1], list(ORGANS), n_train_tokens=n_tokens, n_train_volumes=n_volumes,
                                n_valid_volumes=n_eval,
@@ -676,9 +684,14 @@ def _segmentation_counts(ctx: EvalContext, probe) -> tuple:
 
 def run_depth_sweep(ctx: EvalContext) -> dict:
     """Zero-shot on the central crops of each of ctx.depths slices, over ctx.labels_used, with the
-    encoder FLOPs of one volume per depth (flops.encoder_flops)."""
+    encoder FLOPs of one volume per depth (flops.encoder_flops). Skipped when no label of
+    labels_used has both positive and negative volumes (e.g. zero_shot scored none)."""
     valid, used = ctx.valid, ctx.labels_used
     cols = [valid.label_names.index(x) for x in used]
+    n = len(valid.entries)
+    if not any(0 < valid.labels[:, c].sum() < n for c in cols):
+        why = "zero_shot scored no label" if "zero_shot" in ctx.config.sections else "no label has both classes"
+        return {"skipped": f"{why} among the {count_of(n, 'volume')}: no zero-shot score to sweep"}
     pos_t, neg_t = ctx.label_prompts
     size = valid.entries[0][1].shape[1:]
     points = []
@@ -694,9 +707,14 @@ def run_depth_sweep(ctx: EvalContext) -> dict:
 
 
 def run_embedding_map(ctx: EvalContext) -> dict:
-    """2-D map of the volume embeddings (plots.embedding_map: UMAP, else PCA); sets ctx.map_coords."""
-    ctx.map_coords, method = embedding_map(ctx.rows(ctx.spans), seed=ctx.config.seed)
-    return {"method": method, "n": len(ctx.valid.entries), "colour": "each scored abnormality"}
+    """2-D map of the volume embeddings (plots.embedding_map: UMAP, else PCA); sets ctx.map_coords.
+    Skipped with fewer than plots.MIN_MAP_POINTS volumes."""
+    try:
+        ctx.map_coords, method = embedding_map(ctx.rows(ctx.spans), seed=ctx.config.seed)
+    except InsufficientData as e:
+        return e.entry()
+    colour = "each scored abnormality" if ctx.labels_used else "none: no abnormality label scored"
+    return {"method": method, "n": len(ctx.valid.entries), "colour": colour}
 
 
 # The report's sections in the order `evaluate` runs them: name -> function(EvalContext) -> the
@@ -769,10 +787,12 @@ def _report_head(ctx: EvalContext, data, folder, sha: str) -> dict:
 
 
 def _write(report: dict, ctx: EvalContext, out: Path) -> None:
-    """The plots (config.plots; the map coloured by ctx.labels_used) and out/report.json."""
+    """The plots (config.plots; the map coloured by ctx.labels_used; report["plots_skipped"] says
+    why any is not written) and out/report.json."""
     if ctx.config.plots:
         names, used = ctx.valid.label_names, ctx.labels_used
         cols = [names.index(x) for x in used] if names else []
+        report["plots_skipped"] = unplottable(report, map_coords=ctx.map_coords)
         report["plots"] = write_plots(report, out, map_coords=ctx.map_coords,
                                       map_labels=ctx.valid.labels[:, cols] if cols else None, map_names=used or [])
     validate_report(report)
