@@ -199,3 +199,72 @@ def test_cli_with_an_llm_endpoint(tmp_path_factory, tmp_path, capsys, monkeypatc
         assert f"{len(bank)} from the cache" in capsys.readouterr().out
     finally:
         srv.close()
+
+
+def _findings_cli(tmp_path_factory, tmp_path, url, *extra):
+    """`sigvlp findings` on a copy of the tiny dataset's valid split with --llm-url url: (exit
+    status, the bank path)."""
+    import shutil
+
+    from _data_helpers import tiny_dataset
+    from sigvlp.cli import main as cli_main
+
+    data = shutil.copytree(tiny_dataset(tmp_path_factory), tmp_path / "data")
+    bank = data / "findings" / "valid_findings.jsonl"
+    if bank.exists():
+        bank.unlink()
+    rc = cli_main(["findings", str(data), "--split", "valid", "--llm-url", url, "--llm-model", "m",
+                   "--llm-timeout", "5", *extra])
+    return rc, bank
+
+
+def _closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_unreachable_endpoint_is_a_one_line_error_before_any_work(tmp_path_factory, tmp_path, capsys):
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    t0 = time.monotonic()
+    rc, bank = _findings_cli(tmp_path_factory, tmp_path, url)  # 4 retries with backoff per report if not probed
+    out, err = capsys.readouterr()
+    assert rc == 2 and time.monotonic() - t0 < 5
+    assert err.count("\n") == 1 and err.startswith("sigvlp findings: error: argument --llm-url: cannot reach ")
+    assert url in err and "Connection refused" in err, err
+    assert out == "" and not bank.exists() and not (bank.parent / ".llm-cache").exists()
+
+
+def test_cli_endpoint_refusing_the_key_is_a_one_line_error(tmp_path_factory, tmp_path, capsys):
+    class Refuse(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+
+        do_POST = do_GET
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        rc, bank = _findings_cli(tmp_path_factory, tmp_path, f"http://127.0.0.1:{httpd.server_address[1]}/v1")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "refused the request: HTTP 401" in err and not bank.exists()
+
+
+@pytest.mark.parametrize("server", [["500"]], indirect=True)
+def test_cli_every_request_failing_is_not_a_success(server, tmp_path_factory, tmp_path, capsys):
+    rc, bank = _findings_cli(tmp_path_factory, tmp_path, server.url, "--llm-retries", "0")
+    out, err = capsys.readouterr()
+    last = err.strip().splitlines()[-1]  # after the progress bar
+    assert rc == 1 and server.requests and not bank.exists() and "wrote" not in out
+    assert last.startswith("sigvlp findings: error: argument --llm-url: all ") and "HTTP 500" in last
+    assert "no bank written" in last

@@ -48,7 +48,10 @@ def add_arguments(parser):
     src.add_argument("--radgenome", metavar="REGION_REPORT.csv", default=None,
                      help="build from RadGenome-ChestCT's <split>_region_report.csv (default: the reports CSV)")
     src.add_argument("--llm-url", metavar="URL", default=None,
-                     help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (default: none, rule splitter)")
+                     help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1; probed once first (unreachable "
+                          "or refusing the key: exit 2); a report whose requests fail is split by the rules "
+                          "(counted); when every request fails, no bank is written (exit 1) (default: none, rule "
+                          "splitter)")
     parser.add_argument("--fvlm-impressions", metavar="CONC.json", default=None,
                         help="fVLM's conc_info.json (organ-wise impressions), with --fvlm (default: none; general "
                              "then takes the reports CSV's impression)")
@@ -64,6 +67,10 @@ def add_arguments(parser):
                         help="seconds per request (default: 120)")
     parser.add_argument("--llm-retries", metavar="N", type=_number(int, False), default=4,
                         help="retries of a request after 429, 5xx, timeouts (default: 4, exponential backoff)")
+
+
+class LLMFailed(RuntimeError):
+    """Every report sent to --llm-url failed: no bank is written (exit status 1)."""
 
 
 def _error(message: str) -> int:
@@ -100,14 +107,21 @@ def _build(args, ds, reports) -> tuple[dict, list[str]]:
     impressions = {name: imp for name, (_, imp) in reports.items()}
     names = [rec.name for rec in ds]
     if args.llm_url:
-        from sigvlp.data.findings_llm import LLMConfig, llm_entries  # urllib machinery only for this mode
+        from sigvlp.data.findings_llm import EndpointUnreachable, LLMConfig, llm_entries  # urllib: this mode only
 
         config = LLMConfig(url=args.llm_url, model=args.llm_model,
                            api_key=os.environ.get(args.llm_key_env) if args.llm_key_env else None,
                            concurrency=args.llm_concurrency, rate=args.llm_rate, timeout=args.llm_timeout,
                            max_retries=args.llm_retries)
         cache = Path(args.data) / "findings" / ".llm-cache" / f"{args.split}.jsonl"
-        entries, stats = llm_entries(reports, config, cache, progress=True)
+        try:
+            entries, stats = llm_entries(reports, config, cache, progress=True)
+        except EndpointUnreachable as e:  # probed once before the first request
+            raise ValueError(f"argument --llm-url: {e}") from None
+        if stats.asked and not stats.answered:
+            why = stats.fallback[0][1] if stats.fallback else "no answer"
+            raise LLMFailed(f"all {stats.asked} reports sent to {config.endpoint} failed (first: {why[:160]}); "
+                            "no bank written")
         return entries, [stats.summary(), f"llm cache: {cache}"]
     if args.fvlm:
         entries, stats = fvlm_entries(names, args.fvlm, args.fvlm_impressions, impressions)
@@ -156,6 +170,9 @@ def run(args) -> int:
         entries, lines = _build(args, ds, reports)
     except (FileNotFoundError, ValueError) as e:
         return _error(str(e))
+    except LLMFailed as e:  # every LLM request failed: not the bank the user asked for
+        print(f"{PROG}: error: argument --llm-url: {e}", file=sys.stderr)
+        return 1
     write_bank(entries, out, overwrite=True)
     with_organs = {o: sum(1 for e in entries.values() if o in e["organs"]) for o in ORGANS}
     cover = ", ".join(f"{o} {n}" for o, n in with_organs.items() if n)

@@ -11,6 +11,10 @@ retries (429, 5xx, timeouts, refused connections; exponential backoff from ``bac
 a Retry-After header honoured up to ``max_backoff``), sends that report to the rule splitter and
 is counted (LLMStats).
 
+Before the first request, `probe` checks the endpoint once (one GET, no retries): a server that
+cannot be reached (refused, unknown host, timeout) or refuses the credentials (HTTP 401/403)
+raises EndpointUnreachable before any work; any other HTTP answer counts as reachable.
+
 Valid answers are cached per VolumeName (JSONL, one line per report, appended as answers arrive)
 with the model name and a hash of the findings text, so a rerun asks only for reports whose
 answer is missing or stale; fallbacks are not cached. Requests run on ``concurrency`` threads,
@@ -117,6 +121,10 @@ class HTTPFailure(RuntimeError):
     """A request that failed after its retries."""
 
 
+class EndpointUnreachable(HTTPFailure):
+    """The endpoint cannot be reached or refuses the credentials (probe); one line naming it."""
+
+
 def parse_answer(content: str, n: int) -> list[list[str]]:
     """Organs of each of the n sentences from a model's answer. ValueError says what is wrong
     (not JSON, an unknown organ, a sentence dropped or repeated)."""
@@ -184,6 +192,24 @@ class LLMSplitter:
                 time.sleep(wait)
         raise HTTPFailure(f"{cfg.endpoint}: {last} after {cfg.max_retries + 1} tries")
 
+    def probe(self) -> None:
+        """One GET of the endpoint with the request headers, no retries, at most 10 s: returns
+        when the server answers anything but 401/403 (a chat endpoint may well answer GET with
+        404/405); EndpointUnreachable (one line naming the endpoint) otherwise."""
+        cfg = self.config
+        headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        try:
+            req = urllib.request.Request(cfg.endpoint, headers=headers, method="GET")
+            with urllib.request.urlopen(req, timeout=min(cfg.timeout, 10.0)):
+                return
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise EndpointUnreachable(f"{cfg.endpoint} refused the request: HTTP {e.code} {e.reason} "
+                                          "(check the API key)") from None
+        except (urllib.error.URLError, TimeoutError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise EndpointUnreachable(f"cannot reach {cfg.endpoint} ({type(reason).__name__}: {reason})") from None
+
     def classify(self, sentences: list[str]) -> tuple[list[list[str]], int]:
         """(organs per sentence, number of requests). ValueError after two bad answers;
         HTTPFailure when the endpoint cannot be reached."""
@@ -229,9 +255,11 @@ def _cached_organs(hit: Optional[dict], sentences: list[str], digest: str) -> Op
 
 
 def llm_entries(reports: dict[str, tuple[str, str]], config: LLMConfig, cache_path,
-                progress: bool = False) -> tuple[dict[str, dict], LLMStats]:
+                progress: bool = False, probe: bool = True) -> tuple[dict[str, dict], LLMStats]:
     """Bank entry bodies for reports {VolumeName: (findings, impression)} via the endpoint, the
-    cache at cache_path (created as needed) and the rule splitter as fallback."""
+    cache at cache_path (created as needed) and the rule splitter as fallback for reports whose
+    requests fail. probe: check the endpoint once (LLMSplitter.probe) before the first request,
+    when any report is not in the cache; EndpointUnreachable then, before anything is written."""
     cache_path = Path(cache_path)
     cache = read_cache(cache_path, config.model)
     stats, out, todo = LLMStats(), {}, {}
@@ -246,6 +274,8 @@ def llm_entries(reports: dict[str, tuple[str, str]], config: LLMConfig, cache_pa
     if not todo:
         return out, stats
     splitter = LLMSplitter(config)
+    if probe:
+        splitter.probe()
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     with open(cache_path, "a", encoding="utf-8") as log, ThreadPoolExecutor(config.concurrency) as pool:
         futures = {pool.submit(splitter.classify, sentences): name for name, sentences in todo.items()}
