@@ -280,6 +280,21 @@ def test_bad_synth_options_are_one_line_usage_errors(tmp_path, capsys, args, opt
     assert not (tmp_path / "o").exists()
 
 
+def test_no_volumes_at_all_is_a_one_line_usage_error(tmp_path, capsys):
+    from sigvlp.cli import main
+    from sigvlp.demo.synth import write_dataset
+
+    out = tmp_path / "o"
+    assert main(["synth", "--out", str(out), "--n-train", "0", "--n-valid", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ("sigvlp synth: error: argument --n-train/--n-valid: both are 0, "
+                                                   "nothing to write (give at least one volume)\n")
+    assert not out.exists()
+    with pytest.raises(ValueError, match="n_train and n_valid are both 0"):
+        write_dataset(out, 0, 0)
+    assert not out.exists()
+
+
 def test_out_pointing_at_a_file_is_a_usage_error(tmp_path, capsys):
     from sigvlp.cli import main
 

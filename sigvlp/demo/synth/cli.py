@@ -42,7 +42,8 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, type=_out_folder, default=argparse.SUPPRESS,
                         help="output folder (must be empty or absent, unless --overwrite)")
     parser.add_argument("--n-train", type=int_at_least(0), default=200, help="training volumes")
-    parser.add_argument("--n-valid", type=int_at_least(0), default=50, help="validation volumes")
+    parser.add_argument("--n-valid", type=int_at_least(0), default=50,
+                        help="validation volumes (either count may be 0, not both)")
     parser.add_argument("--seed", type=int_at_least(0), default=0, help="dataset seed")
     parser.add_argument("--preset", default="small", choices=sorted(SYNTH_PRESETS),
                         help="size preset (small: 64-96 px in-plane, 60-400 slices; tiny: 40-48 px, 24-64 slices of "
@@ -59,8 +60,13 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    """`sigvlp synth`: write the dataset the parsed options describe; 2 (an error line on stderr) for an
-    --out folder that is not a previous synth output, or not empty without --overwrite."""
+    """`sigvlp synth`: write the dataset the parsed options describe; 2 (an error line on stderr) for
+    --n-train and --n-valid both 0, an --out folder that is not a previous synth output, or not empty
+    without --overwrite."""
+    if args.n_train == 0 and args.n_valid == 0:
+        print("sigvlp synth: error: argument --n-train/--n-valid: both are 0, nothing to write (give at least one "
+              "volume)", file=sys.stderr)
+        return 2
     config = SYNTH_PRESETS[args.preset]
     if getattr(args, "size", None):
         config = dataclasses.replace(config, size=tuple(args.size))

@@ -174,9 +174,12 @@ def write_dataset(out, n_train: int = 200, n_valid: int = 50, seed: int = 0, con
     A non-empty `out` is refused (FileExistsError: old volumes would sit beside the new CSVs)
     unless overwrite=True, which first removes the files a previous write_dataset wrote there
     (those its synth.json marker lists, see clear_previous) and nothing else; a non-empty folder
-    without that marker is never overwritten (ValueError)."""
+    without that marker is never overwritten (ValueError). n_train, n_valid >= 0, not both 0
+    (ValueError: an empty dataset)."""
     if n_train < 0 or n_valid < 0:
         raise ValueError(f"n_train and n_valid must be >= 0, got {n_train}, {n_valid}")
+    if n_train == 0 and n_valid == 0:
+        raise ValueError("n_train and n_valid are both 0: nothing to write (one of them must be >= 1)")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: exists and is not a folder")
