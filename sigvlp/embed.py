@@ -12,8 +12,10 @@ Output (safetensors): ``pooled`` (N, embed_dim) float32 L2-normalised; ``grid_th
 ``tokens`` (total_tokens, width) float32 final token features, rows cu_seqlens[i]:cu_seqlens[i+1]
 for input i in t-major order (omitted with --no-tokens). Metadata: ``inputs`` (JSON list of the
 embedded paths, row order), ``skipped`` (JSON list of {"input", "error"}), ``config`` (the model
-config), ``checkpoint``. An input that cannot be read is reported and skipped; the rest are written
-(exit status 1 if any was skipped, 2 if none could be embedded).
+config), ``checkpoint``. The INPUT paths are checked before any work: when none holds a NIfTI file
+or DICOM series, a one-line error (exit status 2) and nothing else; a missing one among others is
+reported before the progress bar starts and skipped. An input that cannot be read is reported and
+skipped; the rest are written (exit status 1 if any was skipped, 2 if none could be embedded).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from sigvlp.cliargs import check_writable
 from sigvlp.data.dicom import is_dicom_file, load_dicom_series
 from sigvlp.fileperm import apply_umask
 
-__all__ = ["add_arguments", "run", "find_inputs", "load_dicom_series", "load_any", "embed_inputs",
+__all__ = ["add_arguments", "run", "find_inputs", "split_inputs", "load_dicom_series", "load_any", "embed_inputs",
            "resolve_checkpoint", "MetadataLookup"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MISSING = "no such file, or a folder without NIfTI or DICOM files"
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
 
@@ -153,7 +156,19 @@ def load_any(kind: str, path, *, metadata: Optional[dict] = None, already_hu: Op
         return load_volume(path, metadata, already_hu=already_hu)
     if kind == "dicom":
         return load_dicom_series(path)
-    raise FileNotFoundError(f"{path}: no such file, or a folder without NIfTI or DICOM files")
+    raise FileNotFoundError(f"{path}: {MISSING}")
+
+
+def split_inputs(paths: Iterable) -> tuple[list[tuple[str, str]], list[dict]]:
+    """find_inputs, checked before any work: ((kind, path) inputs to embed, skipped {"input",
+    "error"} for each missing one). ValueError (one line, naming INPUT) when every input is missing."""
+    found = find_inputs(paths)
+    missing = [path for kind, path in found if kind == "missing"]
+    if len(missing) == len(found):
+        shown = ", ".join(missing[:3]) + (f", ... ({len(missing)} in all)" if len(missing) > 3 else "")
+        raise ValueError(f"INPUT: {shown}: {MISSING}")
+    skipped = [{"input": path, "error": f"FileNotFoundError: {path}: {MISSING}"} for path in missing]
+    return [item for item in found if item[0] != "missing"], skipped
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -296,15 +311,18 @@ def run(args) -> int:
 
     try:
         device, out_path, ckpt, lookup, already_hu = _check_args(args)
+        inputs, missing = split_inputs(args.inputs)  # before the model and the progress bar
         overrides = {"attn_backend": args.backend} if getattr(args, "backend", None) else {}
         model = SigVLP.from_pretrained(ckpt, map_location=device, **overrides)
     except (ValueError, FileNotFoundError) as e:
         print(f"sigvlp embed: error: {e}", file=sys.stderr)
         return 2
-    inputs = find_inputs(args.inputs)
+    for item in missing:
+        print(f"sigvlp embed: skipped {item['input']}: {MISSING}", file=sys.stderr)
     tensors, names, skipped = embed_inputs(model, inputs, tokens=not args.no_tokens, progress=not args.quiet,
                                            autocast_dtype=torch.bfloat16 if args.bf16 else None,
                                            metadata=lookup, already_hu=already_hu)
+    skipped = missing + skipped
     if not names:
         print(f"sigvlp embed: nothing embedded ({len(skipped)} input(s) skipped); {out_path} not written",
               file=sys.stderr)

@@ -357,3 +357,27 @@ def test_ambiguous_file_is_skipped_with_load_volume_message(tmp_path, ckpt, caps
     assert str(e.value).splitlines()[0] in err
     rc, t, _ = _embed(ckpt, tmp_path / "o2.safetensors", f, extra=("--already-hu", "no"))
     assert rc == 0 and t["pooled"].shape[0] == 1
+
+
+def test_missing_inputs_are_one_line_before_any_work(tmp_path, ckpt):
+    """Every INPUT missing: one error line naming it, exit 2, no progress fragments, nothing written
+    (checked in a fresh process: stderr is exactly that line)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "e.safetensors"
+    missing = tmp_path / "nonexistent"
+    p = subprocess.run([sys.executable, "-m", "sigvlp", "embed", str(missing), "--ckpt", str(ckpt), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stdout == "" and not out.exists()
+    assert p.stderr == f"sigvlp embed: error: INPUT: {missing}: no such file, or a folder without NIfTI or DICOM files\n"
+
+
+def test_a_missing_input_among_others_is_reported_before_the_bar(tmp_path, ckpt, phantom, capsys):
+    save_nifti(phantom, tmp_path / "a.nii.gz", "RAS")
+    rc, t, meta = _embed(ckpt, tmp_path / "e.safetensors", tmp_path / "nope", tmp_path / "a.nii.gz")
+    err = capsys.readouterr().err
+    assert rc == 1 and t["pooled"].shape[0] == 1
+    assert err.splitlines()[0] == f"sigvlp embed: skipped {tmp_path / 'nope'}: no such file, or a folder without " \
+                                  "NIfTI or DICOM files"
+    assert [s["input"] for s in json.loads(meta["skipped"])] == [str(tmp_path / "nope")]
