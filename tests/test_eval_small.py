@@ -18,7 +18,7 @@ pytest.importorskip("matplotlib", reason="the eval extra (matplotlib) is not ins
 from sigvlp.demo.synth import SYNTH_PRESETS, write_dataset  # noqa: E402
 from sigvlp.eval import suite as S  # noqa: E402
 from sigvlp.eval.plots import unplottable, write_plots  # noqa: E402
-from sigvlp.eval.report import SECTIONS, format_table, validate_report  # noqa: E402
+from sigvlp.eval.report import SECTIONS, check_skipped, format_table, validate_report  # noqa: E402
 from sigvlp.model import SigVLP, SigVLPConfig  # noqa: E402
 
 MAX_LINE = 300  # the longest line the table may print
@@ -154,8 +154,6 @@ def test_embedding_map_without_scored_labels_has_no_empty_legend(tmp_path):
 
 
 def test_validate_report_refuses_a_stringified_dict_as_skip_reason():
-    from sigvlp.eval.report import check_skipped
-
     check_skipped({"skipped": "only 2 volumes (needs >= 3)"}, "x")
     for bad in ({"skipped": str({"a": {"positives": 0}})}, {"skipped": "two\nlines"}, {"skipped": 3},
                 {"skipped": "x" * 400}):
