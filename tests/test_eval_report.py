@@ -97,6 +97,8 @@ def test_report_schema_roundtrip_and_table(tmp_path):
     (lambda r: r["zero_shot"]["labels_used"].append("Foo"), "disagree"),
     (lambda r: r["retrieval"]["volume_to_report"].pop("R@10"), "retrieval.volume_to_report lacks"),
     (lambda r: r.update(schema="other/1"), "schema"),
+    (lambda r: r["retrieval"]["volume_to_report"].update(n_candidates=5), r"R@5 with 5 candidates is trivially 1"),
+    (lambda r: r["retrieval"]["volume_to_report"].update({"R@1": {"skipped": "x"}}), r"R@1 must be a number"),
 ])
 def test_report_schema_rejects(tmp_path, breaks, match):
     report, _, _ = _report(tmp_path)

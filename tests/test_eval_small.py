@@ -19,6 +19,7 @@ from sigvlp.demo.synth import SYNTH_PRESETS, write_dataset  # noqa: E402
 from sigvlp.eval import suite as S  # noqa: E402
 from sigvlp.eval.plots import unplottable, write_plots  # noqa: E402
 from sigvlp.eval.report import SECTIONS, check_skipped, format_table, validate_report  # noqa: E402
+from sigvlp.eval.sections import retrieval_section  # noqa: E402
 from sigvlp.model import SigVLP, SigVLPConfig  # noqa: E402
 
 MAX_LINE = 300  # the longest line the table may print
@@ -93,6 +94,15 @@ def test_cli_on_three_volumes_skips_in_one_line_each_and_warns_nothing(three, ck
     if len(report["organs"].get("organs_used", [])) < 3:
         assert "organ_radar" in report["plots_skipped"]
     assert "embedding_map" in report["plots"]
+    # R@k over 3 candidates for k >= 3 is 1 whatever the model: a skipped entry and "-", never 1.000
+    for part in ("volume_to_report", "report_to_volume"):
+        m = report["retrieval"][part]
+        assert m["n_candidates"] == 3 and isinstance(m["R@1"], float), m
+        assert [m[f"R@{k}"] for k in (5, 10, 50)] == [{"skipped": f"{k} >= 3 candidates: trivially 1"}
+                                                    for k in (5, 10, 50)]
+        row = next(ln for ln in lines if ln.startswith(part + " "))
+        assert row.split()[3:6] == ["-", "-", "-"] and "1.000" not in row, row
+        assert f"{part}: R@5, R@10, R@50 not reported (k >= 3 candidates: trivially 1)" in lines
 
 
 def test_api_on_one_volume_skips_every_section_it_cannot_compute(one, ckpt, tmp_path):
@@ -159,3 +169,62 @@ def test_validate_report_refuses_a_stringified_dict_as_skip_reason():
                 {"skipped": "x" * 400}):
         with pytest.raises(ValueError, match="report: x"):
             check_skipped(bad, "x")
+
+
+# ----------------------------------------------------------------------------- trivial recall, min-count, train error
+def test_chunk_retrieval_reports_only_k_below_its_candidates():
+    rng = np.random.default_rng(0)
+    vol, chunks = rng.standard_normal((3, 8)), rng.standard_normal((7, 8))
+    texts = ["a", "b", "c", "d", "e", "f", ""]  # 6 chunks with text, one without
+    sec = retrieval_section(vol, vol, ["x", "y", "z"], chunks, chunks, texts)
+    ch = sec["chunk_to_organ_text"]
+    assert ch["n_candidates"] == 6 and isinstance(ch["R@1"], float) and isinstance(ch["R@5"], float)
+    assert ch["R@10"] == {"skipped": "10 >= 6 candidates: trivially 1"} and "skipped" in ch["R@50"]
+    table = format_table({"retrieval": sec})
+    assert "chunk_to_organ_text: R@10, R@50 not reported (k >= 6 candidates: trivially 1)" in table
+    row = next(ln for ln in table.splitlines() if ln.startswith("chunk_to_organ_text "))
+    assert row.split()[4:6] == ["-", "-"] and "{" not in table, table
+
+
+def test_depth_sweep_without_zero_shot_applies_the_min_count_rule(three, ckpt, tmp_path):
+    import csv
+
+    with open(three / "dataset" / "multi_abnormality_labels" / "valid_predicted_labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    positives = {k: sum(int(float(r[k])) for r in rows) for k in rows[0] if k != "VolumeName"}
+    assert max(positives.values()) == 1  # the phantoms' labels: at most 1 positive of 3 volumes
+
+    def sweep(min_positives, min_negatives):
+        cfg = S.EvalConfig(sections=("depth_sweep",), min_positives=min_positives, min_negatives=min_negatives,
+                           depths=(4, 8), progress=False, plots=False, cache=str(tmp_path / "cache"))
+        return S.evaluate(ckpt, three, cfg)["depth_sweep"]
+
+    sec = sweep(2, 1)  # no label has 2 positives: skipped like zero_shot, never scored on 1 positive
+    assert "skipped" in sec and "no label has >= 2 positive and >= 1 negative volumes" in sec["skipped"], sec
+    check_skipped(sec, "depth_sweep")
+    assert sorted(sec["labels_skipped"]) == sorted(positives)
+    sec = sweep(1, 2)  # the labels with one positive (and two negatives) are scored, the others not
+    assert [p["n_labels"] for p in sec["points"]] == [sum(v == 1 for v in positives.values())] * 2
+
+
+def test_unreadable_train_split_is_one_line_with_details_beside(three, ckpt, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(three, root, ignore=shutil.ignore_patterns(".sigvlp_cache"))
+    broken = sorted((root / "dataset" / "train").rglob("*.nii.gz"))
+    for path in broken:
+        path.write_bytes(b"not a NIfTI")
+    cfg = S.EvalConfig(sections=("organs", "segmentation"), min_positives=1, min_negatives=1, chunks_per_volume=2,
+                       progress=False, plots=False, cache=str(tmp_path / "cache"))
+    report = S.evaluate(ckpt, root, cfg)
+    ds = report["dataset"]
+    assert "\n" not in ds["train_error"] and "has no usable volumes" in ds["train_error"], ds
+    assert sum(str(p) in line for p in broken for line in ds["train_error_detail"]) == len(broken)
+    for sec in (report["segmentation"], report["organs"]["linear_probe"]):
+        check_skipped(sec, "probe")
+        assert "'train' split could not be opened" in sec["skipped"]
+    table = format_table(report)
+    assert f"probe split 'train' not opened: {ds['train_error']}" in table.splitlines()
+    with pytest.raises(ValueError, match="train_error must be one line"):
+        validate_report({**report, "dataset": {**ds, "train_error": ds["train_error"] + "\nmore"}})

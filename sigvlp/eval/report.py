@@ -8,7 +8,9 @@ some (e.g. a skipped zero_shot keeps "labels_skipped"). Each label or organ that
 
 - ``schema``, ``seconds``, ``device``
 - ``checkpoint``: {"path", "sha256" (of model.safetensors + config.json), "config"}
-- ``dataset``: {"root", "split", "train_split", "n_volumes", "n_chunks", "skipped"}
+- ``dataset``: {"root", "split", "train_split", "n_volumes", "n_chunks", "skipped"}, and when the
+  probes' train split failed to open "train_error" (one line) and "train_error_detail" (the
+  error's further lines, e.g. the scan's unusable files)
 - ``config``: the EvalConfig used (prompts, labels, thresholds of the protocol, seeds, ...)
 - ``zero_shot``: {"protocol", "prompts", "labels_used", "labels_skipped": {label: {"positives",
   "negatives", "skipped"}}, "per_label": {label:
@@ -18,7 +20,8 @@ some (e.g. a skipped zero_shot keeps "labels_skipped"). Each label or organ that
   {auroc, precision, recall, f1, threshold, n_pos, n_neg}}, "mean"}, "linear_probe": {...same,
   "n_train"}}
 - ``retrieval``: {"volume_to_report", "report_to_volume", "chunk_to_organ_text"}: each
-  {"R@1", "R@5", "R@10", "R@50", "median_rank", "mean_rank", "n_queries", "n_candidates"}
+  {"R@1", "R@5", "R@10", "R@50", "median_rank", "mean_rank", "n_queries", "n_candidates"}; an
+  R@k with k >= n_candidates is {"skipped": "k >= C candidates: trivially 1"}, never a number
 - ``segmentation``: {"per_organ_dice": {organ: dice}, "mean_dice", "n_train_tokens", ...}
 - ``depth_sweep``: {"points": [{"slices", "tokens", "encoder_flops", "flops_counted",
   "flops_attention_analytic", "mean_auroc", "mean_f1_weighted", "n_volumes"}]}
@@ -93,6 +96,23 @@ def _check_skips(report: dict) -> None:
         check_skipped({"skipped": reason}, f"plots_skipped[{name!r}]")
 
 
+def _check_recalls(m: dict, where: str) -> None:
+    """Each R@k of a retrieval part is a number for k < n_candidates and {"skipped": reason} for
+    k >= n_candidates (every candidate is within the first k: trivially 1)."""
+    n = m["n_candidates"]
+    _num(n, f"{where}.n_candidates")
+    for key, value in m.items():
+        if not (key.startswith("R@") and key[2:].isdigit()):
+            continue
+        if int(key[2:]) >= n:
+            if not _skipped(value):
+                raise ValueError(f"report: {where}.{key} with {n} candidates is trivially 1; expected "
+                                 f"{{'skipped': reason}}, got {value!r}")
+            check_skipped(value, f"{where}.{key}")
+        else:
+            _num(value, f"{where}.{key}")
+
+
 def validate_report(report: dict) -> dict:
     """Check a report (dict or the JSON text's parse) against the schema in this module's
     docstring; returns it. ValueError names the first missing key or wrong type."""
@@ -107,6 +127,10 @@ def validate_report(report: dict) -> dict:
         raise ValueError(f"report: schema {report['schema']!r}, expected {SCHEMA!r}")
     _need(report["checkpoint"], ("path", "sha256", "config"), "checkpoint")
     _need(report["dataset"], ("root", "split", "n_volumes"), "dataset")
+    train_error = report["dataset"].get("train_error")
+    if train_error is not None and (not isinstance(train_error, str) or "\n" in train_error):
+        raise ValueError("report: dataset.train_error must be one line of text (details go in "
+                         "dataset.train_error_detail)")
     _check_skips(report)
     zs = report["zero_shot"]
     if not _skipped(zs):
@@ -137,6 +161,7 @@ def validate_report(report: dict) -> dict:
                 raise ValueError(f"report: retrieval lacks {part!r}")
             if not _skipped(ret[part]):
                 _need(ret[part], _RETRIEVAL_KEYS, f"retrieval.{part}")
+                _check_recalls(ret[part], f"retrieval.{part}")
     seg = report["segmentation"]
     if not _skipped(seg):
         _need(seg, ("per_organ_dice", "mean_dice"), "segmentation")
@@ -183,7 +208,8 @@ def write_report(report: dict, path) -> Path:
 
 
 def _f(x, nd=3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    """x to nd decimals; "-" for None, NaN/inf and a skipped entry."""
+    if x is None or _skipped(x) or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
     return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
@@ -196,12 +222,63 @@ def _table(header, rows) -> list[str]:
     return out
 
 
+def _trivial_recall_lines(ret: dict) -> list[str]:
+    """One line per retrieval part whose R@k are skipped as trivial (k >= its candidates)."""
+    lines = []
+    for name, m in ret.items():
+        if not isinstance(m, dict) or _skipped(m):
+            continue
+        keys = [k for k, v in m.items() if k.startswith("R@") and _skipped(v)]
+        if keys:
+            lines.append(f"{name}: {', '.join(keys)} not reported (k >= {m['n_candidates']} candidates: "
+                         "trivially 1)")
+    return lines
+
+
+def _organ_lines(org: dict) -> list[str]:
+    """The organ section's table (zero-shot | linear probe) and a line per skipped part."""
+    lines = ["", "Organ classification (chunks): zero-shot | linear probe"]
+    zso, lp = org.get("zero_shot", {}), org.get("linear_probe", {})
+    rows = []
+    for name in org.get("organs_used", []):
+        a = zso.get("per_organ", {}).get(name, {})
+        b = lp.get("per_organ", {}).get(name, {})
+        rows.append([name, a.get("n_pos", b.get("n_pos", "")), _f(a.get("auroc")), _f(a.get("f1")),
+                     _f(b.get("auroc")), _f(b.get("precision")), _f(b.get("recall")), _f(b.get("f1"))])
+    rows.append(["MEAN", "", _f(zso.get("mean", {}).get("auroc")), _f(zso.get("mean", {}).get("f1")),
+                 _f(lp.get("mean", {}).get("auroc")), _f(lp.get("mean", {}).get("precision")),
+                 _f(lp.get("mean", {}).get("recall")), _f(lp.get("mean", {}).get("f1"))])
+    lines += _table(["organ", "pos", "zs AUROC", "zs F1", "lp AUROC", "lp prec", "lp rec", "lp F1"], rows)
+    lines += [f"organs.{part}: skipped ({org[part]['skipped']})" for part in ("zero_shot", "linear_probe")
+              if _skipped(org.get(part))]
+    return lines
+
+
+def _retrieval_lines(ret: dict) -> list[str]:
+    """The retrieval table ("-" for a trivial R@k) and a line per part with trivial R@k skipped."""
+    lines = ["", "Retrieval"]
+    rows = []
+    for name, m in ret.items():
+        if not isinstance(m, dict):
+            continue
+        if _skipped(m):
+            rows.append([name, "skipped: " + m["skipped"], "", "", "", "", ""])
+            continue
+        rows.append([name, m["n_queries"], _f(m["R@1"]), _f(m["R@5"]), _f(m["R@10"]), _f(m["R@50"]),
+                     _f(m["median_rank"], 1)])
+    lines += _table(["direction", "queries", "R@1", "R@5", "R@10", "R@50", "median rank"], rows)
+    lines += _trivial_recall_lines(ret)
+    return lines
+
+
 def format_table(report: dict) -> str:
     """A readable multi-section text table of a report."""
     lines = []
     ds, ck = report.get("dataset", {}), report.get("checkpoint", {})
     lines.append(f"checkpoint {ck.get('path')} (sha256 {str(ck.get('sha256'))[:12]}), data {ds.get('root')} "
                  f"split {ds.get('split')}: {ds.get('n_volumes')} volumes")
+    if ds.get("train_error"):
+        lines.append(f"probe split {ds.get('train_split')!r} not opened: {ds['train_error']}")
     zs = report.get("zero_shot", {})
     if zs and not _skipped(zs):
         lines.append("")
@@ -222,33 +299,10 @@ def format_table(report: dict) -> str:
                                                     for k, v in zs["labels_skipped"].items()))
     org = report.get("organs", {})
     if org and not _skipped(org):
-        lines.append("")
-        lines.append("Organ classification (chunks): zero-shot | linear probe")
-        zso, lp = org.get("zero_shot", {}), org.get("linear_probe", {})
-        rows = []
-        for name in org.get("organs_used", []):
-            a = zso.get("per_organ", {}).get(name, {})
-            b = lp.get("per_organ", {}).get(name, {})
-            rows.append([name, a.get("n_pos", b.get("n_pos", "")), _f(a.get("auroc")), _f(a.get("f1")),
-                         _f(b.get("auroc")), _f(b.get("precision")), _f(b.get("recall")), _f(b.get("f1"))])
-        rows.append(["MEAN", "", _f(zso.get("mean", {}).get("auroc")), _f(zso.get("mean", {}).get("f1")),
-                     _f(lp.get("mean", {}).get("auroc")), _f(lp.get("mean", {}).get("precision")),
-                     _f(lp.get("mean", {}).get("recall")), _f(lp.get("mean", {}).get("f1"))])
-        lines += _table(["organ", "pos", "zs AUROC", "zs F1", "lp AUROC", "lp prec", "lp rec", "lp F1"], rows)
+        lines += _organ_lines(org)
     ret = report.get("retrieval", {})
     if ret and not _skipped(ret):
-        lines.append("")
-        lines.append("Retrieval")
-        rows = []
-        for name, m in ret.items():
-            if not isinstance(m, dict):
-                continue
-            if _skipped(m):
-                rows.append([name, "skipped: " + m["skipped"], "", "", "", "", ""])
-                continue
-            rows.append([name, m["n_queries"], _f(m["R@1"]), _f(m["R@5"]), _f(m["R@10"]), _f(m["R@50"]),
-                         _f(m["median_rank"], 1)])
-        lines += _table(["direction", "queries", "R@1", "R@5", "R@10", "R@50", "median rank"], rows)
+        lines += _retrieval_lines(ret)
     seg = report.get("segmentation", {})
     if seg and not _skipped(seg):
         lines.append("")

@@ -131,12 +131,29 @@ def organ_section(y_true, zs_scores, names: Sequence[str], prompts: Sequence[str
     return out
 
 
+def nontrivial_recall(metrics: dict) -> dict:
+    """retrieval_metrics' output with each R@k for k >= n_candidates replaced by {"skipped":
+    "k >= C candidates: trivially 1"}: every candidate is among the first k, so the recall is 1
+    whatever the model (R@5 of 3 volumes says nothing). Returns metrics (changed in place)."""
+    n = metrics["n_candidates"]
+    for key in [k for k in metrics if k.startswith("R@")]:
+        k = int(key[2:])
+        if k >= n:
+            metrics[key] = {"skipped": f"{k} >= {count_of(n, 'candidate')}: trivially 1"}
+    return metrics
+
+
+def _recall(sim, positives, ks) -> dict:
+    return nontrivial_recall(retrieval_metrics(sim, positives, ks))
+
+
 def retrieval_section(vol_emb, report_emb, report_texts: Sequence[str], chunk_emb=None, chunk_text_emb=None,
                       chunk_texts: Optional[Sequence[str]] = None, ks=(1, 5, 10, 50)) -> dict:
     """Volume <-> report retrieval (both directions) and chunk -> organ-text retrieval over the
     split. Identical texts count as correct for each other's queries. Needs >= 2 volumes
     (InsufficientData otherwise: one candidate is always found); chunk retrieval with fewer than
-    2 chunks with text is {"skipped": reason}."""
+    2 chunks with text is {"skipped": reason}. An R@k with k >= the candidates is not a number
+    but {"skipped": reason} (nontrivial_recall)."""
     def same_text(a, b):
         a, b = np.asarray(a, dtype=object), np.asarray(b, dtype=object)
         return a[:, None] == b[None, :]
@@ -147,14 +164,14 @@ def retrieval_section(vol_emb, report_emb, report_texts: Sequence[str], chunk_em
     r = np.asarray(report_emb, dtype=np.float64)
     sim = v @ r.T
     pos = same_text(report_texts, report_texts)
-    out = {"volume_to_report": retrieval_metrics(sim, pos, ks), "report_to_volume": retrieval_metrics(sim.T, pos.T, ks)}
+    out = {"volume_to_report": _recall(sim, pos, ks), "report_to_volume": _recall(sim.T, pos.T, ks)}
     if chunk_emb is not None and chunk_texts is not None and len(chunk_texts):
         keep = np.array([bool(t) for t in chunk_texts])
         if keep.sum() >= 2:
             c = np.asarray(chunk_emb, dtype=np.float64)[keep]
             t = np.asarray(chunk_text_emb, dtype=np.float64)[keep]
             texts = [x for x, k in zip(chunk_texts, keep) if k]
-            out["chunk_to_organ_text"] = retrieval_metrics(c @ t.T, same_text(texts, texts), ks)
+            out["chunk_to_organ_text"] = _recall(c @ t.T, same_text(texts, texts), ks)
             out["chunk_to_organ_text"]["n_without_text"] = int((~keep).sum())
         else:
             out["chunk_to_organ_text"] = {"skipped": f"{count_of(int(keep.sum()), 'chunk')} with organ text "
@@ -250,5 +267,5 @@ def depth_sweep_point(slices: int, tokens: int, flops: dict, y_true, scores, nam
 
 
 __all__ = ["dice_scores", "pair_probability", "zero_shot_section", "organ_section", "retrieval_section",
-           "fit_linear_probe", "fit_segmentation_probe", "predict_voxels", "segmentation_section", "dice_counts",
-           "depth_sweep_point"]
+           "nontrivial_recall", "fit_linear_probe", "fit_segmentation_probe", "predict_voxels",
+           "segmentation_section", "dice_counts", "depth_sweep_point"]

@@ -33,7 +33,7 @@ from sigvlp import checkpoint as ckpt_io
 from sigvlp.data.chunks import chunk_text, organs_in_chunk
 from sigvlp.data.organs import ORGANS
 from sigvlp.eval.flops import encoder_flops
-from sigvlp.eval.metrics import InsufficientData, count_of
+from sigvlp.eval.metrics import InsufficientData, count_of, select_labels, too_few
 from sigvlp.eval.plots import embedding_map, unplottable, write_plots
 from sigvlp.eval.report import SCHEMA, validate_report, write_report
 from sigvlp.eval.report import SECTIONS as SECTION_NAMES
@@ -477,7 +477,8 @@ class EvalContext:
     sweep runs). pooled (S, D) float32 holds the embeddings of all of them, row index[span];
     tokens {row: ((n, width) float16 token features, (3,) grid)} those of the segmentation volumes.
     Written by sections: labels_used (the zero-shot section's scored labels, read by the depth
-    sweep and the plots; all of valid's labels when zero-shot does not run) and map_coords (the
+    sweep and the plots; when zero-shot does not run, valid's labels with enough positive and
+    negative volumes: counted_labels) and map_coords (the
     embedding map's (N, 2) coordinates, for its plot).
     """
 
@@ -543,9 +544,21 @@ def prepare(model, data, config: EvalConfig, ckpt_sha: str, device: torch.device
     pooled, tokens = embedder.cached_encode(valid, all_spans, seg, f"embed {config.split}")
     scale, bias = _logit_scale(model)
     ctx = EvalContext(model, config, embedder, valid, cc, scale, bias, spans, chunk_spans, depths, depth_spans,
-                      pooled, index, tokens, labels_used=list(valid.label_names))
+                      pooled, index, tokens, labels_used=counted_labels(valid, config)[0])
     ctx.train, ctx.train_error = _open_train(ctx, data)
     return ctx
+
+
+def counted_labels(split: Split, config: EvalConfig) -> tuple[list, dict]:
+    """(names of the split's labels with >= config.min_positives positive and >= min_negatives
+    negative volumes, {other label: {"positives", "negatives", "skipped"}}): the --min-count rule
+    of the zero-shot section (metrics.select_labels), for the sections that score labels when
+    zero-shot does not run. ([], {}) for a split without labels."""
+    if split.labels is None:
+        return [], {}
+    kept, skipped = select_labels(split.labels, split.label_names, config.min_positives, config.min_negatives,
+                                  unit="volume")
+    return [split.label_names[j] for j in kept], skipped
 
 
 def _open_train(ctx: EvalContext, data) -> tuple[Optional[Split], Optional[str]]:
@@ -594,11 +607,20 @@ def run_organs(ctx: EvalContext) -> dict:
     zs = pair_probability(chunk_emb, opos, oneg, ctx.scale, ctx.bias)
     probe_train, probe_scores = _organ_probe(ctx, chunk_emb)
     try:
-        return organ_section(ctx.chunk_targets[0], zs, list(ORGANS), cfg.organ_prompts, probe_train=probe_train,
-                             probe_scores=probe_scores, min_positives=cfg.min_positives,
-                             min_negatives=cfg.min_negatives)
+        sec = organ_section(ctx.chunk_targets[0], zs, list(ORGANS), cfg.organ_prompts, probe_train=probe_train,
+                            probe_scores=probe_scores, min_positives=cfg.min_positives,
+                            min_negatives=cfg.min_negatives)
     except InsufficientData as e:  # no organ with enough positive and negative chunks
         return e.entry()
+    if ctx.train_error is not None:
+        sec["linear_probe"] = {"skipped": train_unopened(ctx)}
+    return sec
+
+
+def train_unopened(ctx: EvalContext) -> str:
+    """The one-line skip reason of a probe whose train split failed to open (the report's
+    dataset.train_error holds the error's first line, dataset.train_error_detail the rest)."""
+    return f"the {ctx.config.train_split!r} split could not be opened: see dataset.train_error"
 
 
 def _organ_probe(ctx: EvalContext, chunk_emb: np.ndarray) -> tuple:
@@ -637,6 +659,8 @@ def run_segmentation(ctx: EvalContext) -> dict:
     seg_volumes volumes, Dice per organ over the voxels (and the patches) of the evaluated ones."""
     if not _has_maps(ctx.valid):
         return {"skipped": "the preprocessing cache holds no organ maps (no organ masks)"}
+    if ctx.train_error is not None:
+        return {"skipped": train_unopened(ctx)}
     if ctx.train is None or not _has_maps(ctx.train):
         return {"skipped": f"needs the {ctx.config.train_split!r} split with organ masks to fit the probe"}
     try:
@@ -683,15 +707,19 @@ def _segmentation_counts(ctx: EvalContext, probe) -> tuple:
 
 
 def run_depth_sweep(ctx: EvalContext) -> dict:
-    """Zero-shot on the central crops of each of ctx.depths slices, over ctx.labels_used, with the
-    encoder FLOPs of one volume per depth (flops.encoder_flops). Skipped when no label of
-    labels_used has both positive and negative volumes (e.g. zero_shot scored none)."""
-    valid, used = ctx.valid, ctx.labels_used
-    cols = [valid.label_names.index(x) for x in used]
+    """Zero-shot on the central crops of each of ctx.depths slices, over ctx.labels_used (the labels
+    zero_shot scored, else those passing its --min-count rule: counted_labels), with the encoder
+    FLOPs of one volume per depth (flops.encoder_flops). Skipped when labels_used is empty (with
+    labels_skipped when zero_shot did not run)."""
+    valid, used, cfg = ctx.valid, ctx.labels_used, ctx.config
     n = len(valid.entries)
-    if not any(0 < valid.labels[:, c].sum() < n for c in cols):
-        why = "zero_shot scored no label" if "zero_shot" in ctx.config.sections else "no label has both classes"
-        return {"skipped": f"{why} among the {count_of(n, 'volume')}: no zero-shot score to sweep"}
+    if not used and "zero_shot" in cfg.sections:
+        return {"skipped": f"zero_shot scored no label among the {count_of(n, 'volume')}: no zero-shot score "
+                           "to sweep"}
+    if not used:
+        _, skipped = counted_labels(valid, cfg)
+        return too_few(n, skipped, cfg.min_positives, cfg.min_negatives, unit="volume").entry()
+    cols = [valid.label_names.index(x) for x in used]
     pos_t, neg_t = ctx.label_prompts
     size = valid.entries[0][1].shape[1:]
     points = []
@@ -781,8 +809,11 @@ def _report_head(ctx: EvalContext, data, folder, sha: str) -> dict:
                           "labels_csv": valid.labels_csv, "skipped": valid.skipped},
               "config": config.to_dict(), "plots": {}}
     report["config"]["logit_scale"], report["config"]["logit_bias"] = ctx.scale, ctx.bias
-    if ctx.train_error is not None:
-        report["dataset"]["train_error"] = ctx.train_error
+    if ctx.train_error is not None:  # one line; the rest (e.g. the scan's list of unusable files) beside it
+        first, *rest = ctx.train_error.splitlines() or [""]
+        report["dataset"]["train_error"] = first
+        if any(line.strip() for line in rest):
+            report["dataset"]["train_error_detail"] = [line.strip() for line in rest if line.strip()]
     return report
 
 
