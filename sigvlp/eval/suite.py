@@ -613,11 +613,11 @@ def run_organs(ctx: EvalContext) -> dict:
     except InsufficientData as e:  # no organ with enough positive and negative chunks
         return e.entry()
     if ctx.train_error is not None:
-        sec["linear_probe"] = {"skipped": train_unopened(ctx)}
+        sec["linear_probe"] = {"skipped": _train_unopened(ctx)}
     return sec
 
 
-def train_unopened(ctx: EvalContext) -> str:
+def _train_unopened(ctx: EvalContext) -> str:
     """The one-line skip reason of a probe whose train split failed to open (the report's
     dataset.train_error holds the error's first line, dataset.train_error_detail the rest)."""
     return f"the {ctx.config.train_split!r} split could not be opened: see dataset.train_error"
@@ -660,7 +660,7 @@ def run_segmentation(ctx: EvalContext) -> dict:
     if not _has_maps(ctx.valid):
         return {"skipped": "the preprocessing cache holds no organ maps (no organ masks)"}
     if ctx.train_error is not None:
-        return {"skipped": train_unopened(ctx)}
+        return {"skipped": _train_unopened(ctx)}
     if ctx.train is None or not _has_maps(ctx.train):
         return {"skipped": f"needs the {ctx.config.train_split!r} split with organ masks to fit the probe"}
     try:
