@@ -85,6 +85,12 @@ def full() -> bool:
     return _MODE == "full"
 
 
+def smoke() -> bool:
+    """Quick mode at its smallest (SIGVLP_BENCH_SMOKE=1, set by gpu_check.sh's CPU walk, which tests
+    the script, not the numbers): one CPU timing round, and the benches' smallest quick shapes."""
+    return not full() and os.environ.get("SIGVLP_BENCH_SMOKE", "0") not in ("", "0")
+
+
 # ----------------------------------------------------------------------------- timing
 
 
@@ -166,6 +172,8 @@ def measure(fn: Callable, *, rounds: int = 3, iterations: int = 1, warmup_ms: fl
         cuda = HAS_CUDA
     if cuda:
         return Timing(_measure_cuda(fn, warmup_ms, rep_ms, min_rounds, max_rounds))
+    if smoke():
+        rounds = iterations = 1
     return Timing(_measure_cpu(fn, max(1, rounds), max(1, iterations)))
 
 

@@ -37,7 +37,7 @@ QUICK = {"presets": ("tiny",), "inplane": 32, "slices": (16, 64)}
 
 
 def _setup():
-    return FULL if _bench.full() else QUICK
+    return FULL if _bench.full() else dict(QUICK, slices=(16,)) if _bench.smoke() else QUICK
 
 
 # ----------------------------------------------------------------------------- attention variants

@@ -45,7 +45,8 @@ TEXTS = ["Lung nodule in the right upper lobe.", "Cardiomegaly. Pericardial effu
 
 
 def _cases():
-    setups = (FULL, SIGLIP2) if _bench.full() else (QUICK,)
+    smallest = dict(QUICK, depths=(8,), token_budget=256)  # the smoke scale (_bench.smoke)
+    setups = (FULL, SIGLIP2) if _bench.full() else (smallest if _bench.smoke() else QUICK,)
     return [pytest.param(s, d, p, id=f"{s['preset']}-{d}-{p}") for s in setups for d in s["depths"]
             for p in s.get("providers", PROVIDERS)]
 
@@ -180,7 +181,7 @@ def _demo_batch(cfg) -> dict:
     samples, tokens = [], 0
     for i, depth in enumerate(DEMO_DEPTHS * 4):
         tokens += depth // pt * per_slice_group
-        if tokens > DEMO_STEP["token_budget"]:
+        if tokens > DEMO_STEP["token_budget"] // (4 if _bench.smoke() else 1):
             break
         image = torch.rand(depth, DEMO_STEP["inplane"], DEMO_STEP["inplane"], generator=g) * 2 - 1
         samples.append({"image": image.numpy(), "text": TEXTS[i % len(TEXTS)], "uid": i})
@@ -211,7 +212,7 @@ def test_cpu_attention_training_step(bench):
     providers = {"sigvlp-torch": "torch", "sigvlp": "auto"}  # SIGVLP_BACKEND of each
     samples = {p: [] for p in providers}
     load = os.getloadavg()[0]
-    for r in range(DEMO_STEP["rounds"] + 1):  # round 0: warm-up; then alternate, in both orders
+    for r in range(1 + (1 if _bench.smoke() else DEMO_STEP["rounds"])):  # round 0: warm-up; then alternate, in both orders
         for provider in (list(providers) if r % 2 else list(providers)[::-1]):
             with _env({"SIGVLP_BACKEND": providers[provider]}):
                 t0 = time.perf_counter()

@@ -26,6 +26,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import _bench
+
 from sigvlp.ops import OPS, sigmoid_loss
 from sigvlp.ops.sigmoid_loss import sigmoid_loss_dense
 
@@ -37,7 +39,7 @@ BASELINE = "dense"
 def _sizes(full):
     if full:
         return [(n, d) for d in (512, 1024) for n in (4096, 16384, 65536)]
-    return [(2048, 256), (8192, 256)]
+    return [(512, 128)] if _bench.smoke() else [(2048, 256), (8192, 256)]
 
 
 def _providers(full):
@@ -178,7 +180,7 @@ def _status_kib(key: str) -> int:
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CPU memory measurement (GPU memory is in test_sigmoid_loss_fwd_bwd)")
 def test_sigmoid_loss_cpu_peak_rss(bench):
-    n, d = 8192, 256
+    n, d = (1024, 128) if _bench.smoke() else (8192, 256)
     dense = _rss_extra_mib("dense", n, d)
     ours = _rss_extra_mib("torch", n, d)
     shape = f"N=M={n} D={d} fwd+bwd, fresh process peak RSS (VmHWM)"

@@ -6,14 +6,16 @@
 # Stages, each with a time cap inside one overall budget (GPU_CHECK_BUDGET, default 470 s):
 #   1. environment: python, torch, triton, nvcc, nvidia-smi; stops here (exit 2) without a GPU
 #   2. build csrc/ with this machine's nvcc: pip install --no-build-isolation --no-deps -e .
-#      (SIGVLP_CUDA_ARCHS defaults to this GPU's arch, e.g. 90a on an H100/H200), and at the same
-#      time python -m sigvlp.precompile: every Triton variant compiled into Triton's cache on all
-#      cores but two, so that nothing later compiles while it is timed
+#      (SIGVLP_CUDA_ARCHS defaults to this GPU's arch, e.g. 90a on an H100/H200; 4 cores), and at
+#      the same time python -m sigvlp.precompile --gpu-check on the other cores: every Triton
+#      variant the later stages launch (the ops' self-test cases and OpSpec.launch_configs) compiled
+#      into Triton's cache (TRITON_CACHE_DIR, default WORK/triton-cache), so that nothing later
+#      compiles while it is timed; the summary counts the kernels compiled after it (should be 0)
 #   Every stage runs under timeout: SIGINT at its cap (pytest still writes its JUnit file, so
 #   partial counts are kept), SIGKILL 15 s later; exit 124 is reported as TIMED OUT.
 #   --dry-run prints the plan: per stage its seconds (precompile: variant counts from
-#   `python -m sigvlp.precompile --count` times sigvlp.precompile.COMPILE_CPU_SECONDS, measured per
-#   kernel family, times its HOST_FACTOR, over the jobs; capped by what the other stages leave) and the total.
+#   `python -m sigvlp.precompile --count --gpu-check` times sigvlp.precompile.COMPILE_CPU_SECONDS,
+#   measured per kernel family, times HOST_FACTOR, over the jobs; no stage is cut short) and the total.
 #   3. python -m sigvlp.selftest (every backend of every op, fp32/fp16/bf16, vs fp64 oracles)
 #   4. every GPU test: pytest -m gpu over the test files that have GPU tests
 #   5. the bench suite in full mode, one pytest run per bench file (a slow file cannot take the
@@ -100,8 +102,9 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 
 # ----------------------------------------------------------------------------- the plan
 # Stage caps (s). precompile's is computed: variant counts x measured compile seconds / jobs.
-JOBS=$(( CORES > 4 ? CORES - 2 : CORES ))
-EST="$(env -u TRITON_INTERPRET "$PY" -m sigvlp.precompile --count --arch 90 --jobs "$JOBS" 2>>"$LOG" | tee -a "$LOG" | tail -n 1)"
+BUILD_CORES=4  # the CUDA build's share of the cores (CMAKE_BUILD_PARALLEL_LEVEL) while precompile runs
+JOBS=$(( CORES > 2 * BUILD_CORES ? CORES - BUILD_CORES : (CORES > 1 ? CORES - 1 : 1) ))
+EST="$(env -u TRITON_INTERPRET "$PY" -m sigvlp.precompile --count --gpu-check --arch 90 --jobs "$JOBS" 2>>"$LOG" | tee -a "$LOG" | tail -n 1)"
 PRE_S=$(echo "$EST" | sed -n 's/^estimate: \([0-9]*\) s.*/\1/p'); PRE_S=${PRE_S:-999}
 PLAN_S[selftest]=30; PLAN_S[gpu_tests]=75; PLAN_S[summary]=10
 # Bench order and caps come from `_bench.py plan` (each op's bench and cap are in its OpSpec,
@@ -115,17 +118,15 @@ if (( ! ${#BENCH_FILES[@]} )); then  # the plan printed nothing: every bench fil
 fi
 for f in "${BENCH_FILES[@]}"; do n=$(basename "$f" .py); PLAN_S[$n]=${BENCH_CAP[$n]:-10}; done
 PLAN_ORDER=(build+precompile selftest gpu_tests $(for f in "${BENCH_FILES[@]}"; do basename "$f" .py; done) summary)
-# build+precompile: the estimate + 10 s (at least 100 s: the CUDA build of one arch runs beside it),
-# within what the other stages leave of the budget; past that cap the variants not yet compiled
-# (the representative ones go first) compile on first use.
-OTHERS=0; for st in "${PLAN_ORDER[@]:1}"; do OTHERS=$(( OTHERS + PLAN_S[$st] )); done
-WANT=$(( PRE_S + 10 > 100 ? PRE_S + 10 : 100 )); ROOM=$(( BUDGET - OTHERS ))
-PLAN_S[build+precompile]=$(( WANT < ROOM ? WANT : ROOM ))
+# build+precompile: the estimate + 10 s, at least 100 s (the CUDA build of one arch runs beside it);
+# never cut to fit: a plan over the budget says so.
+PLAN_S[build+precompile]=$(( PRE_S + 10 > 100 ? PRE_S + 10 : 100 ))
 PLAN_TOTAL=0; for st in "${PLAN_ORDER[@]}"; do PLAN_TOTAL=$(( PLAN_TOTAL + PLAN_S[$st] )); done
-say "plan for $CORES cores (precompile: $EST):"
-(( WANT > ROOM )) && say "  precompile capped at ${ROOM} s of the ${WANT} s it needs: the representative variants first, the rest compile on first use"
+say "plan for $CORES cores (precompile with $JOBS jobs beside a $BUILD_CORES-core CUDA build: $EST):"
+say "  assumed: one core of this host compiles as fast as the loaded 2-vCPU machine that measured"
+say "  COMPILE_CPU_SECONDS ($(grep -o 'HOST_FACTOR [0-9.]*' <<< "$EST"), conservative), and the CUDA build of one arch ends within 100 s"
 for st in "${PLAN_ORDER[@]}"; do say "$(printf '  %-24s %4d s' "$st" "${PLAN_S[$st]}")"; done
-say "total: $PLAN_TOTAL s"
+say "total: $PLAN_TOTAL s$( (( PLAN_TOTAL > BUDGET )) && echo " (OVER the ${BUDGET} s budget: later stages will be cut short)")"
 if (( DRY_RUN )); then
   exit 0
 fi
@@ -133,8 +134,9 @@ fi
 FORCE_CPU="${GPU_CHECK_FORCE_CPU:-0}"  # 1: walk every stage on a CPU (tests this script; no build)
 BENCH_MODE=full
 if (( FORCE_CPU )); then
-  say "GPU_CHECK_FORCE_CPU=1: running the stages on the CPU (no build, quick benches) to test this script"
+  say "GPU_CHECK_FORCE_CPU=1: running the stages on the CPU (no build, smallest quick benches) to test this script"
   BENCH_MODE=quick
+  export SIGVLP_BENCH_SMOKE=1  # the benches' smallest shapes and one timing round (benches/_bench.py smoke)
   # the CPU is slower than the GPU the caps are planned for: every cap and the budget times this
   CPU_SCALE="${GPU_CHECK_CPU_SCALE:-4}"
   for st in "${!PLAN_S[@]}"; do PLAN_S[$st]=$(( PLAN_S[$st] * CPU_SCALE )); done
@@ -152,7 +154,8 @@ fi
 
 # ----------------------------------------------------------------------------- 2. build + precompile
 # precompile runs in the background beside the build (nvcc uses a few cores; Triton's compiles the rest)
-PRE_ARGS=(--jobs "$JOBS"); (( FORCE_CPU )) && PRE_ARGS=(--jobs 2 --arch 90 --ops rope3d --quick)  # CPU: exercise it
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$WORK/triton-cache}"
+PRE_ARGS=(--gpu-check --jobs "$JOBS"); (( FORCE_CPU )) && PRE_ARGS=(--gpu-check --jobs 2 --arch 90 --ops rope3d)  # CPU: exercise it
 run_stage precompile "${PLAN_S[build+precompile]}" env -u TRITON_INTERPRET "$PY" -m sigvlp.precompile "${PRE_ARGS[@]}" &
 PRE_PID=$!
 if (( FORCE_CPU )); then
@@ -178,6 +181,8 @@ if (( PRE_RC == 0 )); then
 else
   record precompile "FAIL rc=$PRE_RC$( (( PRE_RC == 124 || PRE_RC == 137 )) && echo ' (TIMED OUT: the rest compiles on first use)')"
 fi
+cubins() { find "$TRITON_CACHE_DIR" -name '*.cubin' 2>/dev/null | sort; }
+cubins > "$WORK/cubins_after_precompile.txt"
 
 # ----------------------------------------------------------------------------- 3. self-test
 if run_stage selftest "${PLAN_S[selftest]}" "$PY" -m sigvlp.selftest --json "$WORK/selftest.json"; then
@@ -228,13 +233,16 @@ import triton; print('triton', triton.__version__)" 2>/dev/null
     printf '  %-24s %8s %8s  %s\n' "$st" "$plan" "${TOOK[$st]:--}" "${s#*|}"
   done
   echo "  plan total: $PLAN_TOTAL s; took: $(( $(date +%s) - START )) s"
+  late=$(cubins | comm -13 "$WORK/cubins_after_precompile.txt" -)
+  echo "  Triton kernels compiled after precompile: $(grep -c . <<< "$late") (0: every launch of the stages was precompiled)"
+  [[ -n "$late" ]] && echo "$late" | xargs -n1 basename | sort | uniq -c | sed 's/^/    /'
   echo
   echo "per op and dtype (selftest over the backends, GPU tests passed/failed, bench medians):"
   "$PY" benches/_bench.py table "$OUT_DIR/results.csv" "$WORK/selftest.json" "$WORK/gpu_tests.xml"
   echo
   "$PY" benches/_bench.py ratios "$OUT_DIR/results.csv"
 } > "$OUT_DIR/summary.txt" 2>&1
-tar czf "$OUT_DIR/all.tar.gz" -C "$WORK" . 2>/dev/null
+tar czf "$OUT_DIR/all.tar.gz" --exclude=./triton-cache -C "$WORK" . 2>/dev/null
 cat "$OUT_DIR/summary.txt" | tee -a "$LOG"
 FAILED=0
 for s in "${STATUS[@]}"; do [[ "${s#*|}" == PASS* || "${s#*|}" == passed* || "${s#*|}" == SKIPPED* ]] || FAILED=1; done

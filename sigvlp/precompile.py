@@ -110,16 +110,24 @@ def _rope_case(dtype, head_dim, positions, interleaved):
     return run
 
 
-def _attention_case(dtype, head_dim, rotation, causal, interleaved):
+def _attention_case(dtype, head_dim, rotation, causal, interleaved, cross=None, lse=False):
+    """cross: the cross form, keys packed by their own lengths and rotated by `cross` ("grid",
+    "positions" or "none"); lse: the log-sum-exp is returned and has a gradient."""
     def run():
         from sigvlp.ops import rope_attention_varlen  # noqa: PLC0415  (as above)
 
         cu, grid, total, longest = _packed()
         q, k, v = (torch.randn(total, 2, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
+        kw = dict(interleaved=interleaved, causal=causal, return_lse=lse, backend="triton")
+        if cross is not None:
+            cu_k, grid_k, total_k, longest_k = _packed(_LENGTHS[::-1] if causal else (7, 60))
+            k, v = (torch.randn(total_k, 2, head_dim, dtype=dtype, requires_grad=True) for _ in range(2))
+            kw.update(cu_seqlens_k=cu_k, max_seqlen_k=longest_k, grid_thw_k=grid_k if cross == "grid" else None,
+                      positions_k=torch.zeros(total_k, 3) if cross == "positions" else None)
         out = rope_attention_varlen(q, k, v, cu, longest, grid if rotation == "grid" else None,
-                                    positions=torch.zeros(total, 3) if rotation == "positions" else None,
-                                    interleaved=interleaved, causal=causal, backend="triton")
-        out.float().sum().backward()
+                                    positions=torch.zeros(total, 3) if rotation == "positions" else None, **kw)
+        out = sum(t.float().sum() for t in out) if lse else out.float().sum()
+        out.backward()
     return run
 
 
@@ -171,12 +179,38 @@ def launch_matrix(quick: bool = False) -> dict[str, list[tuple[str, Callable]]]:
                                      (False, True)))
         sig = list(itertools.product(_FLOATS, _EMBED_DIMS, (False, True), (False, True)))
         ns = list(itertools.product(("bf16", "fp32"), ((2, 96, 160), (96, 160))))
-    return {
-        "rope3d": [(_name(*c), _rope_case(*c)) for c in rope],
-        "rope_attention_varlen": [(_name(*c), _attention_case(*c)) for c in att],
-        "sigmoid_loss": [(_name(*c), _sigmoid_loss_case(*c)) for c in sig],
-        "newton_schulz": [(_name(*c), _newton_schulz_case(*c)) for c in ns],
-    }
+    combos = {"rope3d": rope, "rope_attention_varlen": att, "sigmoid_loss": sig, "newton_schulz": ns}
+    return {op: [(_name(*c), CASE_BUILDERS[op](*c)) for c in cs] for op, cs in combos.items()}
+
+
+#: op -> its case builder: builder(**config) is a callable that runs the op with backend="triton"
+#: on small CPU tensors in that configuration (OpSpec.launch_configs are such configs).
+CASE_BUILDERS = {"rope3d": _rope_case, "rope_attention_varlen": _attention_case,
+                 "sigmoid_loss": _sigmoid_loss_case, "newton_schulz": _newton_schulz_case}
+
+
+def _selftest_case(spec, dtype):
+    def run():
+        check, _ = spec.selftest(dtype, torch.device("cpu"), torch.Generator().manual_seed(0))
+        check("triton")
+    return run
+
+
+def gpu_check_matrix() -> dict[str, list[tuple[str, Callable]]]:
+    """op -> [(case name, case)]: the Triton launches of benches/gpu_check.sh's stages, from the op
+    registry: the self-test's case in every dtype (OpSpec.selftest, as `python -m sigvlp.selftest`
+    runs it) and the configurations of OpSpec.launch_configs (its GPU tests and benches)."""
+    from sigvlp.ops.registry import SPECS  # noqa: PLC0415  (imports the ops: loaded once patched)
+
+    matrix = {}
+    for op, spec in SPECS.items():
+        if spec.launch_survey is None:  # no Triton kernel
+            continue
+        cases = [(f"selftest/{_name(d)}", _selftest_case(spec, d)) for d in _FLOATS]
+        cases += [(_name(*(f"{k}={_name(v)}" for k, v in c.items())), CASE_BUILDERS[op](**c))
+                  for c in spec.launch_configs]
+        matrix[op] = cases
+    return matrix
 
 
 # ----------------------------------------------------------------------------- capture
@@ -279,12 +313,12 @@ def _has_real_driver() -> bool:
         return False
 
 
-def _cases(ops, quick, match) -> Iterator[tuple[str, str, Callable]]:
-    """(op, case name, case) of the launch matrix, for `ops` (None: all), whose "op/case" name
-    contains the regular expression `match` (None: all)."""
+def _cases(ops, quick, match, gpu_check=False) -> Iterator[tuple[str, str, Callable]]:
+    """(op, case name, case) of the launch matrix (gpu_check: `gpu_check_matrix()`), for `ops`
+    (None: all), whose "op/case" name contains the regular expression `match` (None: all)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("sigvlp.precompile: unset TRITON_INTERPRET (the interpreter compiles nothing)")
-    matrix = launch_matrix(quick)
+    matrix = gpu_check_matrix() if gpu_check else launch_matrix(quick)
     unknown = set(ops or ()) - set(matrix)
     if unknown:
         raise ValueError(f"ops: unknown {sorted(unknown)}; expected some of {sorted(matrix)}")
@@ -314,14 +348,15 @@ def capture(arch: int, cases) -> list[Variant]:
 
 
 def variants(arch: int = 90, ops: Optional[list[str]] = None, quick: bool = False,
-             match: Optional[str] = None) -> list[Variant]:
-    """The distinct compiles of the launch matrix (quick: the representative subset; match: only
-    the cases whose "op/case" name contains this regular expression) for sm_`arch`."""
-    return capture(arch, _cases(ops, quick, match))
+             match: Optional[str] = None, gpu_check: bool = False) -> list[Variant]:
+    """The distinct compiles of the launch matrix (quick: the representative subset; gpu_check: the
+    launches of gpu_check.sh's stages, `gpu_check_matrix()`; match: only the cases whose "op/case"
+    name contains this regular expression) for sm_`arch`."""
+    return capture(arch, _cases(ops, quick, match, gpu_check))
 
 
 def verify(arch: int = 90, ops: Optional[list[str]] = None, quick: bool = False,
-           match: Optional[str] = None) -> list[dict]:
+           match: Optional[str] = None, gpu_check: bool = False) -> list[dict]:
     """Run the cases through Triton's own JIT for sm_`arch` (compiling, not launching) and report,
     per compile the JIT makes, whether Triton's cache had it: rows of op, case, kernel, cache_hit.
     After `precompile` with the same arguments every row is a hit. A miss compiles (and fills
@@ -337,7 +372,7 @@ def verify(arch: int = 90, ops: Optional[list[str]] = None, quick: bool = False,
     knobs.compilation.listener = listener
     try:
         with compile_only(arch):
-            for op, name, case in _cases(ops, quick, match):
+            for op, name, case in _cases(ops, quick, match, gpu_check):
                 current.update(op=op, case=name)
                 case()
     finally:
@@ -419,10 +454,11 @@ COMPILE_CPU_SECONDS = {
     "newton_schulz/syrk_kernel/16bit": 1.11, "newton_schulz/syrk_kernel/fp32": 1.29,
     "default": 6.14,  # a family not measured: the slowest measured
 }
-#: One core of the GPU host (16 cores, unloaded) against the measuring vCPU above: assumed, not
-#: measured (the loaded shared vCPU's cache and SMT contention, a server core's clock); the GPU run
-#: prints the real precompile time beside the plan, which is how to correct it.
-HOST_FACTOR = 0.5
+#: One core of the GPU host against the measuring vCPU above, as a time factor. 1.0: conservative,
+#: a GPU-host core assumed no faster than that loaded shared vCPU (a server core of an idle 16-core
+#: host is most likely faster, but that has not been measured here); the GPU run prints the real
+#: precompile seconds beside the plan, which is how to correct it.
+HOST_FACTOR = 1.0
 
 
 def estimate_seconds(counts: dict, jobs: int) -> float:
@@ -441,11 +477,12 @@ def _compile_index(args):
     return compile_variant(_POOL_VARIANTS[i], arch, measure)
 
 
-def precompile(arch: int, jobs: int, ops=None, quick=False, match=None, measure=False, on_row=None) -> list[dict]:
+def precompile(arch: int, jobs: int, ops=None, quick=False, match=None, measure=False, on_row=None,
+               gpu_check=False) -> list[dict]:
     """Compile every variant (see `variants`) with `jobs` processes into Triton's cache; returns
     one row per variant (`compile_variant`), calling on_row(row) as each is done."""
     global _POOL_VARIANTS
-    _POOL_VARIANTS = variants(arch, ops, quick, match)
+    _POOL_VARIANTS = variants(arch, ops, quick, match, gpu_check)
     tasks = [(i, arch, measure) for i in range(len(_POOL_VARIANTS))]
     rows = []
     if jobs <= 1:
@@ -482,6 +519,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: all cores)")
     parser.add_argument("--ops", default=None, help="comma-separated op names (default: all)")
     parser.add_argument("--quick", action="store_true", help="the representative subset only")
+    parser.add_argument("--gpu-check", action="store_true",
+                        help="only what benches/gpu_check.sh's stages launch (the ops' self-test and launch_configs)")
     parser.add_argument("--match", default=None, help="only cases whose op/case name matches this regex")
     parser.add_argument("--report", action="store_true", help="print one JSON row per variant (with registers/spills)")
     parser.add_argument("--count", action="store_true",
@@ -501,14 +540,14 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     if ns.count:
         counts: dict = {}
-        for v in variants(arch, ops, ns.quick, ns.match):
+        for v in variants(arch, ops, ns.quick, ns.match, ns.gpu_check):
             counts[v.family()] = counts.get(v.family(), 0) + 1
         print(json.dumps(counts, sort_keys=True))
         print(f"estimate: {estimate_seconds(counts, ns.jobs):.0f} s with {ns.jobs} jobs "
               f"({sum(counts.values())} variants; sigvlp.precompile.COMPILE_CPU_SECONDS x HOST_FACTOR {HOST_FACTOR})")
         return 0
     if ns.verify:
-        rows = verify(arch, ops, ns.quick, ns.match)
+        rows = verify(arch, ops, ns.quick, ns.match, ns.gpu_check)
         for row in rows:
             print(json.dumps(row))
         misses = sum(not r["cache_hit"] for r in rows)
@@ -516,7 +555,7 @@ def main(argv=None) -> int:
         print(f"cache: {cache_dir()}")
         return 1 if misses else 0
     on_row = (lambda row: print(json.dumps(row), flush=True)) if ns.report else None
-    rows = precompile(arch, ns.jobs, ops, ns.quick, ns.match, ns.report, on_row)
+    rows = precompile(arch, ns.jobs, ops, ns.quick, ns.match, ns.report, on_row, ns.gpu_check)
     print(f"precompiled {len(rows)} variants for sm_{arch} with {ns.jobs} jobs in {time.perf_counter() - start:.1f} s "
           f"(compile seconds summed: {sum(r['seconds'] for r in rows):.1f})")
     print(f"cache: {cache_dir()}")

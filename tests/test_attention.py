@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import sigvlp.ops as ops
 from sigvlp.ops import rope3d_reference, rope_attention_varlen
-from sigvlp.ops.attention import SUPPORTED_HEAD_DIMS
+from sigvlp.ops.attention import LARGE_GPU_MATRIX, SUPPORTED_HEAD_DIMS
 from sigvlp.ops.tolerances import assert_at_floor, max_err
 
 from _varlen import EDGE_LENGTHS, cu_seqlens_of, grids_of, sequence_slices
@@ -622,10 +622,11 @@ GPU_LENGTHS = [0, 1, 63, 65, 127, 129, 1000, 4096, 2]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype,head_dim,causal", LARGE_GPU_MATRIX,
+                         ids=[f"{str(d)[6:]}-{hd}-{'causal' if c else 'full'}" for d, hd, c in LARGE_GPU_MATRIX])
 def test_gpu_triton_large(dtype, head_dim, causal):
+    """Every head_dim in bf16 and fp16 at GPU lengths, causal and not (the sweep gpu_check.sh runs and
+    precompiles: sigvlp.ops.attention.LARGE_GPU_MATRIX, each (head_dim, causal) once per dtype)."""
     _run_and_check(GPU_LENGTHS, backend="triton", nheads=16, nheads_kv=4, head_dim=head_dim, dtype=dtype,
                    causal=causal, mode="grid", device="cuda", max_seqlen=5000)
 

@@ -3,9 +3,10 @@
 
 The dry run prints per stage its cap in seconds and `total: N s`. Checked here: every stage of the
 run is listed (build+precompile, selftest, gpu_tests, each bench of `benches/_bench.py plan` in
-that order, summary); the total is the sum of the stages and at most 360 s; the precompile
-estimate is sigvlp.precompile.estimate_seconds of the counts the dry run printed (the variant
-counts per kernel family of `python -m sigvlp.precompile --count`, not a typed-in number).
+that order, summary); the total is the sum of the stages and at most 360 s with no stage cut
+short; the precompile estimate is sigvlp.precompile.estimate_seconds of the counts the dry run
+printed (the variant counts per kernel family of `python -m sigvlp.precompile --count --gpu-check`,
+not a typed-in number) at a host factor of at least 1.0 (no assumed speed-up).
 The summary's per-op table (`benches/_bench.py table`) is checked on hand-written inputs.
 """
 
@@ -56,13 +57,14 @@ def test_dry_run_lists_every_stage_and_fits_the_budget(tmp_path):
 
     counts = json.loads(next(line for line in log.splitlines() if line.startswith("{")))
     assert set(counts) >= {"rope_attention_varlen/_fwd_kernel/16bit", "sigmoid_loss/sigmoid_loss_pass_kernel/fp32"}
-    jobs = CORES - 2
+    jobs = CORES - 4  # the CUDA build's 4 cores run beside the precompile
     printed = re.search(r"estimate: (\d+) s with (\d+) jobs \((\d+) variants", stdout)
     assert printed and int(printed.group(2)) == jobs and int(printed.group(3)) == sum(counts.values())
     assert int(printed.group(1)) == round(precompile.estimate_seconds(counts, jobs))
-    others = sum(int(s) for name, s in stages if name != "build+precompile")
-    want = max(int(printed.group(1)) + 10, 100)  # the build runs beside the precompile: 100 s at least
-    assert dict(stages)["build+precompile"] == str(min(want, BUDGET_S - others))
+    # no stage cut short to fit: precompile gets its whole estimate (+10 s, at least the build's 100 s)
+    assert dict(stages)["build+precompile"] == str(max(int(printed.group(1)) + 10, 100))
+    assert "OVER" not in stdout and f"HOST_FACTOR {precompile.HOST_FACTOR}" in stdout
+    assert precompile.HOST_FACTOR >= 1.0  # conservative until the GPU host's speed is measured
 
 
 def _row(provider, ms, dtype="bfloat16", tflops=""):

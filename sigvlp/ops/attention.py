@@ -479,11 +479,42 @@ def _launch_survey(lengths, rows):
         out.float().sum().backward()
 
 
+def _gpu_launches():
+    """The Triton configurations gpu_check's GPU tests and benches launch (OpSpec.launch_configs):
+    kwargs of sigvlp.precompile's attention case (dtype, head_dim, rotation, causal, interleaved,
+    cross = the keys' rotation in the cross form, lse = lse returned with a gradient)."""
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    grid = dict(rotation="grid", interleaved=False)
+    # tests/test_attention.py test_gpu_triton_large (each head_dim x dtype once, causal alternating;
+    # also the 2^31-element and varlen/flash-attn comparisons: bf16 128 causal) and the benches'
+    # bf16 head_dim 64 / 128 without masking (bench_attention, bench_model, bench_flops_vs_slices)
+    large = [dict(dtype=d, head_dim=hd, causal=c, **grid) for d, hd, c in LARGE_GPU_MATRIX]
+    benches = [dict(dtype=bf16, head_dim=hd, causal=False, **grid) for hd in (64, 128)]
+    # test_gpu_triton_modes_fp32_and_bf16: every rotation mode, causal, lse gradient, fp32 and bf16
+    modes = [dict(dtype=d, head_dim=64, rotation=r, causal=True, interleaved=i, lse=True)
+             for d in (fp32, bf16) for r, i in (("positions", False), ("none", False), ("grid", True))]
+    # test_gpu_triton_cross_form (q by grid, k by positions, lse gradient), the deterministic test's
+    # cross form (k by grid), MAP pooling and bench_attention's cross cases (no rotation)
+    cross = [dict(dtype=d, head_dim=hd, causal=c, cross="positions", lse=True, **grid)
+             for hd, d in ((64, bf16), (128, fp16), (32, fp32)) for c in (False, True)]
+    cross += [dict(dtype=bf16, head_dim=64, causal=True, cross="grid", **grid),
+              dict(dtype=bf16, head_dim=64, rotation="none", causal=False, interleaved=False, cross="none"),
+              dict(dtype=bf16, head_dim=64, causal=False, cross="positions", **grid)]
+    return tuple(large + benches + modes + cross)
+
+
+#: tests/test_attention.py's large GPU sweep, (dtype, head_dim, causal): every head_dim in both
+#: 16-bit dtypes, each (head_dim, causal) pair once per dtype; also precompiled (launch_configs).
+LARGE_GPU_MATRIX = ((torch.bfloat16, 32, False), (torch.bfloat16, 64, True), (torch.bfloat16, 96, False),
+                    (torch.bfloat16, 128, True), (torch.float16, 32, True), (torch.float16, 64, False),
+                    (torch.float16, 96, True), (torch.float16, 128, False))
+
+
 # emulated=False: the CUDA attention has its own emulated tests (tests/test_attention_cuda.py).
 SPEC = register(OpSpec(
     name="rope_attention_varlen", backends=BACKENDS, selftest=_selftest_case,
     selftest_facts={"head_dim": 64, "cross": False}, test_file="tests/test_attention.py", emulated=False,
-    launch_survey=_launch_survey, triton_autotuned=True, bench="benches/bench_attention.py", bench_cap_s=45,
+    launch_survey=_launch_survey, triton_autotuned=True, launch_configs=_gpu_launches(), bench="benches/bench_attention.py", bench_cap_s=45,
     key_ratios=(KeyRatio("attention: sigvlp fused (Triton, CUDA) vs rope3d + varlen attention", "attention",
                          ("sigvlp", "sigvlp_cuda"), "rope3d+varlen_attn"),),
     interpreter_no_bf16_dot=True,

@@ -271,9 +271,17 @@ def _launch_survey(lengths, rows):
         newton_schulz(torch.randn(2, 256, 512), steps=1, backend="triton", precision=precision)
 
 
+#: The Triton configurations gpu_check's GPU tests and benches launch (OpSpec.launch_configs), kwargs
+#: of sigvlp.precompile's Newton-Schulz case: tests/test_newton_schulz.py (fp32 mode, batched and
+#: not), tests/test_muon.py and the benches (bf16; one matrix, a batch, a tall one).
+_GPU_LAUNCHES = (dict(precision="fp32", shape=(96, 160)), dict(precision="fp32", shape=(2, 96, 160)),
+                 dict(precision="bf16", shape=(96, 160)), dict(precision="bf16", shape=(2, 96, 160)),
+                 dict(precision="bf16", shape=(160, 96)))
+
+
 SPEC = register(OpSpec(
     name="newton_schulz", backends=BACKENDS, selftest=_selftest_case, test_file="tests/test_newton_schulz.py",
-    launch_survey=_launch_survey, bench="benches/bench_newton_schulz.py", bench_cap_s=15,
+    launch_survey=_launch_survey, launch_configs=_GPU_LAUNCHES, bench="benches/bench_newton_schulz.py", bench_cap_s=15,
     key_ratios=(KeyRatio("newton_schulz: ours vs torch.optim.Muon's NS", "newton_schulz", ("triton", "cuda"),
                          "torch_muon"),),
     interpreter_no_bf16_dot=True,

@@ -8,6 +8,9 @@ Readers of the registry (each takes its op list from `SPECS`, none keeps its own
   the CUDA emulation (spec.test_file where spec.emulated);
 - tests/_launch_survey.py and tests/test_launch_limits.py: the Triton launches compiled for every
   GPU target (spec.launch_survey, spec.triton_autotuned);
+- sigvlp.precompile (--gpu-check) and benches/gpu_check.sh: the Triton launches of gpu_check's stages,
+  compiled before anything is timed (the self-test's, captured from spec.selftest, and
+  spec.launch_configs);
 - benches/_bench.py and benches/gpu_check.sh: each op's bench file, its time cap and key ratios
   (spec.bench, spec.bench_cap_s, spec.key_ratios).
 
@@ -68,6 +71,10 @@ class OpSpec:
         the "cuda" backend on the CPU emulation of csrc/ (tests/test_cuda_emu.py).
     launch_survey: its `SurveyCase` (None: no Triton kernel); triton_autotuned: its Triton
         kernels are autotuned (every surviving candidate must fit; surveyed in a slow test).
+    launch_configs: the Triton configurations that gpu_check.sh's GPU tests and benches launch
+        (the self-test's are captured from `selftest`), each the keyword arguments of the op's case
+        builder in sigvlp.precompile (CASE_BUILDERS[name]); `python -m sigvlp.precompile --gpu-check`
+        compiles exactly these, so a configuration a GPU test or bench starts to use belongs here.
     bench: its bench file (repository-relative); bench_cap_s: its time cap in gpu_check.sh.
     key_ratios: the ratios gpu_check.sh summarises from its bench.
     interpreter_no_bf16_dot: its Triton kernels use tl.dot, which Triton's CPU interpreter does
@@ -83,6 +90,7 @@ class OpSpec:
     emulated: bool = True
     launch_survey: Optional[SurveyCase] = None
     triton_autotuned: bool = False
+    launch_configs: tuple[dict, ...] = ()
     bench_cap_s: int = 40
     key_ratios: tuple[KeyRatio, ...] = ()
     interpreter_no_bf16_dot: bool = False

@@ -259,7 +259,17 @@ def _launch_survey(lengths, rows):
     rope3d(x.float(), cu, positions=torch.zeros(sum(lengths), 3), backend="triton")
 
 
+#: The Triton configurations gpu_check's GPU tests and benches launch (OpSpec.launch_configs), kwargs
+#: of sigvlp.precompile's rope3d case: tests/test_rope.py test_gpu_backends (every dtype, grid and
+#: positions, interleaved or not, head_dim 64; bench_rope: the grid ones), bench_attention's
+#: rope3d + varlen attention baseline (bf16, head_dim 128).
+_GPU_LAUNCHES = tuple(dict(dtype=d, head_dim=64, positions=p, interleaved=i)
+                      for d in (torch.float32, torch.float16, torch.bfloat16) for p in (False, True)
+                      for i in (False, True)) + (dict(dtype=torch.bfloat16, head_dim=128, positions=False,
+                                                      interleaved=False),)
+
+
 SPEC = register(OpSpec(
     name="rope3d", backends=BACKENDS, selftest=_selftest_case, selftest_facts={"head_dim": 64},
-    test_file="tests/test_rope.py", launch_survey=_launch_survey, bench="benches/bench_rope.py", bench_cap_s=8,
+    test_file="tests/test_rope.py", launch_survey=_launch_survey, launch_configs=_GPU_LAUNCHES, bench="benches/bench_rope.py", bench_cap_s=8,
 ))

@@ -147,9 +147,19 @@ def _launch_survey(lengths, rows):
         sigmoid_loss(x, y, t, b, image_ids=ids[0], text_ids=ids[1], backend="triton").backward()
 
 
+#: The Triton configurations gpu_check's GPU tests and benches launch (OpSpec.launch_configs), kwargs
+#: of sigvlp.precompile's sigmoid-loss case: tests/test_sigmoid_loss.py test_gpu_backends_vs_fp64
+#: (every dtype at D 32, 64, 256, 1024 and 768, with ids where it has them, gradients), the benches'
+#: bf16 D 512 / 1024 without ids (bench_sigmoid_loss) and the model's D 768 with ids (bench_model).
+_GPU_LAUNCHES = tuple(dict(dtype=dt, dim=d, ids=ids, grad=True)
+                      for dt in (torch.float32, torch.float16, torch.bfloat16)
+                      for d, ids in ((32, False), (64, False), (256, True), (1024, True), (768, False))) + tuple(
+    dict(dtype=torch.bfloat16, dim=d, ids=ids, grad=True) for d, ids in ((512, False), (768, True)))
+
+
 SPEC = register(OpSpec(
     name="sigmoid_loss", backends=BACKENDS, selftest=_selftest_case, test_file="tests/test_sigmoid_loss.py",
-    launch_survey=_launch_survey, bench="benches/bench_sigmoid_loss.py", bench_cap_s=15,
+    launch_survey=_launch_survey, launch_configs=_GPU_LAUNCHES, bench="benches/bench_sigmoid_loss.py", bench_cap_s=15,
     key_ratios=(KeyRatio("sigmoid loss: ours vs dense", "sigmoid_loss", ("triton", "cuda"), "dense"),),
     interpreter_no_bf16_dot=True,
 ))
