@@ -602,10 +602,12 @@ def key_ratios(rows: list[dict]) -> list[str]:
         if not found:
             lines.append(f"{title}: no pairs measured")
             continue
+        devices = sorted({r["device"] for r in rows if ratio.op.lower() in r["op"].lower() and r.get("device")})
         for provider, ratios in found.items():
             ratios.sort()
             lines.append(f"{title}: {provider} {statistics.median(ratios):.2f}x median "
-                         f"(min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x) over {len(ratios)} cases")
+                         f"(min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x) over {len(ratios)} cases"
+                         f" on {', '.join(devices) or 'an unnamed device'}")
     return lines
 
 
@@ -689,15 +691,18 @@ def op_table(results_csv, selftest_json, junit_xml) -> list[str]:
     devices = sorted({r["device"] for r in rows if r.get("device")})
     lines = [f"device: {', '.join(devices) or 'no bench rows'}",
              f"  {'op':22} {'dtype':9} {'selftest':12} {'tests p/f':10} {'TFLOP/s':8} x baseline"]
-    entries = [(name, spec.key_ratios[0] if spec.key_ratios else None) for name, spec in SPECS.items()]
-    entries += [(r.title.split(":")[0], r) for r in OTHER_KEY_RATIOS]
-    for name, ratio in entries:
+    entries = [(name, spec.key_ratios or (None,)) for name, spec in SPECS.items()]
+    entries += [(r.title.split(":")[0], (r,)) for r in OTHER_KEY_RATIOS]
+    for name, ratios in entries:
         for dtype in (*TABLE_DTYPES, ""):
             passed, failed = tests.get((name, dtype), (0, 0))
-            tflops, x = _bench_cells(rows, ratio, dtype)
-            cells = (selftest.get((name, dtype), ""), f"{passed}/{failed}" if passed or failed else "", tflops, x)
-            if any(cells):
-                lines.append(f"  {name:22} {dtype or 'any':9} {cells[0]:12} {cells[1]:10} {cells[2]:8} {cells[3]}".rstrip())
+            first = (selftest.get((name, dtype), ""), f"{passed}/{failed}" if passed or failed else "")
+            for i, ratio in enumerate(ratios):  # an op with several baselines: a line for each measured
+                tflops, x = _bench_cells(rows, ratio, dtype)
+                cells = (*first, tflops, x) if i == 0 else ("", "", "", x)
+                if any(cells):
+                    lines.append(f"  {name:22} {dtype or 'any':9} {cells[0]:12} {cells[1]:10} {cells[2]:8} "
+                                 f"{cells[3]}".rstrip())
     other = [cell for (name, _), cell in tests.items() if name == "other"]
     if other:
         lines.append(f"  other GPU tests: {sum(c[0] for c in other)} passed, {sum(c[1] for c in other)} failed")

@@ -42,7 +42,10 @@ OUT_DIR="${OUT_DIR:-${OUT:-gpu_check_out}}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 BUDGET="${GPU_CHECK_BUDGET:-360}"
-CORES="${GPU_CHECK_CORES:-$(nproc)}"
+# the cores the plan is for (nproc without OMP_NUM_THREADS, which it would obey); the CPU walk
+# (GPU_CHECK_FORCE_CPU=1) keeps the 16-core GPU host's plan, its caps scaled (see below)
+NPROC=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+CORES="${GPU_CHECK_CORES:-$( (( ${GPU_CHECK_FORCE_CPU:-0} )) && echo 16 || echo "$NPROC")}"
 BENCH_K="${GPU_CHECK_BENCH_K-not flex and not dense_compile}"
 WORK="${GPU_CHECK_WORK:-$(mktemp -d /tmp/sigvlp_gpu_check.XXXXXX)}"
 START=$(date +%s)
@@ -155,7 +158,7 @@ fi
 # ----------------------------------------------------------------------------- 2. build + precompile
 # precompile runs in the background beside the build (nvcc uses a few cores; Triton's compiles the rest)
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$WORK/triton-cache}"
-PRE_ARGS=(--gpu-check --jobs "$JOBS"); (( FORCE_CPU )) && PRE_ARGS=(--gpu-check --jobs 2 --arch 90 --ops rope3d)  # CPU: exercise it
+PRE_ARGS=(--gpu-check --jobs "$JOBS"); (( FORCE_CPU )) && PRE_ARGS=(--gpu-check --jobs 2 --arch 90 --ops rope3d --match selftest)  # CPU: exercise it
 run_stage precompile "${PLAN_S[build+precompile]}" env -u TRITON_INTERPRET "$PY" -m sigvlp.precompile "${PRE_ARGS[@]}" &
 PRE_PID=$!
 if (( FORCE_CPU )); then
@@ -196,7 +199,7 @@ cp "$WORK/logs/selftest.log" "$OUT_DIR/selftest.txt" 2>/dev/null
 TIMEOUT_OPT=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT=(--timeout=90)
 XDIST_OPT=()
-"$PY" -c "import xdist" 2>/dev/null && (( CORES > 2 )) && XDIST_OPT=(-n "$(( CORES < 8 ? CORES : 8 ))")  # one GPU: 8 workers at most
+"$PY" -c "import xdist" 2>/dev/null && (( NPROC > 2 )) && XDIST_OPT=(-n "$(( NPROC < 8 ? NPROC : 8 ))")  # one GPU: 8 workers at most
 mapfile -t GPU_TESTS < <(grep -l 'mark.gpu' tests/test_*.py)
 run_stage gpu_tests "${PLAN_S[gpu_tests]}" "$PY" -m pytest -p no:cacheprovider -q -m gpu -rfE "${TIMEOUT_OPT[@]}" \
   "${XDIST_OPT[@]}" --junitxml="$WORK/gpu_tests.xml" "${GPU_TESTS[@]}"

@@ -162,8 +162,14 @@ def test_gpu_check_helpers(tmp_path):
             for p, ms in (("rope3d+varlen_attn", "3.0"), ("sigvlp", "2.0"), ("sdpa_padded", "1.0"))]
     rows.append(dict(op="rope_attention_varlen", provider="sigvlp", shape="case=b", dtype="bfloat16", mode="full",
                      median_ms="1.0"))  # no baseline for this shape
-    (line,) = [x for x in _bench.key_ratios(rows) if x.startswith("attention")]
-    assert "sigvlp 1.50x median" in line and "over 1 cases" in line
+    for r in rows:
+        r["device"] = "NVIDIA H200"
+    rows.append(dict(rows[0], provider="hf_rotary+varlen_attn", median_ms="4.0"))  # the common baseline
+    lines = [x for x in _bench.key_ratios(rows) if x.startswith("attention")]
+    assert len(lines) == 3  # vs rope3d + varlen attention, vs HF rotary + varlen attention / + flash-attn
+    assert "vs rope3d + varlen attention: sigvlp 1.50x median" in lines[0] and "over 1 cases" in lines[0]
+    assert "vs HF Qwen-VL rotary + varlen attention: sigvlp 2.00x median" in lines[1]
+    assert lines[0].endswith("on NVIDIA H200") and lines[2].endswith("no pairs measured")
     xml = tmp_path / "j.xml"
     xml.write_text('<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"/></testsuites>')
     assert _bench.junit_counts(xml).startswith("FAIL: 1 failed")
@@ -185,7 +191,8 @@ def test_gpu_check_plan_derives_from_the_op_registry():
         assert (ROOT / spec.bench).is_file() and (pathlib.Path(spec.bench).stem, spec.bench_cap_s) in plan
     keyed = [pathlib.Path(s.bench).stem for s in SPECS.values() if s.key_ratios]
     assert names[: len(keyed)] == keyed
-    assert [r.title for r in _bench.KEY_RATIOS[: len(keyed)]] == [r.title for s in SPECS.values() for r in s.key_ratios]
+    op_ratios = [r.title for s in SPECS.values() for r in s.key_ratios]
+    assert [r.title for r in _bench.KEY_RATIOS[: len(op_ratios)]] == op_ratios
 
 
 def test_gpu_check_without_gpu_says_so(tmp_path):

@@ -514,8 +514,15 @@ LARGE_GPU_MATRIX = ((torch.bfloat16, 32, False), (torch.bfloat16, 64, True), (to
 SPEC = register(OpSpec(
     name="rope_attention_varlen", backends=BACKENDS, selftest=_selftest_case,
     selftest_facts={"head_dim": 64, "cross": False}, test_file="tests/test_attention.py", emulated=False,
-    launch_survey=_launch_survey, triton_autotuned=True, launch_configs=_gpu_launches(), bench="benches/bench_attention.py", bench_cap_s=45,
-    key_ratios=(KeyRatio("attention: sigvlp fused (Triton, CUDA) vs rope3d + varlen attention", "attention",
-                         ("sigvlp", "sigvlp_cuda"), "rope3d+varlen_attn"),),
+    launch_survey=_launch_survey, triton_autotuned=True, launch_configs=_gpu_launches(),
+    bench="benches/bench_attention.py", bench_cap_s=45,
+    # the optimized unfused baseline, then the common one that public fused-RoPE kernels compare with:
+    # rotary applied in PyTorch as Hugging Face's Qwen-VL vision code does, then torch's varlen
+    # attention or flash-attn's flash_attn_varlen_func (bench_attention's vision shapes)
+    key_ratios=tuple(KeyRatio(f"attention: sigvlp fused (Triton, CUDA) vs {what}", "attention",
+                              ("sigvlp", "sigvlp_cuda"), base)
+                     for what, base in (("rope3d + varlen attention", "rope3d+varlen_attn"),
+                                        ("HF Qwen-VL rotary + varlen attention", "hf_rotary+varlen_attn"),
+                                        ("HF Qwen-VL rotary + flash_attn_varlen_func", "hf_rotary+flash_attn"))),
     interpreter_no_bf16_dot=True,
 ))
