@@ -141,9 +141,12 @@ if (( FORCE_CPU )); then
   BENCH_MODE=quick
   export SIGVLP_BENCH_SMOKE=1  # the benches' smallest shapes and one timing round (benches/_bench.py smoke)
   # the CPU is slower than the GPU the caps are planned for: every cap and the budget times this
-  CPU_SCALE="${GPU_CHECK_CPU_SCALE:-4}"
-  for st in "${!PLAN_S[@]}"; do PLAN_S[$st]=$(( PLAN_S[$st] * CPU_SCALE )); done
-  BUDGET=$(( BUDGET * CPU_SCALE )); say "caps and budget x$CPU_SCALE on the CPU (GPU_CHECK_CPU_SCALE): budget ${BUDGET}s"
+  # and each stage's fixed start-up (python, torch, pytest, matplotlib; a fresh process per RSS
+  # measurement) is added: about a minute on a loaded 2-core machine
+  CPU_SCALE="${GPU_CHECK_CPU_SCALE:-4}"; CPU_STARTUP="${GPU_CHECK_CPU_STARTUP:-60}"
+  for st in "${!PLAN_S[@]}"; do PLAN_S[$st]=$(( PLAN_S[$st] * CPU_SCALE + CPU_STARTUP )); done
+  BUDGET=$(( BUDGET * CPU_SCALE + ${#PLAN_S[@]} * CPU_STARTUP ))
+  say "caps x$CPU_SCALE + ${CPU_STARTUP} s on the CPU (GPU_CHECK_CPU_SCALE, GPU_CHECK_CPU_STARTUP): budget ${BUDGET}s"
 elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   say "NEEDS A GPU: torch sees no CUDA device (torch.cuda.is_available() is False), so there is nothing to"
   say "validate here. Run this script on a machine with an NVIDIA GPU (sm_80 or newer) and nvcc on PATH;"
