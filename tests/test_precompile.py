@@ -48,11 +48,16 @@ def test_precompiled_cache_entries_are_the_ones_the_jit_looks_up(tmp_path):
     assert not any(r["cache_hit"] for r in control), control
 
 
-def test_bad_arguments_are_clear_errors(tmp_path):
+def test_bad_arguments_are_clear_errors(capsys):
+    """In this process (the arguments are checked before anything is captured or compiled)."""
+    from sigvlp import precompile
+
     for args, words in ((["--jobs", "0"], "--jobs"), (["--ops", "nope"], "--ops: unknown ['nope']"),
                         (["--arch", "75"], "--arch: expected one of")):
-        result = _precompile(tmp_path, *args)
-        assert result.returncode == 2 and words in result.stderr, (args, result.stderr[-2000:])
+        with pytest.raises(SystemExit) as exit_info:
+            precompile.main(args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and words in err, (args, err[-2000:])
 
 
 def test_the_launch_matrix_covers_every_op_with_triton_kernels():
