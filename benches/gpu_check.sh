@@ -3,7 +3,7 @@
 #
 #   benches/gpu_check.sh [OUT_DIR] [--dry-run]
 #
-# Stages, each with a time cap inside one overall budget (GPU_CHECK_BUDGET, default 470 s):
+# Stages, each with a time cap inside one overall budget (GPU_CHECK_BUDGET, default 360 s):
 #   1. environment: python, torch, triton, nvcc, nvidia-smi; stops here (exit 2) without a GPU
 #   2. build csrc/ with this machine's nvcc: pip install --no-build-isolation --no-deps -e .
 #      (SIGVLP_CUDA_ARCHS defaults to this GPU's arch, e.g. 90a on an H100/H200; 4 cores), and at
@@ -105,7 +105,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 
 # ----------------------------------------------------------------------------- the plan
 # Stage caps (s). precompile's is computed: variant counts x measured compile seconds / jobs.
-BUILD_CORES=4  # the CUDA build's share of the cores (CMAKE_BUILD_PARALLEL_LEVEL) while precompile runs
+BUILD_CORES="${CMAKE_BUILD_PARALLEL_LEVEL:-4}"  # the CUDA build's cores (its parallel level) beside the precompile
 JOBS=$(( CORES > 2 * BUILD_CORES ? CORES - BUILD_CORES : (CORES > 1 ? CORES - 1 : 1) ))
 EST="$(env -u TRITON_INTERPRET "$PY" -m sigvlp.precompile --count --gpu-check --arch 90 --jobs "$JOBS" 2>>"$LOG" | tee -a "$LOG" | tail -n 1)"
 PRE_S=$(echo "$EST" | sed -n 's/^estimate: \([0-9]*\) s.*/\1/p'); PRE_S=${PRE_S:-999}
@@ -172,7 +172,7 @@ if [[ -z "${SIGVLP_CUDA_ARCHS:-}" ]]; then
   export SIGVLP_CUDA_ARCHS
 fi
 say "building csrc/ for SIGVLP_CUDA_ARCHS=$SIGVLP_CUDA_ARCHS"
-export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-4}"
+export CMAKE_BUILD_PARALLEL_LEVEL="$BUILD_CORES"
 if run_stage build "${PLAN_S[build+precompile]}" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . \
    && "$PY" -c "from sigvlp.ops import cuda_module; import sys; r = cuda_module.unavailable_reason(); print('CUDA backend:', r or 'available'); sys.exit(1 if r else 0)" 2>&1 | tee -a "$LOG"; then
   record build "PASS$(timed_out build)"
