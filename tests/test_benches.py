@@ -202,3 +202,18 @@ def test_gpu_check_without_gpu_says_so(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2
     assert "NEEDS A GPU" in res.stdout and (tmp_path / "out" / "gpu_check.log").exists()
+
+
+def test_data_bench_runs_without_nibabel_and_pydicom(tmp_path):
+    """As on a bare GPU image (tests/without_data_packages blocks both imports): bench_data runs its
+    in-memory path and skips the file paths saying why; no missing-package error. The smoke scale
+    (SIGVLP_BENCH_SMOKE=1) is what gpu_check.sh's CPU walk uses."""
+    blocker = str(ROOT / "tests" / "without_data_packages")
+    env = {**os.environ, "SIGVLP_BENCH_QUICK": "1", "SIGVLP_BENCH_SMOKE": "1",
+           "PYTHONPATH": os.pathsep.join([blocker, os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs",
+                          f"--bench-out={tmp_path}", "benches/bench_data.py"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "1 passed" in res.stdout and "nibabel is not installed" in res.stdout, res.stdout[-3000:]
+    assert (tmp_path / "results.csv").exists()
