@@ -94,7 +94,7 @@ try:
 except ImportError:
     print("triton not installed")
 for name in ("pytest", "pytest_benchmark", "matplotlib", "nanobind", "scikit_build_core", "einops", "safetensors",
-             "numpy", "nibabel"):
+             "numpy", "nibabel", "pydicom"):
     try:
         __import__(name)
     except ImportError:
@@ -238,7 +238,7 @@ import triton; print('triton', triton.__version__)" 2>/dev/null
     st="${s%%|*}"; plan="${PLAN_S[$st]:-${PLAN_S[build+precompile]}}"
     printf '  %-24s %8s %8s  %s\n' "$st" "$plan" "${TOOK[$st]:--}" "${s#*|}"
   done
-  echo "  plan total: $PLAN_TOTAL s; took: $(( $(date +%s) - START )) s"
+  echo "  plan total: $PLAN_TOTAL s$( (( FORCE_CPU )) && echo " (the GPU plan; the CPU walk's caps above are scaled)"); took: $(( $(date +%s) - START )) s"
   late=$(cubins | comm -13 "$WORK/cubins_after_precompile.txt" -)
   echo "  Triton kernels compiled after precompile: $(grep -c . <<< "$late") (0: every launch of the stages was precompiled)"
   [[ -n "$late" ]] && echo "$late" | xargs -n1 basename | sort | uniq -c | sed 's/^/    /'
