@@ -173,6 +173,7 @@ if [[ -z "${SIGVLP_CUDA_ARCHS:-}" ]]; then
 fi
 say "building csrc/ for SIGVLP_CUDA_ARCHS=$SIGVLP_CUDA_ARCHS"
 export CMAKE_BUILD_PARALLEL_LEVEL="$BUILD_CORES"
+export SIGVLP_BUILD_EMU=OFF  # the CPU emulation module serves CPU tests only: not built on the GPU machine
 if run_stage build "${PLAN_S[build+precompile]}" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . \
    && "$PY" -c "from sigvlp.ops import cuda_module; import sys; r = cuda_module.unavailable_reason(); print('CUDA backend:', r or 'available'); sys.exit(1 if r else 0)" 2>&1 | tee -a "$LOG"; then
   record build "PASS$(timed_out build)"
