@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from sigvlp.ops.rope import rope3d_reference
+from sigvlp.ops.rope import grid_positions, rotary_angles
 
 __all__ = ["forward", "backward", "plan_groups", "GROUP_SLACK", "GROUP_OVERHEAD", "BLOCK_ELEMENTS"]
 
@@ -54,6 +54,17 @@ class Group(NamedTuple):
     rows_k: torch.Tensor
     key_bias: Optional[torch.Tensor]
     offset: torch.Tensor
+
+
+class Plan(NamedTuple):
+    """The groups, and the way back: the groups' padded rows stacked (group by group, each (n * pq)
+    query rows or (n * pk) key rows, sequence by sequence) plus one fill row at the end; back_q
+    (total_q,) / back_k (total_k,) int64: the stacked row holding each packed query / key row (the
+    fill row for rows of sequences in no group)."""
+
+    groups: tuple[Group, ...]
+    back_q: torch.Tensor
+    back_k: torch.Tensor
 
 
 def plan_groups(lens_q: tuple[int, ...], lens_k: tuple[int, ...], slack: float = GROUP_SLACK,
@@ -85,8 +96,16 @@ def _rows(starts: list[int], lens: list[int], pad: int, scratch: int) -> torch.T
     return torch.where(pos < length, start + pos, scratch)
 
 
+def _way_back(all_rows: list[torch.Tensor], total: int) -> torch.Tensor:
+    """(total,) stacked-row index of each packed row (see Plan); rows in no group -> the fill row."""
+    flat = torch.cat([r.reshape(-1) for r in all_rows]) if all_rows else torch.zeros(0, dtype=torch.int64)
+    back = torch.full((total + 1,), flat.numel(), dtype=torch.int64)
+    back[flat] = torch.arange(flat.numel())  # padding positions all land on the scratch entry (dropped)
+    return back[:-1].clone()
+
+
 @functools.lru_cache(maxsize=16)
-def _plan(cu_q: tuple[int, ...], cu_k: tuple[int, ...]) -> tuple[Group, ...]:
+def _plan(cu_q: tuple[int, ...], cu_k: tuple[int, ...]) -> Plan:
     lens_q = tuple(b - a for a, b in zip(cu_q[:-1], cu_q[1:]))
     lens_k = tuple(b - a for a, b in zip(cu_k[:-1], cu_k[1:]))
     out = []
@@ -101,39 +120,106 @@ def _plan(cu_q: tuple[int, ...], cu_k: tuple[int, ...]) -> tuple[Group, ...]:
             key_bias = torch.zeros(len(members), 1, pk).masked_fill_(rows_k[:, None, :] == cu_k[-1], float("-inf"))
         offset = (torch.tensor(lk) - torch.tensor(lq))[:, None, None]
         out.append(Group(rows_q, rows_k, key_bias, offset))
-    return tuple(out)
+    return Plan(tuple(out), _way_back([g.rows_q for g in out], cu_q[-1]), _way_back([g.rows_k for g in out], cu_k[-1]))
 
 
-def _groups(seq: dict) -> tuple[Group, ...]:
-    cu_q = tuple(seq["cu_q"].tolist())  # CPU tensors only: a memory read, no sync
-    cu_k = tuple(seq["cu_k"].tolist())
-    return _plan(cu_q, cu_k)
+def _host(t: torch.Tensor) -> tuple:
+    return tuple(t.reshape(-1).tolist())  # CPU tensors only: a memory read, no sync
 
 
-def _padded(x: torch.Tensor, group: int = 1) -> torch.Tensor:
-    """(total, h, d) -> (total + 1, h * group, d) float32 with a zero scratch row at index total."""
-    x = x.float()
-    if group > 1:
-        x = x.repeat_interleave(group, dim=1)
-    return torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+# ----------------------------------------------------------------------------- rotation
 
 
-def _rotated(x, cu, grid, pos, theta, sections, interleaved, inverse):
-    x = x.float()
-    if grid is None and pos is None:
-        return x
-    return rope3d_reference(x, cu, grid, positions=pos, theta=theta, sections=sections, interleaved=interleaved,
-                            inverse=inverse, compute_dtype=torch.float32)
+def _tables(positions: torch.Tensor, head_dim: int, sections: tuple, theta: float):
+    """(cos, sin) (tokens, 1, head_dim/2) fp32: rope3d_reference's angles, so the same numbers."""
+    angles = rotary_angles(positions, sections, head_dim, theta, torch.float32)[:, None, :]
+    return torch.cos(angles), torch.sin(angles)
+
+
+@functools.lru_cache(maxsize=8)
+def _grid_tables(cu: tuple, grid: tuple, head_dim: int, sections: tuple, theta: float):
+    """_tables of a grid_thw packing, cached by the host lengths and grid: a step's layers, forward and
+    backward, compute them once."""
+    positions = grid_positions(torch.tensor(cu), torch.tensor(grid, dtype=torch.int32).view(-1, 3), cu[-1])
+    return _tables(positions, head_dim, sections, theta)
+
+
+def _side_tables(cu, grid, pos, head_dim, sections, theta):
+    if grid is not None:
+        return _grid_tables(_host(cu), _host(grid), head_dim, sections, theta)
+    if pos is not None:
+        return _tables(pos, head_dim, sections, theta)
+    return None
+
+
+def _rotation(seq: dict, head_dim: int, sections: tuple, theta: float):
+    """(q's tables, k's tables), each (cos, sin) or None (no rotation); self-attention shares them."""
+    tq = _side_tables(seq["cu_q"], seq["grid_q"], seq["pos_q"], head_dim, sections, theta)
+    if seq["cu_k"] is seq["cu_q"] and seq["grid_k"] is seq["grid_q"] and seq["pos_k"] is seq["pos_q"]:
+        return tq, tq
+    return tq, _side_tables(seq["cu_k"], seq["grid_k"], seq["pos_k"], head_dim, sections, theta)
+
+
+def _turn(dst: torch.Tensor, x: torch.Tensor, tables, interleaved: bool, inverse: bool) -> torch.Tensor:
+    """dst (fp32) = x turned by the tables' angles (negative when inverse): the same operations as
+    rope3d_reference in fp32 (a cos - b sin, b cos + a sin), so the same roundings."""
+    if tables is None:
+        return dst.copy_(x)
+    cos, sin = tables
+    half = x.shape[-1] // 2
+    pick = (lambda t: (t[..., 0::2], t[..., 1::2])) if interleaved else (lambda t: (t[..., :half], t[..., half:]))
+    (a, b), (da, db) = pick(x), pick(dst)
+    torch.mul(a, cos, out=da)
+    torch.mul(b, cos, out=db)
+    if inverse:  # sin -> -sin: a cos + b sin, b cos - a sin
+        da.add_(b * sin)
+        db.sub_(a * sin)
+    else:
+        da.sub_(b * sin)
+        db.add_(a * sin)
+    return dst
+
+
+def _padded(x: torch.Tensor, group: int = 1, tables=None, interleaved: bool = False) -> torch.Tensor:
+    """(total, h[, d]) -> (total + 1, h * group[, d]) float32, rotated by `tables` when given, with a
+    zero scratch row at index total."""
+    buf = torch.empty((x.shape[0] + 1, *x.shape[1:]), dtype=torch.float32)
+    buf[-1].zero_()
+    _turn(buf[:-1], x, tables, interleaved, False)
+    return buf.repeat_interleave(group, dim=1) if group > 1 else buf
+
+
+def _unturn(dst: torch.Tensor, x: torch.Tensor, tables, interleaved: bool) -> None:
+    """dst (any float dtype) = x (fp32) turned back (the gradient of the rotation)."""
+    if dst.dtype == torch.float32:
+        _turn(dst, x, tables, interleaved, True)
+    else:
+        dst.copy_(_turn(torch.empty_like(x), x, tables, interleaved, True))
+
+
+# ----------------------------------------------------------------------------- groups
 
 
 def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows (n, P) of a padded (total + 1, h, d) tensor as (n, h, P, d) (a strided view of the copy)."""
-    return x[rows].transpose(1, 2)
+    """Rows (n, P) of a padded (total + 1, h[, d]) tensor as (n, h, P[, d]) (a strided view of the copy:
+    torch's CPU attention reads strides, and writes its outputs in this (n, P, h, d) layout)."""
+    return x.index_select(0, rows.reshape(-1)).view(*rows.shape, *x.shape[1:]).transpose(1, 2)
 
 
-def _scatter(dst: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> None:
-    """dst[rows] = x for x (n, h, P, d) and a padded dst (total + 1, h, d); padding lands on the scratch row."""
-    dst.index_copy_(0, rows.reshape(-1), x.transpose(1, 2).reshape(-1, *dst.shape[1:]))
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(n, h, P[, d]) -> (n * P, h[, d]) (free for the (n, P, h, d) layout)."""
+    x = x.transpose(1, 2)
+    return x.reshape(-1, *x.shape[2:])
+
+
+def _assemble(parts: list, back: torch.Tensor, fill: float, shape: tuple, dst=None) -> torch.Tensor:
+    """Packed rows from the groups' stacked padded rows `parts` (each (rows, *shape)) by one gather
+    (see Plan); rows in no group get `fill`. Written into dst (any dtype) when given."""
+    stacked = torch.cat([*parts, torch.full((1, *shape), fill)])
+    if dst is not None and dst.dtype == torch.float32 and dst.is_contiguous():
+        return torch.index_select(stacked, 0, back, out=dst)
+    out = stacked.index_select(0, back)
+    return out if dst is None else dst.copy_(out)
 
 
 def _masked_scores(qb, kb, g: Group, scale: float, causal: bool, r0: int) -> torch.Tensor:
@@ -190,30 +276,40 @@ def _mask(g: Group):
 
 def _inputs(q, k, v, seq, theta, sections, interleaved):
     group = q.shape[1] // k.shape[1]
-    qe = _padded(_rotated(q, seq["cu_q"], seq["grid_q"], seq["pos_q"], theta, sections, interleaved, False))
-    ke = _padded(_rotated(k, seq["cu_k"], seq["grid_k"], seq["pos_k"], theta, sections, interleaved, False), group)
-    return qe, ke, _padded(v, group)
+    tq, tk = _rotation(seq, q.shape[-1], sections, theta)
+    return _padded(q, 1, tq, interleaved), _padded(k, group, tk, interleaved), _padded(v, group), (tq, tk)
 
 
 def forward(q, k, v, out, lse, seq, theta, sections, interleaved, scale, causal):
     """Writes out (q's shape and dtype) and lse (nheads, total_q) fp32; arguments already validated.
     Non-causal groups run torch's fused CPU attention kernel (aten's flash attention for CPU, with
     the padded keys as an additive -inf mask); causal groups the explicit matmul path."""
-    total_q, heads, head_dim = q.shape
-    qe, ke, ve = _inputs(q, k, v, seq, theta, sections, interleaved)
-    oe = qe.new_zeros(qe.shape)
-    le = qe.new_full((total_q + 1, heads), float("-inf"))
-    for g in _groups(seq):
+    heads, head_dim = q.shape[1:]
+    plan = _plan(_host(seq["cu_q"]), _host(seq["cu_k"]))
+    qe, ke, ve, _ = _inputs(q, k, v, seq, theta, sections, interleaved)
+    outs, lses = [], []
+    for g in plan.groups:
         qb, kb, vb = _gather(qe, g.rows_q), _gather(ke, g.rows_k), _gather(ve, g.rows_k)
         if causal:
             o, l = _explicit_forward(qb, kb, vb, g, scale, causal)
         else:
             o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb, kb, vb, 0.0, False,
                                                                               attn_mask=_mask(g), scale=scale)
-        _scatter(oe, g.rows_q, o)
-        le.index_copy_(0, g.rows_q.reshape(-1), l.transpose(1, 2).reshape(-1, heads))
-    out.copy_(oe[:-1])
-    lse.copy_(le[:-1].transpose(0, 1))
+        outs.append(_flat(o))
+        lses.append(_flat(l))
+    _assemble(outs, plan.back_q, 0.0, (heads, head_dim), out)
+    lse.copy_(_assemble(lses, plan.back_q, float("-inf"), (heads,)).transpose(0, 1))
+
+
+def _group_grads(g, qe, ke, ve, doe, oe, le, de, scale, causal):
+    """(dq, dk, dv) of one group, (n, h, P, d) each: torch's fused CPU attention backward when de
+    (the per-row delta) is None, else the explicit formulas."""
+    qb, kb, vb, dob, lb = (_gather(x, r) for x, r in ((qe, g.rows_q), (ke, g.rows_k), (ve, g.rows_k),
+                                                      (doe, g.rows_q), (le, g.rows_q)))
+    if de is not None:
+        return _explicit_backward(dob, qb, kb, vb, lb, _gather(de, g.rows_q), g, scale, causal)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dob, qb, kb, vb, _gather(oe, g.rows_q), lb, 0.0, False, attn_mask=_mask(g), scale=scale)
 
 
 def backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, seq, theta, sections, interleaved, scale, causal):
@@ -222,28 +318,24 @@ def backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, seq, theta, sections, in
     otherwise the explicit formulas with delta = rowsum(dO * O) - dlse."""
     total_k, heads_kv, head_dim = k.shape
     heads = q.shape[1]
-    qe, ke, ve = _inputs(q, k, v, seq, theta, sections, interleaved)
-    doe, oe = _padded(dout), _padded(out)
-    # per query row and head: lse (-inf as 0) and delta; the scratch row 0 (its dO is 0: no gradient)
-    delta = (dout.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float().transpose(0, 1)
-    stats = torch.stack([_padded(_finite(lse).transpose(0, 1)[..., None])[..., 0],
-                         _padded(delta[..., None])[..., 0]], -1)
-    dqe, dke, dve = torch.zeros_like(qe), torch.zeros_like(ke), torch.zeros_like(ve)
-    for g in _groups(seq):
-        qb, kb, vb, dob = _gather(qe, g.rows_q), _gather(ke, g.rows_k), _gather(ve, g.rows_k), _gather(doe, g.rows_q)
-        st = _gather(stats, g.rows_q)  # (n, h, pq, 2)
-        if causal or dlse is not None:
-            gq, gk, gv = _explicit_backward(dob, qb, kb, vb, st[..., 0], st[..., 1], g, scale, causal)
-        else:
-            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                dob, qb, kb, vb, _gather(oe, g.rows_q), st[..., 0], 0.0, False, attn_mask=_mask(g), scale=scale)
-        _scatter(dqe, g.rows_q, gq)
-        _scatter(dke, g.rows_k, gk)
-        _scatter(dve, g.rows_k, gv)
+    plan = _plan(_host(seq["cu_q"]), _host(seq["cu_k"]))
+    qe, ke, ve, (tq, tk) = _inputs(q, k, v, seq, theta, sections, interleaved)
+    doe = _padded(dout)
+    # per query row and head: lse (-inf as 0) and delta, with 0 in the scratch row (its dO is 0: no gradient)
+    le = _padded(_finite(lse).transpose(0, 1))
+    oe = de = None
+    if causal or dlse is not None:
+        delta = (dout.float() * out.float()).sum(-1)
+        de = _padded(delta if dlse is None else delta - dlse.float().transpose(0, 1))
+    else:
+        oe = _padded(out)
+    grads = [_group_grads(g, qe, ke, ve, doe, oe, le, de, scale, causal) for g in plan.groups]
+    gq, gk, gv = ([_flat(x[i]) for x in grads] for i in range(3))
     group = heads // heads_kv
-    dk_r = dke[:-1].view(total_k, heads_kv, group, head_dim).sum(2)
-    dq.copy_(_rotated(dqe[:-1], seq["cu_q"], seq["grid_q"], seq["pos_q"], theta, sections, interleaved, True))
-    dk.copy_(_rotated(dk_r, seq["cu_k"], seq["grid_k"], seq["pos_k"], theta, sections, interleaved, True))
-    dv.copy_(dve[:-1].view(total_k, heads_kv, group, head_dim).sum(2))
+    _unturn(dq, _assemble(gq, plan.back_q, 0.0, (heads, head_dim)), tq, interleaved)
+    dk_h = _assemble(gk, plan.back_k, 0.0, (heads, head_dim))
+    _unturn(dk, dk_h.view(total_k, heads_kv, group, head_dim).sum(2) if group > 1 else dk_h, tk, interleaved)
+    if group > 1:
+        dv.copy_(_assemble(gv, plan.back_k, 0.0, (heads, head_dim)).view(total_k, heads_kv, group, head_dim).sum(2))
+    else:
+        _assemble(gv, plan.back_k, 0.0, (heads, head_dim), dv)
