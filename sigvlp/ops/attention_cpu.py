@@ -130,54 +130,61 @@ def _host(t: torch.Tensor) -> tuple:
 # ----------------------------------------------------------------------------- rotation
 
 
-def _tables(positions: torch.Tensor, head_dim: int, sections: tuple, theta: float):
-    """(cos, sin) (tokens, 1, head_dim/2) fp32: rope3d_reference's angles, so the same numbers."""
+def _tables(positions: torch.Tensor, heads: int, head_dim: int, sections: tuple, theta: float,
+            interleaved: bool):
+    """(C, S) (tokens, heads, head_dim) fp32, contiguous: the rotation is x C + swap(x) S, swap exchanging
+    the two members of each pair, C = (cos, cos) and S = (-sin, sin) per pair; rope3d_reference's
+    angles and cos/sin, so the same numbers (a cos + b (-sin) rounds as a cos - b sin)."""
     angles = rotary_angles(positions, sections, head_dim, theta, torch.float32)[:, None, :]
-    return torch.cos(angles), torch.sin(angles)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    pair = (lambda lo, hi: torch.stack([lo, hi], -1).flatten(-2)) if interleaved else (lambda lo, hi: torch.cat([lo, hi], -1))
+    shape = (positions.shape[0], heads, head_dim)
+    return pair(cos, cos).expand(shape).contiguous(), pair(-sin, sin).expand(shape).contiguous()
 
 
 @functools.lru_cache(maxsize=8)
-def _grid_tables(cu: tuple, grid: tuple, head_dim: int, sections: tuple, theta: float):
+def _grid_tables(cu: tuple, grid: tuple, heads: int, head_dim: int, sections: tuple, theta: float,
+                 interleaved: bool):
     """_tables of a grid_thw packing, cached by the host lengths and grid: a step's layers, forward and
     backward, compute them once."""
     positions = grid_positions(torch.tensor(cu), torch.tensor(grid, dtype=torch.int32).view(-1, 3), cu[-1])
-    return _tables(positions, head_dim, sections, theta)
+    return _tables(positions, heads, head_dim, sections, theta, interleaved)
 
 
-def _side_tables(cu, grid, pos, head_dim, sections, theta):
+def _side_tables(side: str, seq: dict, heads: int, head_dim: int, sections: tuple, theta: float, interleaved: bool):
+    cu, grid, pos = seq[f"cu_{side}"], seq[f"grid_{side}"], seq[f"pos_{side}"]
     if grid is not None:
-        return _grid_tables(_host(cu), _host(grid), head_dim, sections, theta)
+        return _grid_tables(_host(cu), _host(grid), heads, head_dim, sections, theta, interleaved)
     if pos is not None:
-        return _tables(pos, head_dim, sections, theta)
+        return _tables(pos, heads, head_dim, sections, theta, interleaved)
     return None
 
 
-def _rotation(seq: dict, head_dim: int, sections: tuple, theta: float):
-    """(q's tables, k's tables), each (cos, sin) or None (no rotation); self-attention shares them."""
-    tq = _side_tables(seq["cu_q"], seq["grid_q"], seq["pos_q"], head_dim, sections, theta)
-    if seq["cu_k"] is seq["cu_q"] and seq["grid_k"] is seq["grid_q"] and seq["pos_k"] is seq["pos_q"]:
+def _rotation(seq: dict, heads: int, heads_k: int, head_dim: int, sections: tuple, theta: float, interleaved: bool):
+    """(q's tables, k's tables), each (C, S) or None (no rotation); self-attention shares them."""
+    tq = _side_tables("q", seq, heads, head_dim, sections, theta, interleaved)
+    if heads_k == heads and all(seq[f"{n}_k"] is seq[f"{n}_q"] for n in ("cu", "grid", "pos")):
         return tq, tq
-    return tq, _side_tables(seq["cu_k"], seq["grid_k"], seq["pos_k"], head_dim, sections, theta)
+    return tq, _side_tables("k", seq, heads_k, head_dim, sections, theta, interleaved)
+
+
+def _swap(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x with the two members of every rotary pair exchanged (a copy, fp32)."""
+    if interleaved:
+        return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2).float()
+    half = x.shape[-1] // 2
+    return torch.cat([x[..., half:], x[..., :half]], -1).float()
 
 
 def _turn(dst: torch.Tensor, x: torch.Tensor, tables, interleaved: bool, inverse: bool) -> torch.Tensor:
-    """dst (fp32) = x turned by the tables' angles (negative when inverse): the same operations as
-    rope3d_reference in fp32 (a cos - b sin, b cos + a sin), so the same roundings."""
+    """dst (fp32) = x turned by the tables' angles (negative when inverse): x C + swap(x) S, or
+    x C - swap(x) S, which rounds as rope3d_reference's fp32 a cos - b sin, b cos + a sin."""
     if tables is None:
         return dst.copy_(x)
-    cos, sin = tables
-    half = x.shape[-1] // 2
-    pick = (lambda t: (t[..., 0::2], t[..., 1::2])) if interleaved else (lambda t: (t[..., :half], t[..., half:]))
-    (a, b), (da, db) = pick(x), pick(dst)
-    torch.mul(a, cos, out=da)
-    torch.mul(b, cos, out=db)
-    if inverse:  # sin -> -sin: a cos + b sin, b cos - a sin
-        da.add_(b * sin)
-        db.sub_(a * sin)
-    else:
-        da.sub_(b * sin)
-        db.add_(a * sin)
-    return dst
+    c, s = tables
+    torch.mul(x, c, out=dst)
+    swapped = _swap(x, interleaved).mul_(s)
+    return dst.sub_(swapped) if inverse else dst.add_(swapped)
 
 
 def _padded(x: torch.Tensor, group: int = 1, tables=None, interleaved: bool = False) -> torch.Tensor:
@@ -276,7 +283,7 @@ def _mask(g: Group):
 
 def _inputs(q, k, v, seq, theta, sections, interleaved):
     group = q.shape[1] // k.shape[1]
-    tq, tk = _rotation(seq, q.shape[-1], sections, theta)
+    tq, tk = _rotation(seq, q.shape[1], k.shape[1], q.shape[-1], sections, theta, interleaved)
     return _padded(q, 1, tq, interleaved), _padded(k, group, tk, interleaved), _padded(v, group), (tq, tk)
 
 
