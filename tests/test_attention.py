@@ -241,7 +241,9 @@ def test_cpu_backend_row_blocks(monkeypatch):
 
 def test_cpu_backend_group_plan():
     """Every sequence with queries and keys in exactly one group; each group's padded score elements
-    within the slack of its real ones plus the overhead; equal lengths pad nothing."""
+    within the slack of its real ones plus the overhead; equal lengths pad nothing; short sequences
+    (texts, MAP's one query per sequence) share a few groups, long ones of different lengths (the
+    demo's chunks: padding costs as much as real work) get one each."""
     from sigvlp.ops.attention_cpu import GROUP_OVERHEAD, GROUP_SLACK, plan_groups
 
     g = torch.Generator().manual_seed(0)
@@ -253,8 +255,12 @@ def test_cpu_backend_group_plan():
     for grp in groups:
         padded = len(grp) * max(lens_q[b] for b in grp) * max(lens_k[b] for b in grp)
         assert padded <= (1 + GROUP_SLACK) * sum(lens_q[b] * lens_k[b] for b in grp) + GROUP_OVERHEAD
-    assert len(groups) < 60
     assert plan_groups((256,) * 8, (256,) * 8) == [list(range(8))]
+    texts = tuple(20 + i % 30 for i in range(40))
+    assert len(plan_groups(texts, texts)) <= 4
+    assert plan_groups((1,) * 40, texts) == [sorted(range(40), key=lambda b: texts[b], reverse=True)]
+    chunks = tuple(range(512, 255, -32))
+    assert plan_groups(chunks, chunks) == [[b] for b in range(len(chunks))]
 
 
 def test_relative_position_property():

@@ -1,25 +1,29 @@
-"""The "cpu" backend of rope_attention_varlen: sequences grouped by length into a few padded batches.
+"""The "cpu" backend of rope_attention_varlen: torch's fused CPU attention per group of sequences.
 
 The torch backend (the readable reference, `rope_attention_varlen_reference`) runs a Python loop
-per sequence: on the CPU, where a step packs 10-200 short sequences, that loop of small matmuls is
-most of the attention's time. This backend computes the same thing with a handful of batched
-matmuls:
+per sequence of small explicit matmuls, exp and logsumexp. This backend runs aten's flash attention
+for CPU (`_scaled_dot_product_flash_attention_for_cpu` and its backward: blocked, no scores buffer)
+once per group of sequences:
 
-1. Plan (host, from the lengths): sequences with queries are sorted by (key length, query length),
-   longest first, and cut greedily into groups; a group pads every member to its longest query and
-   key length, and a sequence joins the current group while the group's padded score elements stay
-   within GROUP_SLACK of its real ones (plus GROUP_OVERHEAD elements, about what one more batched
-   call costs). Equal lengths (the common case) pad nothing; a step of 30-150 sequences makes 2-10
-   groups. Plans are cached by the lengths (a step's layers and backward reuse one).
-2. Per group: q, k, v rows gathered into (nheads, n, Pq | Pk, head_dim) (padding reads a zero row),
-   scores by one batched matmul, padded keys (and causal masking, bottom-right aligned) set to -inf,
-   lse = logsumexp, P = exp(S - lse), O = P V; rows scattered back (padding writes a scratch row).
-   Query rows are processed in blocks so that one block's scores stay under BLOCK_ELEMENTS.
-3. Backward by the FlashAttention formulas from the saved lse (as the reference):
+1. Plan (host, from the lengths; cached by them, so a step's layers and backward reuse one):
+   sequences with queries and keys are sorted by (key length, query length), longest first, and cut
+   greedily into groups; a group pads every member to its longest query and key length, and a
+   sequence joins the current group while the group's padded score elements stay within
+   GROUP_SLACK of its real ones plus GROUP_OVERHEAD / nheads elements (what one more call costs).
+   Padding costs as much as real work in the fused kernel, so long sequences of different lengths
+   (the demo's chunks of 32..512 tokens) get one group each, read as views of the packed tensors;
+   short ones (texts, MAP's one query per sequence) and equal lengths share groups.
+2. Per group: q, k, v rows as (n, nheads, P, head_dim) strided views (a one-sequence group) or
+   gathered copies (padding reads a zero scratch row; padded keys get an additive -inf mask);
+   outputs written back per group (a block copy, or the real rows by index_copy_).
+   Causal groups (bottom-right aligned) and a gradient on lse take the explicit path: scores by
+   batched matmuls in blocks of query rows (at most BLOCK_ELEMENTS scores), lse = logsumexp,
+   P = exp(S - lse), O = P V; backward by the FlashAttention formulas from the saved lse:
    delta = rowsum(dO * O) - dlse, dS = P (dP - delta), dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO.
 
-RoPE is applied to the whole packed q and k first (rope3d's vectorised torch path) and inverted on
-dq and dk, exactly as the reference does. Compute is float32 (fp16/bf16 inputs are upcast).
+RoPE: the packed q and k are turned once per call (x C + swap(x) S, the same fp32 roundings as
+rope3d_reference) by cos/sin tables computed once per packing (cached by the host lengths and
+grid), and dq, dk turned back. Compute is float32 (fp16/bf16 inputs are upcast).
 
 The lengths are read on the host (cu_seqlens.tolist()): for CPU tensors that is a memory read, not
 a device sync, and the backend refuses every other device (sigvlp.ops.backends.unavailable_reason).
@@ -36,11 +40,14 @@ from sigvlp.ops.rope import grid_positions, rotary_angles
 
 __all__ = ["forward", "backward", "plan_groups", "GROUP_SLACK", "GROUP_OVERHEAD", "BLOCK_ELEMENTS"]
 
-#: a group may pad up to this fraction of its real score elements (0.25: at most 25% wasted work)
-GROUP_SLACK = 0.25
-#: score elements one more group costs in fixed overhead (about 20 torch calls of ~5 us against
-#: ~6 ns per fp32 score element at head_dim 32 on one core): merging is free below this
-GROUP_OVERHEAD = 16384
+#: a group may pad up to this fraction of its real score elements: 0, since torch's fused CPU
+#: attention spends as long on a padded score element as on a real one (measured at the demo's
+#: lengths 32..512: one group per sequence beats 5 groups padded within 25% by 1.35x)
+GROUP_SLACK = 0.0
+#: score elements (nheads x rows x keys) one more group costs in fixed overhead: about 130 us per
+#: call (forward and backward, gathers included) against ~16 ns per element at head_dim 32 on one
+#: core; the plan divides it by nheads (short texts and MAP's one-query rows merge below this)
+GROUP_OVERHEAD = 8192
 #: score elements (nheads x rows x keys) computed at once; bounds the scores buffer to 64 MiB fp32
 BLOCK_ELEMENTS = 1 << 24
 
@@ -48,23 +55,27 @@ BLOCK_ELEMENTS = 1 << 24
 class Group(NamedTuple):
     """n sequences padded to pq query rows and pk keys. rows_q (n, pq), rows_k (n, pk): packed row of
     each padded position (padding: the scratch row, index total); key_bias (n, 1, pk) 0 / -inf for
-    real / padded keys, None when no key is padded; offset (n, 1, 1) Lk - Lq per sequence (causal)."""
+    real / padded keys, None when no key is padded; offset (n, 1, 1) Lk - Lq per sequence (causal);
+    span (q_start, q_end, k_start, k_end) for a group of one sequence (read and written as views,
+    no gather), else None; real_q / real_k: (positions of the real rows in the flattened (n * pq) /
+    (n * pk) padded layout, their packed rows), None for a span."""
 
     rows_q: torch.Tensor
     rows_k: torch.Tensor
     key_bias: Optional[torch.Tensor]
     offset: torch.Tensor
+    span: Optional[tuple[int, int, int, int]]
+    real_q: Optional[tuple[torch.Tensor, torch.Tensor]]
+    real_k: Optional[tuple[torch.Tensor, torch.Tensor]]
 
 
 class Plan(NamedTuple):
-    """The groups, and the way back: the groups' padded rows stacked (group by group, each (n * pq)
-    query rows or (n * pk) key rows, sequence by sequence) plus one fill row at the end; back_q
-    (total_q,) / back_k (total_k,) int64: the stacked row holding each packed query / key row (the
-    fill row for rows of sequences in no group)."""
+    """The groups, and idle_q / idle_k: the packed query / key rows of sequences in no group (their
+    outputs are the fill values: out 0, lse -inf, zero gradients)."""
 
     groups: tuple[Group, ...]
-    back_q: torch.Tensor
-    back_k: torch.Tensor
+    idle_q: torch.Tensor
+    idle_k: torch.Tensor
 
 
 def plan_groups(lens_q: tuple[int, ...], lens_k: tuple[int, ...], slack: float = GROUP_SLACK,
@@ -96,20 +107,25 @@ def _rows(starts: list[int], lens: list[int], pad: int, scratch: int) -> torch.T
     return torch.where(pos < length, start + pos, scratch)
 
 
-def _way_back(all_rows: list[torch.Tensor], total: int) -> torch.Tensor:
-    """(total,) stacked-row index of each packed row (see Plan); rows in no group -> the fill row."""
-    flat = torch.cat([r.reshape(-1) for r in all_rows]) if all_rows else torch.zeros(0, dtype=torch.int64)
-    back = torch.full((total + 1,), flat.numel(), dtype=torch.int64)
-    back[flat] = torch.arange(flat.numel())  # padding positions all land on the scratch entry (dropped)
-    return back[:-1].clone()
+def _real(rows: torch.Tensor, scratch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = rows.reshape(-1)
+    where = (flat != scratch).nonzero().squeeze(1)
+    return where, flat[where]
+
+
+def _idle(groups: list[Group], side: str, total: int) -> torch.Tensor:
+    used = torch.zeros(total + 1, dtype=torch.bool)
+    for g in groups:
+        used[g.rows_q if side == "q" else g.rows_k] = True
+    return (~used[:-1]).nonzero().squeeze(1)
 
 
 @functools.lru_cache(maxsize=16)
-def _plan(cu_q: tuple[int, ...], cu_k: tuple[int, ...]) -> Plan:
+def _plan(cu_q: tuple[int, ...], cu_k: tuple[int, ...], heads: int) -> Plan:
     lens_q = tuple(b - a for a, b in zip(cu_q[:-1], cu_q[1:]))
     lens_k = tuple(b - a for a, b in zip(cu_k[:-1], cu_k[1:]))
     out = []
-    for members in plan_groups(lens_q, lens_k):
+    for members in plan_groups(lens_q, lens_k, GROUP_SLACK, GROUP_OVERHEAD // heads):
         lq = [lens_q[b] for b in members]
         lk = [lens_k[b] for b in members]
         pq, pk = max(lq), max(lk)
@@ -119,8 +135,12 @@ def _plan(cu_q: tuple[int, ...], cu_k: tuple[int, ...]) -> Plan:
         if min(lk) < pk:
             key_bias = torch.zeros(len(members), 1, pk).masked_fill_(rows_k[:, None, :] == cu_k[-1], float("-inf"))
         offset = (torch.tensor(lk) - torch.tensor(lq))[:, None, None]
-        out.append(Group(rows_q, rows_k, key_bias, offset))
-    return Plan(tuple(out), _way_back([g.rows_q for g in out], cu_q[-1]), _way_back([g.rows_k for g in out], cu_k[-1]))
+        if len(members) == 1:
+            b = members[0]
+            out.append(Group(rows_q, rows_k, key_bias, offset, (cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]), None, None))
+        else:
+            out.append(Group(rows_q, rows_k, key_bias, offset, None, _real(rows_q, cu_q[-1]), _real(rows_k, cu_k[-1])))
+    return Plan(tuple(out), _idle(out, "q", cu_q[-1]), _idle(out, "k", cu_k[-1]))
 
 
 def _host(t: torch.Tensor) -> tuple:
@@ -207,9 +227,14 @@ def _unturn(dst: torch.Tensor, x: torch.Tensor, tables, interleaved: bool) -> No
 # ----------------------------------------------------------------------------- groups
 
 
-def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows (n, P) of a padded (total + 1, h[, d]) tensor as (n, h, P[, d]) (a strided view of the copy:
-    torch's CPU attention reads strides, and writes its outputs in this (n, P, h, d) layout)."""
+def _gather(x: torch.Tensor, g: Group, side: str) -> torch.Tensor:
+    """The group's query (side "q") or key ("k") rows of a padded (total + 1, h[, d]) tensor as
+    (n, h, P[, d]): a strided view of a copy, or of x itself for a one-sequence group (torch's CPU
+    attention reads strides, and writes its outputs in this (n, P, h, d) layout)."""
+    if g.span is not None:
+        start, end = g.span[:2] if side == "q" else g.span[2:]
+        return x[start:end].unsqueeze(0).transpose(1, 2)
+    rows = g.rows_q if side == "q" else g.rows_k
     return x.index_select(0, rows.reshape(-1)).view(*rows.shape, *x.shape[1:]).transpose(1, 2)
 
 
@@ -219,14 +244,21 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, *x.shape[2:])
 
 
-def _assemble(parts: list, back: torch.Tensor, fill: float, shape: tuple, dst=None) -> torch.Tensor:
-    """Packed rows from the groups' stacked padded rows `parts` (each (rows, *shape)) by one gather
-    (see Plan); rows in no group get `fill`. Written into dst (any dtype) when given."""
-    stacked = torch.cat([*parts, torch.full((1, *shape), fill)])
-    if dst is not None and dst.dtype == torch.float32 and dst.is_contiguous():
-        return torch.index_select(stacked, 0, back, out=dst)
-    out = stacked.index_select(0, back)
-    return out if dst is None else dst.copy_(out)
+def _assemble(parts: list, plan: Plan, side: str, fill: float, dst: torch.Tensor) -> torch.Tensor:
+    """dst (total, h[, d], any float dtype, any strides) from the groups' outputs `parts` (each the
+    flattened (n * P, h[, d]) padded rows of its group): a span's rows copied as one block, a padded
+    group's real rows by one gather and one index_copy_; rows of no group set to `fill`."""
+    for part, g in zip(parts, plan.groups):
+        if g.span is not None:
+            start, end = g.span[:2] if side == "q" else g.span[2:]
+            dst[start:end].copy_(part)
+        else:
+            where, rows = g.real_q if side == "q" else g.real_k
+            dst.index_copy_(0, rows, part.index_select(0, where).to(dst.dtype))
+    idle = plan.idle_q if side == "q" else plan.idle_k
+    if idle.numel():
+        dst.index_fill_(0, idle, fill)
+    return dst
 
 
 def _masked_scores(qb, kb, g: Group, scale: float, causal: bool, r0: int) -> torch.Tensor:
@@ -292,11 +324,11 @@ def forward(q, k, v, out, lse, seq, theta, sections, interleaved, scale, causal)
     Non-causal groups run torch's fused CPU attention kernel (aten's flash attention for CPU, with
     the padded keys as an additive -inf mask); causal groups the explicit matmul path."""
     heads, head_dim = q.shape[1:]
-    plan = _plan(_host(seq["cu_q"]), _host(seq["cu_k"]))
+    plan = _plan(_host(seq["cu_q"]), _host(seq["cu_k"]), q.shape[1])
     qe, ke, ve, _ = _inputs(q, k, v, seq, theta, sections, interleaved)
     outs, lses = [], []
     for g in plan.groups:
-        qb, kb, vb = _gather(qe, g.rows_q), _gather(ke, g.rows_k), _gather(ve, g.rows_k)
+        qb, kb, vb = _gather(qe, g, "q"), _gather(ke, g, "k"), _gather(ve, g, "k")
         if causal:
             o, l = _explicit_forward(qb, kb, vb, g, scale, causal)
         else:
@@ -304,19 +336,19 @@ def forward(q, k, v, out, lse, seq, theta, sections, interleaved, scale, causal)
                                                                               attn_mask=_mask(g), scale=scale)
         outs.append(_flat(o))
         lses.append(_flat(l))
-    _assemble(outs, plan.back_q, 0.0, (heads, head_dim), out)
-    lse.copy_(_assemble(lses, plan.back_q, float("-inf"), (heads,)).transpose(0, 1))
+    _assemble(outs, plan, "q", 0.0, out)
+    _assemble(lses, plan, "q", float("-inf"), lse.transpose(0, 1))
 
 
 def _group_grads(g, qe, ke, ve, doe, oe, le, de, scale, causal):
     """(dq, dk, dv) of one group, (n, h, P, d) each: torch's fused CPU attention backward when de
     (the per-row delta) is None, else the explicit formulas."""
-    qb, kb, vb, dob, lb = (_gather(x, r) for x, r in ((qe, g.rows_q), (ke, g.rows_k), (ve, g.rows_k),
-                                                      (doe, g.rows_q), (le, g.rows_q)))
+    qb, kb, vb, dob, lb = (_gather(x, g, side) for x, side in ((qe, "q"), (ke, "k"), (ve, "k"), (doe, "q"),
+                                                             (le, "q")))
     if de is not None:
-        return _explicit_backward(dob, qb, kb, vb, lb, _gather(de, g.rows_q), g, scale, causal)
+        return _explicit_backward(dob, qb, kb, vb, lb, _gather(de, g, "q"), g, scale, causal)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dob, qb, kb, vb, _gather(oe, g.rows_q), lb, 0.0, False, attn_mask=_mask(g), scale=scale)
+        dob, qb, kb, vb, _gather(oe, g, "q"), lb, 0.0, False, attn_mask=_mask(g), scale=scale)
 
 
 def backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, seq, theta, sections, interleaved, scale, causal):
@@ -325,7 +357,7 @@ def backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, seq, theta, sections, in
     otherwise the explicit formulas with delta = rowsum(dO * O) - dlse."""
     total_k, heads_kv, head_dim = k.shape
     heads = q.shape[1]
-    plan = _plan(_host(seq["cu_q"]), _host(seq["cu_k"]))
+    plan = _plan(_host(seq["cu_q"]), _host(seq["cu_k"]), q.shape[1])
     qe, ke, ve, (tq, tk) = _inputs(q, k, v, seq, theta, sections, interleaved)
     doe = _padded(dout)
     # per query row and head: lse (-inf as 0) and delta, with 0 in the scratch row (its dO is 0: no gradient)
@@ -339,10 +371,11 @@ def backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, seq, theta, sections, in
     grads = [_group_grads(g, qe, ke, ve, doe, oe, le, de, scale, causal) for g in plan.groups]
     gq, gk, gv = ([_flat(x[i]) for x in grads] for i in range(3))
     group = heads // heads_kv
-    _unturn(dq, _assemble(gq, plan.back_q, 0.0, (heads, head_dim)), tq, interleaved)
-    dk_h = _assemble(gk, plan.back_k, 0.0, (heads, head_dim))
+    _unturn(dq, _assemble(gq, plan, "q", 0.0, torch.empty(dq.shape)), tq, interleaved)
+    dk_h = _assemble(gk, plan, "k", 0.0, torch.empty(total_k, heads, head_dim))
     _unturn(dk, dk_h.view(total_k, heads_kv, group, head_dim).sum(2) if group > 1 else dk_h, tk, interleaved)
     if group > 1:
-        dv.copy_(_assemble(gv, plan.back_k, 0.0, (heads, head_dim)).view(total_k, heads_kv, group, head_dim).sum(2))
+        dv_h = _assemble(gv, plan, "k", 0.0, torch.empty(total_k, heads, head_dim))
+        dv.copy_(dv_h.view(total_k, heads_kv, group, head_dim).sum(2))
     else:
-        _assemble(gv, plan.back_k, 0.0, (heads, head_dim), dv)
+        _assemble(gv, plan, "k", 0.0, dv)
