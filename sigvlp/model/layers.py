@@ -145,6 +145,8 @@ class HUEncoding(nn.Module):
     (N, width)."""
 
     LUT_STEPS = 4000
+    #: voxels binned at once on the CPU (1 MiB of float32 per temporary)
+    CHUNK_VOXELS = 1 << 18
 
     def __init__(self, thresholds_hu, window, patch, grid, width: int):
         super().__init__()
@@ -172,18 +174,27 @@ class HUEncoding(nn.Module):
         2000 HU window, finer than the fp16 cache stores them); values outside the window count as
         its ends, NaN as its bottom (memory-safe for any input). One gather, one index_add, no
         host sync (index_select and an expanded ones tensor: about 5x faster on the CPU than
-        advanced indexing and a materialised ones)."""
-        n, nb = patches.shape[0], self.n_bins
+        advanced indexing and a materialised ones). On the CPU in chunks of about CHUNK_VOXELS
+        voxels: the temporaries stay in cache and are reused instead of being faulted in afresh
+        (measured 1.1-1.3x faster at the demo's 4000 x 1024 voxels)."""
+        n = patches.shape[0]
+        counts = torch.zeros(n, self.n_sub * self.n_bins, device=patches.device, dtype=torch.float32)
+        rows = max(1, self.CHUNK_VOXELS // max(1, patches.shape[1])) if patches.device.type == "cpu" else max(1, n)
+        for start in range(0, n, rows):
+            self._count(patches[start:start + rows], counts[start:start + rows])
+        return counts.view(n, self.n_sub, self.n_bins).div_(self.per_sub)
+
+    def _count(self, patches, counts):
+        """counts (m, n_sub * n_bins) += the voxel counts of patches (m, pt*ph*pw), as `features` says."""
+        m, per_token = counts.shape
         q = patches.to(torch.float32, copy=True).add_(1.0).mul_(self.LUT_STEPS / 2).round_()
         q = q.nan_to_num_(0.0).clamp_(0, self.LUT_STEPS).to(torch.int32)
         # per voxel: sub-block * n_bins + the number of thresholds below it (NaN counts as the bottom)
-        local = self.lut.index_select(0, q.view(-1)).view(n, -1).add_(self.sub_bins)
-        index_dtype = torch.int32 if n * self.n_sub * nb < 2 ** 31 else torch.int64
-        flat = local.to(index_dtype).add_(torch.arange(n, device=patches.device, dtype=index_dtype)[:, None]
-                                          * (self.n_sub * nb))
-        counts = torch.zeros(n * self.n_sub * nb, device=patches.device, dtype=torch.float32)
-        counts.index_add_(0, flat.view(-1), torch.ones((), device=patches.device).expand(flat.numel()))
-        return counts.view(n, self.n_sub, nb) / self.per_sub
+        local = self.lut.index_select(0, q.view(-1)).view(m, -1).add_(self.sub_bins)
+        index_dtype = torch.int32 if m * per_token < 2 ** 31 else torch.int64
+        flat = local.to(index_dtype).add_(torch.arange(m, device=patches.device, dtype=index_dtype)[:, None]
+                                          * per_token)
+        counts.view(-1).index_add_(0, flat.view(-1), torch.ones((), device=patches.device).expand(flat.numel()))
 
     def forward(self, patches):
         f = self.features(patches)
