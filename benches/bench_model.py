@@ -15,7 +15,7 @@ google/siglip2-large-patch16-256, here with random weights: no download), chunks
 time plan). Quick mode (CPU): "tiny", 64 x 64, chunks of 16 slices; and the demo's step on the CPU
 (`test_cpu_attention_training_step`: the "tiny" preset with the demo's model overrides, a byte
 tokenizer, ~4096 image tokens in chunks of 8..128 slices at 64 x 64 px) with the attention on
-its "cpu" backend (sequences grouped into padded batches, auto's choice) against the per-sequence
+its "cpu" backend (torch's fused CPU attention per group of sequences, auto's choice) against the per-sequence
 reference ("torch" backend, SIGVLP_BACKEND=torch), the two timed alternately in one run, the
 load average and torch's thread count recorded beside them.
 """

@@ -410,8 +410,8 @@ def rope_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     causal: bottom-right aligned (query i sees key j <= i + Lk - Lq); rows that see no key give 0
     (lse -inf). Returns out (q's shape and dtype), or (out, lse) with lse (nheads, total_q) fp32
     when return_lse. backend: None/"auto", "torch" (the per-sequence reference), "cpu" (CPU tensors:
-    sequences grouped by length into padded batches; auto's choice on the CPU), "triton" or "cuda"
-    (fp16/bf16 only).
+    torch's fused CPU attention per group of similar lengths; auto's choice on the CPU), "triton" or
+    "cuda" (fp16/bf16 only).
     validate: also check cu_seqlens/max_seqlen/grid values on CUDA tensors (a device-to-host copy;
     CPU tensors are always checked; SIGVLP_VALIDATE=1 turns it on everywhere). Bad values raise
     ValueError naming the argument; unchecked bad values give wrong numbers, never bad accesses.
