@@ -239,6 +239,20 @@ def test_cpu_backend_row_blocks(monkeypatch):
                    use_lse_grad=True)
 
 
+@pytest.mark.parametrize("mode,interleaved", [("grid", False), ("positions", True)])
+def test_cpu_backend_rotation_tables_broadcast_over_heads(monkeypatch, mode, interleaved):
+    """Rotary tables too large to store per head are broadcast over the heads: the same answer."""
+    from sigvlp.ops import attention_cpu
+
+    monkeypatch.setattr(attention_cpu, "TABLE_ELEMENTS", 0)
+    attention_cpu._grid_tables.cache_clear()  # tables cached under the default size would be reused
+    try:
+        _run_and_check([1, 63, 0, 130, 129], backend="cpu", nheads=4, nheads_kv=2, head_dim=32, mode=mode,
+                       interleaved=interleaved)
+    finally:
+        attention_cpu._grid_tables.cache_clear()
+
+
 def test_cpu_backend_group_plan():
     """Every sequence with queries and keys in exactly one group; each group's padded score elements
     within the slack of its real ones plus the overhead; equal lengths pad nothing; short sequences
