@@ -36,7 +36,7 @@ case pays nothing for varlen or causality. Causal query blocks are scheduled las
 carry the most keys).
 
 Tuning: triton.autotune keyed on head_dim, causal, rotation mode and dtype (never lengths); the
-candidate tiles are pruned per head_dim class from an sm_90 compile survey (ptxas registers and
+candidate tiles are pruned per head_dim class from sm_90 and sm_80 compile surveys (ptxas registers and
 stack), not yet from H200 timings, and by the device's shared memory (`_smem_estimate`: the
 rotation-table tiles are pipelined with k/v, so they count per stage). Under TRITON_INTERPRET=1 a
 fixed small config is used.
@@ -557,18 +557,21 @@ def _pruner(which, tags):
     tuning compiles a few configs and none fails with out-of-resources (the smallest of the class
     when none fits).
 
-    The classes (16-bit or fp32, head_dim <= 64 or larger) come from compiling every candidate for
-    sm_90 and reading ptxas's register / local-memory use (no GPU timing yet): only candidates
-    that compile without local memory are kept (see the tables below).
+    The classes (16-bit or fp32, head_dim <= 64 or larger; 16-bit on sm_8x: their own) come from
+    compiling every candidate for sm_90 and sm_80 and reading ptxas's register / local-memory use
+    (no GPU timing yet): only candidates that compile without local memory are kept (see the
+    tables below).
     """
     def prune(configs, named_args, **kwargs):
-        tag = "small" if kwargs["HEAD_DIM"] <= 64 else "large"
-        if kwargs.get("DOT_PREC", "tf32") == "ieee":
-            tag = "fp32" if tag == "small" else "fp32_large"
-        mine = [c for c, t in zip(configs, tags) if t == tag] or list(configs)
         q = named_args["Q"]
         limit = device_info.shared_memory_limit(q.device)
         arch = device_info.arch(q.device)
+        tag = "small" if kwargs["HEAD_DIM"] <= 64 else "large"
+        if kwargs.get("DOT_PREC", "tf32") == "ieee":
+            tag = "fp32" if tag == "small" else "fp32_large"
+        if 80 <= arch < 90 and tag + "_sm8x" in tags:  # mma.sync targets: their own tiles
+            tag += "_sm8x"
+        mine = [c for c, t in zip(configs, tags) if t == tag] or list(configs)
         size = {id(c): _smem_estimate(which, c, head_dim=kwargs["HEAD_DIM"], elt=q.element_size(),
                                       rotate=kwargs["ROTATE"], arch=arch) for c in mine}
         fits = [c for c in mine if size[id(c)] <= limit]
@@ -593,24 +596,40 @@ def _pruner(which, tags):
 # not register pressure (smaller tiles do not remove it); tests/test_spills.py allows fp32
 # attention 128 B. The last config of each class is the smallest: the fallback for 99 KiB devices
 # (sm_86 / sm_89).
+# sm_8x (mma.sync: dot operands and accumulators in registers, and loads pipelined through
+# registers where they feed the rotation) has its own 16-bit classes (`*_sm8x`, used for
+# 80 <= arch < 90; fp32 shares the classes above, within its budget there: fwd 8 B, dkdv 24 B).
+# Every sm_90 candidate spilled on sm_80 (triton 3.8, bf16, bytes): fwd small (128,64,8,3) 40,
+# (64,64,4,3) 80, (64,64,4,2) 56; fwd large (64,32,4,3) 48, (64,32,4,2) 16; dkdv small (32,64,8,3)
+# 280, (32,64,8,2) 256; dkdv large (32,32,8,2) 32, (16,32,8,2) 40; dq large (64,32,8,2) 768; dq
+# small (128,32,8,3) 24. Also measured there and dropped: fwd (128,64,8,2) 24, (64,64,8,2) 8,
+# (64,64,4,1) 16 (hd 64) / 160 (hd 128), (128,32,8,2) 32 (hd 128); dkdv (32,64,8,1) 288,
+# (32,32,4,1) 272 / 168, (16,64,4,1) 16; dq (64,32,4,2) 40, (64,32,8,2) 8, (32,32,4,2) 16, stage 1
+# at hd 64 (64,32,4,1) 96, (32,32,4,1) 88. Kept: the 0-byte ones below (every quick-matrix case).
 _KEY = ["HEAD_DIM", "CAUSAL", "ROTATE", "INTERLEAVED", "DOT_PREC"]
 _FWD = _config_table(
     small=[(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
     large=[(128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2)],
     fp32=[(32, 16, 4, 2)],
     fp32_large=[(16, 16, 8, 1)],
+    small_sm8x=[(128, 32, 8, 2), (64, 32, 4, 2)],
+    large_sm8x=[(64, 32, 8, 2), (64, 32, 4, 1)],
 )
 _DKDV = _config_table(
     small=[(32, 64, 8, 3), (32, 64, 8, 2)],
     large=[(32, 32, 8, 2), (16, 32, 8, 2)],
     fp32=[(16, 16, 4, 1)],
     fp32_large=[(16, 16, 4, 1)],
+    small_sm8x=[(16, 64, 8, 1)],
+    large_sm8x=[(32, 32, 8, 1), (16, 32, 8, 1)],
 )
 _DQ = _config_table(
     small=[(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
     large=[(64, 32, 8, 2)],
     fp32=[(32, 16, 4, 2)],
     fp32_large=[(16, 16, 4, 1)],
+    small_sm8x=[(32, 16, 4, 2)],
+    large_sm8x=[(32, 32, 4, 1)],
 )
 _fwd_tuned = triton.autotune(_FWD[0], key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd", _FWD[1])})(
     _fwd_kernel)

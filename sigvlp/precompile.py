@@ -1,6 +1,7 @@
 """Compile every Triton variant of sigvlp's ops ahead of time, in parallel, into Triton's cache.
 
-    python -m sigvlp.precompile [--arch 90] [--jobs N] [--ops rope3d,...] [--quick] [--report]
+    python -m sigvlp.precompile [--arch 90] [--jobs N] [--ops rope3d,...] [--quick] [--match RE]
+                                [--kernels RE] [--report]
 
 Run it on the machine that will launch the kernels, before the first training step or benchmark:
 Triton's on-disk cache is keyed by Triton's version, the ptxas version and the target, so the
@@ -478,11 +479,13 @@ def _compile_index(args):
 
 
 def precompile(arch: int, jobs: int, ops=None, quick=False, match=None, measure=False, on_row=None,
-               gpu_check=False) -> list[dict]:
-    """Compile every variant (see `variants`) with `jobs` processes into Triton's cache; returns
-    one row per variant (`compile_variant`), calling on_row(row) as each is done."""
+               gpu_check=False, kernels: Optional[str] = None) -> list[dict]:
+    """Compile every variant (see `variants`; kernels: only those of kernels whose name contains
+    this regular expression) with `jobs` processes into Triton's cache; returns one row per
+    variant (`compile_variant`), calling on_row(row) as each is done."""
     global _POOL_VARIANTS
-    _POOL_VARIANTS = variants(arch, ops, quick, match, gpu_check)
+    _POOL_VARIANTS = [v for v in variants(arch, ops, quick, match, gpu_check)
+                      if kernels is None or re.search(kernels, v.kernel)]
     tasks = [(i, arch, measure) for i in range(len(_POOL_VARIANTS))]
     rows = []
     if jobs <= 1:
@@ -522,6 +525,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-check", action="store_true",
                         help="only what benches/gpu_check.sh's stages launch (the ops' self-test and launch_configs)")
     parser.add_argument("--match", default=None, help="only cases whose op/case name matches this regex")
+    parser.add_argument("--kernels", default=None, help="only kernels whose name matches this regex")
     parser.add_argument("--report", action="store_true", help="print one JSON row per variant (with registers/spills)")
     parser.add_argument("--count", action="store_true",
                         help="compile nothing: print the number of variants per kernel as JSON")
@@ -555,7 +559,7 @@ def main(argv=None) -> int:
         print(f"cache: {cache_dir()}")
         return 1 if misses else 0
     on_row = (lambda row: print(json.dumps(row), flush=True)) if ns.report else None
-    rows = precompile(arch, ns.jobs, ops, ns.quick, ns.match, ns.report, on_row, ns.gpu_check)
+    rows = precompile(arch, ns.jobs, ops, ns.quick, ns.match, ns.report, on_row, ns.gpu_check, ns.kernels)
     print(f"precompiled {len(rows)} variants for sm_{arch} with {ns.jobs} jobs in {time.perf_counter() - start:.1f} s "
           f"(compile seconds summed: {sum(r['seconds'] for r in rows):.1f})")
     print(f"cache: {cache_dir()}")
