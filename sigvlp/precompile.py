@@ -44,8 +44,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["Variant", "launch_matrix", "compile_only", "capture", "variants", "compile_variant", "precompile",
-           "cache_dir", "main"]
+__all__ = ["Variant", "launch_matrix", "compile_only", "capture", "variants", "compile_variant", "compile_all",
+           "precompile", "cache_dir", "main"]
 
 WARP = 32
 
@@ -478,14 +478,11 @@ def _compile_index(args):
     return compile_variant(_POOL_VARIANTS[i], arch, measure)
 
 
-def precompile(arch: int, jobs: int, ops=None, quick=False, match=None, measure=False, on_row=None,
-               gpu_check=False, kernels: Optional[str] = None) -> list[dict]:
-    """Compile every variant (see `variants`; kernels: only those of kernels whose name contains
-    this regular expression) with `jobs` processes into Triton's cache; returns one row per
-    variant (`compile_variant`), calling on_row(row) as each is done."""
+def compile_all(found: list, arch: int, jobs: int, measure: bool = False, on_row=None) -> list[dict]:
+    """Compile the variants `found` for sm_`arch` with `jobs` processes into Triton's cache; one
+    row per variant (`compile_variant`), in the order of `found`, calling on_row(row) as each is done."""
     global _POOL_VARIANTS
-    _POOL_VARIANTS = [v for v in variants(arch, ops, quick, match, gpu_check)
-                      if kernels is None or re.search(kernels, v.kernel)]
+    _POOL_VARIANTS = list(found)
     tasks = [(i, arch, measure) for i in range(len(_POOL_VARIANTS))]
     rows = []
     if jobs <= 1:
@@ -501,6 +498,16 @@ def precompile(arch: int, jobs: int, ops=None, quick=False, match=None, measure=
             rows.append(row)
             on_row and on_row(row)
     return rows
+
+
+def precompile(arch: int, jobs: int, ops=None, quick=False, match=None, measure=False, on_row=None,
+               gpu_check=False, kernels: Optional[str] = None) -> list[dict]:
+    """Compile every variant (see `variants`; kernels: only those of kernels whose name contains
+    this regular expression) with `jobs` processes into Triton's cache; returns one row per
+    variant (`compile_variant`), calling on_row(row) as each is done."""
+    found = [v for v in variants(arch, ops, quick, match, gpu_check)
+             if kernels is None or re.search(kernels, v.kernel)]
+    return compile_all(found, arch, jobs, measure, on_row)
 
 
 def _default_arch() -> int:

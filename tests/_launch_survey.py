@@ -7,7 +7,8 @@ pruning) captures each launch's compile, which is then compiled for the target b
 compiler. The launchers see the target's shared-memory limit, so what is compiled is what they
 would choose on that GPU.
 
-    python tests/_launch_survey.py [--targets 80,86,89,90] [--ops rope3d,sigmoid_loss,...]
+    python tests/_launch_survey.py [--targets 80,86,89,90] [--ops rope3d,sigmoid_loss,...] [--jobs N]
+                                   [--kernels REGEX]
 
 prints one JSON object per line: op, kernel, target (sm), config, dtypes, shared (bytes), limit
 (bytes), autotuned.
@@ -25,6 +26,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import sys
 
 os.environ["TRITON_INTERPRET"] = "0"  # real JIT functions (nothing runs: launches are intercepted)
@@ -82,10 +84,13 @@ def specialisation_keys(ops, sm=90):
                                   exempt=[p.name for p in fn.params if p.do_not_specialize])), flush=True)
 
 
-def survey(targets, ops):
+def survey(targets, ops, jobs=1, kernels=None):
+    """Compile every launch of `ops`' survey cases (kernels: only kernels whose name matches this
+    regular expression) for each target, with `jobs` processes."""
     for sm in targets:
-        for v in precompile.capture(sm, [_case(op) for op in ops]):
-            row = precompile.compile_variant(v, sm)
+        found = [v for v in precompile.capture(sm, [_case(op) for op in ops])
+                 if kernels is None or re.search(kernels, v.kernel)]
+        for v, row in zip(found, precompile.compile_all(found, sm, jobs)):
             print(json.dumps(dict(op=v.op, kernel=v.kernel, target=row["target"], config=row["config"],
                                   dtypes=row["dtypes"], shared=row["shared"], limit=SHARED_MEMORY_LIMITS[sm],
                                   autotuned=v.autotuned)), flush=True)
@@ -95,12 +100,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--targets", default="80,86,89,90")
     parser.add_argument("--ops", default=",".join(CASES))
+    parser.add_argument("--jobs", type=int, default=1, help="compile processes")
+    parser.add_argument("--kernels", default=None, help="only kernels whose name matches this regex")
     parser.add_argument("--keys", action="store_true", help="specialisation keys over lengths, no compiles")
     ns = parser.parse_args(argv)
     if ns.keys:
         specialisation_keys(ns.ops.split(","))
     else:
-        survey([int(t) for t in ns.targets.split(",")], ns.ops.split(","))
+        survey([int(t) for t in ns.targets.split(",")], ns.ops.split(","), ns.jobs, ns.kernels)
 
 
 if __name__ == "__main__":

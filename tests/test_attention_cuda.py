@@ -7,7 +7,8 @@ causal; grid_thw, positions or no rotation; interleaved; lse and its gradient; t
 NaN-poisoned outputs by the conftest hook; grid chunking past a lowered gridDim.y limit). With a GPU
 the `gpu` tests run the same checks at large sizes. tests/attention_emu_driver.cpp runs every launcher
 path under ThreadSanitizer and AddressSanitizer + UBSan builds of the emulation. The ptxas survey (registers, spills, shared
-memory per kernel for sm_80 and sm_90a) compiles csrc/attention.cu with nvcc when it is present:
+memory per kernel for sm_80 and sm_90a) compiles csrc/attention.cu with nvcc when it is present, and
+a slow test holds every kernel to no spills except the few measured and justified in the source:
 
     python tests/test_attention_cuda.py      # prints the survey table
 """
@@ -299,9 +300,22 @@ def _kernel_name(mangled: str) -> str:
     return f"{kind}<{args}>" if args else kind
 
 
+#: Spill stores / loads (bytes per thread, ptxas -v, CUDA 13) of the kernels that keep some, each
+#: measured and justified in csrc/attention.cu (the comment above Config); every other kernel of
+#: every architecture must compile without spilling.
+KNOWN_SPILLS = {
+    ("sm_90a", "attention_dkdv_kernel<bf16, 128>"): (32, 32),
+    ("sm_90a", "attention_dkdv_kernel<fp16, 128>"): (16, 32),
+    ("sm_80", "attention_dkdv_kernel<fp16, 128>"): (16, 16),
+    ("sm_80", "attention_dkdv_kernel<bf16, 96>"): (36, 44),
+    ("sm_80", "attention_dkdv_kernel<bf16, 64>"): (16, 16),
+    ("sm_80", "attention_dq_kernel<bf16, 96>"): (8, 8),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_ptxas_forward_spill_free_and_shared_memory_within_limits():
+def test_ptxas_spills_only_where_justified_and_shared_memory_within_limits():
     rows = ptxas_survey()
     kinds = {(r["arch"], r["kernel"]) for r in rows}
     for arch in ARCHS:
@@ -309,11 +323,12 @@ def test_ptxas_forward_spill_free_and_shared_memory_within_limits():
             for d in (32, 64, 96, 128):
                 for kernel in ("attention_fwd_kernel", "attention_dkdv_kernel", "attention_dq_kernel"):
                     assert (f"sm_{arch}", f"{kernel}<{dtype}, {d}>") in kinds
+    assert set(KNOWN_SPILLS) <= kinds
     for r in rows:
         assert r["smem"] <= STATIC_SMEM_LIMIT, r
         assert r["registers"] <= 255, r
-        if r["kernel"].startswith("attention_fwd_kernel"):
-            assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"forward spills: {r}"
+        stores, loads = KNOWN_SPILLS.get((r["arch"], r["kernel"]), (0, 0))
+        assert r["spill_stores"] <= stores and r["spill_loads"] <= loads, f"spills beyond csrc/attention.cu's: {r}"
 
 
 if __name__ == "__main__":
