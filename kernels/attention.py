@@ -606,6 +606,9 @@ def _pruner(which, tags):
 # (64,64,4,1) 16 (hd 64) / 160 (hd 128), (128,32,8,2) 32 (hd 128); dkdv (32,64,8,1) 288,
 # (32,32,4,1) 272 / 168, (16,64,4,1) 16; dq (64,32,4,2) 40, (64,32,8,2) 8, (32,32,4,2) 16, stage 1
 # at hd 64 (64,32,4,1) 96, (32,32,4,1) 88. Kept: the 0-byte ones below (every quick-matrix case).
+# Triton 3.6 (the GPU image's) compiles the same candidates without local memory too (bf16 at
+# head_dim 64 / 128, fp32 at 128, sm_80 and sm_90), except fp32 dq (16,16,4,1) at head_dim 128:
+# 344 B on sm_90 (0 under 3.8); (16,16,4,2) has none under either on both targets.
 _KEY = ["HEAD_DIM", "CAUSAL", "ROTATE", "INTERLEAVED", "DOT_PREC"]
 _FWD = _config_table(
     small=[(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
@@ -627,7 +630,7 @@ _DQ = _config_table(
     small=[(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
     large=[(64, 32, 8, 2)],
     fp32=[(32, 16, 4, 2)],
-    fp32_large=[(16, 16, 4, 1)],
+    fp32_large=[(16, 16, 4, 2)],
     small_sm8x=[(32, 16, 4, 2)],
     large_sm8x=[(32, 32, 4, 1)],
 )
