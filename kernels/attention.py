@@ -606,9 +606,14 @@ def _pruner(which, tags):
 # (64,64,4,1) 16 (hd 64) / 160 (hd 128), (128,32,8,2) 32 (hd 128); dkdv (32,64,8,1) 288,
 # (32,32,4,1) 272 / 168, (16,64,4,1) 16; dq (64,32,4,2) 40, (64,32,8,2) 8, (32,32,4,2) 16, stage 1
 # at hd 64 (64,32,4,1) 96, (32,32,4,1) 88. Kept: the 0-byte ones below (every quick-matrix case).
-# Triton 3.6 (the GPU image's) compiles the same candidates without local memory too (bf16 at
-# head_dim 64 / 128, fp32 at 128, sm_80 and sm_90), except fp32 dq (16,16,4,1) at head_dim 128:
-# 344 B on sm_90 (0 under 3.8); (16,16,4,2) has none under either on both targets.
+# Triton 3.6 (the GPU image's) differs: fp32 dq (16,16,4,1) at head_dim 128 kept 344 B on sm_90
+# and 360 B on sm_80 (0 under 3.8), and fp32 dq (32,16,4,2) at head_dim 64 120 B on sm_90, so
+# both fp32 dq classes are (16,16,4,2) (none under either version on either target, but 8 B at
+# head_dim 64 on sm_80 under 3.8); on sm_80 the 3.8-clean dkdv (16,64,8,1) at head_dim 64 kept 56 B and dq (32,32,4,1) at
+# 128 8 B, so both classes moved to candidates clean under 3.6 and 3.8: dkdv (16,32,8,2), dq
+# (32,16,4,2). Also measured under 3.6 for sm_80 dkdv at head_dim 64: (16,32,8,1) 48, (32,32,8,1)
+# 360, (16,64,8,2) 8, (16,32,4,1) 88, (16,64,4,2) 48, (16,128,8,1) 80, (32,64,8,2) 320, and
+# (16,16,4,2) 0 (16 under 3.8).
 _KEY = ["HEAD_DIM", "CAUSAL", "ROTATE", "INTERLEAVED", "DOT_PREC"]
 _FWD = _config_table(
     small=[(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
@@ -623,16 +628,16 @@ _DKDV = _config_table(
     large=[(32, 32, 8, 2), (16, 32, 8, 2)],
     fp32=[(16, 16, 4, 1)],
     fp32_large=[(16, 16, 4, 1)],
-    small_sm8x=[(16, 64, 8, 1)],
+    small_sm8x=[(16, 32, 8, 2)],
     large_sm8x=[(32, 32, 8, 1), (16, 32, 8, 1)],
 )
 _DQ = _config_table(
     small=[(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
     large=[(64, 32, 8, 2)],
-    fp32=[(32, 16, 4, 2)],
+    fp32=[(16, 16, 4, 2)],
     fp32_large=[(16, 16, 4, 2)],
     small_sm8x=[(32, 16, 4, 2)],
-    large_sm8x=[(32, 32, 4, 1)],
+    large_sm8x=[(32, 16, 4, 2)],
 )
 _fwd_tuned = triton.autotune(_FWD[0], key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd", _FWD[1])})(
     _fwd_kernel)
