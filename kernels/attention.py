@@ -613,7 +613,8 @@ def _pruner(which, tags):
 # 128 8 B, so both classes moved to candidates clean under 3.6 and 3.8: dkdv (16,32,8,2), dq
 # (32,16,4,2). Also measured under 3.6 for sm_80 dkdv at head_dim 64: (16,32,8,1) 48, (32,32,8,1)
 # 360, (16,64,8,2) 8, (16,32,4,1) 88, (16,64,4,2) 48, (16,128,8,1) 80, (32,64,8,2) 320, and
-# (16,16,4,2) 0 (16 under 3.8).
+# (16,16,4,2) 0 (16 under 3.8). On sm_90 under 3.6, dkdv small (32,64,8,3) kept 128 B at
+# head_dim 32 with positions, causal, interleaved (0 under 3.8): dropped, (32,64,8,2) has none.
 _KEY = ["HEAD_DIM", "CAUSAL", "ROTATE", "INTERLEAVED", "DOT_PREC"]
 _FWD = _config_table(
     small=[(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
@@ -624,7 +625,7 @@ _FWD = _config_table(
     large_sm8x=[(64, 32, 8, 2), (64, 32, 4, 1)],
 )
 _DKDV = _config_table(
-    small=[(32, 64, 8, 3), (32, 64, 8, 2)],
+    small=[(32, 64, 8, 2)],
     large=[(32, 32, 8, 2), (16, 32, 8, 2)],
     fp32=[(16, 16, 4, 1)],
     fp32_large=[(16, 16, 4, 1)],
