@@ -25,9 +25,10 @@ Budgets per kernel family (bytes of local memory per thread, the same on sm_80 a
 - rope3d and the rotary-table kernel: 32 bytes, libdevice's sin/cos keep a 7-word table in local
   memory for large-argument reduction (not a spill; touched only for angles past 2^17 rad);
 - fp32 attention (IEEE dots on CUDA cores, the correctness path): 128 bytes. Its dK/dV kernel
-  keeps 48 B (head_dim 64) / 80 B (128) on sm_90 at 72 / 128 registers (24 B at 128 on sm_80), not
-  from register pressure (kernels/attention.py); the point is no 32-register, tens-of-KB code as
-  before;
+  keeps 48 B (head_dim 64) / 80 B (128) on sm_90 at 72 / 128 registers under triton 3.8 (at 128:
+  24 B on sm_80; under 3.6 0 on sm_90, 64 B on sm_80), not from register pressure
+  (kernels/attention.py); the point is no 32-register, tens-of-KB code as before (12 KB under
+  triton 3.6 on sm_90);
 - the sigmoid loss's chunked-D pass (D > 256): 32 bytes (bf16 D 768 on sm_90; 392 before its
   per-pair partial sums became per-row sums).
 """
