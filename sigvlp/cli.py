@@ -45,9 +45,9 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
     imported); None: all of them. Every subcommand is listed either way, so `sigvlp --help`
     and `sigvlp --version` import no subcommand module (and no torch)."""
     from sigvlp import __version__
-    from sigvlp.cliargs import HelpFormatter
+    from sigvlp.cliargs import ArgumentParser, HelpFormatter
 
-    parser = argparse.ArgumentParser(prog="sigvlp", description="SigVLP: CT volume-language pretraining")
+    parser = ArgumentParser(prog="sigvlp", description="SigVLP: CT volume-language pretraining")
     parser.add_argument("--version", action="version", version=f"sigvlp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():

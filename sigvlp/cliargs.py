@@ -4,6 +4,8 @@
   error and exit status 2 at parse time, before any work or any write.
 - ``HelpFormatter``: every option's help ends with its default (unless the help text already
   says what the default is, the option is required, or it is a plain on/off switch).
+- ``ArgumentParser``: a usage error is one line on stderr (``PROG: error: MESSAGE (see PROG --help)``)
+  and exit status 2, never the whole usage block; subparsers inherit it.
 - ``check_writable``: an output location can be written (before the work starts).
 
 Imports nothing beyond the standard library: ``sigvlp CMD --help`` must stay fast.
@@ -17,7 +19,17 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["HelpFormatter", "check_writable", "int_at_least", "number_in", "positive_int"]
+__all__ = ["ArgumentParser", "HelpFormatter", "check_writable", "int_at_least", "number_in", "positive_int"]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line on stderr, exit status 2:
+    ``PROG: error: MESSAGE (see PROG --help)``. ``add_subparsers`` makes its subparsers of this
+    class too, so every ``sigvlp`` subcommand answers the same way."""
+
+    def error(self, message):
+        message = " ".join(str(message).split())  # one line, whatever the message held
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.HelpFormatter):

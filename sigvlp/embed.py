@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
-from sigvlp.cliargs import check_writable
+from sigvlp.cliargs import ArgumentParser, check_writable
 from sigvlp.data.dicom import is_dicom_file, load_dicom_series
 from sigvlp.fileperm import apply_umask
 
@@ -345,9 +345,7 @@ def run(args) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="sigvlp embed", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="sigvlp embed", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

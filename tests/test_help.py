@@ -143,7 +143,9 @@ def test_bad_numeric_values_are_one_line_errors(command, tmp_path):
             argv = [command, *_required(sp, tmp_path), a.option_strings[0], *[bad] * n]
             code, err = _call(argv, parse_only=True)
             assert code == 2, (argv, err)
-            assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"sigvlp {command}: error:"), err
+            lines = err.strip().splitlines()  # one line, no usage block (the one-line errors)
+            assert len(lines) == 1 and lines[0].startswith(f"sigvlp {command}: error: argument "), err
+            assert lines[0].endswith(f"(see sigvlp {command} --help)") and " a int" not in err, err
     assert not list(tmp_path.iterdir())  # nothing written
 
 
@@ -177,7 +179,8 @@ def test_reported_bad_values(argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, err = _call(argv)
     assert code == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == f"sigvlp {argv[0]}: error: argument {argv[-2]}: expected an integer >= 1, got 0"
+    assert err == (f"sigvlp {argv[0]}: error: argument {argv[-2]}: expected an integer >= 1, got 0 "
+                   f"(see sigvlp {argv[0]} --help)\n")
     assert not list(tmp_path.iterdir())
 
 

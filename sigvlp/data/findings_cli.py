@@ -22,13 +22,16 @@ from sigvlp.data.organs import ORGANS
 PROG = "sigvlp findings"
 
 
+_KIND_NAMES = {int: "an integer", float: "a number"}
+
+
 def _number(kind, strict: bool):
     """argparse type: a `kind` number > 0 (strict) or >= 0."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {_KIND_NAMES.get(kind, kind.__name__)}, got {text!r}") from None
         if not (value > 0 if strict else value >= 0):
             raise argparse.ArgumentTypeError(f"expected a value {'>' if strict else '>='} 0, got {text!r}")
         return value

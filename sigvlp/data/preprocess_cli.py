@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from sigvlp.cliargs import int_at_least
+from sigvlp.cliargs import ArgumentParser, int_at_least
 
 SPLITS = ("train", "valid", "all")
 
@@ -92,9 +92,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="sigvlp preprocess", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="sigvlp preprocess", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
