@@ -310,6 +310,36 @@ def test_resume_checks_the_model_config_and_a_finished_run_has_nothing_to_do(tmp
         assert (tmp_path / "run" / "config.yaml").read_text() == saved  # a finished run keeps its config
 
 
+def test_resume_without_config_yaml_starts_from_the_checkpoint_config(tmp_path, capsys, monkeypatch):
+    """A folder holding a run's checkpoints/ but no config.yaml resumes with the checkpoint's
+    own settings: only flags given on the command line count as changes (the built-in defaults
+    are never "applied" as if asked for)."""
+    import shutil
+
+    import sigvlp.train.trainer as trainer_mod
+    from sigvlp.cli import main
+
+    _trainer(tmp_path, steps=2, lr=0.005, adamw_lr=0.0007, weight_decay=0.03).run()
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run" / "checkpoints", copy / "checkpoints")
+    batches = [collate(samples(s, 4)) for s in range(4)]
+    real = trainer_mod.Trainer
+    monkeypatch.setattr(trainer_mod, "Trainer",
+                        lambda cfg, **kw: real(cfg, batch_source=lambda rank, world: iter(batches), **kw))
+    assert main(["train", "--resume", "--out", str(copy), "--steps", "3", "--adamw-lr", "0.001"]) == 0
+    out = capsys.readouterr().out
+    changed = [ln for ln in out.splitlines() if "settings changed" in ln]
+    assert len(changed) == 1, out
+    assert "steps 2 -> 3" in changed[0] and "adamw_lr 0.0007 -> 0.001" in changed[0], changed
+    for key in ("lr 0.005", "weight_decay", "warmup_steps", "model"):
+        assert f" {key}" not in changed[0].replace("adamw_lr", ""), changed
+    import yaml
+
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    assert (saved["lr"], saved["weight_decay"], saved["warmup_steps"], saved["adamw_lr"]) == (0.005, 0.03, 1, 0.001)
+    assert saved["out"] == str(copy)
+
+
 def test_word_tokenizer_checks_init_from_before_reading_reports(tmp_path):
     from sigvlp.train import TrainConfig
     from sigvlp.train.trainer import Trainer

@@ -105,16 +105,28 @@ def config_from_args(args) -> TrainConfig:
         v = getattr(args, f"cfg_{name}", None)
         if v is not None:
             overrides.append((name, parse_override(f"{name}={v}")[1] if isinstance(v, str) else v))
-    base = args.config
-    if getattr(args, "resume", False) and base is None:
-        # the run's own resolved config, then the command line
-        from pathlib import Path
+    if getattr(args, "resume", False) and args.config is None:
+        return _resume_config(overrides)
+    return load_config(args.config, overrides)
 
-        out = next((v for k, v in reversed(overrides) if k == "out"), None)
-        saved = Path(str(out)) / "config.yaml" if out is not None else None
-        if saved is not None and saved.is_file():
-            base = saved
-    return load_config(base, overrides)
+
+def _resume_config(overrides) -> TrainConfig:
+    """--resume without --config: the run's own resolved config.yaml, then the command line; a
+    folder with checkpoints but no config.yaml starts from the latest checkpoint's stored config
+    (never the built-in defaults, which would read as changes the user did not ask for)."""
+    from pathlib import Path
+
+    out = next((v for k, v in reversed(overrides) if k == "out"), None)
+    if out is None:
+        return load_config(None, overrides)
+    saved = Path(str(out)) / "config.yaml"
+    if saved.is_file():
+        return load_config(saved, overrides)
+    from sigvlp.checkpoint import latest_checkpoint, load_trainer_state
+
+    ckpt = latest_checkpoint(Path(str(out)) / "checkpoints")
+    stored = load_trainer_state(ckpt).get("config") if ckpt is not None else None
+    return load_config(None, overrides, saved=stored, saved_from=f"checkpoint {ckpt} config")
 
 
 def _raise_interrupt(signum, frame):

@@ -255,38 +255,50 @@ def apply_overrides(config: TrainConfig, overrides: Mapping[str, Any] | Sequence
     return TrainConfig(**values)
 
 
-def load_config(path=None, overrides=()) -> TrainConfig:
-    """TrainConfig from a YAML (.yaml/.yml) or JSON file (None: the defaults), then `overrides`."""
+def load_config(path=None, overrides=(), *, saved: Optional[Mapping] = None,
+                saved_from: str = "saved config") -> TrainConfig:
+    """TrainConfig from a YAML (.yaml/.yml) or JSON file (None: the defaults), then `overrides`.
+    saved: a config mapping (e.g. a checkpoint's stored config, named `saved_from` in errors)
+    used as the base instead of the defaults when no file is given."""
     config = TrainConfig()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config: no such file {path}")
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix == ".json":
-                data = json.loads(text)
-            else:
-                import yaml
-
-                data = yaml.safe_load(text)
-        except Exception as e:  # json.JSONDecodeError, yaml.YAMLError: one line naming the file
-            kind = "JSON" if path.suffix == ".json" else "YAML"
-            raise ValueError(f"{path}: invalid {kind}: {' '.join(str(e).split())}") from None
-        data = data or {}
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-        if "model" in data and isinstance(data["model"], Mapping):  # model: {preset: tiny, width: ...}
-            data = dict(data)
-            m = dict(data.pop("model"))
-            data["model"] = m.pop("preset", TrainConfig.model)
-            data["model_overrides"] = {**data.get("model_overrides", {}), **m}
-        data = _legacy_model_keys(data, path)
-        try:
-            config = apply_overrides(config, data)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        config = _apply_mapping(config, _read_config_file(path), path)
+    elif saved is not None:
+        config = _apply_mapping(config, saved, saved_from)
     return apply_overrides(config, overrides)
+
+
+def _read_config_file(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: no such file {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        import yaml
+
+        return yaml.safe_load(text)
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError: one line naming the file
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ValueError(f"{path}: invalid {kind}: {' '.join(str(e).split())}") from None
+
+
+def _apply_mapping(config: TrainConfig, data, where) -> TrainConfig:
+    """`config` with a config file's (or saved config's) mapping applied; errors name `where`."""
+    data = data or {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a mapping of config keys, got {type(data).__name__}")
+    if "model" in data and isinstance(data["model"], Mapping):  # model: {preset: tiny, width: ...}
+        data = dict(data)
+        m = dict(data.pop("model"))
+        data["model"] = m.pop("preset", TrainConfig.model)
+        data["model_overrides"] = {**data.get("model_overrides", {}), **m}
+    data = _legacy_model_keys(data, where)
+    try:
+        return apply_overrides(config, data)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _legacy_model_keys(data: Mapping, path) -> Mapping:
