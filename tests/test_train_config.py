@@ -308,6 +308,9 @@ def test_resume_checks_the_model_config_and_a_finished_run_has_nothing_to_do(tmp
         assert f"run already at step 2 >= steps {steps}; nothing to do" in out, out
         assert "None" not in out and "nan" not in out
         assert (tmp_path / "run" / "config.yaml").read_text() == saved  # a finished run keeps its config
+        assert (tmp_path / "run" / ".sigvlp-lock").read_text() == ""  # released: the next run sees no stale lock
+    assert main(["train", "--resume", "--out", run, "--steps", "2"]) == 0
+    assert "stale lock" not in capsys.readouterr().out
 
 
 def test_resume_without_config_yaml_starts_from_the_checkpoint_config(tmp_path, capsys, monkeypatch):

@@ -206,6 +206,7 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         return _interrupted_early(config, trainer)
     finally:
+        trainer.close()  # every exit path, "nothing to do" included, leaves the lock file empty
         if trainer.distributed and dist.is_initialized():
             dist.destroy_process_group()
     if trainer.is_main:
