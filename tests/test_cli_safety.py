@@ -151,6 +151,24 @@ def test_nan_stop_then_resume_leaves_one_metrics_row_per_step(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_nan_stop_is_reported_once_on_stderr(tmp_path, capsys, monkeypatch):
+    """The NaN stop: one line on stderr (the error), none on stdout; log.txt keeps it; exit status 3."""
+    import sigvlp.train.trainer as trainer_mod
+    from sigvlp.cli import main
+
+    run = tmp_path / "run"
+    bad = [collate(samples(s, 4)) for s in range(3)]
+    bad[1] = dict(bad[1], patches=bad[1]["patches"] * float("nan"))  # step 2's batch: the loss is NaN
+    real = trainer_mod.Trainer
+    monkeypatch.setattr(trainer_mod, "Trainer",
+                        lambda cfg, **kw: real(_config(run, 3), batch_source=lambda rank, world: iter(bad), **kw))
+    assert main(["train", "--out", str(run), "--steps", "3"]) == 3
+    cap = capsys.readouterr()
+    said = [ln for ln in (cap.out + cap.err).splitlines() if "the loss is nan" in ln]
+    assert len(said) == 1 and said[0] in cap.err.splitlines() and said[0].startswith("sigvlp train: step 2:"), cap
+    assert "stopped: step 2: the loss is nan" in (run / "log.txt").read_text()
+
+
 def _train_cmd(data, out, *extra):
     sets = [f"--set=model.{k}={v}" for k, v in TEST_MODEL.items()]
     return [sys.executable, "-m", "sigvlp", "train", "--data", str(data), "--cache", str(out.parent / "cache"),

@@ -93,7 +93,11 @@ class _Log:
             self.bar.write(msg)
         else:
             print(msg, flush=True)
-        if self.path is not None:
+        self.to_file(msg)
+
+    def to_file(self, msg: str) -> None:
+        """Append `msg` to log.txt only (a line the caller prints itself, e.g. an error on stderr)."""
+        if self.enabled and self.path is not None:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(msg + "\n")
 
@@ -420,7 +424,7 @@ class Trainer:
                 try:
                     last = self.train_step(batches)
                 except TrainingDiverged as e:
-                    self.log(f"stopped: {e}")  # in log.txt too, not only on the console
+                    self.log.to_file(f"stopped: {e}")  # log.txt keeps it; the caller reports the error once
                     raise
                 except KeyboardInterrupt:  # a second signal: mid-step, nothing consistent to save
                     self._interrupted(latest_checkpoint(self.ckpt_dir), consistent=False)
