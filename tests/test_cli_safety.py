@@ -132,6 +132,25 @@ def test_resume_needs_a_run_folder(tmp_path, capsys):
     assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"] and not (tmp_path / "absent").exists()
 
 
+@pytest.mark.parametrize("extra", [[], ["--data", "nonexistent"], ["--data", ".", "--init-from", "nonexistent"]])
+def test_a_start_that_fails_validation_leaves_the_disk_as_it_was(tmp_path, capsys, monkeypatch, extra):
+    """No data, a missing dataset, a missing --init-from: exit 2 with one line, and the run folder
+    this command created (parents included) is gone again; an existing folder keeps exactly what it held."""
+    from sigvlp.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--out", str(tmp_path / "runs" / "nodata"), "--model", "tiny", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sigvlp train: error:") and "\n" not in err, err
+    assert not (tmp_path / "runs").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(["train", "--out", str(mine), "--model", "tiny", *extra]) == 2
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
 def test_nan_stop_then_resume_leaves_one_metrics_row_per_step(tmp_path):
     import json
 

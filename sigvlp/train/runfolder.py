@@ -10,6 +10,9 @@ one, ``--resume`` only on a run folder.
 - ``check_run_folder``: before anything is written, a folder holding checkpoints (any
   ``checkpoints/step_*``) or logged steps is refused without --resume, and --resume is refused
   on a folder that is not a run (no config.yaml, no checkpoint), naming what is there.
+- ``Footprint``: what a run start creates in the run folder (the folders it makes, its lock file
+  and log.txt); ``undo()`` removes exactly that when the start fails before the run was set up,
+  so a bad --data or --init-from leaves the disk as it was.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["LOCK_NAME", "RunLock", "check_run_folder"]
+__all__ = ["Footprint", "LOCK_NAME", "RunLock", "check_run_folder"]
 
 LOCK_NAME = ".sigvlp-lock"
 
@@ -105,6 +108,36 @@ class RunLock:
             fcntl.flock(f, fcntl.LOCK_UN)
         finally:
             f.close()
+
+
+class Footprint:
+    """Notes, before anything is written, which of `folder` and its ancestors are absent and
+    which of its own files (the lock file, log.txt) are absent; ``undo()`` removes those files
+    and then those folders, deepest first, each only while empty (os.rmdir), so nothing this
+    invocation did not create is ever removed."""
+
+    FILES = (LOCK_NAME, "log.txt")
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        self.folders = []
+        probe = folder
+        while not probe.exists() and probe.parent != probe:
+            self.folders.append(probe)
+            probe = probe.parent
+        self.files = [folder / name for name in self.FILES if not (folder / name).exists()]
+
+    def undo(self) -> None:
+        for path in self.files:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        for path in self.folders:
+            try:
+                path.rmdir()
+            except OSError:  # not empty (something else was written there) or gone: keep it
+                break
 
 
 def _listing(folder: Path, limit: int = 6) -> str:

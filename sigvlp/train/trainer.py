@@ -49,7 +49,7 @@ from sigvlp.train.builders import (build_autocast, build_data, build_model, buil
                                    check_model_config, lr_factor, setup_runtime, wrap_model)
 from sigvlp.train.config import TrainConfig, save_config
 from sigvlp.train.losses import TERM_NAMES, build_losses
-from sigvlp.train.runfolder import RunLock, check_run_folder
+from sigvlp.train.runfolder import Footprint, RunLock, check_run_folder
 from sigvlp.train.step import Batch, train_step
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "lr_factor", "resume_command", "train"]
@@ -120,19 +120,23 @@ class Trainer:
         self.out = Path(config.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.lock = RunLock(self.out)
+        footprint = None
         if self.is_main:  # before anything is written: a folder holding another run is refused
             check_run_folder(self.out, resume)
             try:
                 check_writable(self.out)
             except ValueError as e:
                 raise ValueError(f"out: {e}") from None
+            footprint = Footprint(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
         self.log = _Log(self.out / "log.txt" if self.is_main else None, self.is_main)
-        self._lock()
         try:
+            self._lock()
             self._build(config, resume, model, batch_source)
-        except BaseException:
+        except BaseException:  # bad data, init_from, model...: the disk is left as it was
             self.close()
+            if footprint is not None:
+                footprint.undo()
             raise
 
     def _lock(self) -> None:
