@@ -43,6 +43,24 @@ def test_file_then_set_then_flags(tmp_path):
     assert load_config(tmp_path / "resolved.yaml") == cfg
 
 
+def test_warmup_longer_than_the_run(tmp_path, capsys):
+    """--warmup-steps > --steps: one-line error, exit 2, nothing written; from the defaults: one warning line."""
+    from sigvlp.cli import main
+    from sigvlp.train.cli import config_from_args
+
+    out = tmp_path / "w"
+    for flags in (["--warmup-steps", "5", "--steps", "1"], ["--set", "warmup_steps=5", "--steps", "4"]):
+        assert main(["train", "--data", str(tmp_path), "--out", str(out), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sigvlp train: error: warmup_steps 5 > steps") and err.count("\n") == 1, err
+    assert not out.exists()
+    cfg = config_from_args(_args(["--steps", "50"]))  # default warmup 100
+    err = capsys.readouterr().err
+    assert cfg.warmup_steps == 100 and err.count("\n") == 1 and "warning: warmup_steps 100 > steps 50" in err, err
+    config_from_args(_args(["--steps", "50", "--warmup-steps", "50"]))
+    assert capsys.readouterr().err == ""
+
+
 def test_bad_key_names_itself_and_lists_valid_keys(tmp_path, capsys):
     from sigvlp.cli import main
     from sigvlp.train import load_config

@@ -106,8 +106,23 @@ def config_from_args(args) -> TrainConfig:
         if v is not None:
             overrides.append((name, parse_override(f"{name}={v}")[1] if isinstance(v, str) else v))
     if getattr(args, "resume", False) and args.config is None:
-        return _resume_config(overrides)
-    return load_config(args.config, overrides)
+        config = _resume_config(overrides)
+    else:
+        config = load_config(args.config, overrides)
+    _check_warmup(config, given=any(k == "warmup_steps" for k, _ in overrides))
+    return config
+
+
+def _check_warmup(config: TrainConfig, given: bool) -> None:
+    """warmup_steps > steps: the lr would never reach its peak. A ValueError (exit 2) when the
+    command line set warmup_steps; one warning line when it comes from the defaults or a file."""
+    if config.warmup_steps <= config.steps:
+        return
+    what = (f"warmup_steps {config.warmup_steps} > steps {config.steps}: the learning rate would never reach "
+            f"its peak")
+    if given:
+        raise ValueError(f"{what}; give --warmup-steps <= --steps")
+    print(f"sigvlp train: warning: {what} (set --warmup-steps <= {config.steps})", file=sys.stderr)
 
 
 def _resume_config(overrides) -> TrainConfig:
