@@ -2,8 +2,8 @@
 
 - Range-checked number types (``int_at_least``, ``number_in``): a bad value is argparse's one-line
   error and exit status 2 at parse time, before any work or any write.
-- ``HelpFormatter``: every option's help ends with its default (unless the help text already
-  says what the default is, the option is required, or it is a plain on/off switch).
+- ``HelpFormatter``: every option's help ends with " (required)" or its default (unless the help
+  text already says so, or it is a plain on/off switch).
 - ``ArgumentParser``: a usage error is one line on stderr (``PROG: error: MESSAGE (see PROG --help)``)
   and exit status 2, never the whole usage block; subparsers inherit it.
 - ``check_writable``: an output location can be written (before the work starts).
@@ -33,13 +33,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """argparse's formatter, plus " (default: X)" after the help of every option that has a
-    default worth stating (not required, not SUPPRESS/None, not a 0-argument switch) and whose
-    help does not already mention its default."""
+    """argparse's formatter, plus " (required)" after the help of a required option and
+    " (default: X)" after the help of every other option that has a default worth stating (not
+    SUPPRESS/None, not a 0-argument switch) and whose help does not already mention its default."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if ("default" in text.lower() or action.required or action.nargs == 0
+        if action.required and action.option_strings:
+            return text if "required" in text.lower() else text + " (required)"
+        if ("default" in text.lower() or action.nargs == 0
                 or action.default is None or action.default is argparse.SUPPRESS):
             return text
         return text + " (default: %(default)s)"

@@ -94,6 +94,10 @@ def test_every_flag_has_a_description_default_and_choices():
             shown = formatter._get_help_string(a)
             if a.option_strings and not a.required and a.nargs != 0 and "default" not in shown.lower():
                 problems.append(f"{label}: default not shown")
+            if a.option_strings and a.required and "(required)" not in shown:
+                problems.append(f"{label}: required, but its help does not say so")
+        if name in ("eval", "embed"):  # the flags the QA run found unmarked
+            assert sum("(required)" in formatter._get_help_string(a) for a in _options(sp)) == 2, name
         for flag in ENUMERATED.get(name, ()):
             action = next((a for a in sp._actions if flag in a.option_strings), None)
             if action is None or not action.choices:

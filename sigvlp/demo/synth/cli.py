@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from sigvlp.cliargs import check_writable, int_at_least
+from sigvlp.cliargs import HelpFormatter, check_writable, int_at_least
 from sigvlp.demo.synth.config import SYNTH_PRESETS
 from sigvlp.demo.synth.writing import check_overwritable, write_dataset
 
@@ -38,7 +38,7 @@ def _range_action(low: int):
 
 def add_arguments(parser):
     """The `sigvlp synth` options on an argparse parser (sigvlp.cli calls it)."""
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = HelpFormatter
     parser.add_argument("--out", required=True, type=_out_folder, default=argparse.SUPPRESS,
                         help="output folder (must be empty or absent, unless --overwrite)")
     parser.add_argument("--n-train", type=int_at_least(0), default=200, help="training volumes")
