@@ -154,6 +154,20 @@ def test_organ_radar_needs_three_organs(tmp_path):
     assert not paths and not list(tmp_path.glob("*.png")) and "2 organs" in skipped["organ_radar"]
 
 
+def test_organ_table_names_the_organs_it_could_not_score():
+    per = {o: {"auroc": 0.7, "f1": 0.6, "n_pos": 9} for o in ("heart", "lung")}
+    organs = {"organs_used": ["heart", "lung"], "zero_shot": {"per_organ": per, "mean": {"auroc": 0.7, "f1": 0.6}},
+              "linear_probe": {"skipped": "no train split embeddings"},
+              "organs_skipped": {"kidney": {"positives": 2, "negatives": 30, "skipped": "too few positive chunks"},
+                                 "liver": {"positives": 32, "negatives": 0, "skipped": "too few negative chunks"}}}
+    lines = format_table({"organs": organs, "config": {"min_positives": 5, "min_negatives": 5}}).splitlines()
+    said = [ln for ln in lines if "organs not scored" in ln]
+    assert said == ["organs not scored (< 5 positive or < 5 negative chunks; positives/negatives): kidney (2/30), "
+                    "liver (32/0)"], lines
+    organs["organs_skipped"] = {}
+    assert "not scored" not in format_table({"organs": organs})
+
+
 def test_embedding_map_without_scored_labels_has_no_empty_legend(tmp_path):
     coords = np.random.default_rng(0).standard_normal((6, 2))
     with warnings.catch_warnings():

@@ -235,6 +235,16 @@ def _trivial_recall_lines(ret: dict) -> list[str]:
     return lines
 
 
+def _not_scored(what: str, skipped, config: dict, unit: str) -> list[str]:
+    """One line naming the labels/organs left out for too few positive or negative `unit`s
+    (positives/negatives each), or none when nothing was left out."""
+    if not skipped:
+        return []
+    rule = f"< {config.get('min_positives', '?')} positive or < {config.get('min_negatives', '?')} negative {unit}"
+    return [f"{what} not scored ({rule}; positives/negatives): "
+            + ", ".join(f"{k} ({v['positives']}/{v['negatives']})" for k, v in skipped.items())]
+
+
 def _organ_lines(org: dict) -> list[str]:
     """The organ section's table (zero-shot | linear probe) and a line per skipped part."""
     lines = ["", "Organ classification (chunks): zero-shot | linear probe"]
@@ -293,13 +303,11 @@ def format_table(report: dict) -> str:
         rows.append(["MEAN", "", "", _f(mean["auroc"]), f"[{_f(bs.get('low'))}, {_f(bs.get('high'))}]",
                      _f(mean["f1_weighted"]), _f(mean["accuracy"]), _f(mean["precision"]), ""])
         lines += _table(["label", "pos", "neg", "AUROC", "95% CI", "F1(w)", "acc", "prec", "thr"], rows)
-        if zs.get("labels_skipped"):
-            lines.append(f"labels not scored (< {report.get('config', {}).get('min_positives', '?')} positives or "
-                         "negatives): " + ", ".join(f"{k} ({v['positives']}/{v['negatives']})"
-                                                    for k, v in zs["labels_skipped"].items()))
+        lines += _not_scored("labels", zs.get("labels_skipped"), report.get("config", {}), "volumes")
     org = report.get("organs", {})
     if org and not _skipped(org):
         lines += _organ_lines(org)
+        lines += _not_scored("organs", org.get("organs_skipped"), report.get("config", {}), "chunks")
     ret = report.get("retrieval", {})
     if ret and not _skipped(ret):
         lines += _retrieval_lines(ret)
