@@ -168,6 +168,26 @@ def test_organ_table_names_the_organs_it_could_not_score():
     assert "not scored" not in format_table({"organs": organs})
 
 
+def test_organ_radar_shows_a_series_that_is_zero_everywhere(tmp_path, monkeypatch):
+    import sigvlp.eval.plots as P
+
+    names = ["heart", "lung", "liver"]
+    organs = {"organs_used": names,
+              "zero_shot": {"per_organ": {o: {"auroc": 0.6, "f1": 0.0} for o in names}},
+              "linear_probe": {"per_organ": {o: {"auroc": 0.9, "f1": 0.8} for o in names}}}
+    figs = []
+    real = P._save
+    monkeypatch.setattr(P, "_save", lambda fig, path: (figs.append(fig), real(fig, path))[1])
+    P.plot_organ_radar(organs, tmp_path / "radar.png")
+    ax = figs[0].axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+    zero = [k for k in lines if k.startswith("zero shot F1")]
+    assert zero == ["zero shot F1 (0 for every organ)"], list(lines)
+    assert lines[zero[0]].get_marker() not in (None, "", "None") and lines[zero[0]].get_markersize() > 0
+    assert not any("every organ" in k for k in lines if k != zero[0])
+    assert zero[0] in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
 def test_embedding_map_without_scored_labels_has_no_empty_legend(tmp_path):
     coords = np.random.default_rng(0).standard_normal((6, 2))
     with warnings.catch_warnings():

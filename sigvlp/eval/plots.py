@@ -82,7 +82,8 @@ def plot_auroc_bars(zero_shot: dict, path) -> Path:
 
 
 def plot_organ_radar(organs: dict, path) -> Path:
-    """The organ section's per-organ F1 and AUROC on a radar; ValueError with fewer than 3 organs
+    """The organ section's per-organ F1 and AUROC on a radar (a marker on every organ; a series
+    that is 0 for every organ says so in its legend entry); ValueError with fewer than 3 organs
     (a radar needs three axes)."""
     names = list(organs["organs_used"])
     if len(names) < 3:
@@ -98,8 +99,11 @@ def plot_organ_radar(organs: dict, path) -> Path:
             continue
         vals = np.array([sec["per_organ"].get(n, {}).get(key, np.nan) for n in names], dtype=float)
         vals = np.nan_to_num(vals, nan=0.0)
-        ax.plot(np.r_[angles, angles[:1]], np.r_[vals, vals[:1]], color=color, ls=ls, lw=1.5,
-                label=f"{part.replace('_', ' ')} {key.upper()}")
+        # markers on every organ: a series at 0 everywhere is a visible dot at the centre, and
+        # its legend entry says so (a line along the centre alone would be invisible)
+        zero = " (0 for every organ)" if not vals.any() else ""
+        ax.plot(np.r_[angles, angles[:1]], np.r_[vals, vals[:1]], color=color, ls=ls, lw=1.5, marker="o",
+                ms=3, label=f"{part.replace('_', ' ')} {key.upper()}{zero}")
         if key == "f1":
             ax.fill(np.r_[angles, angles[:1]], np.r_[vals, vals[:1]], color=color, alpha=0.1)
     ax.set_xticks(angles, names, fontsize=8)
