@@ -134,6 +134,17 @@ def test_read_only_out_exits_2_before_work(tmp_path, capsys):
     assert err.startswith("sigvlp eval: error: --out:") and "cannot write" in err
 
 
+def test_read_only_default_out_suggests_out(tmp_path, monkeypatch):
+    import sigvlp.eval.cli as C
+
+    base = readonly_folder(tmp_path) / "eval-valid-step_00000002"
+    monkeypatch.setattr(C, "default_out", lambda ckpt, split: base)
+    with pytest.raises(ValueError) as e:
+        C.output_folder(argparse.Namespace(out=None, ckpt=str(tmp_path / "run"), split="valid"))
+    msg = str(e.value)
+    assert "cannot write" in msg and "give --out DIR" in msg and "\n" not in msg, msg
+
+
 def test_default_depths_capped_at_longest_volume():
     from sigvlp.eval.suite import default_depths
 

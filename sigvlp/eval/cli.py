@@ -124,6 +124,9 @@ def output_folder(args):
     try:
         check_writable(out)
     except ValueError as e:
+        if args.out is None:  # the default sits beside the checkpoint: say how to write elsewhere
+            raise ValueError(f"{e}; this is the default output folder, beside the checkpoint: give --out DIR "
+                             f"to write the evaluation elsewhere") from None
         raise ValueError(f"--out: {e}") from None
     return out
 
