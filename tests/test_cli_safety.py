@@ -64,7 +64,7 @@ def test_second_run_into_a_locked_folder_is_refused(holder, capsys, monkeypatch)
     batches = [collate(samples(0, 4))]
     monkeypatch.setattr(trainer_mod, "Trainer",
                         lambda cfg, **kw: real(cfg, batch_source=lambda rank, world: iter(batches), **kw))
-    assert main(["train", "--out", str(run), "--model", "tiny", "--steps", "1", "--threads", "1",
+    assert main(["train", "--out", str(run), "--model", "tiny", "--steps", "1", "--warmup-steps", "1", "--threads", "1",
                  *[f"--set=model.{k}={v}" for k, v in TEST_MODEL.items()]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sigvlp train: error: out:") and f"pid={pid}" in err and "\n" not in err
