@@ -302,8 +302,9 @@ def test_out_pointing_at_a_file_is_a_usage_error(tmp_path, capsys):
     f.write_text("x")
     with pytest.raises(SystemExit) as exc:
         main(["synth", "--out", str(f)])
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exc.value.code == 2 and last == f"sigvlp synth: error: argument --out: {f} exists and is not a folder"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err == [f"sigvlp synth: error: argument --out: {f} exists and is not a folder "
+                                           "(see sigvlp synth --help)"]
 
 
 def test_rerun_into_a_used_folder_needs_overwrite_which_removes_old_volumes(tmp_path, capsys):
