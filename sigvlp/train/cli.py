@@ -65,7 +65,7 @@ FIELD_HELP = {
     "threads": "torch CPU threads, 0: torch's default (default: torch's default)",
 }
 #: the values of the enumerated keys (TrainConfig.validate and the model/ops layers check them)
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")  # as embed.BACKENDS and sigvlp.ops.backends.BACKEND_NAMES
 
 
 def _choices(name: str):
