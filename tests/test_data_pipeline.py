@@ -232,6 +232,28 @@ def test_patch_layout_is_t_major_and_matches_conv3d():
         np.testing.assert_allclose((tokens @ conv.weight.reshape(5, -1).T).detach(), ref.detach(), atol=1e-5)
 
 
+def test_fp16_chunks_of_any_depth_pack_exactly_into_float32_tokens():
+    """The loader hands fp16 slices to the collate, which converts while packing: every token equals
+    the explicit slice of the chunk (padded with -1 past its depth), exactly."""
+    rng = np.random.default_rng(2)
+    pt, ph, pw = 4, 4, 2
+    chunks = [rng.uniform(-1, 1, (z, 8, 6)).astype(np.float16) for z in (5, 8, 3, 1)]
+    batch = collate_chunks([{"image": c, "text": "t"} for c in chunks], patch=(pt, ph, pw))
+    assert batch["patches"].dtype == torch.float32 and batch["cu_seqlens"].tolist() == [0, 12, 24, 30, 36]
+    for b, c in enumerate(chunks):
+        padded = np.concatenate([c.astype(np.float32), -np.ones((-len(c) % pt, 8, 6), np.float32)])
+        tokens = batch["patches"][batch["cu_seqlens"][b]:batch["cu_seqlens"][b + 1]]
+        T, H, W = batch["grid_thw"][b].tolist()
+        assert T == -(-len(c) // pt)
+        for n in range(T * H * W):
+            t, h, w = n // (H * W), (n // W) % H, n % W
+            want = padded[t * pt:(t + 1) * pt, h * ph:(h + 1) * ph, w * pw:(w + 1) * pw].reshape(-1)
+            np.testing.assert_array_equal(tokens[n].numpy(), want)
+    tokens, grid = patchify(chunks[0], (pt, ph, pw))
+    assert tokens.dtype == torch.float16 and grid == (2, 2, 3)
+    assert torch.equal(tokens.float(), batch["patches"][:12])
+
+
 def test_text_tokens_and_pair_ids():
     texts = ["Heart normal.", "Lung nodule.", "Heart normal.", "Épanchement"]
     samples = [{"image": np.zeros((4, 4, 4), np.float32), "text": t} for t in texts]

@@ -51,3 +51,43 @@ def test_train_runtime_applies_the_rule_on_the_cpu(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_loader_workers_leave_the_torch_threads_their_cores():
+    assert threads.loader_workers(1, threads=2, cores=2, busy=0) == 0  # idle 2 cores, 2 threads: load in-process
+    assert threads.loader_workers(1, threads=1, cores=2, busy=1) == 0  # one competitor: no free core
+    assert threads.loader_workers(2, threads=8, cores=16, busy=0) == 2  # free cores: as requested
+    assert threads.loader_workers(4, threads=8, cores=16, busy=6) == 2
+    assert threads.loader_workers(0, threads=1, cores=64, busy=0) == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="requested"):
+            threads.loader_workers(bad)
+
+
+def test_busy_cores_sees_a_competitor_started_just_before(monkeypatch):
+    """The CPU counters over a fraction of a second, not the lagging load average: a busy process
+    started a moment ago counts at once."""
+    import subprocess
+    import sys
+    import time
+
+    if threads._cpu_times({0}) is None:
+        pytest.skip("no /proc/stat on this system: busy_cores falls back to the load average")
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # not what the answer rests on
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert threads.busy_cores() >= 1
+    finally:
+        spin.kill()
+        spin.wait()
+
+
+def test_busy_cores_arithmetic(monkeypatch):
+    samples = iter([(100, 1000), (100 + 150, 1000 + 200)])  # 75% of 2 CPUs' time busy meanwhile
+    monkeypatch.setattr(threads, "_cpu_times", lambda cpus: next(samples))
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert threads.busy_cores(sample_s=0.0) == 2  # round(2 * 0.75) = 2 (banker's: 1.5 -> 2)
+    samples = iter([(0, 0), (0, 0)])  # no counters advanced: the load average decides
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.6, 0.0, 0.0))
+    assert threads.busy_cores(sample_s=0.0) == 1

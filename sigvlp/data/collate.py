@@ -33,6 +33,7 @@ the bottom with -1 (air after windowing); H and W must be multiples of ph and pw
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -42,22 +43,43 @@ from sigvlp.data.tokenizers import ByteTokenizer
 from sigvlp.ops import cu_seqlens_from_lengths as _cu
 
 
-def patchify(chunk, patch: tuple[int, int, int]) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """(Z, Y, X) -> ((T*H*W, pt*ph*pw) tokens in t-major order, (T, H, W))."""
-    from einops import rearrange
-
-    x = torch.as_tensor(chunk)
-    if x.ndim != 3:
-        raise ValueError(f"chunk must be (Z, Y, X), got shape {tuple(x.shape)}")
+def _grid(chunk, patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(T, H, W) token grid of a (Z, Y, X) chunk (Z padded up to a multiple of pt); ValueError otherwise."""
+    shape = tuple(np.shape(chunk))
+    if len(shape) != 3:
+        raise ValueError(f"chunk must be (Z, Y, X), got shape {shape}")
     pt, ph, pw = patch
-    z, y, w = x.shape
+    z, y, w = shape
     if y % ph or w % pw:
         raise ValueError(f"in-plane size {y} x {w} is not a multiple of the patch {ph} x {pw}")
-    if z % pt:
-        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pt - z % pt), value=-1.0)
-    grid = (x.shape[0] // pt, y // ph, w // pw)
-    tokens = rearrange(x, "(t pt) (h ph) (w pw) -> (t h w) (pt ph pw)", pt=pt, ph=ph, pw=pw)
-    return tokens, grid
+    return -(-z // pt), y // ph, w // pw
+
+
+def _patchify_into(out: torch.Tensor, chunk, patch: tuple[int, int, int], grid: tuple[int, int, int]) -> None:
+    """out (T*H*W, pt*ph*pw) = the chunk's tokens (t-major; slices past Z are -1, the window's bottom),
+    converted to out's dtype in the same copy (a strided read of the chunk, no intermediate)."""
+    x = torch.as_tensor(chunk)
+    pt, ph, pw = patch
+    t, h, w = grid
+    full = x.shape[0] // pt
+    dst = out.view(t, h, w, pt, ph, pw)
+    if full:
+        dst[:full].copy_(x[:full * pt].reshape(full, pt, h, ph, w, pw).permute(0, 2, 4, 1, 3, 5))
+    rest = x.shape[0] - full * pt
+    if rest:
+        dst[full, :, :, :rest].copy_(x[full * pt:].reshape(rest, h, ph, w, pw).permute(1, 3, 0, 2, 4))
+        dst[full, :, :, rest:].fill_(-1.0)
+
+
+def patchify(chunk, patch: tuple[int, int, int], dtype: Optional[torch.dtype] = None
+             ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(Z, Y, X) -> ((T*H*W, pt*ph*pw) tokens in t-major order, (T, H, W)); Z is padded with -1 up to a
+    multiple of pt. dtype: of the tokens (default the chunk's). ValueError for another shape."""
+    grid = _grid(chunk, patch)
+    x = torch.as_tensor(chunk)
+    out = torch.empty(math.prod(grid), math.prod(patch), dtype=dtype or x.dtype)
+    _patchify_into(out, x, patch, grid)
+    return out, grid
 
 
 EMPTY_TEXT_ID_BASE = -(1 << 62)
@@ -94,16 +116,16 @@ def collate_chunks(samples: Sequence[dict], tokenizer=None, patch: tuple[int, in
     if not samples:
         raise ValueError("samples is empty")
     tokenizer = tokenizer or ByteTokenizer()
-    patches, grids = [], []
-    for s in samples:
-        tok, grid = patchify(s["image"], patch)
-        patches.append(tok.to(dtype))
-        grids.append(grid)
+    grids = [_grid(s["image"], patch) for s in samples]
+    sizes = [math.prod(g) for g in grids]
+    patches = torch.empty(sum(sizes), math.prod(patch), dtype=dtype)
+    for s, grid, rows in zip(samples, grids, patches.split(sizes)):
+        _patchify_into(rows, s["image"], patch, grid)  # one strided copy per chunk, converted on the way
     texts = [s.get("text", "") or "" for s in samples]
     ids = [tokenizer.encode(t, max_text_tokens) for t in texts]
     text_pair = pair_ids(texts, [s.get("uid", i) for i, s in enumerate(samples)])
     batch = {
-        "patches": torch.cat(patches, 0),
+        "patches": patches,
         "cu_seqlens": _cu([g[0] * g[1] * g[2] for g in grids]),
         "max_seqlen": max(g[0] * g[1] * g[2] for g in grids),
         "grid_thw": torch.tensor(grids, dtype=torch.int32).reshape(-1, 3),

@@ -165,7 +165,7 @@ class ChunkStream(torch.utils.data.IterableDataset):
                 if batch and used + tokens > self.config.token_budget:
                     yield self._collate(batch)
                     batch, used = [], 0
-                batch.append({"image": np.asarray(src.read(z0, z1), dtype=np.float32), "name": src.name,
+                batch.append({"image": src.read(z0, z1), "name": src.name,  # fp16: the collate converts
                               "organs": organs, "z0": z0, "text": text, "uid": uid})
                 used += tokens
         if batch:

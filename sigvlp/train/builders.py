@@ -31,7 +31,7 @@ from sigvlp.model import SigVLP, SigVLPConfig
 from sigvlp.model.modeling import short_repr
 from sigvlp.optim import MuonWithAdamW, split_params
 from sigvlp.prompts import LABEL_ORGANS, abnormality_prompts, organ_prompts
-from sigvlp.threads import apply_threads
+from sigvlp.threads import apply_threads, loader_workers
 from sigvlp.train.config import TrainConfig
 
 __all__ = ["Runtime", "TrainData", "build_autocast", "build_data", "build_model", "build_optimizer",
@@ -252,8 +252,12 @@ def build_data(config: TrainConfig, model_config: SigVLPConfig, tokenizer, runti
         log(f"data: {empty} volumes have no findings text; their chunks get unique pair ids")
     if ds.findings_bank is None:
         log(no_bank_notice(paths["root"], config.split))
+    workers = config.num_workers if runtime.device.type != "cpu" else loader_workers(config.num_workers)
+    if workers != config.num_workers:
+        log(f"data: {workers} loader worker process(es) instead of num_workers {config.num_workers} (the cores left free "
+            f"by {torch.get_num_threads()} torch threads and the load; 0: batches load in this process between steps)")
     loader_cfg = LoaderConfig(token_budget=config.token_budget, chunks_per_volume=config.chunks_per_volume,
-                              num_workers=config.num_workers, seed=config.seed,
+                              num_workers=workers, seed=config.seed,
                               max_text_tokens=model_config.max_text_tokens)
     loader = make_loader(sources, chunk_config, loader_cfg, tokenizer=tokenizer, rank=runtime.rank,
                          world_size=runtime.world)
