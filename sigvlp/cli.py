@@ -75,10 +75,6 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser([_command(argv)])
     args = parser.parse_args(argv)
-    threads = getattr(args, "threads", None)  # demo's --threads (train's is checked with its config)
-    if isinstance(threads, int) and not isinstance(threads, bool) and threads < 0:
-        parser.error(f"argument --threads: expected an integer >= 0 (0: torch's default; unset: one per free "
-                     f"core), got {threads}")
     if args._module is None:
         print(f"sigvlp {args.command}: {args._placeholder}", file=sys.stderr)
         return 2

@@ -46,8 +46,6 @@ def _check(args):
     from sigvlp.data.preprocess import default_cache_root
     from sigvlp.data.shards import parse_shard
 
-    if args.workers < 1:
-        raise ValueError(f"--workers: expected an integer >= 1, got {args.workers}")
     shard = parse_shard(args.shard)
     root = Path(args.data)
     if not root.is_dir():

@@ -160,7 +160,6 @@ class HUEncoding(nn.Module):
         (pt, ph, pw), (gt, gh, gw) = self.patch, self.grid
         t, h, w = torch.meshgrid(torch.arange(pt), torch.arange(ph), torch.arange(pw), indexing="ij")
         sub = ((t // (pt // gt)) * gh + h // (ph // gh)) * gw + w // (pw // gw)  # voxel -> sub-block (t, h, w order)
-        self.register_buffer("sub", sub.reshape(1, -1), persistent=False)
         self.register_buffer("sub_bins", (sub.reshape(1, -1) * self.n_bins).to(torch.int32), persistent=False)
         self.n_sub, self.per_sub = gt * gh * gw, (pt // gt) * (ph // gh) * (pw // gw)
         self.embed = nn.Linear(self.n_bins * math.prod(self.grid), width)

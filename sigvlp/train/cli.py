@@ -62,7 +62,8 @@ FIELD_HELP = {
     "log_every": "steps between metrics lines",
     "progress": "a progress bar",
     "tensorboard": "TensorBoard logs when the tensorboard package is installed",
-    "threads": "torch CPU threads, 0: torch's default (default: torch's default)",
+    "threads": "torch CPU threads on the CPU (default: one per core free at the start, at most 8; 0: torch's "
+               "default); data loader workers then only run on cores left free",
 }
 #: the values of the enumerated keys (TrainConfig.validate and the model/ops layers check them)
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")  # as embed.BACKENDS and sigvlp.ops.backends.BACKEND_NAMES
