@@ -2,11 +2,12 @@
 `sigvlp eval` use on the CPU.
 
 The rule (docs/training.md, "CPU threads", has the measurements behind it): one thread per core that is free
-when the command starts, at least 1 and at most MAX_THREADS, and loader workers only on cores left over:
+when the command starts, at least 1 and at most MAX_THREADS, and a single loader worker only on a core left over:
 
     busy    = round(busy share of this process's CPUs over SAMPLE_S seconds of /proc/stat x their number)
     threads = clamp(cores available to this process - busy, 1, MAX_THREADS)
-    workers = clamp(cores - busy - threads, 0, num_workers)      (0: batches load between steps)
+    workers = 0 if num_workers == 1 and cores - busy - threads < 1 else num_workers
+              (0: batches load in the process between steps; the same batches as one worker)
 
 - Idle 2-core machine: 2 threads, batches loaded in the process. One competing busy process:
   1 thread. A torch thread that shares its core with a busy process (or with a data worker)
@@ -111,20 +112,27 @@ def apply_threads(threads: Optional[int]) -> int:
 
 def loader_workers(requested: int, threads: Optional[int] = None, cores: Optional[int] = None,
                    busy: Optional[int] = None) -> int:
-    """Data-loader worker processes for training on the CPU: `requested`, at most the cores left free
-    by the torch threads and other work, clamp(cores - busy - threads, 0, requested); 0 loads the
-    batches in the training process between steps.
+    """Data-loader worker processes for training on the CPU, the same batches either way: 0 when one
+    worker is requested and no core is left free by the torch threads and other work
+    (cores - busy - threads < 1), else `requested`. 0 loads the batches in the training process
+    between steps.
 
-    A worker process on a core that torch's threads use preempts one of them at every parallel op
-    (their barrier waits for it): the demo's step on 2 idle cores measured 373 ms with 2 threads and
-    one worker against 276 ms with 2 threads and the batches loaded in the process (about 32 ms of
-    that), and 315 ms with 1 thread and one worker (docs/training.md, "CPU threads"). The batches
-    do not depend on the worker count (sigvlp.data.loader draws per worker id from 0). threads /
-    cores / busy default to torch's thread count and this machine's now. ValueError for a negative
-    or non-integer `requested`."""
+    One worker and none draw the same single stream of batches (sigvlp.data.loader: the in-process
+    loader is worker 0 of 1), so dropping it changes speed only. Two or more workers split the
+    volumes into that many streams whose batches the DataLoader interleaves; fewer would change
+    the batches (and a resumed run's position in them), so such a request is kept as it is.
+
+    Why: a worker process on a core that torch's threads use preempts one of them at every
+    parallel op (their barrier waits for it): the demo's step on 2 idle cores measured 373 ms with
+    2 threads and one worker against 276 ms with 2 threads and the batches loaded in the process
+    (about 32 ms of that), and 315 ms with 1 thread and one worker (docs/training.md, "CPU
+    threads"). threads / cores / busy default to torch's thread count and this machine's now.
+    ValueError for a negative or non-integer `requested`."""
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
         raise ValueError(f"requested: expected an integer >= 0, got {requested!r}")
+    if requested != 1:
+        return requested
     threads = torch.get_num_threads() if threads is None else int(threads)
     cores = cores_available() if cores is None else int(cores)
     busy = busy_cores() if busy is None else int(busy)
-    return max(0, min(requested, cores - busy - threads))
+    return 1 if cores - busy - threads >= 1 else 0

@@ -56,12 +56,47 @@ def test_train_runtime_applies_the_rule_on_the_cpu(monkeypatch):
 def test_loader_workers_leave_the_torch_threads_their_cores():
     assert threads.loader_workers(1, threads=2, cores=2, busy=0) == 0  # idle 2 cores, 2 threads: load in-process
     assert threads.loader_workers(1, threads=1, cores=2, busy=1) == 0  # one competitor: no free core
-    assert threads.loader_workers(2, threads=8, cores=16, busy=0) == 2  # free cores: as requested
-    assert threads.loader_workers(4, threads=8, cores=16, busy=6) == 2
+    assert threads.loader_workers(1, threads=1, cores=2, busy=0) == 1  # a free core: the worker runs there
+    assert threads.loader_workers(1, threads=8, cores=16, busy=6) == 1
+    # two or more workers are as many batch streams: fewer would change the batches, so kept
+    assert threads.loader_workers(2, threads=2, cores=2, busy=0) == 2
+    assert threads.loader_workers(4, threads=8, cores=16, busy=6) == 4
     assert threads.loader_workers(0, threads=1, cores=64, busy=0) == 0
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="requested"):
             threads.loader_workers(bad)
+
+
+def test_no_worker_and_one_worker_give_the_same_batches(tmp_path):
+    """What makes dropping the single worker a speed change only: the batch stream of one worker
+    process equals the in-process one (same chunks, texts, pair ids), epoch after epoch."""
+    import numpy as np
+
+    from sigvlp.data.chunks import ChunkConfig
+    from sigvlp.data.loader import ChunkSource, LoaderConfig, make_loader
+
+    rng = np.random.default_rng(0)
+    sources = []
+    for i in range(6):
+        from safetensors.numpy import save_file
+
+        f = tmp_path / f"v{i}.safetensors"
+        save_file({"image": rng.uniform(-1, 1, (12 + 4 * i, 8, 8)).astype(np.float16)}, str(f))
+        sources.append(ChunkSource(name=f"v{i}", file=str(f), shape=(12 + 4 * i, 8, 8), organ_profile=None,
+                                   findings={"organs": {}, "general": f"text {i}"}))
+    chunks = ChunkConfig(patch=(4, 4, 4), min_slices=4, max_slices=12)
+    runs = []
+    for workers in (0, 1):
+        loader = make_loader(sources, chunks, LoaderConfig(token_budget=32, num_workers=workers, seed=3))
+        batches = []
+        for epoch in (0, 1):
+            loader.dataset.set_epoch(epoch)
+            batches += list(loader)
+        runs.append(batches)
+    assert len(runs[0]) == len(runs[1]) >= 4
+    for a, b in zip(*runs):
+        assert torch.equal(a["patches"], b["patches"]) and a["z_ranges"] == b["z_ranges"]
+        assert a["names"] == b["names"] and torch.equal(a["text_pair_ids"], b["text_pair_ids"])
 
 
 def test_busy_cores_sees_a_competitor_started_just_before(monkeypatch):

@@ -35,7 +35,8 @@ FIELD_HELP = {
     "whole_fraction": "share of chunks that are whole volumes, in [0, 1] (default: the chunk preset's)",
     "token_budget": "image tokens per micro-batch per rank",
     "chunks_per_volume": "chunks drawn from each volume per epoch",
-    "num_workers": "data loader processes (0: in the training process)",
+    "num_workers": "data loader processes (0: in the training process; on the CPU 1 becomes 0 when no core is left "
+                   "free by the torch threads: the same batches, faster)",
     "prompt_weight": "weight of the CT-CLIP statement loss (0: off)",
     "prompt_decorrelation": "weight of the topic-direction decorrelation penalty (needs prompt_weight > 0)",
     "model": "SigVLPConfig preset (not used with --init-siglip)",
@@ -63,7 +64,7 @@ FIELD_HELP = {
     "progress": "a progress bar",
     "tensorboard": "TensorBoard logs when the tensorboard package is installed",
     "threads": "torch CPU threads on the CPU (default: one per core free at the start, at most 8; 0: torch's "
-               "default); data loader workers then only run on cores left free",
+               "default); a single data loader worker then runs only on a core left free",
 }
 #: the values of the enumerated keys (TrainConfig.validate and the model/ops layers check them)
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")  # as embed.BACKENDS and sigvlp.ops.backends.BACKEND_NAMES
