@@ -279,6 +279,11 @@ def test_collate_bad_input():
         patchify(np.zeros((4, 10, 8), np.float32), (4, 4, 4))
     with pytest.raises(ValueError, match=r"\(Z, Y, X\)"):
         patchify(np.zeros((4, 8), np.float32), (4, 4, 4))
+    with pytest.raises(ValueError, match="no slices"):
+        patchify(np.zeros((0, 8, 8), np.float16), (4, 4, 4))
+    for bad in ((0, 4, 4), (4, 4), (4.0, 4, 4)):
+        with pytest.raises(ValueError, match="patch must be three integers"):
+            patchify(np.zeros((4, 8, 8), np.float32), bad)
     with pytest.raises(ValueError, match="empty"):
         collate_chunks([])
     with pytest.raises(TypeError, match="str"):

@@ -48,8 +48,12 @@ def _grid(chunk, patch: tuple[int, int, int]) -> tuple[int, int, int]:
     shape = tuple(np.shape(chunk))
     if len(shape) != 3:
         raise ValueError(f"chunk must be (Z, Y, X), got shape {shape}")
+    if len(patch) != 3 or not all(isinstance(p, (int, np.integer)) and p >= 1 for p in patch):
+        raise ValueError(f"patch must be three integers >= 1 (pt, ph, pw), got {patch!r}")
     pt, ph, pw = patch
     z, y, w = shape
+    if z < 1:
+        raise ValueError(f"chunk has no slices (shape {shape})")
     if y % ph or w % pw:
         raise ValueError(f"in-plane size {y} x {w} is not a multiple of the patch {ph} x {pw}")
     return -(-z // pt), y // ph, w // pw

@@ -187,7 +187,8 @@ def add_arguments(parser) -> None:
                         help=f"training steps (default {DEMO_TRAIN['steps']})")
     parser.add_argument("--threads", type=int_at_least(0), default=None,
                         help="torch CPU threads for training (default: one per core free at the start, at "
-                             "most 8; 0: torch's default; the data loader runs in another process)")
+                             "most 8; 0: torch's default); the data loader then runs in another process only "
+                             "on a core left free, else in the training process")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

@@ -255,7 +255,7 @@ def build_data(config: TrainConfig, model_config: SigVLPConfig, tokenizer, runti
     workers = config.num_workers if runtime.device.type != "cpu" else loader_workers(config.num_workers)
     if workers != config.num_workers:
         log(f"data: batches load in this process between steps (num_workers {config.num_workers} -> {workers}: no core "
-            f"left free by {torch.get_num_threads()} torch threads and the load; the same batches)")
+            f"left free by the torch threads ({torch.get_num_threads()}) and the load; the same batches)")
     loader_cfg = LoaderConfig(token_budget=config.token_budget, chunks_per_volume=config.chunks_per_volume,
                               num_workers=workers, seed=config.seed,
                               max_text_tokens=model_config.max_text_tokens)

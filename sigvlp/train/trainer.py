@@ -421,7 +421,8 @@ class Trainer:
         last = {}
         ckpt = latest_checkpoint(self.ckpt_dir) if self.is_main else None
         self.log(f"training {type(self.model).__name__} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M "
-                 f"params) on {self.device} x {self.world}, steps {self.step} -> {end}")
+                 f"params) on {self.device} x {self.world}, steps {self.step} -> {end}"
+                 + (f", {torch.get_num_threads()} torch threads" if self.device.type == "cpu" else ""))
         restore = self._catch_signals()
         try:
             while self.step < end:
