@@ -40,12 +40,17 @@ __all__ = ["MAX_THREADS", "cores_available", "busy_cores", "default_threads", "a
 MAX_THREADS = 8
 
 
+def _cpus() -> set:
+    """The CPUs this process may run on: its affinity mask where the OS has one, else all."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
 def cores_available() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    return len(_cpus())
 
 
 #: seconds busy_cores() samples the CPUs' time counters for (/proc/stat)
@@ -73,10 +78,7 @@ def busy_cores(sample_s: float = SAMPLE_S) -> int:
     `sample_s` seconds of /proc/stat's counters (this process sleeps meanwhile) times their
     number, rounded; elsewhere the 1-minute load average, rounded; 0 where neither is known.
     (The load average lags by about a minute: after a job ends it still counts it.)"""
-    try:
-        cpus = set(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = set(range(os.cpu_count() or 1))
+    cpus = _cpus()
     first = _cpu_times(cpus)
     if first is not None:
         time.sleep(sample_s)
